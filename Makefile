@@ -1,0 +1,23 @@
+# The README's two commands: `make demo` (the main job on the embedded default) and `make test` (CI's gate).
+# Both create the cached virtual environment on first use (tools/bootstrap.sh).
+SHELL := /bin/bash
+PY = $(shell tools/bootstrap.sh)
+# OpenFHE and torch on a 2-core machine: one thread per process avoids 10x slow-downs from contention.
+export OMP_NUM_THREADS ?= 1
+export OMP_WAIT_POLICY ?= passive
+
+.PHONY: demo test lint format bench venv
+venv:
+	@tools/bootstrap.sh >/dev/null
+
+demo:
+	@py=$$(tools/bootstrap.sh) && $$py -m trustgrad demo
+
+test:
+	@py=$$(tools/bootstrap.sh) && $$py -m ruff check trustgrad tests benchmarks && $$py -m ruff format --check trustgrad tests benchmarks && $$py -m pytest -q
+
+lint:
+	@py=$$(tools/bootstrap.sh) && $$py -m ruff check trustgrad tests benchmarks
+
+format:
+	@py=$$(tools/bootstrap.sh) && $$py -m ruff format trustgrad tests benchmarks && $$py -m ruff check --fix trustgrad tests benchmarks
