@@ -114,7 +114,7 @@ class RunConfig:
     max_steps: int | None = None
     batch_size: int = 32
     lr: float = 0.1
-    momentum: float = 0.0
+    momentum: float = 0.9
     weight_decay: float = 0.0
     seed: int = 0
     threads: int = 1
@@ -228,6 +228,8 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         return tuple(_coerce(args[0], v, key) for v in value)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if hint in (int, float, str, bool) and not (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
+    if hint in (int, float, str, bool) and not (
+        isinstance(value, hint) and not (hint is int and isinstance(value, bool))
+    ):
         raise ConfigError(f"config key {key!r} must be {hint.__name__}, got {type(value).__name__} {value!r}")
     return value

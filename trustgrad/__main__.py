@@ -1,0 +1,5 @@
+import sys
+
+from trustgrad.cli import main
+
+sys.exit(main())

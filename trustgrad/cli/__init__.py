@@ -1,0 +1,73 @@
+"""``trustgrad`` command line: a thin layer that parses, calls the library and renders typed results.
+
+Every subcommand is a module of this package with ``add_parser(subparsers)``; errors the user can fix exit with code
+2 and one line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from ..errors import LaunchError, TrustgradError
+
+__all__ = ["main"]
+
+#: subcommand modules, in the order ``--help`` lists them
+COMMANDS = ("train", "verify", "attack", "experiment", "bench", "demo")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but usage errors are one line (the usage block is noise for a typo)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="trustgrad",
+        description="Secure distributed training on torch.distributed: every pattern of the taxonomy, "
+        "Proof-of-Learning and CKKS-encrypted updates.",
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="log progress (-vv: debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"{__name__}.{name}":
+                continue  # a subcommand not built yet
+            raise
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except LaunchError as exc:
+        if exc.remote_traceback and logging.getLogger().isEnabledFor(logging.INFO):
+            sys.stderr.write(exc.remote_traceback)
+        print(f"trustgrad: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except TrustgradError as exc:
+        print(f"trustgrad: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("trustgrad: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

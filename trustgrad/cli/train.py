@@ -1,0 +1,196 @@
+"""``trustgrad train``: flags (or a TOML file) -> RunConfig -> run -> a short human summary and/or one JSON line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from ..config import RunConfig, config_from_dict, load_toml
+from ..errors import ConfigError
+
+__all__ = ["add_parser", "config_from_args", "add_run_arguments", "render_summary"]
+
+
+def _csv_ints(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+# (flag, config key ("a.b" for nested), type, help). Only flags the user gives override the TOML file and defaults.
+_GROUPS: list[tuple[str, list[tuple[str, str, Any, str]]]] = [
+    (
+        "job",
+        [
+            (
+                "--pattern",
+                "pattern.name",
+                str,
+                "communication pattern: allreduce, ring, ps, gossip, local-sgd, "
+                "pipeline, tensor (default allreduce; unknown names are listed)",
+            ),
+            ("--workers", "workers", int, "number of training workers (default 4)"),
+            ("--dataset", "dataset", str, "digits (default, embedded), breast-cancer, synthetic, mnist, cifar10"),
+            ("--data-dir", "data_dir", str, "folder with your MNIST idx files or CIFAR-10 batches (never downloaded)"),
+            ("--model", "model.name", str, "logreg, mlp (default), lenet, poly-mlp, ..."),
+            ("--hidden", "model.hidden", int, "hidden width of mlp/lenet heads (default 64)"),
+            ("--depth", "model.depth", int, "hidden layers of mlp (default 2)"),
+        ],
+    ),
+    (
+        "optimization",
+        [
+            ("--epochs", "epochs", int, "passes over each worker's shard (default 10)"),
+            ("--max-steps", "max_steps", int, "stop after this many steps per worker (tests, attacks)"),
+            ("--batch-size", "batch_size", int, "per-worker batch size (default 32)"),
+            ("--lr", "lr", float, "SGD learning rate (default 0.1)"),
+            ("--momentum", "momentum", float, "SGD momentum (default 0.9)"),
+            ("--weight-decay", "weight_decay", float, "L2 weight decay (default 0)"),
+            ("--seed", "seed", int, "the run's seed: initial weights, shards and batch order derive from it"),
+        ],
+    ),
+    (
+        "engine",
+        [
+            ("--threads", "threads", int, "torch threads per process (default 1: more oversubscribes small machines)"),
+            ("--device", "device", str, "cpu (gloo, default) or cuda (NCCL)"),
+            ("--timeout", "timeout", float, "seconds any one collective or message may take before the job fails"),
+        ],
+    ),
+    (
+        "pattern options",
+        [
+            ("--segment-kb", "pattern.segment_kb", int, "ring: message segment size in KiB (default 1024)"),
+            ("--schedule", "pattern.schedule", str, "ps: sync (default), async or ssp"),
+            ("--staleness", "pattern.staleness", int, "ps --schedule ssp: the staleness bound S"),
+            ("--servers", "pattern.servers", int, "ps: server ranks the parameters are sharded over (default 1)"),
+            ("--straggler", "pattern.straggler", str, "ps: inject a straggler, e.g. rank=1,prob=0.1,slowdown=6"),
+            ("--worker-timeout", "pattern.worker_timeout", float, "ps async/ssp: drop a worker silent this long (s)"),
+            ("--checkpoint-every", "pattern.checkpoint_every", int, "ps: server checkpoint every N versions"),
+            ("--topology", "pattern.topology", str, "gossip: ring, exponential or random-pairs"),
+            ("--local-steps", "pattern.local_steps", int, "local-sgd: local steps H between merges"),
+            ("--merge", "pattern.merge", str, "local-sgd: average or elastic"),
+            ("--alpha", "pattern.alpha", float, "local-sgd --merge elastic: moving rate in (0, 1)"),
+            ("--peer-timeout", "pattern.peer_timeout", float, "gossip: skip a silent neighbour after this (s)"),
+            ("--stages", "pattern.stages", int, "pipeline: number of stages"),
+            ("--microbatches", "pattern.microbatches", int, "pipeline: micro-batches per batch"),
+            ("--pipeline-schedule", "pattern.pipeline_schedule", str, "pipeline: gpipe or 1f1b"),
+            ("--split-points", "pattern.split_points", _csv_ints, "pipeline: explicit layer indices to cut at"),
+        ],
+    ),
+    (
+        "protections",
+        [
+            ("--encrypt", "crypto.encrypt", str, "none (default) or ckks: encrypt what workers send"),
+            ("--keys", "crypto.keys", str, "ckks key mode: shared or threshold (n-of-n multiparty)"),
+            ("--ring-dim", "crypto.ring_dim", int, "ckks ring dimension (default: smallest secure)"),
+            ("--scale-bits", "crypto.scale_bits", int, "ckks scaling factor bits (default 40 shared, 50 threshold)"),
+            ("--security", "crypto.security", str, "ckks security level: 128 (default), 192, 256"),
+            ("--proof", "proof.mode", str, "Proof-of-Learning: none, record (writes OUT/proof), audit or blind"),
+            ("--proof-k", "proof.k", int, "steps between proof checkpoints (default 10)"),
+            ("--audit-rate", "proof.audit_rate", float, "fraction of claims audited, in (0, 1]"),
+        ],
+    ),
+]
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of a training job (shared by ``train`` and the experiments that launch jobs)."""
+    parser.add_argument("--config", metavar="FILE", help="TOML file of settings; flags override it")
+    for title, flags in _GROUPS:
+        group = parser.add_argument_group(title)
+        for flag, key, kind, help_text in flags:
+            group.add_argument(flag, dest=f"cfg:{key}", type=kind, default=argparse.SUPPRESS, help=help_text)
+    group = parser.add_argument_group("attacks and records")
+    group.add_argument(
+        "--malicious",
+        dest="cfg:malicious",
+        action="append",
+        default=argparse.SUPPRESS,
+        metavar="SPEC",
+        help="make a worker malicious: rank=R,attack=A[,from-step=N] (repeatable)",
+    )
+    group.add_argument(
+        "--record-server-view",
+        dest="cfg:record_server_view",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="store what the server receives, for `trustgrad attack`",
+    )
+    group.add_argument(
+        "--out",
+        dest="cfg:out",
+        metavar="DIR",
+        default=argparse.SUPPRESS,
+        help="write summary.json, metrics.jsonl, config.json and model.safetensors here",
+    )
+    group.add_argument(
+        "--resume",
+        dest="cfg:resume",
+        metavar="DIR",
+        default=argparse.SUPPRESS,
+        help="continue a run from its checkpoint folder",
+    )
+    group.add_argument(
+        "--no-progress", dest="cfg:progress", action="store_false", default=argparse.SUPPRESS, help="no progress bar"
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """TOML file (if any), then the flags given, validated into a ``RunConfig``."""
+    data: dict[str, Any] = load_toml(args.config) if getattr(args, "config", None) else {}
+    for dest, value in vars(args).items():
+        if not dest.startswith("cfg:"):
+            continue
+        *parents, leaf = dest[4:].split(".")
+        node = data
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"config key {part!r} must be a table")
+        node[leaf] = tuple(value) if isinstance(value, list) else value
+    return config_from_dict(data)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "train",
+        help="train a model across processes",
+        description="Train a model with N local worker processes (or as one rank under torchrun). "
+        "Example: trustgrad train --pattern ring --workers 4 --dataset digits --model mlp --epochs 10 --json",
+    )
+    add_run_arguments(parser)
+    parser.add_argument("--json", action="store_true", help="print the summary as one JSON object on the last line")
+    parser.set_defaults(func=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    from ..run import run
+
+    cfg = config_from_args(args)
+    result = run(cfg)
+    if not result.summary:  # a non-coordinating torchrun rank
+        return 0
+    if not args.json:
+        print(render_summary(result.summary))
+    else:
+        print(json.dumps(result.summary), flush=True)
+    sys.stdout.flush()
+    return 0
+
+
+def render_summary(s: dict[str, Any]) -> str:
+    lines = [
+        f"trustgrad: {s['pattern']} ({s['schedule']}) with {s['workers']} workers on {s['dataset']}/{s['model']}",
+        f"  {s['steps']} steps in {s['wall_seconds']:.1f} s; final loss {s['final_loss']:.4f}, "
+        f"test accuracy {s['test_accuracy']:.4f}",
+        f"  bytes sent: {s['bytes_sent'] / 1e6:.2f} MB in total",
+        f"  encryption: {s['encryption']}",
+        f"  proof: {s['proof']}",
+    ]
+    if s.get("dropped_ranks"):
+        lines.append(f"  dropped ranks: {s['dropped_ranks']}")
+    return "\n".join(lines)

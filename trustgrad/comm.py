@@ -1,0 +1,93 @@
+"""The communicator every pattern talks through: torch.distributed with byte accounting and timeouts.
+
+Bytes are counted as what this rank puts on the wire: the payload of each point-to-point send, and for the engine's
+all-reduce the ``2 (W-1)/W`` times the tensor that a bandwidth-optimal (ring) all-reduce sends per rank — the
+definition nccl-tests uses for bus bandwidth — so patterns compare on one scale.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from .launch import RankContext
+
+__all__ = ["Comm"]
+
+
+class Comm:
+    """A rank's view of the job: point-to-point and collective operations that count bytes and never wait forever."""
+
+    def __init__(self, ctx: RankContext, timeout: float, group: dist.ProcessGroup | None = None):
+        self.rank = ctx.rank
+        self.world_size = ctx.world_size
+        self.timeout = timeout
+        self.group = group
+        self.bytes_sent = 0
+        self.messages_sent = 0
+
+    def _count(self, nbytes: int | float) -> None:
+        self.bytes_sent += int(nbytes)
+        self.messages_sent += 1
+
+    def all_reduce(self, tensor: torch.Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> torch.Tensor:
+        """In-place sum (or ``op``) over all ranks with the engine's collective."""
+        if self.world_size > 1:
+            dist.all_reduce(tensor, op=op, group=self.group)
+            self._count(2 * (self.world_size - 1) / self.world_size * _nbytes(tensor))
+        return tensor
+
+    def broadcast(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
+        if self.world_size > 1:
+            dist.broadcast(tensor, src=src, group=self.group)
+            if self.rank == src:
+                self._count(_nbytes(tensor))
+        return tensor
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier(group=self.group)
+
+    def send(self, tensor: torch.Tensor, dst: int, tag: int = 0) -> None:
+        self.isend(tensor, dst, tag).wait(timedelta(seconds=self.timeout))
+
+    def recv(self, tensor: torch.Tensor, src: int | None = None, tag: int = 0) -> int:
+        """Receive into ``tensor``; with ``src=None`` from any rank. Returns the sender's rank."""
+        work = dist.irecv(tensor, src=src, group=self.group, tag=tag)
+        work.wait(timedelta(seconds=self.timeout))
+        return src if src is not None else work.source_rank()
+
+    def isend(self, tensor: torch.Tensor, dst: int, tag: int = 0) -> dist.Work:
+        self._count(_nbytes(tensor))
+        return dist.isend(tensor, dst=dst, group=self.group, tag=tag)
+
+    def irecv(self, tensor: torch.Tensor, src: int, tag: int = 0) -> dist.Work:
+        return dist.irecv(tensor, src=src, group=self.group, tag=tag)
+
+    def wait(self, work: dist.Work) -> None:
+        work.wait(timedelta(seconds=self.timeout))
+
+    # byte payloads (ciphertexts, proofs): a length header, then the bytes as a uint8 tensor
+    def send_bytes(self, payload: bytes, dst: int, tag: int = 0) -> None:
+        self.send(torch.tensor([len(payload)], dtype=torch.int64), dst, tag)
+        if payload:
+            self.send(torch.frombuffer(bytearray(payload), dtype=torch.uint8), dst, tag)
+
+    def recv_bytes(self, src: int | None = None, tag: int = 0, max_bytes: int = 1 << 31) -> tuple[bytes, int]:
+        """Receive one byte payload; ``max_bytes`` caps what a peer may make us allocate."""
+        header = torch.zeros(1, dtype=torch.int64)
+        src = self.recv(header, src, tag)
+        size = int(header.item())
+        if not 0 <= size <= max_bytes:
+            raise ValueError(f"rank {src} announced a payload of {size} bytes (limit {max_bytes})")
+        if size == 0:
+            return b"", src
+        buf = torch.empty(size, dtype=torch.uint8)
+        self.recv(buf, src, tag)
+        return buf.numpy().tobytes(), src
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()

@@ -1,0 +1,243 @@
+"""Datasets (a registry) and deterministic sharding.
+
+Embedded defaults ship with scikit-learn, so nothing is downloaded at run time: ``digits`` (1,797 real 8x8 handwritten
+digits) and ``breast-cancer`` (569 samples, 30 features, binary). ``synthetic`` is seeded and of any size. Files a user
+already has are read from ``--data-dir``: ``mnist`` (idx files, optionally gzipped) and ``cifar10`` (the binary
+batches, or the python batches through a restricted unpickler that admits nothing but numpy arrays).
+
+>>> ds = load_dataset("digits")
+>>> (ds.input_shape, ds.num_classes, len(ds.x_train) + len(ds.x_test))
+((1, 8, 8), 10, 1797)
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import pickle
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import DataError
+from .registry import Registry
+from .seeding import rng
+
+__all__ = ["Dataset", "DATASETS", "load_dataset", "shard_indices", "sample_hashes"]
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A train/test split as tensors: float32 inputs shaped ``(n, *input_shape)``, int64 labels."""
+
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+
+DatasetLoader = Callable[..., Dataset]
+DATASETS: Registry[DatasetLoader] = Registry("dataset")
+
+
+def load_dataset(name: str, data_dir: str | Path | None = None, **options: int) -> Dataset:
+    """Load a registered dataset by name (``ConfigError`` listing the known names if unknown)."""
+    return DATASETS.get(name)(data_dir=data_dir, **options)
+
+
+def shard_indices(n: int, worker: int, workers: int, seed: int) -> np.ndarray:
+    """Training-set indices owned by ``worker``: a seeded permutation cut into equal contiguous shards.
+
+    The remainder ``n % workers`` is left out so that every worker of a synchronous job has the same number of steps.
+    """
+    if not 0 <= worker < workers:
+        raise ValueError(f"worker {worker} out of range for {workers} workers")
+    size = n // workers
+    if size == 0:
+        raise DataError(f"{n} training samples cannot be sharded across {workers} workers")
+    perm = rng(seed, "shard").permutation(n)
+    return np.sort(perm[worker * size : (worker + 1) * size])
+
+
+def sample_hashes(x: torch.Tensor, y: torch.Tensor) -> list[bytes]:
+    """BLAKE2b of each sample's raw bytes with its dtype and shape, and its label (never ``str(array)``)."""
+    xs = x.detach().cpu().contiguous().numpy()
+    ys = y.detach().cpu().numpy()
+    header = f"{xs.dtype.str}{xs.shape[1:]}|{ys.dtype.str}".encode()
+    return [
+        hashlib.blake2b(header + xs[i].tobytes() + ys[i].tobytes(), digest_size=32).digest() for i in range(len(xs))
+    ]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _split(name: str, x: np.ndarray, y: np.ndarray, num_classes: int, test_fraction: float = 0.2) -> Dataset:
+    """A deterministic stratified split (fixed seed, independent of the run's seed: all runs share one test set)."""
+    from sklearn.model_selection import train_test_split
+
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=test_fraction, random_state=0, stratify=y)
+    return _as_dataset(name, x_tr, y_tr, x_te, y_te, num_classes)
+
+
+def _as_dataset(name: str, x_tr, y_tr, x_te, y_te, num_classes: int) -> Dataset:
+    t = lambda a, dt: torch.from_numpy(np.ascontiguousarray(a)).to(dt)  # noqa: E731
+    return Dataset(
+        name, t(x_tr, torch.float32), t(y_tr, torch.int64), t(x_te, torch.float32), t(y_te, torch.int64), num_classes
+    )
+
+
+def _standardize(x_train: np.ndarray, x_test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    mean, std = x_train.mean(axis=0), x_train.std(axis=0) + 1e-8
+    return (x_train - mean) / std, (x_test - mean) / std
+
+
+def _require(data_dir: str | Path | None, dataset: str, candidates: list[list[str]]) -> list[Path]:
+    """Resolve each required file (first existing of its alternatives) or raise naming what is missing."""
+    if data_dir is None:
+        raise DataError(f"dataset {dataset!r} reads local files: pass --data-dir DIR (nothing is downloaded)")
+    root = Path(data_dir)
+    found, missing = [], []
+    for alternatives in candidates:
+        path = next((root / c for c in alternatives if (root / c).is_file()), None)
+        if path is None:
+            missing.append(alternatives[0])
+        else:
+            found.append(path)
+    if missing:
+        raise DataError(f"dataset {dataset!r}: missing {', '.join(missing)} in {str(root)!r} (nothing is downloaded)")
+    return found
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# embedded datasets
+
+
+@DATASETS.register("digits")
+def _digits(data_dir: str | Path | None = None) -> Dataset:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = (bunch.images / 16.0).astype(np.float32)[:, None, :, :]
+    return _split("digits", x, bunch.target, 10)
+
+
+@DATASETS.register("breast-cancer")
+def _breast_cancer(data_dir: str | Path | None = None) -> Dataset:
+    from sklearn.datasets import load_breast_cancer
+    from sklearn.model_selection import train_test_split
+
+    bunch = load_breast_cancer()
+    x_tr, x_te, y_tr, y_te = train_test_split(
+        bunch.data, bunch.target, test_size=0.2, random_state=0, stratify=bunch.target
+    )
+    x_tr, x_te = _standardize(x_tr, x_te)
+    return _as_dataset("breast-cancer", x_tr, y_tr, x_te, y_te, 2)
+
+
+@DATASETS.register("synthetic")
+def _synthetic(
+    data_dir: str | Path | None = None, n: int = 4096, features: int = 64, classes: int = 10, seed: int = 0
+) -> Dataset:
+    """Gaussian class clusters in ``features`` dimensions, seeded: a stand-in of any size for benchmarks."""
+    g = rng(seed, "synthetic")
+    centers = g.normal(0.0, 1.0, size=(classes, features))
+    y = g.integers(0, classes, size=n)
+    x = (centers[y] + g.normal(0.0, 1.5, size=(n, features))).astype(np.float32)
+    return _split("synthetic", x, y, classes)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# user files
+
+
+def _read_maybe_gzip(path: Path) -> bytes:
+    raw = path.read_bytes()
+    return gzip.decompress(raw) if path.suffix == ".gz" else raw
+
+
+def _read_idx(path: Path, expected_dims: int) -> np.ndarray:
+    """An idx file (LeCun's MNIST format): magic 0x0000 0x08 ndim, big-endian dims, then uint8 data."""
+    raw = _read_maybe_gzip(path)
+    if len(raw) < 4 or raw[0:2] != b"\x00\x00" or raw[2] != 0x08 or raw[3] != expected_dims:
+        raise DataError(f"{path.name}: not an idx file of {expected_dims} dimensions")
+    dims = struct.unpack(f">{expected_dims}I", raw[4 : 4 + 4 * expected_dims])
+    body = raw[4 + 4 * expected_dims :]
+    if len(body) != int(np.prod(dims)):
+        raise DataError(f"{path.name}: header says {dims} but the file holds {len(body)} bytes")
+    return np.frombuffer(body, dtype=np.uint8).reshape(dims)
+
+
+@DATASETS.register("mnist")
+def _mnist(data_dir: str | Path | None = None) -> Dataset:
+    names = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+    paths = _require(data_dir, "mnist", [[n, n + ".gz", n.replace("-idx", ".idx")] for n in names])
+    x_tr, y_tr, x_te, y_te = (_read_idx(p, d) for p, d in zip(paths, (3, 1, 3, 1)))
+    if len(x_tr) != len(y_tr) or len(x_te) != len(y_te):
+        raise DataError("mnist: image and label counts differ")
+    scale = lambda a: (a.astype(np.float32) / 255.0)[:, None]  # noqa: E731
+    return _as_dataset("mnist", scale(x_tr), y_tr, scale(x_te), y_te, 10)
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """CIFAR-10's python batches are pickles; admit only what they contain (dicts, bytes, lists, numpy arrays)."""
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+    }
+
+    def find_class(self, module: str, name: str):  # noqa: ANN201
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise DataError(f"refusing to load {module}.{name} from a CIFAR batch (only numpy arrays are allowed)")
+
+
+def _cifar_python_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        batch = _NumpyOnlyUnpickler(io.BytesIO(path.read_bytes()), encoding="bytes").load()
+        data, labels = batch[b"data"], batch[b"labels"]
+    except DataError:
+        raise
+    except Exception as exc:
+        raise DataError(f"{path.name}: not a CIFAR-10 python batch ({type(exc).__name__})") from None
+    data = np.asarray(data, dtype=np.uint8)
+    if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
+        raise DataError(f"{path.name}: expected N x 3072 uint8 data and N labels")
+    return data.reshape(-1, 3, 32, 32), np.asarray(labels, dtype=np.int64)
+
+
+def _cifar_binary_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    raw = np.frombuffer(path.read_bytes(), dtype=np.uint8)
+    if raw.size == 0 or raw.size % 3073:
+        raise DataError(f"{path.name}: not a CIFAR-10 binary batch (size is not a multiple of 3073)")
+    rows = raw.reshape(-1, 3073)
+    return rows[:, 1:].reshape(-1, 3, 32, 32), rows[:, 0].astype(np.int64)
+
+
+@DATASETS.register("cifar10")
+def _cifar10(data_dir: str | Path | None = None) -> Dataset:
+    root = Path(data_dir) if data_dir is not None else None
+    binary = root is not None and (root / "data_batch_1.bin").is_file()
+    suffix, reader = (".bin", _cifar_binary_batch) if binary else ("", _cifar_python_batch)
+    names = [f"data_batch_{i}{suffix}" for i in range(1, 6)] + [f"test_batch{suffix}"]
+    paths = _require(data_dir, "cifar10", [[n] for n in names])
+    parts = [reader(p) for p in paths]
+    x_tr = np.concatenate([p[0] for p in parts[:5]]).astype(np.float32) / 255.0
+    y_tr = np.concatenate([p[1] for p in parts[:5]])
+    x_te, y_te = parts[5][0].astype(np.float32) / 255.0, parts[5][1]
+    return _as_dataset("cifar10", x_tr, y_tr, x_te, y_te, 10)

@@ -1,0 +1,215 @@
+"""Process launch: spawn N local ranks as one job, or join a job started by ``torchrun``.
+
+Local jobs rendezvous through a file in a fresh temporary folder (never a fixed port) and every collective carries the
+run's timeout. The parent watches every child: the first rank that raises makes the whole job fail fast with that
+rank's traceback (``LaunchError``), the others are terminated, and no child outlives the call. Patterns that survive
+worker loss (asynchronous parameter server, gossip) say which ranks may die silently.
+
+Under ``torchrun`` (``RANK``/``WORLD_SIZE`` set by the agent) the same rank function runs in-process; the c10d store
+is namespaced per restart attempt because after ``--max-restarts`` gloo would otherwise read the peer addresses left
+by the failed attempt (torch 2.13 pitfall, FIELD-NOTES).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import queue as queue_module
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from multiprocessing.connection import wait
+from typing import Any
+
+from .errors import LaunchError
+
+__all__ = ["RankContext", "spawn", "under_torchrun", "run_torchrun_rank"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RankContext:
+    """Who this process is in the job."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    launched_by: str  # "spawn" | "torchrun"
+
+
+def under_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
+
+
+def _init_process_group(backend: str, timeout: float, rank: int, world: int, init_file: str | None) -> None:
+    import torch.distributed as dist
+
+    if init_file is not None:
+        dist.init_process_group(
+            backend, init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timedelta(seconds=timeout)
+        )
+        return
+    store, rank, world = next(dist.rendezvous("env://", timeout=timedelta(seconds=timeout)))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.PrefixStore(f"trustgrad/attempt{attempt}", store)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timedelta(seconds=timeout))
+
+
+def _child(
+    rank: int,
+    world: int,
+    init_file: str,
+    backend: str,
+    timeout: float,
+    fn: Callable[..., Any],
+    args: tuple,
+    results: mp.Queue,
+) -> None:
+    import torch.distributed as dist
+
+    try:
+        _init_process_group(backend, timeout, rank, world, init_file)
+        out = fn(RankContext(rank, world, rank, "spawn"), *args)
+        results.put(("ok", rank, _by_value(out)))
+    except BaseException as exc:  # ship every failure, KeyboardInterrupt included, to the parent
+        results.put(("error", rank, f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+        results.close()
+        results.join_thread()
+        os._exit(1)
+    finally:
+        if dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception:  # noqa: BLE001 - teardown of a broken group must not mask the result
+                pass
+    results.close()
+    results.join_thread()
+
+
+def spawn(
+    fn: Callable[..., Any],
+    world_size: int,
+    args: Sequence[Any] = (),
+    *,
+    backend: str = "gloo",
+    timeout: float = 120.0,
+    job_timeout: float | None = None,
+    may_die: Callable[[int], bool] = lambda rank: False,
+) -> list[Any]:
+    """Run ``fn(RankContext, *args)`` on ``world_size`` fresh processes; return each rank's value (``None`` if it died).
+
+    Tensors in the returned values arrive as numpy arrays.
+
+    ``timeout`` bounds every collective (it is the process group's timeout); ``job_timeout`` bounds the whole job.
+    ``may_die(rank)`` says whether a rank that dies without raising (killed, stalled out) may be dropped while the
+    job goes on; otherwise its death fails the job.
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    ctx = mp.get_context("spawn")
+    results: mp.Queue = ctx.Queue()
+    with tempfile.TemporaryDirectory(prefix="trustgrad-rdzv-") as tmp:
+        init_file = os.path.join(tmp, "rendezvous")
+        procs = [
+            ctx.Process(
+                target=_child,
+                args=(rank, world_size, init_file, backend, timeout, fn, tuple(args), results),
+                name=f"trustgrad-rank{rank}",
+                daemon=False,
+            )
+            for rank in range(world_size)
+        ]
+        for p in procs:
+            p.start()
+        try:
+            return _supervise(procs, results, job_timeout, may_die)
+        finally:
+            _reap(procs)
+            results.close()
+
+
+def _by_value(obj: Any) -> Any:
+    """Tensors become numpy arrays: torch would pass them through shared memory that dies with this process."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu().numpy()
+    if isinstance(obj, dict):
+        return {k: _by_value(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_by_value(v) for v in obj)
+    return obj
+
+
+def _supervise(
+    procs: list[mp.Process], results: mp.Queue, job_timeout: float | None, may_die: Callable[[int], bool]
+) -> list[Any]:
+    out: list[Any] = [None] * len(procs)
+    finished: set[int] = set()
+    deadline = None if job_timeout is None else time.monotonic() + job_timeout
+    while len(finished) < len(procs):
+        if deadline is not None and time.monotonic() > deadline:
+            missing = sorted(set(range(len(procs))) - finished)
+            raise LaunchError(f"job timed out after {job_timeout:.0f} s; ranks {missing} did not finish")
+        wait([p.sentinel for i, p in enumerate(procs) if i not in finished] + [results._reader], timeout=0.5)  # type: ignore[attr-defined]
+        _drain(results, out, finished)
+        for rank, p in enumerate(procs):
+            if rank in finished or p.exitcode is None:
+                continue
+            _drain(results, out, finished, block_for=0.5)  # a result may still be in the pipe
+            if rank in finished:
+                continue
+            how = f"signal {-p.exitcode}" if p.exitcode < 0 else f"exit code {p.exitcode}"
+            if may_die(rank):
+                log.warning("rank %d died (%s); the job continues without it", rank, how)
+                finished.add(rank)
+            else:
+                raise LaunchError(f"rank {rank} died ({how}) without a result", rank=rank)
+    return out
+
+
+def _drain(results: mp.Queue, out: list[Any], finished: set[int], block_for: float = 0.0) -> None:
+    while True:
+        try:
+            msg = results.get(timeout=block_for) if block_for else results.get_nowait()
+        except queue_module.Empty:
+            return
+        block_for = 0.0
+        if msg[0] == "ok":
+            out[msg[1]] = msg[2]
+            finished.add(msg[1])
+        else:
+            _, rank, summary, tb = msg
+            raise LaunchError(f"rank {rank} failed: {summary}", rank=rank, remote_traceback=tb)
+
+
+def _reap(procs: list[mp.Process]) -> None:
+    """Terminate what is still running, then kill what ignores SIGTERM: no stray children."""
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    deadline = time.monotonic() + 5.0
+    for p in procs:
+        p.join(timeout=max(0.0, deadline - time.monotonic()))
+        if p.is_alive():
+            p.kill()
+            p.join(timeout=5.0)
+
+
+def run_torchrun_rank(
+    fn: Callable[..., Any], args: Sequence[Any] = (), *, backend: str = "gloo", timeout: float = 120.0
+) -> Any:
+    """Run ``fn`` as this process's rank of a ``torchrun`` job (one process per rank, started by the agent)."""
+    import torch.distributed as dist
+
+    _init_process_group(backend, timeout, -1, -1, None)
+    try:
+        ctx = RankContext(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), "torchrun")
+        return fn(ctx, *args)
+    finally:
+        dist.destroy_process_group()

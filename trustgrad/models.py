@@ -1,0 +1,101 @@
+"""The model zoo (a registry). Every model is an ``nn.Sequential`` so pipelines can cut it into stages.
+
+Initial weights derive from the run's committed seed (``seeding.derive_seed(seed, "init")``): a verifier regenerates
+W0 exactly instead of testing its distribution (DESIGN: nothing the prover may choose).
+
+>>> m = build_model("mlp", (1, 8, 8), 10, seed=0)
+>>> sum(p.numel() for p in m.parameters())
+8970
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+from .errors import ConfigError
+from .registry import Registry
+from .seeding import derive_seed
+
+__all__ = ["MODELS", "build_model", "PolySigmoid", "Square"]
+
+ModelFactory = Callable[[tuple[int, ...], int, ModelConfig], nn.Sequential]
+MODELS: Registry[ModelFactory] = Registry("model")
+
+
+def build_model(
+    name: str, input_shape: tuple[int, ...], num_classes: int, seed: int, config: ModelConfig | None = None
+) -> nn.Sequential:
+    """Build model ``name`` for inputs of ``input_shape`` with weights drawn from PRF(seed, "init")."""
+    factory = MODELS.get(name)
+    config = config or ModelConfig(name=name)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(seed, "init"))
+        return factory(tuple(input_shape), num_classes, config)
+
+
+def _features(shape: tuple[int, ...]) -> int:
+    return math.prod(shape)
+
+
+class Square(nn.Module):
+    """x -> x^2: the CryptoNets activation, exactly computable under CKKS."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * x
+
+
+class PolySigmoid(nn.Module):
+    """Degree-3 least-squares sigmoid on [-8, 8]: 0.5 + 0.197 z - 0.004 z^3 (depth 2 under CKKS)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 0.5 + 0.197 * x - 0.004 * x * x * x
+
+
+@MODELS.register("logreg")
+def _logreg(shape: tuple[int, ...], classes: int, cfg: ModelConfig) -> nn.Sequential:
+    return nn.Sequential(nn.Flatten(), nn.Linear(_features(shape), classes))
+
+
+@MODELS.register("mlp")
+def _mlp(shape: tuple[int, ...], classes: int, cfg: ModelConfig) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Flatten()]
+    width = _features(shape)
+    for _ in range(cfg.depth):
+        layers += [nn.Linear(width, cfg.hidden), nn.ReLU()]
+        width = cfg.hidden
+    layers.append(nn.Linear(width, classes))
+    return nn.Sequential(*layers)
+
+
+@MODELS.register("poly-mlp")
+def _poly_mlp(shape: tuple[int, ...], classes: int, cfg: ModelConfig) -> nn.Sequential:
+    """One hidden layer with a square activation (CryptoNets): HE-friendly, depth 2 per forward pass."""
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(_features(shape), cfg.hidden), Square(), nn.Linear(cfg.hidden, classes)
+    )
+
+
+@MODELS.register("lenet")
+def _lenet(shape: tuple[int, ...], classes: int, cfg: ModelConfig) -> nn.Sequential:
+    """A small LeNet-style CNN for (C, H, W) inputs of any size >= 4x4."""
+    if len(shape) != 3:
+        raise ConfigError(f"model 'lenet' needs image inputs (C, H, W), got shape {shape}")
+    channels, height, width = shape
+    if min(height, width) < 4:
+        raise ConfigError(f"model 'lenet' needs images of at least 4x4, got {height}x{width}")
+    return nn.Sequential(
+        nn.Conv2d(channels, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(4),
+        nn.Flatten(),
+        nn.Linear(16 * 16, cfg.hidden),
+        nn.ReLU(),
+        nn.Linear(cfg.hidden, classes),
+    )

@@ -1,0 +1,15 @@
+"""``allreduce``: synchronous data parallelism through the engine's collective (gloo's or NCCL's all-reduce)."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import PATTERNS, GradientAveraging
+
+
+@PATTERNS.register("allreduce")
+class AllReduce(GradientAveraging):
+    name = "allreduce"
+
+    def sum(self, flat: torch.Tensor) -> torch.Tensor:
+        return self.comm.all_reduce(flat)

@@ -1,0 +1,75 @@
+"""``ring``: ring all-reduce written over point-to-point messages (Patarasuk & Yuan 2009; Baidu's ring all-reduce).
+
+Protocol, for W ranks in a ring (rank r sends to r+1, receives from r-1) and a vector cut into W chunks:
+
+1. Reduce-scatter, W-1 steps: at step s rank r sends chunk (r - s) and adds the chunk (r - s - 1) it receives into
+   its own copy. Afterwards rank r holds chunk (r + 1) summed over all ranks.
+2. All-gather, W-1 steps: at step s rank r sends chunk (r + 1 - s) and overwrites chunk (r - s) with what it
+   receives. Afterwards every rank holds the full sum.
+
+Each rank sends 2 (W-1)/W of the vector: bandwidth-optimal. Chunks are cut into segments of ``segment_bytes`` so a
+large tensor is never one giant message (an unsegmented ring measured 2.2-2.5x the built-in at 400 MB here); every
+segment's receive is posted up front and added as soon as it lands, overlapping the additions with the transfers.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..comm import Comm
+from .base import PATTERNS, GradientAveraging
+
+__all__ = ["ring_all_reduce", "Ring"]
+
+
+def ring_all_reduce(comm: Comm, flat: torch.Tensor, segment_bytes: int = 1 << 20) -> torch.Tensor:
+    """Sum the 1-D tensor ``flat`` over all ranks in place, over point-to-point messages only."""
+    world, rank = comm.world_size, comm.rank
+    if world == 1:
+        return flat
+    if flat.dim() != 1 or not flat.is_contiguous():
+        raise ValueError("ring_all_reduce expects a contiguous 1-D tensor")
+    n = flat.numel()
+    bounds = [n * i // world for i in range(world + 1)]
+    segment = max(1, segment_bytes // flat.element_size())
+    scratch = torch.empty(max(b - a for a, b in zip(bounds, bounds[1:])), dtype=flat.dtype, device=flat.device)
+    for s in range(world - 1):
+        _exchange(comm, flat, bounds, (rank - s) % world, (rank - s - 1) % world, segment, scratch)
+    for s in range(world - 1):
+        _exchange(comm, flat, bounds, (rank + 1 - s) % world, (rank - s) % world, segment, None)
+    return flat
+
+
+def _exchange(
+    comm: Comm,
+    flat: torch.Tensor,
+    bounds: list[int],
+    send_chunk: int,
+    recv_chunk: int,
+    segment: int,
+    scratch: torch.Tensor | None,
+) -> None:
+    """Send one chunk to the next rank while receiving one from the previous; add it (``scratch``) or copy it."""
+    nxt, prv = (comm.rank + 1) % comm.world_size, (comm.rank - 1) % comm.world_size
+    r0, r1 = bounds[recv_chunk], bounds[recv_chunk + 1]
+    pending = []
+    for start in range(r0, r1, segment):
+        stop = min(start + segment, r1)
+        target = scratch[start - r0 : stop - r0] if scratch is not None else flat[start:stop]
+        pending.append((comm.irecv(target, prv), start, stop, target))
+    s0, s1 = bounds[send_chunk], bounds[send_chunk + 1]
+    sends = [comm.isend(flat[start : min(start + segment, s1)], nxt) for start in range(s0, s1, segment)]
+    for work, start, stop, target in pending:
+        comm.wait(work)
+        if scratch is not None:
+            flat[start:stop].add_(target)
+    for work in sends:
+        comm.wait(work)
+
+
+@PATTERNS.register("ring")
+class Ring(GradientAveraging):
+    name = "ring"
+
+    def sum(self, flat: torch.Tensor) -> torch.Tensor:
+        return ring_all_reduce(self.comm, flat, self.cfg.pattern.segment_kb * 1024)

@@ -1,0 +1,57 @@
+"""A worker's replica: model, optimizer and loss, with flat views of parameters and gradients for patterns."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
+
+__all__ = ["Replica", "make_optimizer"]
+
+
+def make_optimizer(model: nn.Module, lr: float, momentum: float = 0.0, weight_decay: float = 0.0) -> torch.optim.SGD:
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+class Replica:
+    """One copy of the model being trained; patterns read and write it through flat vectors."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module | None = None):
+        self.model = model
+        self.optimizer = optimizer
+        self.loss_fn = loss_fn or nn.CrossEntropyLoss()
+        self.params = [p for p in model.parameters() if p.requires_grad]
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.params)
+
+    def compute_gradients(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """Forward and backward on one batch (mean loss); leaves the gradients in ``p.grad``."""
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=False)
+        loss = self.loss_fn(self.model(x), y)
+        loss.backward()
+        return float(loss.detach())
+
+    def flat_grad(self) -> torch.Tensor:
+        return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in self.params])
+
+    def set_flat_grad(self, flat: torch.Tensor) -> None:
+        offset = 0
+        for p in self.params:
+            n = p.numel()
+            if p.grad is None:
+                p.grad = torch.empty_like(p)
+            p.grad.copy_(flat[offset : offset + n].view_as(p))
+            offset += n
+
+    def flat_params(self) -> torch.Tensor:
+        return parameters_to_vector(self.params).detach().clone()
+
+    def set_flat_params(self, flat: torch.Tensor) -> None:
+        with torch.no_grad():
+            vector_to_parameters(flat.to(self.params[0].dtype), self.params)
+
+    def step(self) -> None:
+        self.optimizer.step()

@@ -1,0 +1,126 @@
+"""Run a job end to end and return its result as a value: ``run(RunConfig) -> RunResult``.
+
+Locally, ``run`` spawns the job's processes; under ``torchrun`` it runs this process's rank and the coordinator
+gathers the others' results. Either way the coordinator's side writes the run records to ``cfg.out``:
+``summary.json`` (one object), ``metrics.jsonl`` (one line per epoch), ``config.json`` and ``model.safetensors``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import RunConfig, config_to_dict
+from .launch import RankContext, run_torchrun_rank, spawn, under_torchrun
+from .patterns import PATTERNS
+from .train import train_rank
+
+__all__ = ["run", "RunResult"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunResult:
+    summary: dict[str, Any]
+    metrics: list[dict[str, Any]]
+    state: dict[str, torch.Tensor]
+    ranks: list[dict[str, Any] | None]
+    out: Path | None = None
+
+
+def run(cfg: RunConfig) -> RunResult:
+    """Validate ``cfg``, run the job (spawned locally or as a torchrun rank) and write its records."""
+    pattern = PATTERNS.get(cfg.pattern.name)
+    pattern.validate(cfg)
+    started = time.perf_counter()
+    if under_torchrun():
+        ranks = run_torchrun_rank(_torchrun_entry, (cfg,), backend=_backend(cfg), timeout=cfg.timeout)
+        if ranks is None:  # not the coordinator: it writes the records
+            return RunResult({}, [], {}, [])
+    else:
+        ranks = spawn(
+            train_rank,
+            pattern.world_size(cfg),
+            (cfg,),
+            backend=_backend(cfg),
+            timeout=cfg.timeout,
+            may_die=lambda rank: pattern.tolerates_worker_loss,
+        )
+    return _finish(cfg, ranks, time.perf_counter() - started)
+
+
+def _backend(cfg: RunConfig) -> str:
+    return "nccl" if cfg.device == "cuda" else "gloo"
+
+
+def _torchrun_entry(ctx: RankContext, cfg: RunConfig) -> list[dict[str, Any]] | None:
+    import torch.distributed as dist
+
+    mine = train_rank(ctx, cfg)
+    gathered: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(gathered, mine)
+    coordinator = next((r for r in gathered if r and r.get("coordinator")), None)
+    return gathered if coordinator is mine else None
+
+
+def _finish(cfg: RunConfig, ranks: list[dict[str, Any] | None], wall: float) -> RunResult:
+    coord = next((r for r in ranks if r and r.get("coordinator")), None)
+    if coord is None:
+        raise RuntimeError("no rank reported as coordinator")
+    summary: dict[str, Any] = {
+        "pattern": cfg.pattern.name,
+        "schedule": cfg.pattern.schedule,
+        "workers": cfg.workers,
+        "world_size": len(ranks),
+        "dataset": cfg.dataset,
+        "model": cfg.model.name,
+        "epochs": cfg.epochs,
+        "steps": coord["steps"],
+        "batch_size": cfg.batch_size,
+        "lr": cfg.lr,
+        "seed": cfg.seed,
+        "final_loss": coord["final_loss"],
+        "test_loss": coord["test_loss"],
+        "test_accuracy": coord["test_accuracy"],
+        "num_params": coord["num_params"],
+        "wall_seconds": wall,
+        "train_seconds": coord["train_seconds"],
+        "bytes_sent": sum(r["bytes_sent"] for r in ranks if r),
+        "bytes_sent_per_rank": [r["bytes_sent"] if r else None for r in ranks],
+        "encryption": cfg.crypto.encrypt if cfg.crypto.encrypt != "none" else "none (updates travel in plaintext)",
+        "proof": cfg.proof.mode if cfg.proof.mode != "none" else "none (updates are not verified)",
+    }
+    for r in ranks:  # pattern and hook statistics; the server's (if any) come first, then the workers'
+        if r:
+            for key, value in r.get("stats", {}).items():
+                summary.setdefault(key, value)
+    dead = [i for i, r in enumerate(ranks) if r is None]
+    if dead:
+        summary["dropped_ranks"] = sorted(set(summary.get("dropped_ranks", [])) | set(dead))
+    state = {k: torch.as_tensor(v) for k, v in coord["state"].items()}
+    result = RunResult(summary, coord["metrics"], state, ranks, Path(cfg.out) if cfg.out else None)
+    if cfg.out:
+        write_records(cfg, result)
+    return result
+
+
+def write_records(cfg: RunConfig, result: RunResult) -> None:
+    from safetensors.torch import save_file
+
+    out = Path(cfg.out)  # type: ignore[arg-type]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n")
+    (out / "summary.json").write_text(json.dumps(result.summary, indent=2) + "\n")
+    with (out / "metrics.jsonl").open("w") as fh:
+        for line in result.metrics:
+            fh.write(json.dumps(line) + "\n")
+    save_file({k: v.contiguous() for k, v in result.state.items()}, os.fspath(out / "model.safetensors"))
+    log.info("run records written to %s", out)

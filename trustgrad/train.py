@@ -1,0 +1,199 @@
+"""The worker loop: independent of the communication pattern, the codec and the prover.
+
+``train_rank`` is what every rank of a job runs. It owns the data (shard, PRF batch order), the epochs, progress and
+evaluation; the pattern owns communication and the update; hooks (the prover, the server-view recorder, ...) observe
+every step. Data flows one way (DESIGN 3): config -> launch -> this loop -> pattern -> optimizer step -> hooks.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from .comm import Comm
+from .config import RunConfig
+from .data import Dataset, load_dataset, shard_indices
+from .errors import ConfigError
+from .launch import RankContext
+from .models import build_model
+from .patterns import PATTERNS, Pattern
+from .registry import Registry
+from .replica import Replica, make_optimizer
+from .seeding import batch_indices
+
+__all__ = ["train_rank", "evaluate", "StepEvent", "Hook", "HOOKS", "WorkerState"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    """What hooks see after each step of a worker."""
+
+    epoch: int
+    step: int  # global step index of this worker, 0-based
+    epoch_step: int
+    worker: int
+    indices: np.ndarray
+    loss: float
+
+
+@dataclass
+class WorkerState:
+    """Everything about one training rank that hooks may need."""
+
+    cfg: RunConfig
+    ctx: RankContext
+    comm: Comm
+    pattern: Pattern
+    dataset: Dataset
+    replica: Replica
+    worker: int
+    shard: np.ndarray
+    steps_per_epoch: int
+    total_steps: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Hook(Protocol):
+    def on_start(self, state: WorkerState) -> None: ...
+    def on_step(self, state: WorkerState, event: StepEvent) -> None: ...
+    def on_end(self, state: WorkerState) -> dict[str, Any]: ...
+
+
+#: Factories ``(cfg, ctx) -> Hook | None``; every registered factory is asked, and returns None when not enabled.
+HOOKS: Registry[Callable[[RunConfig, RankContext], Hook | None]] = Registry("hook")
+
+
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1024) -> tuple[float, float]:
+    """(mean cross-entropy loss, accuracy) of ``model`` on ``(x, y)``."""
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(x), batch):
+            logits = model(x[i : i + batch])
+            loss_sum += float(nn.functional.cross_entropy(logits, y[i : i + batch], reduction="sum"))
+            correct += int((logits.argmax(1) == y[i : i + batch]).sum())
+    return loss_sum / max(1, len(x)), correct / max(1, len(x))
+
+
+def _device(cfg: RunConfig, ctx: RankContext) -> torch.device:
+    if cfg.device == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("device 'cuda' requested but no GPU is visible; use --device cpu")
+        torch.cuda.set_device(ctx.local_rank % torch.cuda.device_count())
+        return torch.device("cuda", ctx.local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def train_rank(ctx: RankContext, cfg: RunConfig) -> dict[str, Any]:
+    """Run this rank's part of the job; returns a plain dict the launcher merges into the run's summary."""
+    torch.set_num_threads(cfg.threads)
+    started = time.perf_counter()
+    comm = Comm(ctx, cfg.timeout)
+    pattern = PATTERNS.get(cfg.pattern.name)(cfg, comm)
+    worker = pattern.worker_index
+    result: dict[str, Any] = {"rank": ctx.rank, "role": "worker" if worker is not None else "server"}
+    if worker is None:
+        result.update(pattern.serve())
+    else:
+        result.update(_train_worker(ctx, cfg, comm, pattern, worker))
+    result["stats"] = {**pattern.stats(), **result.get("stats", {})}
+    result["bytes_sent"] = comm.bytes_sent
+    result["messages_sent"] = comm.messages_sent
+    result["seconds"] = time.perf_counter() - started
+    return result
+
+
+def _train_worker(ctx: RankContext, cfg: RunConfig, comm: Comm, pattern: Pattern, worker: int) -> dict[str, Any]:
+    device = _device(cfg, ctx)
+    ds = load_dataset(cfg.dataset, cfg.data_dir)
+    x_train, y_train = ds.x_train.to(device), ds.y_train.to(device)
+    x_test, y_test = ds.x_test.to(device), ds.y_test.to(device)
+    model = build_model(cfg.model.name, ds.input_shape, ds.num_classes, cfg.seed, cfg.model).to(device)
+    replica = Replica(model, make_optimizer(model, cfg.lr, cfg.momentum, cfg.weight_decay))
+    shard = shard_indices(len(ds.x_train), worker, pattern.num_workers, cfg.seed)
+    steps_per_epoch = len(shard) // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise ConfigError(
+            f"batch_size {cfg.batch_size} is larger than a worker's shard ({len(shard)} samples of {ds.name}); "
+            "use a smaller --batch-size or fewer --workers"
+        )
+    total = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
+    state = WorkerState(cfg, ctx, comm, pattern, ds, replica, worker, shard, steps_per_epoch, total)
+    hooks = [h for name in HOOKS if (h := HOOKS.get(name)(cfg, ctx)) is not None]
+    coordinator = ctx.rank == pattern.coordinator
+    pattern.attach(replica)
+    for hook in hooks:
+        hook.on_start(state)
+
+    bar = _progress(total, enabled=coordinator and cfg.progress, desc=f"{cfg.pattern.name} x{cfg.workers}")
+    metrics: list[dict[str, Any]] = []
+    started, step, last_loss = time.perf_counter(), 0, float("nan")
+    for epoch in range(cfg.epochs):
+        losses = []
+        for s in range(steps_per_epoch):
+            if step >= total:
+                break
+            idx = batch_indices(shard, cfg.seed, worker, epoch, s, cfg.batch_size)
+            tidx = torch.from_numpy(idx).to(device)
+            last_loss = pattern.step(replica, x_train[tidx], y_train[tidx])
+            losses.append(last_loss)
+            event = StepEvent(epoch, step, s, worker, idx, last_loss)
+            for hook in hooks:
+                hook.on_step(state, event)
+            step += 1
+            bar.update(1)
+        if coordinator and losses:
+            test_loss, test_acc = evaluate(replica.model, x_test, y_test)
+            metrics.append(
+                {
+                    "epoch": epoch,
+                    "steps": step,
+                    "loss": float(np.mean(losses)),
+                    "test_loss": test_loss,
+                    "test_accuracy": test_acc,
+                    "elapsed": time.perf_counter() - started,
+                    "bytes_sent": comm.bytes_sent,
+                }
+            )
+            bar.set_postfix(loss=f"{np.mean(losses):.3f}", acc=f"{test_acc:.3f}")
+            log.info("epoch %d: loss %.4f, test accuracy %.4f", epoch, np.mean(losses), test_acc)
+        if step >= total:
+            break
+    bar.close()
+    pattern.finish(replica)
+    out: dict[str, Any] = {"steps": step, "worker": worker, "train_seconds": time.perf_counter() - started}
+    for hook in hooks:
+        out.setdefault("stats", {}).update(hook.on_end(state) or {})
+    if coordinator:
+        test_loss, test_acc = evaluate(replica.model, x_test, y_test)
+        train_loss, _ = evaluate(replica.model, x_train, y_train)
+        out.update(
+            coordinator=True,
+            metrics=metrics,
+            final_loss=train_loss,
+            test_loss=test_loss,
+            test_accuracy=test_acc,
+            last_batch_loss=last_loss,
+            num_params=replica.num_params,
+            state={k: v.detach().cpu().clone() for k, v in replica.model.state_dict().items()},
+        )
+    return out
+
+
+def _progress(total: int, enabled: bool, desc: str):  # noqa: ANN202
+    from tqdm.auto import tqdm
+
+    # A bar only where someone watches (a terminal); logs and CI get the per-epoch log lines instead.
+    return tqdm(
+        total=total, disable=not (enabled and sys.stderr.isatty()), desc=desc, unit="step", leave=False, mininterval=0.5
+    )
