@@ -12,6 +12,7 @@ by the failed attempt (torch 2.13 pitfall, FIELD-NOTES).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
 import os
@@ -83,10 +84,8 @@ def _child(
         os._exit(1)
     finally:
         if dist.is_initialized():
-            try:
+            with contextlib.suppress(Exception):  # teardown of a broken group must not mask the result
                 dist.destroy_process_group()
-            except Exception:  # noqa: BLE001 - teardown of a broken group must not mask the result
-                pass
     results.close()
     results.join_thread()
 

@@ -1,0 +1,74 @@
+"""Synchronous data parallelism against plain references (STYLE 8)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from harness import run_ranks
+
+from trustgrad.comm import Comm
+from trustgrad.config import RunConfig
+from trustgrad.data import load_dataset, shard_indices
+from trustgrad.models import build_model
+from trustgrad.patterns.ring import ring_all_reduce
+from trustgrad.replica import Replica, make_optimizer
+from trustgrad.run import run
+from trustgrad.seeding import batch_indices
+
+
+def _ring_vs_builtin(ctx, lengths, segment_bytes):
+    comm = Comm(ctx, timeout=60)
+    worst = 0.0
+    for n in lengths:
+        g = torch.Generator().manual_seed(1000 * ctx.rank + n)
+        x = torch.randn(n, generator=g, dtype=torch.float32)
+        ours = ring_all_reduce(comm, x.clone(), segment_bytes)
+        ref = x.clone()
+        dist.all_reduce(ref)
+        rel = float((ours - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
+        worst = max(worst, rel)
+    return worst
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_ring_all_reduce_equals_engine_all_reduce(world):
+    # lengths that do not divide by the world size, one shorter than it, and one spanning many segments
+    lengths = [1, world - 1 or 1, 1001, 4097, 100_003]
+    worst = run_ranks(_ring_vs_builtin, world, lengths, 4096)
+    assert max(worst) <= 1e-6, worst
+
+
+def _reference_state(cfg: RunConfig) -> dict[str, torch.Tensor]:
+    """One process, one model, the concatenation of every worker's batch per step."""
+    ds = load_dataset(cfg.dataset)
+    model = build_model(cfg.model.name, ds.input_shape, ds.num_classes, cfg.seed, cfg.model)
+    replica = Replica(model, make_optimizer(model, cfg.lr, cfg.momentum, cfg.weight_decay))
+    shards = [shard_indices(len(ds.x_train), w, cfg.workers, cfg.seed) for w in range(cfg.workers)]
+    steps_per_epoch = len(shards[0]) // cfg.batch_size
+    step = 0
+    for epoch in range(cfg.epochs):
+        for s in range(steps_per_epoch):
+            if step == cfg.max_steps:
+                return model.state_dict()
+            idx = torch.cat(
+                [
+                    torch.from_numpy(batch_indices(sh, cfg.seed, w, epoch, s, cfg.batch_size))
+                    for w, sh in enumerate(shards)
+                ]
+            )
+            replica.compute_gradients(ds.x_train[idx], ds.y_train[idx])
+            replica.step()
+            step += 1
+    return model.state_dict()
+
+
+@pytest.mark.parametrize("pattern", ["allreduce", "ring"])
+def test_two_workers_match_one_process_on_the_combined_batch(pattern):
+    cfg = RunConfig(workers=2, epochs=2, max_steps=30, batch_size=16, lr=0.05, momentum=0.9, seed=7, progress=False)
+    cfg = cfg.replace(pattern={"name": pattern, "segment_kb": 4})
+    result = run(cfg)
+    reference = _reference_state(cfg)
+    assert result.summary["steps"] == 30
+    for name, ref in reference.items():
+        torch.testing.assert_close(result.state[name], ref, atol=1e-5, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
