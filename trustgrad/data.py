@@ -93,7 +93,7 @@ def _split(name: str, x: np.ndarray, y: np.ndarray, num_classes: int, test_fract
 
 
 def _as_dataset(name: str, x_tr, y_tr, x_te, y_te, num_classes: int) -> Dataset:
-    t = lambda a, dt: torch.from_numpy(np.ascontiguousarray(a)).to(dt)  # noqa: E731
+    t = lambda a, dt: torch.from_numpy(np.array(a)).to(dt)  # noqa: E731  (a writable copy)
     return Dataset(
         name, t(x_tr, torch.float32), t(y_tr, torch.int64), t(x_te, torch.float32), t(y_te, torch.int64), num_classes
     )

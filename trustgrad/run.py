@@ -18,7 +18,10 @@ from typing import Any
 import torch
 
 from .config import RunConfig, config_to_dict
+from .data import load_dataset
+from .errors import ConfigError
 from .launch import RankContext, run_torchrun_rank, spawn, under_torchrun
+from .models import build_model
 from .patterns import PATTERNS
 from .train import train_rank
 
@@ -40,6 +43,7 @@ def run(cfg: RunConfig) -> RunResult:
     """Validate ``cfg``, run the job (spawned locally or as a torchrun rank) and write its records."""
     pattern = PATTERNS.get(cfg.pattern.name)
     pattern.validate(cfg)
+    preflight(cfg)
     started = time.perf_counter()
     if under_torchrun():
         ranks = run_torchrun_rank(_torchrun_entry, (cfg,), backend=_backend(cfg), timeout=cfg.timeout)
@@ -55,6 +59,18 @@ def run(cfg: RunConfig) -> RunResult:
             may_die=lambda rank: pattern.tolerates_worker_loss,
         )
     return _finish(cfg, ranks, time.perf_counter() - started)
+
+
+def preflight(cfg: RunConfig) -> None:
+    """Catch bad datasets, models and sizes here, as one clear error, before any process starts."""
+    ds = load_dataset(cfg.dataset, cfg.data_dir)
+    build_model(cfg.model.name, ds.input_shape, ds.num_classes, cfg.seed, cfg.model)
+    shard = len(ds.x_train) // cfg.workers
+    if shard < cfg.batch_size:
+        raise ConfigError(
+            f"batch_size {cfg.batch_size} is larger than a worker's shard ({shard} samples of {ds.name} over "
+            f"{cfg.workers} workers); use a smaller --batch-size or fewer --workers"
+        )
 
 
 def _backend(cfg: RunConfig) -> str:
