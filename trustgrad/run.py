@@ -46,6 +46,12 @@ def run(cfg: RunConfig) -> RunResult:
     preflight(cfg)
     started = time.perf_counter()
     if under_torchrun():
+        world = int(os.environ.get("WORLD_SIZE", "0"))
+        if world != pattern.world_size(cfg):
+            raise ConfigError(
+                f"pattern {cfg.pattern.name!r} with --workers {cfg.workers} needs {pattern.world_size(cfg)} processes, "
+                f"but torchrun started {world}"
+            )
         ranks = run_torchrun_rank(_torchrun_entry, (cfg,), backend=_backend(cfg), timeout=cfg.timeout)
         if ranks is None:  # not the coordinator: it writes the records
             return RunResult({}, [], {}, [])
@@ -84,7 +90,7 @@ def _torchrun_entry(ctx: RankContext, cfg: RunConfig) -> list[dict[str, Any]] | 
     gathered: list[Any] = [None] * ctx.world_size
     dist.all_gather_object(gathered, mine)
     coordinator = next((r for r in gathered if r and r.get("coordinator")), None)
-    return gathered if coordinator is mine else None
+    return gathered if coordinator is not None and coordinator["rank"] == ctx.rank else None
 
 
 def _finish(cfg: RunConfig, ranks: list[dict[str, Any] | None], wall: float) -> RunResult:
