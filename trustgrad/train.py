@@ -119,6 +119,7 @@ def _train_worker(ctx: RankContext, cfg: RunConfig, comm: Comm, pattern: Pattern
     x_train, y_train = ds.x_train.to(device), ds.y_train.to(device)
     x_test, y_test = ds.x_test.to(device), ds.y_test.to(device)
     model = build_model(cfg.model.name, ds.input_shape, ds.num_classes, cfg.seed, cfg.model).to(device)
+    model = pattern.local_model(model)  # a pipeline stage or a sharded model under model parallelism
     replica = Replica(model, make_optimizer(model, cfg.lr, cfg.momentum, cfg.weight_decay))
     shard = shard_indices(len(ds.x_train), worker, pattern.num_workers, cfg.seed)
     steps_per_epoch = len(shard) // cfg.batch_size
@@ -152,8 +153,9 @@ def _train_worker(ctx: RankContext, cfg: RunConfig, comm: Comm, pattern: Pattern
                 hook.on_step(state, event)
             step += 1
             bar.update(1)
+        full = pattern.full_model(replica) if losses else None  # every rank: model-parallel patterns gather
         if coordinator and losses:
-            test_loss, test_acc = evaluate(replica.model, x_test, y_test)
+            test_loss, test_acc = evaluate(full, x_test, y_test)
             metrics.append(
                 {
                     "epoch": epoch,
@@ -174,9 +176,10 @@ def _train_worker(ctx: RankContext, cfg: RunConfig, comm: Comm, pattern: Pattern
     out: dict[str, Any] = {"steps": step, "worker": worker, "train_seconds": time.perf_counter() - started}
     for hook in hooks:
         out.setdefault("stats", {}).update(hook.on_end(state) or {})
+    full = pattern.full_model(replica)
     if coordinator:
-        test_loss, test_acc = evaluate(replica.model, x_test, y_test)
-        train_loss, _ = evaluate(replica.model, x_train, y_train)
+        test_loss, test_acc = evaluate(full, x_test, y_test)
+        train_loss, _ = evaluate(full, x_train, y_train)
         out.update(
             coordinator=True,
             metrics=metrics,
@@ -184,8 +187,8 @@ def _train_worker(ctx: RankContext, cfg: RunConfig, comm: Comm, pattern: Pattern
             test_loss=test_loss,
             test_accuracy=test_acc,
             last_batch_loss=last_loss,
-            num_params=replica.num_params,
-            state={k: v.detach().cpu().clone() for k, v in replica.model.state_dict().items()},
+            num_params=sum(p.numel() for p in full.parameters()),
+            state={k: v.detach().cpu().clone() for k, v in full.state_dict().items()},
         )
     return out
 

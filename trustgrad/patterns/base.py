@@ -12,6 +12,7 @@ from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
 import torch
+from torch import nn
 
 from ..comm import Comm
 from ..config import RunConfig
@@ -55,6 +56,20 @@ class Pattern(ABC):
         return 0
 
     # ------------------------------------------------------------------ lifecycle
+    def local_model(self, model: nn.Sequential) -> nn.Module:
+        """The part of the freshly built model this rank holds and trains (default: all of it).
+
+        Model-parallel patterns keep a pipeline stage or shard the weights here; the replica wraps what this returns.
+        """
+        return model
+
+    def full_model(self, replica: Replica) -> nn.Module:
+        """The whole model to evaluate and save, on the coordinator (other ranks' return values are not used).
+
+        Called on every training rank whenever the loop evaluates, so model-parallel patterns may gather in it.
+        """
+        return replica.model
+
     def attach(self, replica: Replica) -> None:
         """Called once before training. Default: every replica starts from the coordinator's weights."""
         flat = replica.flat_params()
