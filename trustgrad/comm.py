@@ -66,8 +66,9 @@ class Comm:
     def irecv(self, tensor: torch.Tensor, src: int, tag: int = 0) -> dist.Work:
         return dist.irecv(tensor, src=src, group=self.group, tag=tag)
 
-    def wait(self, work: dist.Work) -> None:
-        work.wait(timedelta(seconds=self.timeout))
+    def wait(self, work: dist.Work, timeout: float | None = None) -> None:
+        """Wait for ``work``; ``timeout`` (seconds) overrides the job's, e.g. a gossip peer's shorter deadline."""
+        work.wait(timedelta(seconds=self.timeout if timeout is None else timeout))
 
     # byte payloads (ciphertexts, proofs): a length header, then the bytes as a uint8 tensor
     def send_bytes(self, payload: bytes, dst: int, tag: int = 0) -> None:

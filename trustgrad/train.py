@@ -153,6 +153,7 @@ def _train_worker(ctx: RankContext, cfg: RunConfig, comm: Comm, pattern: Pattern
                 hook.on_step(state, event)
             step += 1
             bar.update(1)
+        extra = pattern.epoch_end(replica, epoch) if losses else {}  # every rank: patterns may communicate
         full = pattern.full_model(replica) if losses else None  # every rank: model-parallel patterns gather
         if coordinator and losses:
             test_loss, test_acc = evaluate(full, x_test, y_test)
@@ -165,6 +166,7 @@ def _train_worker(ctx: RankContext, cfg: RunConfig, comm: Comm, pattern: Pattern
                     "test_accuracy": test_acc,
                     "elapsed": time.perf_counter() - started,
                     "bytes_sent": comm.bytes_sent,
+                    **extra,
                 }
             )
             bar.set_postfix(loss=f"{np.mean(losses):.3f}", acc=f"{test_acc:.3f}")

@@ -80,6 +80,11 @@ class Pattern(ABC):
     def step(self, replica: Replica, x: torch.Tensor, y: torch.Tensor) -> float:
         """One training step on this worker's batch; returns the local loss."""
 
+    def epoch_end(self, replica: Replica, epoch: int) -> dict[str, Any]:
+        """Called on every training rank after each epoch; the coordinator's fields join that epoch's metrics line
+        (e.g. the consensus distance of decentralized patterns)."""
+        return {}
+
     def finish(self, replica: Replica) -> None:
         """Called once after the last step (e.g. a final merge)."""
 
