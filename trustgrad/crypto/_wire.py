@@ -1,16 +1,24 @@
 """Byte framing and pre-parse validation for everything the crypto package sends or receives.
 
-Why so careful: OpenFHE's binary deserializer trusts its input. A single flipped bit in the metadata of a serialized
-ciphertext (e.g. a modulus) makes it throw from a ``noexcept`` path, which calls ``std::terminate`` and kills the whole
-Python process; catching exceptions is not enough. So untrusted bytes pass three gates before OpenFHE sees them:
+Why so careful: OpenFHE's binary deserializer trusts its input. Fuzzing it here (1.6.1) showed that a flipped bit in
+the metadata of a serialized ciphertext (e.g. a modulus) can make it throw from a ``noexcept`` path, which calls
+``std::terminate`` and kills the whole Python process; catching exceptions is not enough. Untrusted bytes therefore
+pass these gates:
 
 1. The frame: ``magic | version | kind | meta length | item count | item lengths | CRC-32 | meta (JSON) | items``.
-   Truncated, oversized, garbage or corrupted input is rejected here (the CRC detects accidental corruption; it is
-   not authentication: integrity against an active attacker comes from the transport, e.g. TLS).
-2. The structure: every OpenFHE item must be byte-identical, outside its coefficient arrays and key tag, to an object
-   of the same kind and state produced locally in the same context (a :class:`Template`). So an attacker controls
-   only polynomial coefficients and the tag, never moduli, dimensions or lengths that OpenFHE would trust.
-3. OpenFHE's own parse, with any exception converted to :class:`CryptoError`.
+   Truncated, oversized, garbage, corrupted or tampered input is rejected here, before OpenFHE sees a byte, with a
+   one-line ``CryptoError``. The metadata names the context (fingerprint, ring dimension), the key tag, lengths and
+   party indices, all checked against what the receiver expects.
+2. OpenFHE's own parse, with any exception converted to ``CryptoError``; then the parsed object's key tag is compared
+   with the header's.
+
+Residual risk, stated plainly: the CRC detects corruption and naive tampering, it is not authentication. A peer that
+*deliberately* crafts a payload with a valid CRC can still reach OpenFHE's parser and, with the right bytes, abort the
+receiving process. A structural pre-check (byte-compare everything but the coefficients against a locally made
+object) was tried and abandoned: cereal writes each polynomial's parameter block either in full or as a back-reference
+depending on the object's history (fresh, deserialized, derived from a deserialized key), so legitimate layouts
+multiply. Against active attackers, authenticate peers at the transport (TLS, signed messages) or parse in a
+sacrificial subprocess.
 """
 
 from __future__ import annotations
@@ -19,10 +27,8 @@ import contextlib
 import json
 import struct
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
-
-import numpy as np
 
 from trustgrad.errors import CryptoError
 
@@ -131,79 +137,3 @@ def openfhe_errors(action: str) -> Iterator[None]:
         # OpenFHE prefixes messages with a build path and line; keep the informative tail.
         detail = detail.rsplit("():", 1)[-1].strip()
         raise CryptoError(f"{action} failed: {detail}") from None
-
-
-class Template:
-    """The byte layout shared by every legitimate serialization of one kind of OpenFHE object in one state.
-
-    Built from several independently generated samples: bytes that differ between samples are the random parts
-    (polynomial coefficients, key tags); bytes that agree are structure (parameters, moduli, sizes), which an input
-    must reproduce exactly. Short agreeing runs inside random data (e.g. the zero high bytes of 40-bit coefficients,
-    or chance coincidences) are folded into the random part, so only genuine metadata islands are enforced.
-    """
-
-    __slots__ = ("length", "_fixed_idx", "_fixed_val")
-
-    # Six samples: the chance that a random high byte (16 values for a 60-bit modulus) agrees in all of them at a
-    # block edge is 16**-5 per edge, so a legitimate input is never rejected in practice.
-    SAMPLES = 6
-    _MIN_ISLAND = 8
-
-    def __init__(self, samples: Sequence[bytes]) -> None:
-        arrays = [np.frombuffer(s, dtype=np.uint8) for s in samples]
-        self.length = len(arrays[0])
-        if any(len(a) != self.length for a in arrays):
-            raise CryptoError("internal: template samples differ in length; this OpenFHE build is not supported")
-        variable = np.zeros(self.length, dtype=bool)
-        for a in arrays[1:]:
-            variable |= a != arrays[0]
-        # fold fixed runs shorter than _MIN_ISLAND that lie between variable bytes into the variable part
-        step = np.diff(np.concatenate(([1], variable.astype(np.int8), [1])))
-        starts, ends = np.flatnonzero(step == -1), np.flatnonzero(step == 1)  # fixed runs are [start, end)
-        short = (ends - starts < self._MIN_ISLAND) & (starts > 0) & (ends < self.length)
-        cover = np.zeros(self.length + 1, dtype=np.int64)
-        np.add.at(cover, starts[short], 1)
-        np.add.at(cover, ends[short], -1)
-        variable |= np.cumsum(cover[:-1]) > 0
-        self._fixed_idx = np.flatnonzero(~variable)
-        self._fixed_val = arrays[0][self._fixed_idx]
-
-    def check(self, item: memoryview | bytes, what: str) -> None:
-        if len(item) != self.length:
-            raise CryptoError(f"{what}: {len(item)} bytes where this context's layout has {self.length}")
-        arr = np.frombuffer(item, dtype=np.uint8)
-        if not np.array_equal(arr[self._fixed_idx], self._fixed_val):
-            raise CryptoError(f"{what}: structure does not match this context (parameters, level or kind differ)")
-
-
-class Layouts:
-    """The legitimate layouts of one kind of object. OpenFHE's serializer (cereal) writes a shared parameter block
-    once and back-references it; an object rebuilt by deserialization owns separate copies and writes them out
-    again. So the same object has a "fresh" and a "deserialized" layout (the layout of a result follows its first
-    operand), and both are accepted."""
-
-    __slots__ = ("_templates",)
-
-    def __init__(self, templates: Sequence[Template]) -> None:
-        unique: dict[tuple[int, bytes, bytes], Template] = {}
-        for t in templates:
-            unique.setdefault((t.length, t._fixed_idx.tobytes(), t._fixed_val.tobytes()), t)
-        self._templates = list(unique.values())
-
-    def check(self, item: memoryview | bytes, what: str) -> None:
-        candidates = [t for t in self._templates if t.length == len(item)]
-        if not candidates:
-            sizes = sorted({t.length for t in self._templates})
-            raise CryptoError(f"{what}: {len(item)} bytes where this context's layout has {sizes}")
-        for t in candidates[:-1]:
-            try:
-                t.check(item, what)
-                return
-            except CryptoError:
-                continue
-        candidates[-1].check(item, what)
-
-
-def build_layouts(sample: Callable[[int, int], bytes], variants: int) -> Layouts:
-    """``sample(i, variant)`` serializes the i-th independent sample of one layout variant."""
-    return Layouts([Template([sample(i, v) for i in range(Template.SAMPLES)]) for v in range(variants)])

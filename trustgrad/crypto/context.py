@@ -42,7 +42,7 @@ class Context:
     512
     """
 
-    __slots__ = ("params", "_cc", "fingerprint", "_templates", "_scratch")
+    __slots__ = ("params", "_cc", "fingerprint")
 
     def __init__(self, params: CKKSParams) -> None:
         self.params = params
@@ -52,8 +52,6 @@ class Context:
                 cc.Enable(getattr(openfhe, feature))
         self._cc = cc
         self.fingerprint = hashlib.blake2b(openfhe.Serialize(cc, openfhe.BINARY), digest_size=16).hexdigest()
-        self._templates: dict[Any, _wire.Layouts] = {}
-        self._scratch: list[Any] = []
         if params.security == "none":
             log.warning("CKKS context built with security='none': NOT SECURE, for tests and toy runs only")
         log.debug("CKKS context N=%d slots=%d %s", self.ring_dim, self.slots, self.fingerprint)
@@ -105,26 +103,7 @@ class Context:
     def _meta(self, **fields: Any) -> dict[str, Any]:
         return {"ctx": self.fingerprint, "ring_dim": self.ring_dim, **fields}
 
-    def _scratch_keys(self) -> list[Any]:
-        """Throwaway key pairs used only to learn the byte layout of this context's objects."""
-        while len(self._scratch) < _wire.Template.SAMPLES:
-            self._scratch.append(self._cc.KeyGen())
-        return self._scratch
-
-    def _template(self, key: Any, sample: Callable[[Any, bool], bytes]) -> _wire.Layouts:
-        """The layouts of objects of kind ``key``; ``sample(keypair, roundtrip)`` serializes one made with a scratch
-        key, built from fresh objects (``roundtrip=False``) or from objects that went through deserialization."""
-        tpl = self._templates.get(key)
-        if tpl is None:
-            keys = self._scratch_keys()
-            with _wire.openfhe_errors("learning the serialization layout"):
-                tpl = _wire.build_layouts(lambda i, v: sample(keys[i], bool(v)), variants=2)
-            self._templates[key] = tpl
-        return tpl
-
-    def _parse(self, item: memoryview, layouts: _wire.Layouts | None, parse: Callable[[bytes], Any], what: str) -> Any:
-        if layouts is not None:
-            layouts.check(item, what)
+    def _parse(self, item: memoryview, parse: Callable[[bytes], Any], what: str) -> Any:
         with _wire.openfhe_errors(f"parsing {what}"):
             return parse(bytes(item))
 
@@ -192,7 +171,7 @@ class PublicKey:
             raise CryptoError(f"{what}: malformed rotation index list")
         if len(items) != 1 + eval_mult + bool(rotations):
             raise CryptoError(f"{what}: {len(items)} items do not match the announced evaluation keys")
-        pk = context._parse(items[0], None, _deser_pk, what)
+        pk = context._parse(items[0], _deser_pk, what)
         if str(pk.GetKeyTag()) != tag:
             raise CryptoError(f"{what}: key tag does not match its header")
         rest = iter(items[1:])
@@ -243,7 +222,7 @@ class SecretKey:
         parties = _wire.field(meta, "parties", int, what)
         if len(items) != 1:
             raise CryptoError(f"{what}: expected 1 item, got {len(items)}")
-        sk = context._parse(items[0], None, _deser_sk, what)
+        sk = context._parse(items[0], _deser_sk, what)
         if str(sk.GetKeyTag()) != tag:
             raise CryptoError(f"{what}: key tag does not match its header")
         if parties == 1 and index == 0:
@@ -301,4 +280,4 @@ def _install(
             return
     except Exception:  # OpenFHE raises when no key is stored for the tag: the normal case on a receiver
         pass
-    ctx._parse(item, None, deser, what)
+    ctx._parse(item, deser, what)

@@ -39,7 +39,7 @@ import openfhe
 
 from trustgrad.crypto import _wire
 from trustgrad.crypto.context import _MAX_PARTIES, Context, PublicKey, SecretKey
-from trustgrad.crypto.vector import EncryptedVector, _check_tags, _read_vector_meta, _sample_ct, _unpack
+from trustgrad.crypto.vector import EncryptedVector, _check_tags, _read_vector_meta, _unpack
 from trustgrad.errors import CryptoError
 
 __all__ = [
@@ -110,7 +110,7 @@ def joint_eval_mult_round1(share: KeyShare, public_key: PublicKey, previous: byt
         contributors = _contributors(ctx, meta, items, public_key, what)
         if share.index in contributors:
             raise CryptoError(f"{what}: party {share.index} has already contributed")
-        prev = ctx._parse(items[0], None, _deser_evk, what)
+        prev = ctx._parse(items[0], _deser_evk, what)
         with _wire.openfhe_errors("eval-mult key round 1"):
             mine = cc.MultiKeySwitchGen(share._sk, share._sk, prev)
             joint = cc.MultiAddEvalKeys(prev, mine, public_key.tag)
@@ -127,7 +127,7 @@ def joint_eval_mult_round2(share: KeyShare, public_key: PublicKey, round1: bytes
     contributors = _contributors(ctx, meta, items, public_key, what)
     if sorted(contributors) != list(range(1, share.parties + 1)):
         raise CryptoError(f"{what}: round 1 is incomplete (parties {sorted(contributors)} of {share.parties})")
-    joint = ctx._parse(items[0], None, _deser_evk, what)
+    joint = ctx._parse(items[0], _deser_evk, what)
     with _wire.openfhe_errors("eval-mult key round 2"):
         part = cc.MultiMultEvalKey(share._sk, joint, public_key.tag)
     meta = ctx._meta(tag=public_key.tag, parties=share.parties, index=share.index)
@@ -145,7 +145,7 @@ def joint_eval_mult_finish(public_key: PublicKey, parts: Sequence[bytes]) -> Pub
         if _wire.field(meta, "tag", str, what) != public_key.tag or len(items) != 1:
             raise CryptoError(f"{what}: not for this joint public key")
         seen.append(_wire.field(meta, "index", int, what))
-        keys.append(ctx._parse(items[0], None, _deser_evk, what))
+        keys.append(ctx._parse(items[0], _deser_evk, what))
     _require_all_parties(seen, public_key.parties, "eval-mult round 2 parts")
     with _wire.openfhe_errors("combining eval-mult keys"):
         final = functools.reduce(lambda a, b: cc.MultiAddEvalMultKeys(a, b, public_key.tag), keys)
@@ -203,8 +203,7 @@ class PartialDecryption:
         parties = _wire.field(meta, "parties", int, what)
         if not 1 <= index <= parties <= _MAX_PARTIES:
             raise CryptoError(f"{what}: invalid party index {index}/{parties}")
-        tpl = _partial_template(context, mults, lead=index == 1)
-        cts = [context._parse(item, tpl, _deser_ct, what) for item in items]
+        cts = [context._parse(item, _deser_ct, what) for item in items]
         _check_tags(cts, tag, what)
         shell = EncryptedVector(context, [], length, dtype, tag, mults)
         shell.id = vid
@@ -288,12 +287,3 @@ def _deser_ct(b: bytes) -> Any:
 
 def _deser_evk(b: bytes) -> Any:
     return openfhe.DeserializeEvalKeyString(b, openfhe.BINARY)
-
-
-def _partial_template(ctx: Context, mults: int, *, lead: bool) -> _wire.Layouts:
-    def sample(kp: Any, roundtrip: bool) -> bytes:
-        ct = _sample_ct(ctx, kp, mults, roundtrip)
-        step = ctx.cc.MultipartyDecryptLead if lead else ctx.cc.MultipartyDecryptMain
-        return openfhe.Serialize(step([ct], kp.secretKey)[0], openfhe.BINARY)
-
-    return ctx._template(("partial", mults, lead), sample)

@@ -122,8 +122,7 @@ class EncryptedVector:
             raise CryptoError(
                 f"{what} was encrypted under key {tag[:8]}, not under the expected key {public_key.tag[:8]}"
             )
-        tpl = _ct_template(context, mults)
-        cts = [context._parse(item, tpl, _deser_ct, what) for item in items]
+        cts = [context._parse(item, _deser_ct, what) for item in items]
         _check_tags(cts, tag, what)
         vec = cls(context, cts, length, dtype, tag, mults)
         vec.id = vid
@@ -257,19 +256,3 @@ def _check_tags(cts: list[Any], tag: str, what: str) -> None:
 
 def _deser_ct(b: bytes) -> Any:
     return openfhe.DeserializeCiphertextString(b, openfhe.BINARY)
-
-
-def _sample_ct(ctx: Context, kp: Any, mults: int, roundtrip: bool) -> Any:
-    cc = ctx.cc
-    ct = cc.Encrypt(kp.publicKey, cc.MakeCKKSPackedPlaintext(np.random.default_rng().uniform(-1, 1, ctx.slots)))
-    if roundtrip:
-        ct = _deser_ct(openfhe.Serialize(ct, openfhe.BINARY))
-    for _ in range(mults):
-        ct = cc.EvalMult(ct, 0.5)
-    return ct
-
-
-def _ct_template(ctx: Context, mults: int) -> _wire.Layouts:
-    return ctx._template(
-        ("ct", mults), lambda kp, rt: openfhe.Serialize(_sample_ct(ctx, kp, mults, rt), openfhe.BINARY)
-    )
