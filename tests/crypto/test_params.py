@@ -45,6 +45,7 @@ def test_insecure_requires_explicit_opt_in():
         ({"ring_dim": 1024, "batch_size": 1024, "security": "none", "allow_insecure": True}, "batch_size"),
         ({"security": "512"}, "security"),
         ({"key_switching": "ghs"}, "key_switching"),
+        ({"digit_bits": 61}, "digit_bits"),
         ({"security": "none", "allow_insecure": True}, "ring_dim"),
     ],
 )

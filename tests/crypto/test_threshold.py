@@ -124,7 +124,7 @@ def test_joint_eval_mult_key_two_rounds(small_threshold, rng):
 
     sq = EncryptedVector(ctx, [ctx.cc.EvalMult(ct.ciphertexts[0], ct.ciphertexts[0])], ctx.slots, "float64", pk.tag, 1)
     out = fuse([partial_decrypt(s, sq) for s in shares])
-    np.testing.assert_allclose(out, x**2, atol=1e-4)
+    np.testing.assert_allclose(out, x**2, atol=1e-7)
 
 
 def test_sharekeys_recovery_works_in_process_only():
