@@ -1,0 +1,122 @@
+"""``trustgrad bench he_raw``: trustgrad's CKKS interface against raw OpenFHE calls on the same data.
+
+One run, one context (the shared-key aggregation preset: N=8192, 4096 slots, Delta=2**40, 128-bit), one key pair:
+
+- encrypt: ``workers`` vectors of ``values`` float32 values (trustgrad ``encrypt`` vs a loop of
+  ``MakeCKKSPackedPlaintext`` + ``Encrypt`` on float64 slices);
+- aggregate: slot-wise sum of the ``workers`` ciphertext vectors and one multiplication by ``1/workers``
+  (trustgrad ``aggregate(..., scale=)`` vs ``EvalAddMany`` + ``EvalMult``);
+- decrypt: the mean back to numpy (trustgrad ``decrypt`` vs ``Decrypt`` + ``GetRealPackedValueArray`` into one array).
+
+Throughput is plaintext values per second (encrypt and aggregate count all workers' values); the ratio is
+trustgrad's time over raw time (target <= 1.2). Each figure is the best of ``repeats`` runs. Set
+``OMP_NUM_THREADS=1`` (``benchmarks/run`` does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from trustgrad.crypto import CKKSParams, Context, aggregate, decrypt, encrypt, keygen
+
+from . import BENCHMARKS, BenchResult
+
+__all__ = ["run"]
+
+TARGET_RATIO = 1.2
+
+
+def _best(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
+    best, out = float("inf"), None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
+def run(values: int = 1_000_000, workers: int = 4, repeats: int = 3, seed: int = 0) -> dict[str, Any]:
+    """Measure encrypt / aggregate / decrypt throughput via trustgrad and via raw OpenFHE; return the numbers."""
+    if values < 1 or workers < 1 or repeats < 1:
+        raise ValueError("values, workers and repeats must be positive")
+    ctx = Context(CKKSParams.for_aggregation("shared"))
+    pk, sk = keygen(ctx)
+    cc, s = ctx.cc, ctx.slots
+    rng = np.random.default_rng(seed)
+    grads = [rng.standard_normal(values).astype(np.float32) for _ in range(workers)]
+
+    def raw_encrypt() -> list[list[Any]]:
+        out = []
+        for g in grads:
+            x = np.ascontiguousarray(g, dtype=np.float64)
+            out.append([cc.Encrypt(pk._pk, cc.MakeCKKSPackedPlaintext(x[i : i + s])) for i in range(0, values, s)])
+        return out
+
+    def raw_aggregate(cts: list[list[Any]]) -> list[Any]:
+        return [cc.EvalMult(cc.EvalAddMany(list(group)), 1.0 / workers) for group in zip(*cts, strict=True)]
+
+    def raw_decrypt(cts: list[Any]) -> np.ndarray:
+        out = np.empty(len(cts) * s)
+        for i, ct in enumerate(cts):
+            out[i * s : (i + 1) * s] = cc.Decrypt(sk._sk, ct).GetRealPackedValueArray()
+        return out[:values].astype(np.float32)
+
+    t_enc, evs = _best(lambda: [encrypt(pk, g) for g in grads], repeats)
+    t_enc_raw, raw_cts = _best(raw_encrypt, repeats)
+    t_agg, mean = _best(lambda: aggregate(evs, scale=1.0 / workers), repeats)
+    t_agg_raw, raw_mean = _best(lambda: raw_aggregate(raw_cts), repeats)
+    t_dec, out = _best(lambda: decrypt(sk, mean), repeats)
+    t_dec_raw, out_raw = _best(lambda: raw_decrypt(raw_mean), repeats)
+
+    reference = np.mean(np.stack(grads).astype(np.float64), axis=0)
+    rows = {}
+    for op, t, t_raw, n in (
+        ("encrypt", t_enc, t_enc_raw, values * workers),
+        ("aggregate", t_agg, t_agg_raw, values * workers),
+        ("decrypt", t_dec, t_dec_raw, values),
+    ):
+        rows[op] = {"trustgrad_values_per_s": n / t, "raw_values_per_s": n / t_raw, "ratio": t / t_raw, "seconds": t}
+    return {
+        "values": values,
+        "workers": workers,
+        "ring_dim": ctx.ring_dim,
+        "slots": s,
+        "ciphertexts_per_vector": len(mean.ciphertexts),
+        "ops": rows,
+        "max_error": float(np.abs(out.astype(np.float64) - reference).max()),
+        "max_error_raw": float(np.abs(out_raw.astype(np.float64) - reference).max()),
+        "target_ratio": TARGET_RATIO,
+        "passed": all(r["ratio"] <= TARGET_RATIO for r in rows.values()),
+    }
+
+
+def table(result: dict[str, Any]) -> str:
+    """The result as a markdown table."""
+    lines = [
+        f"CKKS N={result['ring_dim']} ({result['slots']} slots), {result['values']:,} values x {result['workers']} "
+        f"workers, max error {result['max_error']:.2e} (raw {result['max_error_raw']:.2e})",
+        "",
+        "| op | trustgrad values/s | raw OpenFHE values/s | ratio (target <= 1.2) |",
+        "|---|---:|---:|---:|",
+    ]
+    for op, r in result["ops"].items():
+        lines.append(
+            f"| {op} | {r['trustgrad_values_per_s']:,.0f} | {r['raw_values_per_s']:,.0f} | {r['ratio']:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
+@BENCHMARKS.register("he_raw")
+def _cli(args: list[str]) -> BenchResult:
+    parser = argparse.ArgumentParser(prog="trustgrad bench he_raw", description=__doc__.splitlines()[0])
+    parser.add_argument("--values", type=int, default=1_000_000, help="values per worker vector")
+    parser.add_argument("--workers", type=int, default=4, help="encrypted vectors aggregated")
+    parser.add_argument("--repeats", type=int, default=3, help="best of this many runs")
+    ns = parser.parse_args(args)
+    result = run(ns.values, ns.workers, ns.repeats)
+    return BenchResult("he_raw", table(result), result, result["passed"])
