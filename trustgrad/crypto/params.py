@@ -13,11 +13,14 @@ How the numbers were chosen (CKKS, Cheon-Kim-Kim-Song 2017; OpenFHE's RNS varian
   16384, twice the cost for the same slots). Aggregation needs no key switching at all, so BV is the right choice
   there; deeper circuits (many relinearisations or rotations) are where HYBRID pays off.
 
-Measured precision of the presets (N = 8192, 128-bit, 4 workers, values ~ N(0, 1), mean of 4 vectors; see
-``tests/crypto/test_aggregation.py``): shared keys at 2**40: max error about 3e-9 (float64 out); threshold keys at
-2**50: about 5e-12. Threshold uses 2**50 because each partial decryption adds OpenFHE's multiparty smudging noise
-(``FIXED_NOISE_MULTIPARTY``, the only mode OpenFHE offers for CKKS multiparty) and the extra 10 bits keep that noise far
-below float32 resolution while still fitting N = 8192.
+Measured precision of the presets (N = 8192, 128-bit, 4 workers, values ~ N(0, 1), max error of the mean of 4
+vectors of 8195 values over 5 runs; see ``tests/crypto/test_aggregation.py`` for the bound the tests enforce):
+shared keys at 2**40: 3.7e-9 to 4.9e-9 (float64 out); threshold keys (3 parties) at 2**50: 4.1e-12 to 4.9e-12.
+Each partial decryption adds OpenFHE's multiparty smudging noise. For CKKS OpenFHE offers only
+``FIXED_NOISE_MULTIPARTY`` (a fixed ~20-bit noise; ``NOISE_FLOODING_MULTIPARTY`` is refused for CKKS), which here
+cost little: a 3-party mean at 2**40 measured 5.7e-9. The threshold preset still uses 2**50: it is free at N = 8192
+(same ring, same ciphertext size) and leaves 10 bits of headroom for a larger flooding noise, which is what provable
+security of shared partial decryptions against key-recovery attacks (Li-Micciancio 2021) would require.
 """
 
 from __future__ import annotations
@@ -113,8 +116,8 @@ class CKKSParams:
     def for_aggregation(cls, keys: str = "shared", **overrides: Any) -> CKKSParams:
         """Preset for encrypted aggregation (sum of W vectors, then one multiply by 1/W).
 
-        ``keys="shared"``: depth 1, Delta = 2**40 (max error about 3e-9 on a mean of unit-scale values).
-        ``keys="threshold"``: depth 1, Delta = 2**50 (multiparty smudging noise; max error about 5e-12).
+        ``keys="shared"``: depth 1, Delta = 2**40 (max error about 5e-9 on a mean of unit-scale values).
+        ``keys="threshold"``: depth 1, Delta = 2**50 (headroom for multiparty smudging noise; about 5e-12).
         Both give N = 8192 (4096 slots) at 128-bit security with BV key switching.
         """
         if keys not in ("shared", "threshold"):

@@ -16,8 +16,10 @@ Decryption of an aggregate ``v``:
   6. anyone holding all n partials calls ``fuse(partials)``. Fusing fewer than n raises ``CryptoError``
      (checked by party index before OpenFHE runs; OpenFHE itself would fail with "approximation error is too high").
 
-Each partial decryption adds OpenFHE's multiparty smudging noise (CKKS supports only ``FIXED_NOISE_MULTIPARTY``),
-which is why the threshold preset uses Delta = 2**50.
+Each partial decryption adds OpenFHE's multiparty smudging noise. CKKS supports only ``FIXED_NOISE_MULTIPARTY`` (a
+fixed ~20-bit noise that raises the cost of key-recovery attacks on published partials but is not a proof against
+them); the threshold preset's Delta = 2**50 leaves room for more (see ``params.py``). Partial decryptions should
+therefore go only to the party that fuses them, not be broadcast.
 
 t-of-n recovery (``ShareKeys`` / ``RecoverSharedKey``) is not offered. In the 1.6.1 bindings the calls exist and work
 inside one process (tested in ``tests/crypto/test_threshold.py``: a recovered share decrypts correctly), but
