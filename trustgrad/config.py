@@ -138,6 +138,8 @@ class RunConfig:
             raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
         if self.timeout <= 0:
             raise ConfigError(f"timeout must be > 0 seconds, got {self.timeout}")
+        if self.record_server_view and not self.out:
+            raise ConfigError("--record-server-view writes under the run's folder: give --out DIR")
         if self.device not in ("cpu", "cuda"):
             raise ConfigError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
 

@@ -80,6 +80,39 @@ def _poly_mlp(shape: tuple[int, ...], classes: int, cfg: ModelConfig) -> nn.Sequ
     )
 
 
+def _dlg_lenet(shape: tuple[int, ...], classes: int, activation: type[nn.Module]) -> nn.Sequential:
+    """DLG's LeNet (Zhu et al. 2019): 3 convs (kernel 5, 12 channels, strides 2, 2, 1), Linear head, U(-0.5, 0.5)."""
+    if len(shape) != 3:
+        raise ConfigError(f"DLG's LeNet needs image inputs (C, H, W), got shape {shape}")
+    side = shape[1]
+    for stride in (2, 2, 1):
+        side = (side - 1) // stride + 1
+    model = nn.Sequential(
+        nn.Conv2d(shape[0], 12, 5, stride=2, padding=2),
+        activation(),
+        nn.Conv2d(12, 12, 5, stride=2, padding=2),
+        activation(),
+        nn.Conv2d(12, 12, 5, stride=1, padding=2),
+        activation(),
+        nn.Flatten(),
+        nn.Linear(12 * side * side, classes),
+    )
+    with torch.no_grad():
+        for p in model.parameters():
+            p.uniform_(-0.5, 0.5)
+    return model
+
+
+@MODELS.register("lenet-sigmoid")
+def _lenet_sigmoid(shape: tuple[int, ...], classes: int, cfg: ModelConfig) -> nn.Sequential:
+    return _dlg_lenet(shape, classes, nn.Sigmoid)
+
+
+@MODELS.register("lenet-relu")
+def _lenet_relu(shape: tuple[int, ...], classes: int, cfg: ModelConfig) -> nn.Sequential:
+    return _dlg_lenet(shape, classes, nn.ReLU)
+
+
 @MODELS.register("lenet")
 def _lenet(shape: tuple[int, ...], classes: int, cfg: ModelConfig) -> nn.Sequential:
     """A small LeNet-style CNN for (C, H, W) inputs of any size >= 4x4."""

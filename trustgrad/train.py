@@ -7,6 +7,7 @@ every step. Data flows one way (DESIGN 3): config -> launch -> this loop -> patt
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
 import time
@@ -29,7 +30,7 @@ from .registry import Registry
 from .replica import Replica, make_optimizer
 from .seeding import batch_indices
 
-__all__ = ["train_rank", "evaluate", "StepEvent", "Hook", "HOOKS", "WorkerState"]
+__all__ = ["train_rank", "evaluate", "model_report", "StepEvent", "Hook", "HOOKS", "WorkerState"]
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,8 @@ class Hook(Protocol):
 
 #: Factories ``(cfg, ctx) -> Hook | None``; every registered factory is asked, and returns None when not enabled.
 HOOKS: Registry[Callable[[RunConfig, RankContext], Hook | None]] = Registry("hook")
+#: Modules that register hooks. They import this module, so they are imported when a worker starts, not above.
+HOOK_MODULES = ["trustgrad.attacks.recorder", "trustgrad.proof.prover"]
 
 
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1024) -> tuple[float, float]:
@@ -130,6 +133,8 @@ def _train_worker(ctx: RankContext, cfg: RunConfig, comm: Comm, pattern: Pattern
         )
     total = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
     state = WorkerState(cfg, ctx, comm, pattern, ds, replica, worker, shard, steps_per_epoch, total)
+    for module in HOOK_MODULES:
+        importlib.import_module(module)
     hooks = [h for name in HOOKS if (h := HOOKS.get(name)(cfg, ctx)) is not None]
     coordinator = ctx.rank == pattern.coordinator
     pattern.attach(replica)
@@ -138,12 +143,15 @@ def _train_worker(ctx: RankContext, cfg: RunConfig, comm: Comm, pattern: Pattern
 
     bar = _progress(total, enabled=coordinator and cfg.progress, desc=f"{cfg.pattern.name} x{cfg.workers}")
     metrics: list[dict[str, Any]] = []
-    started, step, last_loss = time.perf_counter(), 0, float("nan")
+    first = pattern.start_step  # > 0 when resuming from a checkpoint: those steps are done
+    started, step, last_loss = time.perf_counter(), first, float("nan")
     for epoch in range(cfg.epochs):
         losses = []
         for s in range(steps_per_epoch):
             if step >= total:
                 break
+            if epoch * steps_per_epoch + s < first:
+                continue
             idx = batch_indices(shard, cfg.seed, worker, epoch, s, cfg.batch_size)
             tidx = torch.from_numpy(idx).to(device)
             last_loss = pattern.step(replica, x_train[tidx], y_train[tidx])
@@ -180,19 +188,24 @@ def _train_worker(ctx: RankContext, cfg: RunConfig, comm: Comm, pattern: Pattern
         out.setdefault("stats", {}).update(hook.on_end(state) or {})
     full = pattern.full_model(replica)
     if coordinator:
-        test_loss, test_acc = evaluate(full, x_test, y_test)
-        train_loss, _ = evaluate(full, x_train, y_train)
-        out.update(
-            coordinator=True,
-            metrics=metrics,
-            final_loss=train_loss,
-            test_loss=test_loss,
-            test_accuracy=test_acc,
-            last_batch_loss=last_loss,
-            num_params=sum(p.numel() for p in full.parameters()),
-            state={k: v.detach().cpu().clone() for k, v in full.state_dict().items()},
-        )
+        out.update(model_report(full, x_train, y_train, x_test, y_test), metrics=metrics, last_batch_loss=last_loss)
     return out
+
+
+def model_report(
+    model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor
+) -> dict[str, Any]:
+    """What a coordinator returns about the final model (any rank holding it: a worker or a parameter server)."""
+    test_loss, test_acc = evaluate(model, x_test, y_test)
+    train_loss, _ = evaluate(model, x_train, y_train)
+    return {
+        "coordinator": True,
+        "final_loss": train_loss,
+        "test_loss": test_loss,
+        "test_accuracy": test_acc,
+        "num_params": sum(p.numel() for p in model.parameters()),
+        "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+    }
 
 
 def _progress(total: int, enabled: bool, desc: str):  # noqa: ANN202

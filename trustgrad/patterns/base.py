@@ -9,6 +9,7 @@ wraps the payload, the prover wraps the step.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -30,6 +31,13 @@ class Pattern(ABC):
     def __init__(self, cfg: RunConfig, comm: Comm):
         self.cfg = cfg
         self.comm = comm
+        #: observers of what crosses the wire, ``fn(kind, payload)``: the server-view recorder, audits
+        self.taps: list[Callable[[str, Any], None]] = []
+
+    def tap(self, kind: str, payload: Any) -> None:
+        """Show observers a payload this rank sends or receives (``"gradient"``, ``"aggregate"``, ...)."""
+        for observe in self.taps:
+            observe(kind, payload)
 
     # ------------------------------------------------------------------ job shape
     @classmethod
@@ -41,6 +49,11 @@ class Pattern(ABC):
         """Processes the job needs (workers, plus servers or stages where the pattern has them)."""
         return cfg.workers
 
+    @classmethod
+    def may_lose(cls, cfg: RunConfig, rank: int) -> bool:
+        """Whether the job goes on if ``rank`` dies mid-run (the launcher asks). Default: ``tolerates_worker_loss``."""
+        return cls.tolerates_worker_loss
+
     @property
     def worker_index(self) -> int | None:
         """Index of this rank's data shard, or ``None`` for a rank that does not train."""
@@ -49,6 +62,11 @@ class Pattern(ABC):
     @property
     def num_workers(self) -> int:
         return self.cfg.workers
+
+    @property
+    def start_step(self) -> int:
+        """Steps this worker already took before a resume (known after ``attach``); the loop skips them."""
+        return 0
 
     @property
     def coordinator(self) -> int:
@@ -106,7 +124,9 @@ class GradientAveraging(Pattern):
     def step(self, replica: Replica, x: torch.Tensor, y: torch.Tensor) -> float:
         loss = replica.compute_gradients(x, y)
         flat = replica.flat_grad()
+        self.tap("gradient", flat)
         flat = self.sum(flat).div_(self.comm.world_size)
+        self.tap("aggregate", flat)
         replica.set_flat_grad(flat)
         replica.step()
         return loss
