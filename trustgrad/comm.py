@@ -89,6 +89,24 @@ class Comm:
         self.recv(buf, src, tag)
         return buf.numpy().tobytes(), src
 
+    def exchange_bytes(self, payload: bytes, dst: int, src: int, tag: int = 0, max_bytes: int = 1 << 31) -> bytes:
+        """Send ``payload`` to ``dst`` while receiving one from ``src`` (no ordering deadlock in rings and shifts)."""
+        out_header = torch.tensor([len(payload)], dtype=torch.int64)
+        in_header = torch.zeros(1, dtype=torch.int64)
+        works = [self.isend(out_header, dst, tag), self.irecv(in_header, src, tag)]
+        for work in works:
+            self.wait(work)
+        size = int(in_header.item())
+        if not 0 <= size <= max_bytes:
+            raise ValueError(f"rank {src} announced a payload of {size} bytes (limit {max_bytes})")
+        buf = torch.empty(size, dtype=torch.uint8)
+        works = [self.irecv(buf, src, tag)] if size else []
+        if payload:
+            works.append(self.isend(torch.frombuffer(bytearray(payload), dtype=torch.uint8), dst, tag))
+        for work in works:
+            self.wait(work)
+        return buf.numpy().tobytes()
+
 
 def _nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()

@@ -84,6 +84,11 @@ class CryptoConfig:
     scale_bits: int = 0  # 0: 40 (shared) or 50 (threshold, flooding noise)
     security: str = "128"  # 128 | 192 | 256 | none (insecure: tests and experiments only)
 
+    def __post_init__(self) -> None:
+        _one_of(self, "encrypt", ("none", "ckks"))
+        _one_of(self, "keys", ("shared", "threshold"))
+        _one_of(self, "security", ("128", "192", "256", "none"))
+
 
 @dataclass(frozen=True)
 class ProofConfig:
@@ -94,6 +99,7 @@ class ProofConfig:
     audit_rate: float = 1.0
 
     def __post_init__(self) -> None:
+        _one_of(self, "mode", ("none", "record", "audit", "blind"))
         _positive(self, "k")
         if not 0.0 < self.audit_rate <= 1.0:
             raise ConfigError(f"audit_rate must be in (0, 1], got {self.audit_rate}")
@@ -152,6 +158,12 @@ class RunConfig:
             else:
                 merged[key] = value
         return config_from_dict(merged)
+
+
+def _one_of(obj: object, name: str, allowed: tuple[str, ...]) -> None:
+    value = getattr(obj, name)
+    if value not in allowed:
+        raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
 
 
 def _positive(obj: object, *names: str) -> None:

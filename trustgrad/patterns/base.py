@@ -17,6 +17,7 @@ from torch import nn
 
 from ..comm import Comm
 from ..config import RunConfig
+from ..errors import ConfigError
 from ..registry import Registry
 from ..replica import Replica
 
@@ -27,6 +28,9 @@ class Pattern(ABC):
     name: ClassVar[str]
     #: whether a worker may die mid-run and the job still finish (asynchronous patterns)
     tolerates_worker_loss: ClassVar[bool] = False
+    #: CKKS key modes with which this pattern encrypts what it sends (empty: it cannot), and why not otherwise
+    encryption_keys: ClassVar[frozenset[str]] = frozenset()
+    encryption_note: ClassVar[str] = "it has no encrypted protocol"
 
     def __init__(self, cfg: RunConfig, comm: Comm):
         self.cfg = cfg
@@ -40,6 +44,17 @@ class Pattern(ABC):
             observe(kind, payload)
 
     # ------------------------------------------------------------------ job shape
+    @classmethod
+    def check(cls, cfg: RunConfig) -> None:
+        """Every check a job's config must pass for this pattern: the shared ones, then ``validate``."""
+        if cfg.crypto.encrypt != "none" and cfg.crypto.keys not in cls.encryption_keys:
+            able = [n for n in PATTERNS if cfg.crypto.keys in PATTERNS.get(n).encryption_keys]
+            raise ConfigError(
+                f"--encrypt {cfg.crypto.encrypt} --keys {cfg.crypto.keys} is not supported by pattern {cls.name!r} "
+                f"({cls.encryption_note}); patterns that support it: {', '.join(able) or 'none'}"
+            )
+        cls.validate(cfg)
+
     @classmethod
     def validate(cls, cfg: RunConfig) -> None:
         """Raise ``ConfigError`` for options this pattern cannot honour."""

@@ -14,9 +14,12 @@ segment's receive is posted up front and added as soon as it lands, overlapping 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from ..comm import Comm
+from ..replica import Replica
 from .base import PATTERNS, GradientAveraging
 
 __all__ = ["ring_all_reduce", "Ring"]
@@ -69,7 +72,28 @@ def _exchange(
 
 @PATTERNS.register("ring")
 class Ring(GradientAveraging):
+    """With ``--encrypt ckks --keys threshold`` the ring carries ciphertexts (``secure.ring``); every rank is a key
+    party, so shared keys would let any neighbour decrypt what it relays: only threshold keys are accepted."""
+
     name = "ring"
+    encryption_keys = frozenset({"threshold"})
+    encryption_note = "in a ring every peer relays its neighbours' data, so only threshold keys protect it"
+
+    def attach(self, replica: Replica) -> None:
+        super().attach(replica)
+        self.keys, self.crypto = None, None
+        if self.cfg.crypto.encrypt == "ckks":
+            from ..secure import CryptoStats, setup_keys
+
+            self.crypto = CryptoStats()
+            self.keys = setup_keys(self.comm, self.cfg.crypto, range(self.comm.world_size), (), self.crypto)
 
     def sum(self, flat: torch.Tensor) -> torch.Tensor:
+        if self.keys is not None:
+            from ..secure.ring import encrypted_ring_all_reduce
+
+            return encrypted_ring_all_reduce(self.comm, flat, self.keys, self.crypto)
         return ring_all_reduce(self.comm, flat, self.cfg.pattern.segment_kb * 1024)
+
+    def stats(self) -> dict[str, Any]:
+        return self.crypto.summary() if self.crypto is not None else {}

@@ -1,0 +1,88 @@
+"""Ring all-reduce on CKKS ciphertexts under threshold keys: no peer ever sees another's gradient.
+
+Protocol, for W ranks that each hold a share of an n-of-n threshold key (``secure.keys``) and a flat vector cut into
+W chunks (chunk j is *owned* by rank j-1, the rank that finishes reducing it in a plaintext ring):
+
+1. Encrypt: every rank encrypts each of its W chunks under the joint public key.
+2. Reduce-scatter on ciphertexts, W-1 steps: at step s rank r sends ciphertext chunk (r - s) to r+1 and adds the
+   ciphertext chunk (r - s - 1) it receives (homomorphic addition). Rank r ends with Enc(sum of chunk r+1); what it
+   saw on the way were ciphertexts only.
+3. Distribute the reduced ciphertexts: each owner sends Enc(sum of its chunk) to every other rank.
+4. Partial decryption: every rank computes its decryption share of every reduced chunk and sends the share of chunk
+   j only to chunk j's owner (OpenFHE's advice: partials go to the party that fuses, never broadcast).
+5. The owner fuses the W shares into the plaintext sum of its chunk (all W are required: one missing share fails).
+6. All-gather of the plaintext sums: every rank learns the sum, which is what all-reduce is for, and nothing else.
+
+What is revealed: the sum (as with any all-reduce). What each peer sees of others: ciphertexts and decryption shares
+of sums. Steps 3-6 exchange with every peer by cyclic shifts, so no ordering can deadlock.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..comm import Comm
+from ..crypto import EncryptedVector, encrypt, fuse, partial_decrypt
+from ..crypto.threshold import PartialDecryption
+from .keys import KeyRing
+from .stats import CryptoStats
+
+__all__ = ["encrypted_ring_all_reduce"]
+
+_TAG = 72
+
+
+def encrypted_ring_all_reduce(comm: Comm, flat: torch.Tensor, keys: KeyRing, stats: CryptoStats) -> torch.Tensor:
+    """Sum ``flat`` over all ranks in place; only ciphertexts, decryption shares and the final sum travel."""
+    world, rank = comm.world_size, comm.rank
+    if world == 1:
+        return flat
+    values = flat.detach().cpu().numpy().astype(np.float64)
+    bounds = [len(values) * i // world for i in range(world + 1)]
+    ctx = keys.context
+
+    with stats.timing("encrypt"):
+        chunks = [encrypt(keys.public_key, values[bounds[j] : bounds[j + 1]]) for j in range(world)]
+
+    nxt, prv = (rank + 1) % world, (rank - 1) % world
+    for s in range(world - 1):  # 2. reduce-scatter on ciphertexts
+        send_j, recv_j = (rank - s) % world, (rank - s - 1) % world
+        payload = chunks[send_j].to_bytes()
+        stats.sent(len(payload), bounds[send_j + 1] - bounds[send_j])
+        incoming = EncryptedVector.from_bytes(ctx, comm.exchange_bytes(payload, nxt, prv, _TAG))
+        with stats.timing("aggregate"):
+            chunks[recv_j] = chunks[recv_j] + incoming
+
+    mine = (rank + 1) % world  # the chunk this rank owns, fully reduced
+    reduced = {mine: chunks[mine]}
+    blob = chunks[mine].to_bytes()
+    for shift in range(1, world):  # 3. every rank gets every reduced chunk
+        dst, src = (rank + shift) % world, (rank - shift) % world
+        stats.sent(len(blob), bounds[mine + 1] - bounds[mine])
+        reduced[(src + 1) % world] = EncryptedVector.from_bytes(ctx, comm.exchange_bytes(blob, dst, src, _TAG))
+
+    with stats.timing("decrypt"):  # 4. shares of chunk j go to its owner
+        shares = {j: partial_decrypt(keys.secret, reduced[j]) for j in range(world)}  # type: ignore[arg-type]
+    collected = [shares[mine]]
+    for shift in range(1, world):
+        dst, src = (rank + shift) % world, (rank - shift) % world
+        payload = shares[(dst + 1) % world].to_bytes()
+        stats.sent(len(payload), 0)
+        collected.append(PartialDecryption.from_bytes(ctx, comm.exchange_bytes(payload, dst, src, _TAG)))
+    with stats.timing("decrypt"):  # 5. fuse
+        total = np.asarray(fuse(collected), dtype=np.float32)
+
+    out = np.empty(len(values), dtype=np.float32)  # 6. all-gather of the plaintext sums
+    out[bounds[mine] : bounds[mine + 1]] = total
+    for shift in range(1, world):
+        dst, src = (rank + shift) % world, (rank - shift) % world
+        theirs = (src + 1) % world
+        got = np.frombuffer(comm.exchange_bytes(total.tobytes(), dst, src, _TAG), dtype=np.float32)
+        if got.size != bounds[theirs + 1] - bounds[theirs]:
+            raise ValueError(
+                f"rank {src} sent a sum of {got.size} values for a chunk of {bounds[theirs + 1] - bounds[theirs]}"
+            )
+        out[bounds[theirs] : bounds[theirs + 1]] = got
+    flat.copy_(torch.from_numpy(out).to(flat.dtype))
+    return flat
