@@ -42,7 +42,7 @@ class RunResult:
 def run(cfg: RunConfig) -> RunResult:
     """Validate ``cfg``, run the job (spawned locally or as a torchrun rank) and write its records."""
     pattern = PATTERNS.get(cfg.pattern.name)
-    pattern.validate(cfg)
+    pattern.check(cfg)
     preflight(cfg)
     started = time.perf_counter()
     if under_torchrun():
@@ -62,7 +62,7 @@ def run(cfg: RunConfig) -> RunResult:
             (cfg,),
             backend=_backend(cfg),
             timeout=cfg.timeout,
-            may_die=lambda rank: pattern.tolerates_worker_loss,
+            may_die=lambda rank: pattern.may_lose(cfg, rank),
         )
     return _finish(cfg, ranks, time.perf_counter() - started)
 
@@ -71,6 +71,10 @@ def preflight(cfg: RunConfig) -> None:
     """Catch bad datasets, models and sizes here, as one clear error, before any process starts."""
     ds = load_dataset(cfg.dataset, cfg.data_dir)
     build_model(cfg.model.name, ds.input_shape, ds.num_classes, cfg.seed, cfg.model)
+    if cfg.crypto.encrypt == "ckks":  # insecure or impossible parameters fail here, not in a worker
+        from .crypto import CKKSParams, Context
+
+        Context(CKKSParams.from_config(cfg.crypto))
     shard = len(ds.x_train) // cfg.workers
     if shard < cfg.batch_size:
         raise ConfigError(
