@@ -1,0 +1,213 @@
+"""``ps``: a parameter server (rank 0) holds the model; W workers (ranks 1..W) push gradients and get the model back.
+
+Centralized optimization with three schedules (see ``schedules``): ``sync`` (the mean of one gradient per worker per
+version, equal to ``allreduce``), ``async`` (Downpour SGD: each gradient applied on arrival) and ``ssp``
+(stale-synchronous parallel with bound S, Ho et al. 2013). Asynchronous schedules survive dead or silent workers;
+the server checkpoints (``--checkpoint-every``) and resumes (``--resume``) with every worker's clock.
+
+Design: point-to-point tensors through ``Comm`` rather than torch.distributed.rpc. Receive-from-any delivers pushes in
+arrival order, which is exactly what async and SSP consume; every byte is counted by ``Comm``; it needs no second
+rendezvous (RPC's TensorPipe agent wants its own store and port, awkward under torchrun) and no RPC thread pool
+touching the model; and RPC is in maintenance mode upstream. The one gloo limitation (a timed-out receive cannot be
+cancelled) is handled by the server's inbox thread (``protocol``).
+
+Extension points (STYLE 2: protections wrap): a codec overrides ``encode`` (worker: gradient -> bytes) and ``decode``
+/ ``aggregate`` (server), e.g. CKKS ciphertexts summed without a key; an audit layer overrides ``observe_push`` to see
+every claim (worker, step, model version, bytes) — the batch indices of that step are the loop's ``StepEvent``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ...config import RunConfig
+from ...errors import ConfigError, LaunchError
+from ...replica import Replica
+from ..base import PATTERNS, Pattern
+from .checkpoint import ServerCheckpoint
+from .protocol import ACK, BYE, DONE, DROPPED, GRADIENT, OK, PAYLOAD, PUSH, REPLY, push_header
+from .schedules import SCHEDULES, Schedule, schedule_for
+from .straggler import Straggler
+
+__all__ = ["ParameterServer", "PushClaim", "SCHEDULES", "Schedule", "Straggler"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PushClaim:
+    """What a worker asserts with each push: its index, its step (clock), the model version it computed on."""
+
+    worker: int
+    step: int
+    version: int
+    nbytes: int
+
+
+@PATTERNS.register("ps")
+class ParameterServer(Pattern):
+    name = "ps"
+
+    def __init__(self, cfg: RunConfig, comm: Any):
+        super().__init__(cfg, comm)
+        self.schedule = schedule_for(cfg)
+        spec = cfg.pattern.straggler
+        self.straggler = Straggler.parse(spec, cfg.workers) if spec else None
+        self.clock = self.version = 0
+        self.detached = False
+        self.last_claim: PushClaim | None = None
+        self._server = None
+        self._start = 0
+
+    # ------------------------------------------------------------------ job shape
+    @classmethod
+    def validate(cls, cfg: RunConfig) -> None:
+        p = cfg.pattern
+        schedule_for(cfg)
+        if p.servers != 1:
+            world = cfg.workers + max(p.servers, 0)
+            raise ConfigError(
+                f"ps needs exactly one server rank besides the workers (got --servers {p.servers}: {world} processes "
+                "in all, at least 2 needed); sharding over several servers is not supported"
+            )
+        if p.straggler:
+            Straggler.parse(p.straggler, cfg.workers)
+        if not p.worker_timeout > 0:
+            raise ConfigError(f"--worker-timeout must be > 0 seconds, got {p.worker_timeout}")
+        if p.checkpoint_every < 0:
+            raise ConfigError(f"--checkpoint-every must be >= 0, got {p.checkpoint_every}")
+        if p.checkpoint_every and not cfg.out:
+            raise ConfigError("--checkpoint-every needs --out DIR (the checkpoint is written there)")
+        if cfg.resume:
+            from ...data import load_dataset
+            from ...models import build_model
+
+            ds = load_dataset(cfg.dataset, cfg.data_dir)
+            model = build_model(cfg.model.name, ds.input_shape, ds.num_classes, cfg.seed, cfg.model)
+            cls.load_checkpoint_for(cfg, cfg.resume, sum(q.numel() for q in model.parameters()))
+
+    @classmethod
+    def world_size(cls, cfg: RunConfig) -> int:
+        return cfg.workers + cfg.pattern.servers
+
+    @classmethod
+    def may_lose(cls, cfg: RunConfig, rank: int) -> bool:
+        return rank != 0 and schedule_for(cfg).tolerates_loss
+
+    @property
+    def worker_index(self) -> int | None:
+        return None if self.comm.rank == 0 else self.comm.rank - 1
+
+    @property
+    def start_step(self) -> int:
+        return self._start
+
+    # ------------------------------------------------------------------ checkpoints
+    @classmethod
+    def load_checkpoint_for(cls, cfg: RunConfig, folder: str, num_params: int) -> ServerCheckpoint:
+        return ServerCheckpoint.load(folder, cls.identity(cfg), num_params)
+
+    def load_checkpoint(self, folder: str, num_params: int) -> ServerCheckpoint:
+        return self.load_checkpoint_for(self.cfg, folder, num_params)
+
+    @staticmethod
+    def identity(cfg: RunConfig) -> dict[str, object]:
+        """What a checkpoint must share with the run that resumes it."""
+        m = cfg.model
+        return {
+            "workers": cfg.workers,
+            "seed": cfg.seed,
+            "dataset": cfg.dataset,
+            "model": f"{m.name}/{m.hidden}/{m.depth}",
+            "batch_size": cfg.batch_size,
+        }
+
+    def run_identity(self) -> dict[str, object]:
+        return self.identity(self.cfg)
+
+    # ------------------------------------------------------------------ server side
+    def serve(self) -> dict[str, Any]:
+        from .server import Server
+
+        self._server = Server(self)
+        return self._server.serve()
+
+    def decode(self, payload: bytes, rank: int) -> torch.Tensor:
+        """Bytes a worker pushed -> its flat gradient (a codec overrides this and ``aggregate``)."""
+        n = self._server.replica.num_params  # type: ignore[union-attr]
+        if len(payload) != 4 * n:
+            raise LaunchError(f"ps: worker {rank - 1} pushed {len(payload)} bytes, expected {4 * n} (float32 x {n})")
+        return torch.frombuffer(bytearray(payload), dtype=torch.float32)
+
+    def aggregate(self, grads: list[torch.Tensor]) -> torch.Tensor:
+        """The update of a synchronous round: the mean of one gradient per worker (summed in worker order)."""
+        total = grads[0].clone()
+        for g in grads[1:]:
+            total.add_(g)
+        return total.div_(len(grads))
+
+    def stats(self) -> dict[str, Any]:
+        return self._server.stats() if self._server is not None else {}
+
+    # ------------------------------------------------------------------ worker side
+    def attach(self, replica: Replica) -> None:
+        self._pull(replica)
+        self._start = self.clock
+
+    def step(self, replica: Replica, x: torch.Tensor, y: torch.Tensor) -> float:
+        started = time.perf_counter()
+        loss = replica.compute_gradients(x, y)
+        if self.detached:  # dropped by the server: nothing of ours counts any more
+            return loss
+        if self.straggler is not None:
+            self.straggler.pad(self.cfg.seed, self.comm.rank, self.clock, time.perf_counter() - started)
+        flat = replica.flat_grad()
+        self.tap("gradient", flat)
+        payload = self.encode(flat)
+        self.last_claim = PushClaim(self.comm.rank - 1, self.clock, self.version, len(payload))
+        self.observe_push(self.last_claim)
+        self.comm.send(push_header(GRADIENT, self.clock, self.version, len(payload), loss), 0, PUSH)
+        self.comm.send(torch.frombuffer(bytearray(payload), dtype=torch.uint8), 0, PAYLOAD)
+        self.clock += 1
+        self._pull(replica)
+        return loss
+
+    def encode(self, flat: torch.Tensor) -> bytes:
+        """A flat float32 gradient -> the bytes pushed to the server (an encryption codec overrides this)."""
+        return flat.detach().to(torch.float32).contiguous().numpy().tobytes()
+
+    def observe_push(self, claim: PushClaim) -> None:
+        """Called before every push (a proof or audit layer overrides this)."""
+
+    def finish(self, replica: Replica) -> None:
+        if self.detached:
+            return
+        self.comm.send(push_header(DONE, self.clock, self.version), 0, PUSH)
+        status, _, _ = self._reply_header()
+        if status != BYE:
+            raise LaunchError(f"ps: worker {self.comm.rank - 1} expected the server's goodbye, got status {status}")
+        self.comm.send(push_header(ACK), 0, PUSH)
+
+    def _reply_header(self) -> tuple[int, int, int]:
+        header = torch.zeros(3, dtype=torch.int64)
+        self.comm.recv(header, 0, REPLY)
+        status, version, clock = (int(v) for v in header.tolist())
+        return status, version, clock
+
+    def _pull(self, replica: Replica) -> None:
+        status, version, clock = self._reply_header()
+        if status == DROPPED:
+            log.warning("ps: the server dropped worker %d (too slow); it stops pushing", self.comm.rank - 1)
+            self.detached = True
+            return
+        if status != OK:
+            raise LaunchError(f"ps: worker {self.comm.rank - 1} got unexpected status {status} from the server")
+        flat = torch.empty(replica.num_params, dtype=torch.float32)
+        self.comm.recv(flat, 0, REPLY)
+        replica.set_flat_params(flat)
+        self.version, self.clock = version, clock

@@ -1,0 +1,286 @@
+"""The server rank of ``ps``: holds the model, applies pushed gradients under a schedule, answers with the model.
+
+Scheduler loop (one thread; messages come from the ``Inbox`` thread in arrival order):
+
+1. Send every worker the model (version, and its clock: non-zero after ``--resume``).
+2. On a gradient from worker w at clock c computed on version v: record its staleness, advance w's clock to c+1, then
+   ``sync``: keep it until every live worker has pushed for this clock, apply their mean as one update;
+   ``async``/``ssp``: apply it at once.
+3. Answer every waiting worker whose next clock is within the schedule's bound of the slowest live worker's clock
+   (SSP, Ho et al. 2013), with the current model.
+4. A worker that sends nothing for ``--worker-timeout`` seconds while it owes a gradient, or cannot be reached, is
+   dropped (async, ssp: it stops counting for SSP's slowest clock) or fails the run, named (sync).
+5. When every live worker is done: goodbye (BYE -> ACK), final evaluation, records.
+
+Staleness of a gradient is counted in clocks, as in SSP: ``c - m`` where m is the slowest live worker's clock when w
+read the model it computed on (0 under sync; <= S under ssp; unbounded under async). ``update_lag`` counts the model
+updates applied between that read and this gradient's arrival (Hogwild-style staleness).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from ...data import load_dataset, shard_indices
+from ...errors import LaunchError
+from ...models import build_model
+from ...replica import Replica, make_optimizer
+from .checkpoint import ServerCheckpoint
+from .protocol import ACK, BYE, DONE, DROPPED, GRADIENT, OK, REPLY, Inbox, Message
+
+if TYPE_CHECKING:
+    from . import ParameterServer
+
+__all__ = ["Server"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Worker:
+    rank: int
+    clock: int = 0  # gradients pushed
+    read_version: int = 0  # version of the model it holds
+    read_floor: float = 0.0  # slowest live clock when it got that model
+    waiting: bool = True  # owes nothing: waits for our answer
+    deadline: float = math.inf
+    done: bool = False
+    dropped: str | None = None
+
+
+class Server:
+    def __init__(self, pattern: ParameterServer):
+        cfg = self.cfg = pattern.cfg
+        self.pattern, self.comm, self.schedule = pattern, pattern.comm, pattern.schedule
+        self.n = cfg.workers
+        self.ds = load_dataset(cfg.dataset, cfg.data_dir)
+        model = build_model(cfg.model.name, self.ds.input_shape, self.ds.num_classes, cfg.seed, cfg.model)
+        lr = cfg.lr * self.schedule.lr_scale(self.n)
+        self.replica = Replica(model, make_optimizer(model, lr, cfg.momentum, cfg.weight_decay))
+        self.workers = {r: _Worker(r) for r in range(1, self.n + 1)}
+        self.version = 0
+        self.buffer: dict[int, torch.Tensor] = {}
+        self.staleness: list[int] = []
+        self.lags: list[int] = []
+        self.trace: list[tuple[float, int, float]] = []  # (seconds, gradients applied, training loss)
+        self.metrics: list[dict[str, Any]] = []
+        self.losses: list[float] = []
+        self.steps_per_epoch = len(shard_indices(len(self.ds.x_train), 0, self.n, cfg.seed)) // cfg.batch_size
+        self.resumed_at = 0
+        if cfg.resume:
+            self._restore(pattern.load_checkpoint(cfg.resume, self.replica.num_params))
+        self.epochs_logged = self._floor(include_done=True) // max(1, self.steps_per_epoch)
+
+    # ------------------------------------------------------------------ the loop
+    def serve(self) -> dict[str, Any]:
+        from ...train import evaluate, model_report
+
+        self.started = time.perf_counter()
+        self.inbox = Inbox(self.comm, max_payload=64 * 4 * self.replica.num_params + 4096)
+        self._release()
+        while any(not w.done and not w.dropped for w in self.workers.values()):
+            msg = self.inbox.get(timeout=self._next_deadline() - time.perf_counter())
+            if msg is None:
+                self._expire()
+            else:
+                self._handle(msg)
+            self._release()
+        if self.losses:
+            self._log_epoch()
+        self._goodbye()
+        x, y, xt, yt = self.ds.x_train, self.ds.y_train, self.ds.x_test, self.ds.y_test
+        self.trace.append((time.perf_counter() - self.started, self._applied(), evaluate(self.replica.model, x, y)[0]))
+        return {
+            **model_report(self.replica.model, x, y, xt, yt),
+            "metrics": self.metrics,
+            "steps": max(w.clock for w in self.workers.values()),
+            "train_seconds": time.perf_counter() - self.started,
+            "last_batch_loss": self.losses[-1] if self.losses else float("nan"),
+            "trace": self.trace,
+        }
+
+    def stats(self) -> dict[str, Any]:
+        dropped = sorted(r - 1 for r, w in self.workers.items() if w.dropped)
+        return {
+            "staleness_bound": self.schedule.bound if math.isfinite(self.schedule.bound) else None,
+            "max_staleness": max(self.staleness, default=0),
+            "mean_staleness": float(np.mean(self.staleness)) if self.staleness else 0.0,
+            "max_update_lag": max(self.lags, default=0),
+            "mean_update_lag": float(np.mean(self.lags)) if self.lags else 0.0,
+            "model_versions": self.version,
+            "gradients_applied": len(self.staleness),
+            "resumed_at_version": self.resumed_at,
+            "dropped_workers": dropped,
+            "dropped_reasons": {str(r - 1): w.dropped for r, w in self.workers.items() if w.dropped},
+        }
+
+    # ------------------------------------------------------------------ messages
+    def _handle(self, msg: Message) -> None:
+        w = self.workers.get(msg.src)
+        if w is None:
+            raise LaunchError(f"ps: message from rank {msg.src}, which is not a worker")
+        if msg.kind == GRADIENT:
+            if w.dropped:  # a straggler we gave up on: tell it, and ignore its gradient
+                self._send(w, DROPPED)
+                return
+            if w.waiting or msg.step != w.clock or msg.version != w.read_version:
+                raise LaunchError(
+                    f"ps: worker {w.rank - 1} pushed step {msg.step} on version {msg.version}, "
+                    f"expected step {w.clock} on version {w.read_version}"
+                )
+            grad = self.pattern.decode(msg.payload, w.rank)
+            self.staleness.append(int(msg.step - w.read_floor))
+            self.lags.append(self.version - msg.version)
+            self.losses.append(msg.loss)
+            w.clock, w.waiting, w.deadline = w.clock + 1, True, math.inf
+            if self.schedule.aggregate:
+                self.buffer[w.rank] = grad
+                self._complete_round()
+            else:
+                self._update(grad, 1)
+        elif msg.kind == DONE:
+            w.done, w.waiting, w.deadline = True, False, math.inf
+            self._complete_round()
+
+    def _complete_round(self) -> None:
+        live = {r for r, w in self.workers.items() if not w.done and not w.dropped}
+        if self.buffer and live <= set(self.buffer):
+            grads = [self.buffer[r] for r in sorted(self.buffer)]
+            self.buffer.clear()
+            self._update(self.pattern.aggregate(grads), len(grads))
+
+    def _update(self, grad: torch.Tensor, gradients: int) -> None:
+        before = self._applied() - gradients
+        self.replica.set_flat_grad(grad)
+        self.replica.step()
+        self.version += 1
+        if self._applied() // self.n > before // self.n:  # about once per W gradients, for every schedule alike
+            loss = self._train_loss()
+            self.trace.append((time.perf_counter() - self.started, self._applied(), loss))
+        if self.steps_per_epoch and self._floor(include_done=True) // self.steps_per_epoch > self.epochs_logged:
+            self._log_epoch()
+        every = self.cfg.pattern.checkpoint_every
+        if every and self.version % every == 0:
+            self._checkpoint().save(self.cfg.out)  # type: ignore[arg-type]
+
+    def _release(self) -> None:
+        """Answer every waiting worker that SSP's rule lets go on; repeat if a drop raised the slowest clock."""
+        again = True
+        while again:
+            again = False
+            for w in self.workers.values():
+                ready = w.waiting and not w.dropped and self.schedule.may_proceed(w.clock, self._floor())
+                if ready and not self._send(w, OK):
+                    again = True
+
+    def _send(self, w: _Worker, status: int) -> bool:
+        try:
+            self.comm.send(torch.tensor([status, self.version, w.clock], dtype=torch.int64), w.rank, REPLY)
+            if status == OK:
+                self.comm.send(self.replica.flat_params(), w.rank, REPLY)
+        except RuntimeError as exc:  # gloo: connection closed by a dead peer
+            self._lost(w, f"unreachable ({str(exc).splitlines()[0][:120]})")
+            return False
+        if status == OK:
+            w.waiting, w.read_version, w.read_floor = False, self.version, self._floor()
+            w.deadline = time.perf_counter() + self.cfg.pattern.worker_timeout
+        return True
+
+    def _expire(self) -> None:
+        now = time.perf_counter()
+        for w in self.workers.values():
+            if not w.dropped and now >= w.deadline:
+                self._lost(w, f"sent no gradient for {self.cfg.pattern.worker_timeout:g} s")
+
+    def _lost(self, w: _Worker, reason: str) -> None:
+        if not self.schedule.tolerates_loss:
+            raise LaunchError(
+                f"ps {self.schedule.name}: worker {w.rank - 1} (rank {w.rank}) {reason}; a synchronous server cannot "
+                "go on without it (--schedule async or ssp drop lost workers)",
+                rank=w.rank,
+            )
+        log.warning("ps: dropping worker %d (rank %d): %s", w.rank - 1, w.rank, reason)
+        w.dropped, w.waiting, w.deadline = reason, False, math.inf
+
+    def _goodbye(self) -> None:
+        finished = [w for w in self.workers.values() if w.done and not w.dropped]
+        self.inbox.expect_acks(len(finished))
+        for w in finished:
+            self._send(w, BYE)
+        acks, deadline = 0, time.perf_counter() + self.cfg.pattern.worker_timeout
+        while acks < len(finished) and time.perf_counter() < deadline:
+            msg = self.inbox.get(timeout=deadline - time.perf_counter())
+            if msg is not None and msg.kind == ACK:
+                acks += 1
+            elif msg is not None and msg.kind == GRADIENT:
+                self._send(self.workers[msg.src], DROPPED)
+        if not self.inbox.join(timeout=5.0):
+            log.warning("ps: %d of %d workers did not answer the goodbye", len(finished) - acks, len(finished))
+
+    # ------------------------------------------------------------------ bookkeeping
+    def _floor(self, include_done: bool = False) -> float:
+        """The slowest live worker's clock (done workers no longer hold anyone back unless asked)."""
+        clocks = [w.clock for w in self.workers.values() if not w.dropped and (include_done or not w.done)]
+        return min(clocks) if clocks else math.inf
+
+    def _applied(self) -> int:
+        return len(self.staleness) - len(self.buffer)
+
+    def _next_deadline(self) -> float:
+        deadlines = [w.deadline for w in self.workers.values() if not w.dropped]
+        return min(min(deadlines, default=math.inf), time.perf_counter() + self.cfg.timeout)
+
+    def _train_loss(self) -> float:
+        from ...train import evaluate
+
+        return evaluate(self.replica.model, self.ds.x_train, self.ds.y_train)[0]
+
+    def _log_epoch(self) -> None:
+        from ...train import evaluate
+
+        test_loss, test_acc = evaluate(self.replica.model, self.ds.x_test, self.ds.y_test)
+        floor = self._floor(include_done=True)
+        self.metrics.append(
+            {
+                "epoch": self.epochs_logged,
+                "steps": int(floor) if math.isfinite(floor) else max(w.clock for w in self.workers.values()),
+                "loss": float(np.mean(self.losses)) if self.losses else float("nan"),
+                "test_loss": test_loss,
+                "test_accuracy": test_acc,
+                "elapsed": time.perf_counter() - self.started,
+                "bytes_sent": self.comm.bytes_sent,
+                "model_versions": self.version,
+            }
+        )
+        log.info("ps epoch %d: loss %.4f, test accuracy %.4f", self.epochs_logged, self.metrics[-1]["loss"], test_acc)
+        self.epochs_logged += 1
+        self.losses = []
+
+    def _checkpoint(self) -> ServerCheckpoint:
+        opt, params = self.replica.optimizer, self.replica.params
+        bufs = [opt.state.get(p, {}).get("momentum_buffer") for p in params]
+        momentum = None
+        if all(b is not None for b in bufs):
+            momentum = torch.cat([b.reshape(-1) for b in bufs]).detach().clone()
+        clocks = [w.clock for _, w in sorted(self.workers.items())]
+        return ServerCheckpoint(self.replica.flat_params(), momentum, clocks, self.version, self.pattern.run_identity())
+
+    def _restore(self, ckpt: ServerCheckpoint) -> None:
+        self.replica.set_flat_params(ckpt.params)
+        if ckpt.momentum is not None:
+            offset, state = 0, self.replica.optimizer.state
+            for p in self.replica.params:
+                n = p.numel()
+                state[p]["momentum_buffer"] = ckpt.momentum[offset : offset + n].view_as(p).clone()
+                offset += n
+        for r, clock in enumerate(ckpt.clocks, start=1):
+            self.workers[r].clock = clock
+        self.version = self.resumed_at = ckpt.version
+        log.info("ps: resumed at version %d, worker clocks %s", ckpt.version, ckpt.clocks)
