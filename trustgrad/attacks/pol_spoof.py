@@ -1,0 +1,219 @@
+"""Proof-of-Learning spoofing attacks: forged proofs for a model the attacker did not train (or did not train fully).
+
+Each attack writes a proof folder in exactly the honest format (``trustgrad.proof.writer``), commitment included —
+the attacker controls its own files, so a commitment alone proves nothing about honesty. The hardened verifier must
+reject each with its own reason; the reference design's naive verifier accepts the Fang and Zhang spoofs.
+
+- :func:`infinitesimal_spoof` (Fang et al., EuroS&P 2023, "infinitesimal update"): a straight line from the genuine W0
+  to the stolen weights in so many steps that each segment moves next to nothing; no gradient is ever computed.
+- :func:`blindfold_topq_spoof` (Fang et al., "blindfold top-Q"): per epoch Q segments are trained honestly (large
+  updates, so they are the top-Q a naive verifier re-executes), the rest interpolated toward the stolen weights.
+- :func:`zhang_spoof` (Zhang et al., S&P 2022): W0 is genuine init values sorted into the rank order of the stolen
+  weights (its per-tensor distribution is exactly an honest one, so it passes the KS test), then a straight line to the
+  stolen weights; data crafting is simplified to choosing, for each segment, the lowest-loss samples at its start
+  (small gradients keep the replay near the line).
+- :func:`copy_proof` (a proof copied from another run, optionally re-labelled with the attacker's seed),
+  :func:`tamper_checkpoint` and :func:`tamper_indices` (edits, with or without recomputing the commitment).
+
+>>> sorted(SPOOFS)
+['blindfold-top-q', 'copy', 'infinitesimal', 'tamper-checkpoint', 'tamper-indices', 'zhang']
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from ..config import RunConfig
+from ..data import load_dataset, shard_indices
+from ..models import build_model
+from ..proof.format import INDICES, MANIFEST, checkpoint_name
+from ..proof.prover import build_manifest
+from ..proof.replay import Hyper, replay_segment
+from ..proof.writer import ProofWriter, recommit
+from ..seeding import batch_indices
+
+__all__ = [
+    "SPOOFS",
+    "infinitesimal_spoof",
+    "blindfold_topq_spoof",
+    "zhang_spoof",
+    "copy_proof",
+    "tamper_checkpoint",
+    "tamper_indices",
+    "target_from_state",
+]
+
+State = dict[str, torch.Tensor]
+
+
+def target_from_state(state_dict: dict[str, torch.Tensor]) -> State:
+    """The stolen model, in proof naming (``model/<key>``), from a plain state_dict (e.g. a run's model.safetensors)."""
+    return {k if k.startswith("model/") else f"model/{k}": v.detach().clone().float() for k, v in state_dict.items()}
+
+
+class _Plan:
+    """What an attacker can compute from its own config: dataset, PRF batches, W0, step counts."""
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.ds = load_dataset(cfg.dataset, cfg.data_dir)
+        n, w, b = len(self.ds.x_train), cfg.workers, cfg.batch_size
+        shards = [shard_indices(n, i, w, cfg.seed) for i in range(w)]
+        self.spe = len(shards[0]) // b
+        self.steps = self.spe * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, self.spe * cfg.epochs)
+        self.indices = np.zeros((self.steps, w, b), dtype=np.int64)
+        for t in range(self.steps):
+            epoch, s = divmod(t, self.spe)
+            for i, shard in enumerate(shards):
+                self.indices[t, i] = batch_indices(shard, cfg.seed, i, epoch, s, b)
+        self.model = build_model(cfg.model.name, self.ds.input_shape, self.ds.num_classes, cfg.seed, cfg.model)
+        self.w0 = {f"model/{k}": v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.checkpoints = sorted({*range(0, self.steps, cfg.proof.k), self.steps})
+        self.rng = torch.get_rng_state()
+
+    def batches(self, a: int, b: int) -> list[torch.Tensor]:
+        return [torch.from_numpy(self.indices[t].reshape(-1).copy()) for t in range(a, b)]
+
+    def with_momentum(self, params: State, buf_scale: State | None = None) -> State:
+        """A checkpoint state: parameters, momentum buffers (given or zero, when the config uses momentum), RNG."""
+        state = dict(params)
+        if self.cfg.momentum > 0:
+            for name, p in self.model.named_parameters():
+                key = f"model/{name}"
+                state[f"momentum/{name}"] = buf_scale[key] if buf_scale is not None else torch.zeros_like(p)
+        state["rng/torch"] = self.rng
+        return state
+
+    def write(self, out: str | Path, states: dict[int, State]) -> Path:
+        writer = ProofWriter(out)
+        for step in self.checkpoints:
+            state = states[step] if step > 0 else {k: v for k, v in states[0].items() if not k.startswith("momentum/")}
+            writer.add_checkpoint(step, state)
+        manifest = build_manifest(self.cfg, self.ds, self.model, self.cfg.workers, self.steps, self.spe)
+        writer.finish(manifest, self.indices)
+        return Path(out)
+
+
+def _lerp(a: State, b: State, t: float) -> State:
+    return {k: a[k] + t * (b[k] - a[k]) for k in a}
+
+
+def _line_momentum(plan: _Plan, a: State, b: State, steps: int) -> State:
+    """Momentum buffers that look consistent with moving from a to b in ``steps`` plain steps: -(b - a) / (steps lr)."""
+    return {k: -(b[k] - a[k]) / (steps * plan.cfg.lr) for k in a if k.startswith("model/")}
+
+
+def infinitesimal_spoof(cfg: RunConfig, target: State, out: str | Path) -> Path:
+    """Fang et al.'s infinitesimal-update spoof: W_t = W0 + (t / T) (W_target - W0), nothing trained."""
+    plan = _Plan(cfg)
+    w0, cps = plan.w0, plan.checkpoints
+    states = {}
+    for i, step in enumerate(cps):
+        params = _lerp(w0, target, step / plan.steps)
+        nxt = _lerp(w0, target, cps[min(i + 1, len(cps) - 1)] / plan.steps)
+        states[step] = plan.with_momentum(params, _line_momentum(plan, params, nxt, cfg.proof.k))
+    return plan.write(out, states)
+
+
+def blindfold_topq_spoof(cfg: RunConfig, target: State, out: str | Path, q: int = 1) -> Path:
+    """Fang et al.'s blindfold top-Q spoof: Q honest segments per epoch (the largest updates), the rest interpolated."""
+    plan, hyper = _Plan(cfg), Hyper.from_config(cfg)
+    cps = plan.checkpoints
+    segs = list(zip(cps, cps[1:]))
+    honest: set[int] = set()
+    for epoch in range(cfg.epochs):
+        in_epoch = [i for i, (a, _) in enumerate(segs[:-1]) if a // plan.spe == epoch]
+        honest.update(in_epoch[:q])
+    states = {0: plan.with_momentum(plan.w0)}
+    for i, (a, b) in enumerate(segs):
+        start = states[a]
+        if i in honest:
+            states[b] = replay_segment(plan.model, start, plan.batches(a, b), plan.ds.x_train, plan.ds.y_train, hyper)
+        else:  # an equal share of the remaining way to the target, per remaining interpolated segment
+            left = sum(1 for j in range(i, len(segs)) if j not in honest)
+            params = {k: v for k, v in start.items() if k.startswith("model/")}
+            nxt = _lerp(params, target, 1.0 / left)
+            states[b] = plan.with_momentum(nxt, _line_momentum(plan, params, nxt, b - a))
+    return plan.write(out, states)
+
+
+def zhang_spoof(cfg: RunConfig, target: State, out: str | Path) -> Path:
+    """Zhang et al.'s spoof: KS-passing permuted W0, a straight line to the target, low-loss (crafted) batches."""
+    plan = _Plan(cfg)
+    w0 = {}
+    for k, genuine in plan.w0.items():  # genuine init values placed in the rank order of the target's values
+        flat, order = genuine.reshape(-1).sort().values, target[k].reshape(-1).argsort()
+        permuted = torch.empty_like(flat)
+        permuted[order] = flat
+        w0[k] = permuted.reshape(genuine.shape)
+    cps = plan.checkpoints
+    states = {step: plan.with_momentum(_lerp(w0, target, step / plan.steps)) for step in cps}
+    per_step = cfg.workers * cfg.batch_size
+    for a, b in zip(cps, cps[1:]):  # data crafting (simplified): the samples the model already fits best
+        plan.model.load_state_dict({k[6:]: v for k, v in states[a].items() if k.startswith("model/")})
+        with torch.no_grad():
+            losses = F.cross_entropy(plan.model(plan.ds.x_train), plan.ds.y_train, reduction="none")
+        chosen = losses.argsort()[:per_step].numpy().reshape(cfg.workers, cfg.batch_size)
+        plan.indices[a:b] = chosen
+    return plan.write(out, states)
+
+
+def copy_proof(src: str | Path, out: str | Path, claim_seed: int | None = None) -> Path:
+    """Copy another run's proof; with ``claim_seed``, relabel it as the attacker's (seed rewritten, recommitted)."""
+    src, out = Path(src), Path(out)
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(src, out)
+    if claim_seed is not None:
+        manifest = json.loads((out / MANIFEST).read_text())
+        manifest["seed"] = claim_seed
+        manifest["config"]["seed"] = claim_seed
+        (out / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+        recommit(out)
+    return out
+
+
+def tamper_checkpoint(src: str | Path, out: str | Path, step: int, delta: float = 0.5, commit: bool = False) -> Path:
+    """Add ``delta`` to the first weight tensor of checkpoint ``step``; ``commit``: recompute the commitment."""
+    from safetensors.torch import load_file, save_file
+
+    out = copy_proof(src, out)
+    path = out / checkpoint_name(step)
+    state = load_file(str(path))  # the attacker's own file
+    key = sorted(k for k in state if k.startswith("model/"))[0]
+    state[key] = state[key] + delta
+    save_file(state, str(path))
+    if commit:
+        recommit(out)
+    return out
+
+
+def tamper_indices(src: str | Path, out: str | Path, step: int = 1, commit: bool = False) -> Path:
+    """Replace worker 0's first sample at ``step`` by another training sample; ``commit``: recompute the commitment."""
+    from safetensors.torch import load_file, save_file
+
+    out = copy_proof(src, out)
+    indices = load_file(str(out / INDICES))["indices"].clone()
+    indices[step, 0, 0] = (indices[step, 0, 0] + 1) % (int(indices.max()) + 1)
+    save_file({"indices": indices}, str(out / INDICES))
+    if commit:
+        recommit(out)
+    return out
+
+
+#: name -> attack, for ``trustgrad attack`` (spoofs that forge from a config and a stolen model take (cfg, target, out))
+SPOOFS: dict[str, Callable[..., Path]] = {
+    "infinitesimal": infinitesimal_spoof,
+    "blindfold-top-q": blindfold_topq_spoof,
+    "zhang": zhang_spoof,
+    "copy": copy_proof,
+    "tamper-checkpoint": tamper_checkpoint,
+    "tamper-indices": tamper_indices,
+}

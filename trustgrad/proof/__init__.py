@@ -1,0 +1,27 @@
+"""Proof-of-Learning (Jia et al., IEEE S&P 2021), hardened against the published spoofs (Zhang et al. S&P 2022;
+Fang et al. EuroS&P 2023).
+
+- :mod:`.prover`: the training hook behind ``--proof record`` (writes ``OUT/proof``).
+- :mod:`.format`, :mod:`.commit`, :mod:`.writer`: the proof folder, its Merkle commitment, bounded safe readers.
+- :mod:`.replay`: :func:`replay_segment`, :func:`distances`, :class:`Thresholds` — reused by per-update audits.
+- :mod:`.verifier`: :func:`verify` -> :class:`Verdict` (and the reference design's naive verifier, for comparison).
+- :mod:`.calibrate`: measures honest reproduction error, from which the thresholds are set.
+
+See docs/proof.md for the format, the threat model and what a valid proof does and does not establish.
+"""
+
+from .replay import Distances, Hyper, Thresholds, distances, replay_segment
+from .verifier import SegmentCheck, Verdict, VerifyOptions, verify, verify_naive
+
+__all__ = [
+    "verify",
+    "verify_naive",
+    "Verdict",
+    "VerifyOptions",
+    "SegmentCheck",
+    "replay_segment",
+    "distances",
+    "Distances",
+    "Thresholds",
+    "Hyper",
+]

@@ -1,0 +1,192 @@
+"""Re-executing training segments and measuring how far a claimed checkpoint is from the re-execution.
+
+These are the small public pieces the verifier (and later the parameter server's audit of each pushed update) is built
+from: :func:`replay_segment` (state at step t + the batches + hyperparameters -> state at step t + k),
+:func:`distances` (l1, l2, linf and cosine over the full state, in float64), :class:`Thresholds` and
+:func:`gradient_step_norm` (the lower bound on an update that the claimed learning rate implies).
+
+Data-parallel replay (Jia et al. 2021, Alg. 2, extended to synchronous data parallelism): a synchronous job's step
+applies the mean of the workers' gradients, each the mean loss gradient of that worker's batch; with equal batch sizes
+that is the gradient of the mean loss on the concatenation of the batches, so one process replays the global
+trajectory by stepping on the concatenated batch. (It agrees with the distributed run to float32 rounding, see
+``calibrate``.)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..config import RunConfig
+from ..replica import make_optimizer
+from .format import capture_state, restore_state
+
+__all__ = ["Hyper", "Distances", "Thresholds", "replay_segment", "distances", "gradient_step_norm", "update_norm"]
+
+
+@dataclass(frozen=True)
+class Hyper:
+    """The optimizer a segment is replayed with: SGD (dampening 0, no Nesterov), constant schedule, mean CE loss."""
+
+    lr: float
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig) -> Hyper:
+        return cls(cfg.lr, cfg.momentum, cfg.weight_decay)
+
+
+def replay_segment(
+    model: nn.Module,
+    state: dict[str, torch.Tensor],
+    batches: Sequence[torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    hyper: Hyper,
+) -> dict[str, torch.Tensor]:
+    """Load ``state`` into ``model`` and a fresh SGD, take one step per batch of global indices; return the new state.
+
+    ``batches[i]`` holds step i's indices of every worker, concatenated in worker order. The caller's global RNG is left
+    untouched; the segment runs from the RNG state recorded in ``state`` (if any).
+    """
+    optimizer = make_optimizer(model, hyper.lr, hyper.momentum, hyper.weight_decay)
+    restore_state(model, optimizer, state)
+    with torch.random.fork_rng(devices=[]):
+        if "rng/torch" in state:
+            torch.set_rng_state(state["rng/torch"].to(torch.uint8))
+        model.train()
+        for idx in batches:
+            optimizer.zero_grad(set_to_none=False)
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+            optimizer.step()
+        out = capture_state(model, optimizer, rng=False)
+        out["rng/torch"] = torch.get_rng_state()
+    return out
+
+
+def gradient_step_norm(
+    model: nn.Module, state: dict[str, torch.Tensor], idx: torch.Tensor, x: torch.Tensor, y: torch.Tensor, hyper: Hyper
+) -> float:
+    """``lr * ||grad + weight_decay * w||_2`` at the state's weights on one batch: the size of a plain SGD step there.
+
+    Momentum is left out on purpose: the momentum buffer is written by the prover, the gradient is not (weights are
+    committed, the batch comes from the PRF), so a forger cannot shrink this bound.
+    """
+    model.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("model/")}, strict=True)
+    model.train()
+    model.zero_grad(set_to_none=True)
+    with torch.random.fork_rng(devices=[]):
+        F.cross_entropy(model(x[idx]), y[idx]).backward()
+    total = 0.0
+    for p in model.parameters():
+        g = p.grad.detach().double() + hyper.weight_decay * p.detach().double()
+        total += float((g * g).sum())
+    return hyper.lr * math.sqrt(total)
+
+
+def update_norm(start: dict[str, torch.Tensor], end: dict[str, torch.Tensor], params: Sequence[str]) -> float:
+    """l2 norm (float64) of ``end - start`` over the named parameters (``model/<name>`` keys)."""
+    return math.sqrt(sum(float(((end[k].double() - start[k].double()) ** 2).sum()) for k in params))
+
+
+@dataclass(frozen=True)
+class Distances:
+    """Distances between a replayed state and a claimed one (float64, over model state and momentum buffers).
+
+    ``l1``/``l2``/``linf``: norms of ``replayed - claimed``. ``cos``: 1 - cosine similarity of the two *updates*
+    (``replayed - start`` and ``claimed - start``), which is scale-free; the cosine of the weights themselves (as in the
+    reference code) is ~1 for any small update and says nothing. ``ref_*``: norms of the replayed update, the scale the
+    relative thresholds are measured against.
+    """
+
+    l1: float
+    l2: float
+    linf: float
+    cos: float
+    ref_l1: float
+    ref_l2: float
+    ref_linf: float
+    claimed_l2: float
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def _flat(state: dict[str, torch.Tensor], keys: Sequence[str]) -> torch.Tensor:
+    return torch.cat([state[k].detach().reshape(-1).double() for k in keys]) if keys else torch.zeros(0)
+
+
+def distances(
+    start: dict[str, torch.Tensor], replayed: dict[str, torch.Tensor], claimed: dict[str, torch.Tensor]
+) -> Distances:
+    """Distances over the floating-point entries that ``replayed`` and ``claimed`` share (model and momentum)."""
+    keys = sorted(k for k in claimed if k in replayed and (k.startswith("model/") or k.startswith("momentum/")))
+    keys = [k for k in keys if claimed[k].is_floating_point()]
+    r, c = _flat(replayed, keys), _flat(claimed, keys)
+    s = (
+        torch.cat(
+            [
+                start[k].detach().reshape(-1).double()
+                if k in start
+                else torch.zeros(claimed[k].numel(), dtype=torch.float64)
+                for k in keys
+            ]
+        )
+        if keys
+        else torch.zeros(0)
+    )
+    diff, dr, dc = r - c, r - s, c - s
+    nr, nc = float(dr.norm()), float(dc.norm())
+    # the cosine of the updates; a zero update only matches a zero update
+    cos = 1.0 - float(torch.dot(dr, dc)) / (nr * nc) if nr * nc > 0.0 else float(nr != nc)
+    inf = lambda v: float(v.abs().max()) if v.numel() else 0.0  # noqa: E731
+    return Distances(
+        l1=float(diff.abs().sum()),
+        l2=float(diff.norm()),
+        linf=inf(diff),
+        cos=max(0.0, cos),
+        ref_l1=float(dr.abs().sum()),
+        ref_l2=nr,
+        ref_linf=inf(dr),
+        claimed_l2=nc,
+    )
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Acceptance thresholds: each norm relative to the replayed update's norm (plus an absolute floor), and cosine.
+
+    Defaults come from measured honest reproduction error (``trustgrad.proof.calibrate``; docs/proof.md): re-executing
+    every segment of allreduce/ring/logreg proofs at 1 and 2 threads gave at most 8.5e-7 (l2), 6.6e-7 (l1) and 1.4e-6
+    (linf) of the update's norm and a cosine distance of 3.6e-13, while a wrong batch or a missing momentum buffer is
+    off by >= 0.1 of it. The relative thresholds sit ~350x above the honest worst and ~300x below forgeries. Honest
+    segments moved >= 3.6x one plain SGD step at their start; the bound asks for 1x.
+    """
+
+    rel_l1: float = 3e-4
+    rel_l2: float = 3e-4
+    rel_linf: float = 1e-3
+    cos: float = 1e-7
+    floor: float = 1e-9
+    #: minimum ratio of a segment's parameter update to one plain SGD step at its start (Fang et al.'s tiny updates)
+    min_update_ratio: float = 1.0
+
+    def violations(self, d: Distances) -> list[str]:
+        """Which metrics exceed their threshold, with the values (empty: the segment reproduces)."""
+        bad = []
+        for metric, ref in (("l1", d.ref_l1), ("l2", d.ref_l2), ("linf", d.ref_linf)):
+            value, limit = getattr(d, metric), getattr(self, f"rel_{metric}") * ref + self.floor
+            if value > limit:
+                bad.append(f"{metric} {value:.3g} > {limit:.3g}")
+        if d.cos > self.cos:
+            bad.append(f"cos {d.cos:.3g} > {self.cos:.3g}")
+        return bad
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
