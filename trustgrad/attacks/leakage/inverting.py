@@ -35,11 +35,13 @@ __all__ = ["InvertingConfig", "inverting_gradients", "cosine_distance", "total_v
 
 @dataclass(frozen=True)
 class InvertingConfig:
-    """Hyperparameters of Geiping et al.'s attack (their defaults but fewer iterations and a TV weight for [0, 1])."""
+    """Geiping et al.'s hyperparameters, with fewer iterations (1000, not 4800-24000) and a TV weight tuned for
+    [0, 1] images on the LeNets here (0.1 beat 0.01 on digits and photo crops). Restarts stop early once the
+    cosine distance is <= ``target_distance`` (0: run them all)."""
 
     iterations: int = 1000
     lr: float = 0.1
-    tv_weight: float = 1e-2
+    tv_weight: float = 1e-1
     signed: bool = True
     boxed: bool = True
     restarts: int = 1

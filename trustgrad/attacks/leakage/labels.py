@@ -12,7 +12,8 @@ entry of ``P`` is positive except the one at (y_i, i). Hence:
 3. **RLG** (Dang et al. 2021, "Revealing and Protecting Labels in Distributed Training", NeurIPS, Sec. 3-4):
    a. stack ``G = [dW | db]`` (K x (D+1)) in float64; ``G = P [H; 1]^T / B`` has rank B;
    b. take the SVD ``G = U S V^T`` and keep ``U_B`` (K x B), the left singular vectors of the B largest singular
-      values; ``U_B = P Q`` for some invertible Q, so its rows are the rows of P in another basis;
+      values (fewer if G's numerical rank is below B, e.g. a repeated sample); ``U_B = P Q`` for some invertible Q,
+      so its rows are the rows of P in another basis;
    c. class c is in the batch iff its row ``u_c`` is separable from all other rows by a hyperplane through the
       origin: some r has ``u_c . r < 0`` and ``u_j . r >= 0`` for all j != c (r = Q^-1 e_i works for c = y_i;
       an absent class's row lies in the cone of the other positive rows once K >> B);
@@ -81,12 +82,16 @@ def rlg_labels(
     if batch_size >= k:
         raise AttackError(f"RLG needs more classes ({k}) than the batch size ({batch_size})")
     u, s, _ = torch.linalg.svd(g, full_matrices=False)
-    ub = u[:, :batch_size].numpy()
-    log.debug("RLG singular values %s (kept %d)", s[: batch_size + 2].tolist(), batch_size)
+    # rank below B when samples repeat (identical features merge columns of P): the numerical rank, with the
+    # observed dtype's rounding (a float32 view stays float32-accurate after the cast)
+    floor = s[0] * max(g.shape) * torch.finfo(weight.dtype).eps
+    rank = max(1, min(batch_size, int((s > floor).sum())))
+    ub = u[:, :rank].numpy()
+    log.debug("RLG singular values %s (rank %d, batch %d)", s[: batch_size + 2].tolist(), rank, batch_size)
     # normalize rows: the LP's scale then does not depend on the gradient's magnitude
     ub = ub / np.maximum(np.linalg.norm(ub, axis=1, keepdims=True), 1e-300)
     present = []
-    bounds = [(-1.0, 1.0)] * batch_size
+    bounds = [(-1.0, 1.0)] * rank
     for c in range(k):
         others = np.delete(ub, c, axis=0)
         res = linprog(ub[c], A_ub=-others, b_ub=np.zeros(k - 1), bounds=bounds, method="highs")
