@@ -220,3 +220,10 @@ def test_bad_input_is_one_line_exit_2(args, message, capsys):
     err = capsys.readouterr().err
     assert message in err, err
     assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_bench_pipeline_rejects_bad_options(capsys):
+    assert main(["bench", "pipeline", "--stages", "9"]) == 2  # the bench's mlp has 5 layers
+    assert main(["bench", "pipeline", "--batch-size", "10", "--microbatches", "4"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and "5 layers into 9 stages" in err[0] and "dividing --batch-size" in err[1], err
