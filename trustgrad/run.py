@@ -75,6 +75,12 @@ def preflight(cfg: RunConfig) -> None:
         from .crypto import CKKSParams, Context
 
         Context(CKKSParams.from_config(cfg.crypto))
+    world = PATTERNS.get(cfg.pattern.name).world_size(cfg)
+    for text in cfg.malicious:
+        from .attacks.poisoning import parse_malicious
+
+        if parse_malicious(text).rank >= world:
+            raise ConfigError(f"--malicious {text!r} names a rank outside the job's {world} processes")
     shard = len(ds.x_train) // cfg.workers
     if shard < cfg.batch_size:
         raise ConfigError(
@@ -123,6 +129,7 @@ def _finish(cfg: RunConfig, ranks: list[dict[str, Any] | None], wall: float) -> 
         "bytes_sent_per_rank": [r["bytes_sent"] if r else None for r in ranks],
         "encryption": cfg.crypto.encrypt if cfg.crypto.encrypt != "none" else "none (updates travel in plaintext)",
         "proof": cfg.proof.mode if cfg.proof.mode != "none" else "none (updates are not verified)",
+        "malicious": list(cfg.malicious),
     }
     for r in ranks:  # pattern and hook statistics; the server's (if any) come first, then the workers'
         if r:

@@ -124,6 +124,10 @@ def _train_worker(ctx: RankContext, cfg: RunConfig, comm: Comm, pattern: Pattern
     model = build_model(cfg.model.name, ds.input_shape, ds.num_classes, cfg.seed, cfg.model).to(device)
     model = pattern.local_model(model)  # a pipeline stage or a sharded model under model parallelism
     replica = Replica(model, make_optimizer(model, cfg.lr, cfg.momentum, cfg.weight_decay))
+    if cfg.malicious:
+        from .attacks.poisoning import wrap_replica
+
+        replica = wrap_replica(replica, cfg.malicious, ctx.rank, x_train, y_train, cfg.seed)
     shard = shard_indices(len(ds.x_train), worker, pattern.num_workers, cfg.seed)
     steps_per_epoch = len(shard) // cfg.batch_size
     if steps_per_epoch == 0:

@@ -1,0 +1,142 @@
+"""Malicious workers: wrappers around an honest worker's replica (STYLE 2: a malicious worker wraps an honest one).
+
+``--malicious rank=R,attack=A[,from-step=N][,strength=S]`` makes rank R push poisoned updates from step N on. The
+wrapper changes only what the attack changes; the pattern, codec and prover around it are the honest code.
+
+| attack | what the worker does | literature |
+|---|---|---|
+| ``sign-flip`` | pushes ``-S * g`` (S = 4: boosted, as local-model poisoning does) | Fang et al. 2020 |
+| ``noise`` | pushes ``g + N(0, (S * rms(g))^2)`` with S = 10 | Blanchard et al. 2017 (Gaussian Byzantine) |
+| ``scale`` | pushes ``S * g`` with S = 10 | model replacement, Bagdasaryan et al. 2020 |
+| ``label-flip`` | trains on labels ``C - 1 - y`` | data poisoning, Tolpegin et al. 2020 |
+| ``free-rider`` | pushes its previous update again (a stale copy; zeros at first) without computing | Lin et al. 2019 |
+| ``random-batch`` | an honest gradient on a batch other than the one the PRF assigns | PoL data order |
+| ``forged-proof`` | pushes ``noise`` but claims (commits to) the honest gradient of its assigned batch | PoL spoofing |
+
+>>> parse_malicious("rank=2,attack=scale,from-step=5")
+MaliciousSpec(rank=2, attack='scale', from_step=5, strength=10.0)
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import ConfigError
+from ..replica import Replica
+from ..seeding import derive_seed
+
+__all__ = ["MaliciousSpec", "parse_malicious", "MaliciousReplica", "POISONINGS"]
+
+log = logging.getLogger(__name__)
+
+#: attack -> default strength
+POISONINGS: dict[str, float] = {
+    "sign-flip": 4.0,
+    "noise": 10.0,
+    "scale": 10.0,
+    "label-flip": 1.0,
+    "free-rider": 1.0,
+    "random-batch": 1.0,
+    "forged-proof": 10.0,
+}
+
+
+@dataclass(frozen=True)
+class MaliciousSpec:
+    rank: int
+    attack: str
+    from_step: int = 0
+    strength: float = 1.0
+
+
+def parse_malicious(text: str) -> MaliciousSpec:
+    """Parse ``rank=R,attack=A[,from-step=N][,strength=S]``; any problem is a one-line ``ConfigError``."""
+    fields: dict[str, str] = {}
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise ConfigError(f"malformed --malicious {text!r}: expected rank=R,attack=A[,from-step=N][,strength=S]")
+        fields[key.strip()] = value.strip()
+    unknown = sorted(set(fields) - {"rank", "attack", "from-step", "strength"})
+    if unknown:
+        raise ConfigError(f"malformed --malicious {text!r}: unknown field {unknown[0]!r}")
+    if "rank" not in fields or "attack" not in fields:
+        raise ConfigError(f"malformed --malicious {text!r}: rank= and attack= are required")
+    attack = fields["attack"]
+    if attack not in POISONINGS:
+        raise ConfigError(f"unknown malicious attack {attack!r} (known: {', '.join(sorted(POISONINGS))})")
+    try:
+        rank, from_step = int(fields["rank"]), int(fields.get("from-step", "0"))
+        strength = float(fields.get("strength", POISONINGS[attack]))
+    except ValueError:
+        raise ConfigError(
+            f"malformed --malicious {text!r}: rank and from-step are integers, strength a number"
+        ) from None
+    if rank < 0 or from_step < 0:
+        raise ConfigError(f"malformed --malicious {text!r}: rank and from-step must be >= 0")
+    return MaliciousSpec(rank, attack, from_step, strength)
+
+
+class MaliciousReplica(Replica):
+    """An honest replica whose pushed gradient (or training labels, or batch) an attack rewrites.
+
+    ``honest_flat_grad`` keeps the gradient an honest worker would have computed on the assigned batch: it is what a
+    ``forged-proof`` worker claims, and what tests compare against.
+    """
+
+    def __init__(self, honest: Replica, spec: MaliciousSpec, x_pool: torch.Tensor, y_pool: torch.Tensor, seed: int):
+        super().__init__(honest.model, honest.optimizer, honest.loss_fn)
+        self.spec = spec
+        self._x_pool, self._y_pool = x_pool, y_pool
+        self._gen = torch.Generator().manual_seed(derive_seed(seed, "malicious", spec.rank))
+        self._calls = 0
+        self._previous: torch.Tensor | None = None
+        self.honest_flat_grad: torch.Tensor | None = None
+        self.num_classes = int(y_pool.max()) + 1
+
+    @property
+    def active(self) -> bool:
+        return self._calls - 1 >= self.spec.from_step
+
+    def compute_gradients(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        self._calls += 1
+        if self.active and self.spec.attack == "label-flip":
+            y = self.num_classes - 1 - y
+        elif self.active and self.spec.attack == "random-batch":
+            idx = torch.randint(0, len(self._x_pool), (len(x),), generator=self._gen)
+            x, y = self._x_pool[idx], self._y_pool[idx]
+        return super().compute_gradients(x, y)
+
+    def flat_grad(self) -> torch.Tensor:
+        g = super().flat_grad()
+        self.honest_flat_grad = g.clone()
+        if not self.active:
+            self._previous = g.clone()
+            return g
+        attack, s = self.spec.attack, self.spec.strength
+        if attack == "sign-flip":
+            g = -s * g
+        elif attack == "scale":
+            g = s * g
+        elif attack in ("noise", "forged-proof"):
+            rms = g.pow(2).mean().sqrt().clamp_min(1e-8)
+            g = g + s * rms * torch.randn(g.shape, generator=self._gen, dtype=g.dtype)
+        elif attack == "free-rider":
+            g = self._previous.clone() if self._previous is not None else torch.zeros_like(g)
+        self._previous = g.clone()
+        return g
+
+
+def wrap_replica(
+    replica: Replica, specs: tuple[str, ...], rank: int, x: torch.Tensor, y: torch.Tensor, seed: int
+) -> Replica:
+    """The replica rank ``rank`` trains with: the honest one, or a malicious wrapper if a spec names this rank."""
+    for text in specs:
+        spec = parse_malicious(text)
+        if spec.rank == rank:
+            log.warning("rank %d is malicious: %s from step %d", rank, spec.attack, spec.from_step)
+            return MaliciousReplica(replica, spec, x, y, seed)
+    return replica
