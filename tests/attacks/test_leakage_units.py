@@ -227,3 +227,15 @@ def test_grid_png_is_written(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rgb = photo_crops(2)
     assert save_grid(tmp_path / "rgb.png", rgb, torch.full_like(rgb, 0.5)).stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    "module", ["__init__", "base", "metrics", "nets", "images", "labels", "dlg", "baseline", "defences"]
+)
+def test_docstring_examples_run(module):
+    import doctest
+    import importlib
+
+    name = "trustgrad.attacks.leakage" + ("" if module == "__init__" else f".{module}")
+    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0 and result.attempted > 0

@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from ...seeding import derive_seed
+from .base import GroundTruth, LeakageResult, score
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,16 @@ def _key(d: float) -> float:
     return d if math.isfinite(d) else math.inf
 
 
-def to_params_device(t: torch.Tensor, like: Sequence[torch.Tensor]) -> torch.Tensor:
-    p = like[0]
-    return t.to(device=p.device, dtype=p.dtype)
+def result_from_trial(name: str, trial: Trial, used: int, seconds: float, truth: GroundTruth | None) -> LeakageResult:
+    metrics, per = score(trial.images, trial.labels, truth) if truth is not None else ({}, ())
+    return LeakageResult(
+        attack=name,
+        reconstruction=trial.images,
+        labels=tuple(trial.labels),
+        grad_distance=trial.distance,
+        iterations=trial.iterations,
+        seconds=seconds,
+        restarts=used,
+        metrics=metrics,
+        per_image=per,
+    )

@@ -237,8 +237,9 @@ def score(
 ) -> tuple[dict[str, float], tuple[dict[str, float], ...]]:
     """Order-free scores: images matched to the truth by Hungarian assignment on MSE; labels by multiset overlap.
 
-    With ``label_set`` the recovered labels are compared as a set to the set of true labels (``label_set_exact`` is
-    1.0 when they are equal).
+    With ``label_set`` the recovered labels are compared as a set to the set of true labels: ``label_set_exact`` is
+    1.0 when they are equal and ``label_accuracy`` is then their Jaccard index (|both| / |either|), so guessing
+    every class scores low.
     """
     true_labels = [int(v) for v in truth.labels.reshape(-1).tolist()]
     out: dict[str, float] = {}

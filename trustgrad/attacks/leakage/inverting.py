@@ -25,9 +25,8 @@ import torch
 from torch import nn
 
 from ...errors import AttackError
-from ._optim import Trial, best_of_restarts
+from ._optim import Trial, best_of_restarts, result_from_trial
 from .base import GroundTruth, InputSpec, LeakageResult, register_attack, trainable, validate_gradients
-from .dlg import _result
 from .labels import idlg_labels
 
 __all__ = ["InvertingConfig", "inverting_gradients", "cosine_distance", "total_variation"]
@@ -66,7 +65,12 @@ def total_variation(x: torch.Tensor) -> torch.Tensor:
 
 
 def _invert(
-    model: nn.Module, target: list[torch.Tensor], labels: torch.Tensor, spec: InputSpec, cfg: InvertingConfig, gen
+    model: nn.Module,
+    target: list[torch.Tensor],
+    labels: torch.Tensor,
+    spec: InputSpec,
+    cfg: InvertingConfig,
+    gen: torch.Generator,
 ) -> Trial:
     params = trainable(model)
     x = torch.randn(spec.batch_shape, generator=gen).to(params[0])
@@ -125,4 +129,4 @@ def inverting_gradients(
         seed=config.seed,
         target_distance=config.target_distance,
     )
-    return _result("inverting-gradients", best, used, seconds, truth)
+    return result_from_trial("inverting-gradients", best, used, seconds, truth)
