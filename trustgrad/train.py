@@ -212,10 +212,17 @@ def model_report(
     }
 
 
+class _NoBar:
+    def update(self, n: int = 1) -> None: ...
+    def set_postfix(self, **kw: Any) -> None: ...
+    def close(self) -> None: ...
+
+
 def _progress(total: int, enabled: bool, desc: str):  # noqa: ANN202
+    # A bar only where someone watches (a terminal); logs and CI get the per-epoch log lines instead. No tqdm object
+    # at all otherwise: it would create a multiprocessing lock per process that outlives spawned ranks.
+    if not (enabled and sys.stderr.isatty()):
+        return _NoBar()
     from tqdm.auto import tqdm
 
-    # A bar only where someone watches (a terminal); logs and CI get the per-epoch log lines instead.
-    return tqdm(
-        total=total, disable=not (enabled and sys.stderr.isatty()), desc=desc, unit="step", leave=False, mininterval=0.5
-    )
+    return tqdm(total=total, desc=desc, unit="step", leave=False, mininterval=0.5)
