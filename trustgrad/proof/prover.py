@@ -57,6 +57,7 @@ class ProofRecorder:
         self._queue: queue.Queue[tuple[int, dict[str, torch.Tensor]] | None] = queue.Queue()
         self._error: BaseException | None = None
         self._last = -1
+        self.hook_seconds = 0.0  # time this hook takes on the training thread (snapshots, index copies, finalising)
 
     # ------------------------------------------------------------------ hook interface
     def on_start(self, state: WorkerState) -> None:
@@ -72,10 +73,12 @@ class ProofRecorder:
     def on_step(self, state: WorkerState, event: StepEvent) -> None:
         if not self.active:
             return
+        started = time.perf_counter()
         self.own[event.step] = event.indices
         done = event.step + 1
         if done % self.k == 0 or done == state.total_steps:
             self._snapshot(state, done)
+        self.hook_seconds += time.perf_counter() - started
 
     def on_end(self, state: WorkerState) -> dict[str, Any]:
         if not self.active:
@@ -104,6 +107,7 @@ class ProofRecorder:
             "proof_root": root,
             "proof_checkpoints": len(self.writer.digests),
             "proof_finalize_seconds": time.perf_counter() - started,
+            "proof_hook_seconds": self.hook_seconds + time.perf_counter() - started,
         }
 
     # ------------------------------------------------------------------ internals
