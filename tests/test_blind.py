@@ -1,0 +1,276 @@
+"""Blind verification of one SGD step on ciphertexts, against the plaintext gradient (128-bit parameters, N=16384).
+
+Honest claims must decrypt to the plaintext distance (~0) within ``BOUND``; every kind of dishonest claim must land
+far above it. Batches are small (12-16 digits) to keep the file fast; ``trustgrad bench blind`` runs batch 32.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from trustgrad.blind import (
+    BlindParams,
+    BlindVerifier,
+    EncryptedSamples,
+    Layout,
+    SampleStore,
+    encrypt_claim,
+    encrypt_model,
+    encrypt_samples,
+    judge,
+    poly_bce,
+    reference_gradient,
+    squared_distance,
+)
+from trustgrad.blind.models import linear_mse
+from trustgrad.crypto import (
+    Context,
+    EncryptedVector,
+    PartialDecryption,
+    PublicKey,
+    decrypt,
+    fuse,
+    joint_eval_mult_finish,
+    joint_eval_mult_round1,
+    joint_eval_mult_round2,
+    keygen,
+    partial_decrypt,
+    threshold_keygen,
+)
+from trustgrad.crypto.rotation import joint_rotation_base, joint_rotation_finish, joint_rotation_part
+from trustgrad.data import load_dataset
+from trustgrad.errors import CryptoError
+
+# Honest distances measured <= 1.3e-9 (linear) and <= 4e-11 (poly) at scale 2**40; a single gradient entry off by
+# 1e-4 adds 1e-8. The bound is 2**-(scale_bits - 12): 12 bits for rotation/key-switching and smudging noise.
+BOUND = 2.0 ** -(40 - 12)
+FEATURES, CLASSES = 64, 10
+
+
+@pytest.fixture(scope="module")
+def digits():
+    ds = load_dataset("digits")
+    return ds.x_train.reshape(len(ds.x_train), -1).double().numpy(), ds.y_train.long().numpy()
+
+
+def _setup(kind, digits, *, n=48):
+    ctx = Context(BlindParams.for_check(kind))
+    lay = Layout(FEATURES, CLASSES, ctx.slots)
+    pk, sk = keygen(ctx, eval_mult=True, rotations=lay.rotations)
+    x, y = digits
+    ids = np.arange(n)
+    store = SampleStore(lay)
+    store.add(encrypt_samples(pk, lay, x[ids], y[ids], ids))
+    return ctx, lay, pk, sk, store
+
+
+def _model(seed, scale=0.1):
+    rng = np.random.default_rng(seed)
+    return rng.normal(0, scale, (CLASSES, FEATURES)), rng.normal(0, scale, CLASSES)
+
+
+def _grad(kind, digits, batch, w, b):
+    x, y = digits
+    return reference_gradient(kind, x[batch], np.eye(CLASSES)[y[batch]], w, b)
+
+
+@pytest.fixture(scope="module")
+def poly(digits):
+    return _setup("poly", digits)
+
+
+# -- plaintext pieces -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("loss,kind", [(poly_bce, "poly"), (linear_mse, "linear")])
+def test_torch_loss_gradient_is_the_checked_gradient(loss, kind, digits):
+    x, y = digits[0][:20], digits[1][:20]
+    w, b = _model(3)
+    lin = torch.nn.Linear(FEATURES, CLASSES).double()
+    with torch.no_grad():
+        lin.weight.copy_(torch.from_numpy(w))
+        lin.bias.copy_(torch.from_numpy(b))
+    loss(lin(torch.from_numpy(x)), torch.from_numpy(y)).backward()
+    dw, db = reference_gradient(kind, x, np.eye(CLASSES)[y], w, b)
+    np.testing.assert_allclose(lin.weight.grad.numpy(), dw, atol=1e-12)
+    np.testing.assert_allclose(lin.bias.grad.numpy(), db, atol=1e-12)
+
+
+def test_layout_roundtrip_and_rotations():
+    lay = Layout(FEATURES, CLASSES, 8192)
+    w, b = _model(0)
+    np.testing.assert_array_equal(lay.unpack_weights(lay.pack_weights(w)), w)
+    np.testing.assert_array_equal(lay.unpack_bias(lay.pack_bias(b)), b)
+    assert lay.per_ct == 8 and lay.rotations == tuple(1 << i for i in range(13))
+    x, y = np.arange(2 * FEATURES).reshape(2, FEATURES), np.eye(CLASSES)[[3, 7]]
+    gx, gy = lay.pack_samples(x, y)
+    gx, gy = gx.reshape(64, 8, 16), gy.reshape(64, 8, 16)
+    assert gx[5, 1, 2] == x[1, 5] and gx[5, 1, 12] == 0 and gx[5, 2, 2] == 0
+    assert gy[40, 0, 3] == 1 and gy[40, 1, 7] == 1 and gy[40, 1, 3] == 0
+
+
+# -- the check (shared key) ---------------------------------------------------------------------------------------------
+
+
+def test_poly_honest_and_dishonest_claims(poly, digits):
+    ctx, lay, pk, sk, store = poly
+    rng = np.random.default_rng(7)
+    batch = rng.choice(48, 16, replace=False)
+    w, b = _model(1)
+    g = _grad("poly", digits, batch, w, b)
+    verifier = BlindVerifier(pk, lay, "poly")
+    recomputed = verifier.recompute(store, batch, encrypt_model(pk, lay, w, b))
+
+    def dist(claim):
+        return float(decrypt(sk, verifier.distance_to(recomputed, encrypt_claim(pk, lay, *claim)))[0])
+
+    honest = dist(g)
+    assert abs(honest) <= BOUND and judge(honest, BOUND).accepted
+
+    one = g[0].copy()
+    one[4, 33] += 1e-4
+    other = rng.choice(np.setdiff1d(np.arange(48), batch), 16, replace=False)
+    stale_w, stale_b = w - 0.05 * g[0], b - 0.05 * g[1]  # claim computed on the previous model version
+    dishonest = {
+        "tamper-1e-4": (one, g[1]),
+        "tamper-all-1e-4": (g[0] + 1e-4, g[1] + 1e-4),
+        "sign-flip": (-g[0], -g[1]),
+        "noise": (g[0] + rng.normal(0, 1e-2, g[0].shape), g[1]),
+        "scale": (3 * g[0], 3 * g[1]),
+        "other-batch": _grad("poly", digits, other, w, b),
+        "stale-model": _grad("poly", digits, batch, stale_w, stale_b),
+    }
+    for name, claim in dishonest.items():
+        d, truth = dist(claim), squared_distance(g, claim)
+        verdict = judge(d, BOUND)
+        assert not verdict.accepted, (name, d, truth)
+        assert d >= 2 * BOUND, (name, d)
+        # the decrypted distance is the plaintext one
+        assert abs(d - truth) <= BOUND + 1e-6 * truth, (name, d, truth)
+
+
+def test_linear_check_and_batches_larger_than_one_group(digits):
+    ctx, lay, pk, sk, store = _setup("linear", digits, n=40)
+    batch = np.arange(40)[::-1][:13]  # positions collide: several groups
+    assert len(store.groups(batch)) >= 2
+    w, b = _model(2)
+    g = _grad("linear", digits, batch, w, b)
+    verifier = BlindVerifier(pk, lay, "linear")
+    rec = verifier.recompute(store, batch, encrypt_model(pk, lay, w, b))
+    honest = float(decrypt(sk, verifier.distance_to(rec, encrypt_claim(pk, lay, *g)))[0])
+    bad = (g[0], g[1] + np.full(CLASSES, 1e-3))
+    tampered = float(decrypt(sk, verifier.distance_to(rec, encrypt_claim(pk, lay, *bad)))[0])
+    assert abs(honest) <= BOUND
+    assert abs(tampered - 1e-5) <= 1e-8 and not judge(tampered, BOUND).accepted
+
+
+def test_verifier_refuses_missing_keys_and_foreign_vectors(poly, digits):
+    ctx, lay, pk, sk, store = poly
+    plain_pk, _ = keygen(ctx)  # no eval-mult, no rotation keys
+    with pytest.raises(CryptoError, match="eval-mult"):
+        BlindVerifier(plain_pk, lay, "poly")
+    verifier = BlindVerifier(pk, lay, "poly")
+    w, b = _model(0)
+    with pytest.raises(CryptoError, match="key"):
+        verifier.recompute(store, [0, 1], encrypt_model(plain_pk, lay, w, b))
+    with pytest.raises(CryptoError, match="model layout"):
+        verifier.distance_to(None, EncryptedVector(ctx, [], 3, "float64", pk.tag))
+    assert judge(-1.0, BOUND).reason.startswith("negative")
+
+
+_SERVER = textwrap.dedent(
+    """
+    import gc, sys
+    import numpy as np
+    from trustgrad.blind import BlindVerifier, EncryptedSamples, Layout, SampleStore, context_from_bytes
+    from trustgrad.crypto import EncryptedVector, PublicKey, SecretKey
+
+    d = sys.argv[1]
+    blob = lambda name: open(f"{d}/{name}", "rb").read()
+    ctx = context_from_bytes(blob("ctx"))
+    pk = PublicKey.from_bytes(ctx, blob("pk"))
+    lay = Layout(64, 10, ctx.slots)
+    store = SampleStore(lay)
+    store.add(EncryptedSamples.from_bytes(ctx, blob("samples"), public_key=pk))
+    model = EncryptedVector.from_bytes(ctx, blob("model"), public_key=pk)
+    claim = EncryptedVector.from_bytes(ctx, blob("claim"), public_key=pk)
+    batch = [int(i) for i in blob("batch").split()]
+    verdict = BlindVerifier(pk, lay, "linear").distance(store, batch, model, claim)
+    assert not any(isinstance(o, SecretKey) for o in gc.get_objects())
+    open(f"{d}/verdict", "wb").write(verdict.to_bytes())
+    """
+)
+
+
+def test_server_process_holds_no_secret(digits, tmp_path):
+    """The server runs in its own process and receives bytes: context, public key, samples, model, claim."""
+    ctx, lay, pk, sk, store = _setup("linear", digits, n=8)
+    x, y = digits
+    ids = np.arange(8, 16)
+    w, b = _model(4)
+    g = _grad("linear", digits, ids, w, b)
+    files = {
+        "ctx": ctx.to_bytes(),
+        "pk": pk.to_bytes(),
+        "samples": encrypt_samples(pk, lay, x[ids], y[ids], ids).to_bytes(),
+        "model": encrypt_model(pk, lay, w, b).to_bytes(),
+        "claim": encrypt_claim(pk, lay, *g).to_bytes(),
+        "batch": " ".join(map(str, ids)).encode(),
+    }
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    proc = subprocess.run([sys.executable, "-c", _SERVER, str(tmp_path)], capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    verdict = EncryptedVector.from_bytes(ctx, (tmp_path / "verdict").read_bytes(), public_key=pk)
+    assert abs(float(decrypt(sk, verdict)[0])) <= BOUND
+    with pytest.raises(CryptoError):
+        EncryptedSamples.from_bytes(ctx, files["samples"][:-10])
+
+
+# -- threshold keys -----------------------------------------------------------------------------------------------------
+
+
+def test_threshold_three_parties_blind_check(digits):
+    """3 parties: joint public key, joint eval-mult key, joint rotation keys (all as bytes); the distance is
+    decrypted only with all three partial decryptions."""
+    ctx = Context(BlindParams.for_check("linear"))
+    lay = Layout(FEATURES, CLASSES, ctx.slots)
+    pk, shares = None, []
+    for _ in range(3):
+        pk, share = threshold_keygen(ctx, 3, pk)
+        shares.append(share)
+    r1 = None
+    for s in shares:
+        r1 = joint_eval_mult_round1(s, pk, r1)
+    pk = joint_eval_mult_finish(pk, [joint_eval_mult_round2(s, pk, r1) for s in shares])
+    base = joint_rotation_base(shares[0], pk, lay.rotations)
+    pk = joint_rotation_finish(pk, base, [joint_rotation_part(s, pk, base) for s in shares[1:]])
+    with pytest.raises(CryptoError, match="missing parties"):
+        joint_rotation_finish(pk, base, [joint_rotation_part(shares[1], pk, base)])
+    server_pk = PublicKey.from_bytes(ctx, pk.to_bytes())
+    assert server_pk.eval_mult and set(lay.rotations) <= set(server_pk.rotations)
+
+    x, y = digits
+    ids = np.arange(16)
+    store = SampleStore(lay)
+    store.add(encrypt_samples(server_pk, lay, x[ids], y[ids], ids))
+    w, b = _model(5)
+    g = _grad("linear", digits, ids[:12], w, b)
+    verifier = BlindVerifier(server_pk, lay, "linear")
+    rec = verifier.recompute(store, ids[:12], encrypt_model(server_pk, lay, w, b))
+
+    def dist(claim):
+        v = verifier.distance_to(rec, encrypt_claim(server_pk, lay, *claim))
+        parts = [PartialDecryption.from_bytes(ctx, partial_decrypt(s, v).to_bytes()) for s in shares]
+        with pytest.raises(CryptoError, match="missing"):
+            fuse(parts[1:])
+        return float(fuse(parts)[0])
+
+    assert abs(dist(g)) <= BOUND
+    assert dist((-g[0], -g[1])) == pytest.approx(squared_distance(g, (-g[0], -g[1])), rel=1e-6)
