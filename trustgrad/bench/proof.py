@@ -38,10 +38,13 @@ def run_bench(args: list[str]) -> BenchResult:
     with tempfile.TemporaryDirectory(prefix="tg-bench-proof-") as tmp:
         base = RunConfig().replace(workers=opts.workers, epochs=opts.epochs, progress=False, proof={"k": opts.k})
         proof_dir = Path(tmp) / "rec" / "proof"
-        for _ in range(opts.repeats):  # alternate, so load drift hits both alike
+        for i in range(opts.repeats):  # interleaved, in alternating order, so load drift hits both alike
+            if i % 2:
+                rec = run(base.replace(out=str(Path(tmp) / "rec"), proof={"mode": "record"}))
             plain = run(base.replace(out=str(Path(tmp) / "plain")))
             plain_t.append(plain.summary["train_seconds"])
-            rec = run(base.replace(out=str(Path(tmp) / "rec"), proof={"mode": "record"}))
+            if not i % 2:
+                rec = run(base.replace(out=str(Path(tmp) / "rec"), proof={"mode": "record"}))
             rec_t.append(rec.summary["train_seconds"] + rec.summary.get("proof_finalize_seconds", 0.0))
             hook_t.append(rec.summary.get("proof_hook_seconds", 0.0) / rec.summary["train_seconds"])
         verdict = verify(proof_dir, VerifyOptions(q=opts.q, r=opts.r, threads=1))
