@@ -58,7 +58,7 @@ class PatternConfig:
     alpha: float = 0.5
     peer_timeout: float = 10.0
     # model parallel
-    stages: int = 2
+    stages: int = 0  # 0: one stage per rank
     microbatches: int = 4
     pipeline_schedule: str = "gpipe"  # gpipe | 1f1b
     split_points: tuple[int, ...] = ()

@@ -32,7 +32,13 @@ _GROUPS: list[tuple[str, list[tuple[str, str, Any, str]]]] = [
                 "communication pattern: allreduce, ring, ps, gossip, local-sgd, "
                 "pipeline, tensor (default allreduce; unknown names are listed)",
             ),
-            ("--workers", "workers", int, "number of training workers (default 4)"),
+            (
+                "--workers",
+                "workers",
+                int,
+                "processes that train (default 4): data-parallel workers; for pipeline and "
+                "tensor the ranks the model is split over; ps adds its server rank(s)",
+            ),
             ("--dataset", "dataset", str, "digits (default, embedded), breast-cancer, synthetic, mnist, cifar10"),
             ("--data-dir", "data_dir", str, "folder with your MNIST idx files or CIFAR-10 batches (never downloaded)"),
             ("--model", "model.name", str, "logreg, mlp (default), lenet, poly-mlp, ..."),
@@ -75,7 +81,12 @@ _GROUPS: list[tuple[str, list[tuple[str, str, Any, str]]]] = [
             ("--merge", "pattern.merge", str, "local-sgd: average or elastic"),
             ("--alpha", "pattern.alpha", float, "local-sgd --merge elastic: moving rate in (0, 1)"),
             ("--peer-timeout", "pattern.peer_timeout", float, "gossip: skip a silent neighbour after this (s)"),
-            ("--stages", "pattern.stages", int, "pipeline: number of stages"),
+            (
+                "--stages",
+                "pattern.stages",
+                int,
+                "pipeline: stages per pipeline (default: one per rank; --workers = stages x data-parallel replicas)",
+            ),
             ("--microbatches", "pattern.microbatches", int, "pipeline: micro-batches per batch"),
             ("--pipeline-schedule", "pattern.pipeline_schedule", str, "pipeline: gpipe or 1f1b"),
             ("--split-points", "pattern.split_points", _csv_ints, "pipeline: explicit layer indices to cut at"),

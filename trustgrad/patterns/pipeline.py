@@ -29,11 +29,16 @@ from ..replica import Replica
 from .base import PATTERNS, Pattern
 
 
+def num_stages(cfg: RunConfig) -> int:
+    """``--stages``, or one stage per rank when it is left at 0."""
+    return cfg.pattern.stages or cfg.workers
+
+
 def stage_cuts(cfg: RunConfig, model: nn.Sequential) -> tuple[int, ...]:
     p = cfg.pattern
     if p.split_points:
-        return check_split_points(model, p.split_points, p.stages)
-    return balanced_split(model, p.stages)
+        return check_split_points(model, p.split_points, num_stages(cfg))
+    return balanced_split(model, num_stages(cfg))
 
 
 @PATTERNS.register("pipeline")
@@ -43,12 +48,12 @@ class PipelineParallel(Pattern):
     @classmethod
     def validate(cls, cfg: RunConfig) -> None:
         reject_protections(cfg, cls.name)
-        p = cfg.pattern
-        if p.stages < 2:
-            raise ConfigError(f"a pipeline needs --stages >= 2, got {p.stages}")
-        if cfg.workers % p.stages:
+        p, stages = cfg.pattern, num_stages(cfg)
+        if stages < 2:
+            raise ConfigError(f"a pipeline needs --stages >= 2, got {stages}")
+        if cfg.workers % stages:
             raise ConfigError(
-                f"--workers {cfg.workers} must be a multiple of --stages {p.stages} "
+                f"--workers {cfg.workers} must be a multiple of --stages {stages} "
                 "(workers = stages x data-parallel replicas)"
             )
         if p.microbatches < 1 or cfg.batch_size % p.microbatches:
@@ -59,7 +64,7 @@ class PipelineParallel(Pattern):
 
     @property
     def stages(self) -> int:
-        return self.cfg.pattern.stages
+        return num_stages(self.cfg)
 
     @property
     def worker_index(self) -> int:
