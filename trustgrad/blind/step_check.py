@@ -22,7 +22,7 @@ levels are CKKS rescalings, model at level <= 1, samples fresh):
      and ``T_b = sum_g R_g * v_g`` (``v_g``: 1/B on the group's valid (f=0, j, c<C) cells, the bias gradient)
   5. ``S = rotsum_j(T)``, ``S_b = rotsum_j(T_b)``: the recomputed ``dW`` at (f, 0, c), ``db`` at (0, 0, c)
   6. ``D = M * (S - claim_W)``, ``D_b = M_b * (S_b - claim_b)``: 0/1 masks keep only those slots (the sum over j
-     leaves partial sums elsewhere) .......................................................................... level 6 | 4
+     leaves partial sums elsewhere) ................................................................ level 6 | 4
   7. ``Q = D^2 + D_b^2``, summed over classes and features by rotations into slot 0 ............. level 7 | 5
 
 Only that ciphertext is decrypted (shared key: :func:`trustgrad.crypto.decrypt`; threshold: every party's
@@ -172,10 +172,13 @@ class SampleStore:
     def __init__(self, layout: Layout) -> None:
         self.layout = layout
         self._where: dict[int, tuple[Any, Any, int]] = {}
+        self.tag: str | None = None
 
     def add(self, samples: EncryptedSamples) -> None:
         if samples.layout != self.layout:
             raise ConfigError(f"samples packed with {samples.layout}, store uses {self.layout}")
+        if self.tag is not None and samples.x.tag != self.tag:
+            raise CryptoError("these samples are encrypted under another key than the store's")
         dup = [i for i in samples.ids if i in self._where]
         if dup:
             raise ConfigError(f"sample ids {dup[:5]} are already in the store")
@@ -183,7 +186,7 @@ class SampleStore:
         for n, i in enumerate(samples.ids):
             k, j = divmod(n, per)
             self._where[i] = (samples.x.ciphertexts[k], samples.y.ciphertexts[k], j)
-        self._tag = samples.x.tag
+        self.tag = samples.x.tag
 
     def __len__(self) -> int:
         return len(self._where)
@@ -249,7 +252,9 @@ class BlindVerifier:
     >>> # v = BlindVerifier(public_key, layout, "poly"); d = v.distance(store, batch_ids, enc_model, enc_claim)
     """
 
-    def __init__(self, public_key: PublicKey, layout: Layout, kind: str = "poly") -> None:
+    def __init__(self, public_key: PublicKey, layout: Layout, kind: str = "poly", *, gain: float = 8.0) -> None:
+        if not 1.0 <= gain <= 1024.0:
+            raise ConfigError(f"gain must be in [1, 1024], got {gain}")
         if kind not in KINDS:
             raise ConfigError(f"blind check kind must be one of {list(KINDS)}, got {kind!r}")
         ctx = public_key.context
@@ -263,7 +268,7 @@ class BlindVerifier:
         need = 7 if kind == "poly" else 5
         if ctx.params.depth < need:
             raise CryptoError(f"the {kind} check needs multiplicative depth {need}, the context has {ctx.params.depth}")
-        self.public_key, self.layout, self.kind, self.context = public_key, layout, kind, ctx
+        self.public_key, self.layout, self.kind, self.context, self.gain = public_key, layout, kind, ctx, float(gain)
         self._cc = ctx.cc
         self._pt: dict[Any, Any] = {}
 
@@ -275,6 +280,8 @@ class BlindVerifier:
         cc, lay, B = self._cc, self.layout, len(batch)
         if B < 1:
             raise ConfigError("the batch is empty")
+        if store.tag != self.public_key.tag:
+            raise CryptoError("the stored samples were not encrypted under the verifier's public key")
         w_ct, b_ct = model.ciphertexts
         t_parts, tb_parts = [], []
         with _wire.openfhe_errors("blind step check"):
@@ -300,19 +307,32 @@ class BlindVerifier:
         return EncryptedGradient(s, sb, B)
 
     def distance_to(self, gradient: EncryptedGradient, claim: EncryptedVector) -> EncryptedVector:
-        """Steps 6-7: ``Enc(||dW - dW_claim||^2 + ||db - db_claim||^2)`` in slot 0, as a length-1 vector."""
+        """Steps 6-7: ``Enc(gain^2 (||dW - dW_claim||^2 + ||db - db_claim||^2))`` in slot 0, as a length-1 vector
+        (decrypt it, then :meth:`finish`)."""
         self._check_vector(claim, "claim")
         cc, lay = self._cc, self.layout
         cw, cb = claim.ciphertexts
         with _wire.openfhe_errors("blind distance"):
-            d = cc.EvalMult(cc.EvalSub(gradient.weights, cw), self._plain("gmask", lay.gradient_mask))
-            db = cc.EvalMult(cc.EvalSub(gradient.bias, cb), self._plain("bmask", lay.bias_mask))
+            gmask = self._plain("gmask", lambda: lay.gradient_mask() * self.gain)
+            bmask = self._plain("bmask", lambda: lay.bias_mask() * self.gain)
+            d = cc.EvalMult(cc.EvalSub(gradient.weights, cw), gmask)
+            db = cc.EvalMult(cc.EvalSub(gradient.bias, cb), bmask)
             q = cc.EvalAdd(cc.EvalSquare(d), cc.EvalSquare(db))
             q = self._rotsum(q, lay.class_rotations + lay.feature_rotations)
             level = int(q.GetLevel())
         return EncryptedVector(
             self.context, [q], 1, "float64", self.public_key.tag, min(level, self.context.params.depth)
         )
+
+    def finish(self, decrypted: np.ndarray) -> float:
+        """The squared distance from the decrypted verdict (slot 0 holds ``gain**2`` times it)."""
+        return float(np.asarray(decrypted, np.float64).reshape(-1)[0]) / self.gain**2
+
+    @property
+    def max_distance(self) -> float:
+        """Largest distance that decrypts without wrapping around (larger ones decrypt to a random residue)."""
+        p = self.context.params
+        return 2.0 ** (p.first_mod_bits - p.scale_bits - 1) / self.gain**2
 
     def distance(
         self, store: SampleStore, batch: Sequence[int], model: EncryptedVector, claim: EncryptedVector
