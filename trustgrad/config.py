@@ -144,6 +144,8 @@ class RunConfig:
             raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
         if self.timeout <= 0:
             raise ConfigError(f"timeout must be > 0 seconds, got {self.timeout}")
+        if self.proof.mode == "record" and not self.out:
+            raise ConfigError("--proof record writes OUT/proof: pass --out DIR")
         if self.record_server_view and not self.out:
             raise ConfigError("--record-server-view writes under the run's folder: give --out DIR")
         if self.device not in ("cpu", "cuda"):

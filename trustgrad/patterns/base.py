@@ -31,6 +31,8 @@ class Pattern(ABC):
     #: CKKS key modes with which this pattern encrypts what it sends (empty: it cannot), and why not otherwise
     encryption_keys: ClassVar[frozenset[str]] = frozenset()
     encryption_note: ClassVar[str] = "it has no encrypted protocol"
+    #: Proof-of-Learning modes this pattern supports (record: a proof of the global trajectory; audit/blind: per-claim)
+    proof_modes: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, cfg: RunConfig, comm: Comm):
         self.cfg = cfg
@@ -52,6 +54,12 @@ class Pattern(ABC):
             raise ConfigError(
                 f"--encrypt {cfg.crypto.encrypt} --keys {cfg.crypto.keys} is not supported by pattern {cls.name!r} "
                 f"({cls.encryption_note}); patterns that support it: {', '.join(able) or 'none'}"
+            )
+        if cfg.proof.mode != "none" and cfg.proof.mode not in cls.proof_modes:
+            able = [n for n in PATTERNS if cfg.proof.mode in PATTERNS.get(n).proof_modes]
+            raise ConfigError(
+                f"--proof {cfg.proof.mode} is not supported by pattern {cls.name!r}; "
+                f"patterns that support it: {', '.join(able) or 'none yet'}"
             )
         cls.validate(cfg)
 
@@ -135,6 +143,8 @@ class GradientAveraging(Pattern):
     With equal per-worker batch sizes this is exactly the gradient of the combined batch's mean loss, so W workers
     follow the trajectory of one process on the concatenated batches (tested to 1e-5).
     """
+
+    proof_modes = frozenset({"record"})
 
     def step(self, replica: Replica, x: torch.Tensor, y: torch.Tensor) -> float:
         loss = replica.compute_gradients(x, y)
