@@ -47,11 +47,12 @@ from trustgrad.crypto.rotation import joint_rotation_base, joint_rotation_finish
 from trustgrad.data import load_dataset
 from trustgrad.errors import CryptoError
 
-# The verdict's absolute CKKS error at its last level measured <= 2.3e-9 (scale 2**40); the verifier multiplies the
-# difference by gain = 8 before squaring, so the error on the distance is <= 2.3e-9 / 64. A single gradient entry off
-# by 1e-4 adds 1e-8. Bound: 2**-(scale_bits - 12) / gain**2 (12 bits for rescaling, key-switching and smudging noise).
+# The verdict's absolute CKKS error at its last level measured <= 2.3e-9 (scale 2**40) without gain; the verifier
+# multiplies the difference by gain = 8 before squaring, so honest distances measured <= 4.1e-11 (shared) and
+# <= 8.4e-11 (threshold). A single gradient entry off by 1e-4 adds 1e-8. Bound (BlindVerifier.bound):
+# 2**-(scale_bits - 14) / gain**2 = 2.3e-10.
 GAIN = 8.0
-BOUND = 2.0 ** -(40 - 12) / GAIN**2
+BOUND = 2.0 ** -(40 - 14) / GAIN**2
 FEATURES, CLASSES = 64, 10
 
 
@@ -87,7 +88,7 @@ def poly(digits):
     return _setup("poly", digits)
 
 
-# -- plaintext pieces -------------------------------------------------------------------------------------------------
+# -- plaintext pieces --------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("loss,kind", [(poly_bce, "poly"), (linear_mse, "linear")])
@@ -117,7 +118,7 @@ def test_layout_roundtrip_and_rotations():
     assert gy[40, 0, 3] == 1 and gy[40, 1, 7] == 1 and gy[40, 1, 3] == 0
 
 
-# -- the check (shared key) ---------------------------------------------------------------------------------------------
+# -- the check (shared key) ------------------------------------------------------------------------------------
 
 
 def test_poly_honest_and_dishonest_claims(poly, digits):
@@ -127,6 +128,7 @@ def test_poly_honest_and_dishonest_claims(poly, digits):
     w, b = _model(1)
     g = _grad("poly", digits, batch, w, b)
     verifier = BlindVerifier(pk, lay, "poly", gain=GAIN)
+    assert verifier.bound == BOUND
     recomputed = verifier.recompute(store, batch, encrypt_model(pk, lay, w, b))
 
     def dist(claim):
@@ -236,7 +238,7 @@ def test_server_process_holds_no_secret(digits, tmp_path):
         EncryptedSamples.from_bytes(ctx, files["samples"][:-10])
 
 
-# -- threshold keys -----------------------------------------------------------------------------------------------------
+# -- threshold keys ----------------------------------------------------------------------------------------------
 
 
 def test_threshold_three_parties_blind_check(digits):

@@ -329,6 +329,17 @@ class BlindVerifier:
         return float(np.asarray(decrypted, np.float64).reshape(-1)[0]) / self.gain**2
 
     @property
+    def bound(self) -> float:
+        """Honest-claim bound on the distance: ``2**-(scale_bits - 14) / gain**2`` (2.3e-10 at 2**40, gain 8).
+
+        The verdict's absolute CKKS error at its last level is a few units of ``2**-scale_bits`` times the
+        rescaling/key-switching noise of N=16384 (~2**10-2**12); measured honest distances: <= 4.1e-11 (shared keys)
+        and <= 8.4e-11 (3-party threshold, smudging noise included), so 14 bits leave a 2.7x margin. One gradient
+        entry off by 1e-4 adds 1e-8 (43x the bound).
+        """
+        return 2.0 ** -(self.context.params.scale_bits - 14) / self.gain**2
+
+    @property
     def max_distance(self) -> float:
         """Largest distance that decrypts without wrapping around (larger ones decrypt to a random residue)."""
         p = self.context.params
