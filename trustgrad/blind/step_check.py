@@ -30,7 +30,8 @@ Only that ciphertext is decrypted (shared key: :func:`trustgrad.crypto.decrypt`;
 distance is within the honest bound. Steps 1-5 do not depend on the claim: :meth:`BlindVerifier.recompute` once,
 then :meth:`BlindVerifier.distance_to` per claim (about 0.1 s each).
 
-What the decryptors learn. Slot 0 is ``||dW - dW_claim||^2 + ||db - db_claim||^2``: for an honest claim, CKKS noise
+What the decryptors learn. Slot 0 is ``gain^2 (||dW - dW_claim||^2 + ||db - db_claim||^2)`` (``gain`` = 8 is
+folded into the step-6 masks so the distance's own error shrinks 64x): for an honest claim, CKKS noise
 (~1e-10); for a dishonest one, how far it is from the truth. The other slots of the decrypted ciphertext hold partial
 sums of the same masked squared differences (per class and feature block), i.e. *where* the claim is wrong, never
 values of X, Y, W or the true gradient themselves (every slot of Q is a function of ``S - claim`` on masked cells).
@@ -47,8 +48,10 @@ is *excluded* from the committee: run the check under a key whose shares the oth
 threshold keys that means a per-prover committee key) or, with one joint key, have the *server* fuse and let it treat
 a verdict that fails to decrypt as a rejection; (c) make the distance wrap around the decryption modulus: values
 above ``2**(first_mod_bits - scale_bits - 1)`` decrypt modulo that range. :func:`judge` rejects negative distances,
-and landing a wrapped value inside ``[-bound, bound]`` (~1e-7 of a 2**15 range) requires predicting the server's
-computation, including every rescaling error and the encryption noise of ciphertexts the prover did not make, to 1e-7.
+and landing a wrapped value inside ``[-bound, bound]`` (about 5e-10 wide, of a 2**14 / gain^2 range) requires
+predicting the server's computation, including every rescaling error and the encryption noise of ciphertexts the
+prover did not make, to about 1e-10. A range check on the claim itself (a zero-knowledge range proof) would close
+this fully; not built.
 
 Measured (OpenFHE 1.6.1, N=16384, 1 thread; batch 32 x 64 features x 10 classes): see ``trustgrad bench blind``
 and the module docstring of :mod:`trustgrad.blind` for the numbers.
