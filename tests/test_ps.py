@@ -36,35 +36,37 @@ def _assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
 
 
 def test_sync_ps_equals_allreduce_and_resume_continues_exactly(tmp_path):
+    """Sync PS for 12 steps, checkpointed, then resumed to 24: both halves run by the server, the whole trajectory
+    must be allreduce's (every version the mean of W gradients on the previous one; momentum restored exactly)."""
     reference = run(_cfg().replace(pattern={"name": "allreduce"}))
-    sync = run(_cfg(schedule="sync"))
-    _assert_same_weights(sync.state, reference.state)
-    assert sync.summary["steps"] == 24 and sync.summary["model_versions"] == 24
-    assert sync.summary["max_staleness"] == 0 and sync.summary["max_update_lag"] == 0
-    assert sync.summary["gradients_applied"] == 48
-
-    # interrupted after 12 steps (checkpoint every 6 versions), resumed to 24: the very same trajectory
     first = tmp_path / "first"
-    run(_cfg(steps=12, schedule="sync", checkpoint_every=6).replace(out=str(first)))
+    half = run(_cfg(steps=12, schedule="sync", checkpoint_every=6).replace(out=str(first)))
     assert checkpoint_path(first).is_file()
+    assert half.summary["steps"] == 12 and half.summary["gradients_applied"] == 24
     resumed = run(_cfg(schedule="sync").replace(resume=str(first), out=str(tmp_path / "second")))
     assert resumed.summary["resumed_at_version"] == 12
     assert resumed.summary["steps"] == 24 and resumed.summary["model_versions"] == 24
     assert resumed.summary["gradients_applied"] == 24  # only the 2 x 12 new ones
+    for s in (half.summary, resumed.summary):
+        assert s["max_staleness"] == 0 and s["max_update_lag"] == 0
     _assert_same_weights(resumed.state, reference.state)
     assert resumed.summary["test_accuracy"] == pytest.approx(reference.summary["test_accuracy"])
+    # the same weights through the public records: model.safetensors of the resumed run
+    from safetensors.torch import load_file
+
+    _assert_same_weights(load_file(str(tmp_path / "second" / "model.safetensors")), reference.state)
 
 
 def test_ssp_bounds_staleness_that_async_does_not():
     # worker rank 1 is a persistent straggler (4x slower): async lets the others run far ahead of it
     slow = "rank=1,prob=1,slowdown=4,step-ms=15"
-    ssp = run(_cfg(workers=3, steps=16, schedule="ssp", staleness=1, straggler=slow))
-    asyn = run(_cfg(workers=3, steps=16, schedule="async", straggler=slow))
+    ssp = run(_cfg(steps=16, schedule="ssp", staleness=1, straggler=slow))
+    asyn = run(_cfg(steps=16, schedule="async", straggler=slow))
     assert ssp.summary["max_staleness"] <= 1
     assert ssp.summary["max_staleness"] == 1  # the bound is reached: the fast workers did wait at it
     assert asyn.summary["max_staleness"] > 3, asyn.summary["max_staleness"]
     for s in (ssp.summary, asyn.summary):
-        assert s["gradients_applied"] == 48 and s["model_versions"] == 48 and s["dropped_workers"] == []
+        assert s["gradients_applied"] == 32 and s["model_versions"] == 32 and s["dropped_workers"] == []
 
 
 def _kill_when(child_name: str, ready, stop: threading.Event, killed: list) -> None:
@@ -91,15 +93,16 @@ def _run_killing(cfg: RunConfig, child_name: str, ready):
 
 def test_async_run_survives_a_killed_worker_and_names_it(tmp_path):
     out = tmp_path / "run"
-    cfg = _cfg(workers=3, steps=40, schedule="async", straggler="rank=1,prob=0,step-ms=20")
+    cfg = _cfg(steps=40, schedule="async", straggler="rank=1,prob=0,step-ms=20")
     cfg = cfg.replace(out=str(out), pattern={"worker_timeout": 3.0, "checkpoint_every": 5})
     result, killed = _run_killing(cfg, "trustgrad-rank2", lambda: checkpoint_path(out).is_file())
     assert killed, "the worker was never killed"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["dropped_workers"] == [1]  # rank 2 = worker 1
     assert 2 in summary["dropped_ranks"]
-    assert summary["gradients_applied"] < 3 * 40  # the dead worker's remaining steps never arrived
-    assert summary["steps"] == 40  # the survivors finished
+    assert summary["gradients_applied"] < 2 * 40  # the dead worker's remaining steps never arrived
+    assert summary["steps"] == 40  # the survivor finished
+    assert summary["test_accuracy"] > 0.5
 
 
 def test_sync_run_fails_fast_naming_a_killed_worker(tmp_path):

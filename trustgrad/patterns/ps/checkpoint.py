@@ -29,7 +29,7 @@ def checkpoint_path(folder: str | os.PathLike) -> Path:
 @dataclass(frozen=True)
 class ServerCheckpoint:
     params: torch.Tensor  # flat float32
-    momentum: torch.Tensor | None  # flat, or None before the first update
+    momentum: torch.Tensor | None  # sync: flat; async/ssp: one row per worker; None before the first update
     clocks: list[int]  # gradients each worker has pushed
     version: int  # model updates applied
     run: dict[str, object]  # what must match on resume: workers, seed, dataset, model, schedule
@@ -81,7 +81,10 @@ class ServerCheckpoint:
             and clocks.shape == (workers,)
             and bool((clocks >= 0).all())
             and version >= 0
-            and (momentum is None or (momentum.dtype == torch.float32 and momentum.shape == (num_params,)))
+            and (
+                momentum is None
+                or (momentum.dtype == torch.float32 and momentum.shape in ((num_params,), (workers, num_params)))
+            )
         )
         if not ok:
             raise ConfigError(f"--resume: {os.fspath(path)!r} holds tensors of the wrong dtype or shape for this model")

@@ -11,9 +11,13 @@ next gradient once the slowest live worker's clock is at least ``c - S``.
 - ``async`` (S = infinity): each gradient is applied on arrival and its sender gets the current model back at once
   (Downpour SGD, Dean et al. 2012). Staleness is unbounded.
 
-Asynchronous updates use ``lr / W``: a pushed gradient averages one worker's batch, a W-th of what one synchronous
-update averages, so W asynchronous updates move the model about as far as one synchronous step (the linear scaling
-rule of Goyal et al. 2017, read per gradient).
+Asynchronous updates use ``lr / W`` and DANA-Zero momentum (Hakimi et al., "Taming Momentum in a Distributed
+Asynchronous Environment", 2019): one momentum buffer per worker, and workers compute on the look-ahead
+``theta - lr/W * mu * sum_j v_j``. ``lr / W``: a pushed gradient averages one worker's batch, a W-th of what one
+synchronous update averages, so W asynchronous updates move the model as far as one synchronous step. Why DANA: plain
+momentum SGD at the server with gradients W-1 updates stale diverged here with the synchronous settings (measured in a
+one-process simulation of digits/mlp, delay 3, lr 0.1/4, momentum 0.9: test accuracy 0.25 after 10 epochs, against
+0.95 without delay; smaller rates or momentum gave 0.83-0.93); DANA-Zero reached 0.967 with the unchanged settings.
 """
 
 from __future__ import annotations

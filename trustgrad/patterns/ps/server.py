@@ -64,6 +64,10 @@ class Server:
         model = build_model(cfg.model.name, self.ds.input_shape, self.ds.num_classes, cfg.seed, cfg.model)
         lr = cfg.lr * self.schedule.lr_scale(self.n)
         self.replica = Replica(model, make_optimizer(model, lr, cfg.momentum, cfg.weight_decay))
+        self.lr = lr
+        # asynchronous schedules keep one momentum buffer per worker (DANA, see the module docstring)
+        self.theta = self.replica.flat_params()
+        self.velocity = None if self.schedule.aggregate else torch.zeros(self.n, self.replica.num_params)
         self.workers = {r: _Worker(r) for r in range(1, self.n + 1)}
         self.version = 0
         self.buffer: dict[int, torch.Tensor] = {}
@@ -83,6 +87,7 @@ class Server:
         from ...train import evaluate, model_report
 
         self.started = time.perf_counter()
+        self.trace.append((0.0, self._applied(), self._train_loss()))
         self.inbox = Inbox(self.comm, max_payload=64 * 4 * self.replica.num_params + 4096)
         self._release()
         while any(not w.done and not w.dropped for w in self.workers.values()):
@@ -144,7 +149,7 @@ class Server:
                 self.buffer[w.rank] = grad
                 self._complete_round()
             else:
-                self._update(grad, 1)
+                self._update(grad, 1, w.rank)
         elif msg.kind == DONE:
             w.done, w.waiting, w.deadline = True, False, math.inf
             self._complete_round()
@@ -156,10 +161,18 @@ class Server:
             self.buffer.clear()
             self._update(self.pattern.aggregate(grads), len(grads))
 
-    def _update(self, grad: torch.Tensor, gradients: int) -> None:
+    def _update(self, grad: torch.Tensor, gradients: int, rank: int = 0) -> None:
         before = self._applied() - gradients
-        self.replica.set_flat_grad(grad)
-        self.replica.step()
+        if self.velocity is None:  # sync: the optimizer's step on the mean, exactly as allreduce takes it
+            self.replica.set_flat_grad(grad)
+            self.replica.step()
+        else:  # DANA-Zero: the sender's own momentum, then its step of lr / W
+            if self.cfg.weight_decay:
+                grad = grad + self.cfg.weight_decay * self.theta
+            v = self.velocity[rank - 1]
+            v.mul_(self.cfg.momentum).add_(grad)
+            self.theta.sub_(self.lr * v)
+            self.replica.set_flat_params(self.theta)
         self.version += 1
         if self._applied() // self.n > before // self.n:  # about once per W gradients, for every schedule alike
             loss = self._train_loss()
@@ -184,7 +197,7 @@ class Server:
         try:
             self.comm.send(torch.tensor([status, self.version, w.clock], dtype=torch.int64), w.rank, REPLY)
             if status == OK:
-                self.comm.send(self.replica.flat_params(), w.rank, REPLY)
+                self.comm.send(self._outgoing(), w.rank, REPLY)
         except RuntimeError as exc:  # gloo: connection closed by a dead peer
             self._lost(w, f"unreachable ({str(exc).splitlines()[0][:120]})")
             return False
@@ -223,6 +236,14 @@ class Server:
                 self._send(self.workers[msg.src], DROPPED)
         if not self.inbox.join(timeout=5.0):
             log.warning("ps: %d of %d workers did not answer the goodbye", len(finished) - acks, len(finished))
+
+    def _outgoing(self) -> torch.Tensor:
+        """The parameters a worker computes its next gradient on: the model (sync), or DANA's look-ahead
+        ``theta - lr * mu * sum_j v_j``: where the model will be once every in-flight worker has taken its momentum
+        step, so the gradient is computed near where it will be applied."""
+        if self.velocity is None:
+            return self.replica.flat_params()
+        return self.theta - (self.lr * self.cfg.momentum) * self.velocity.sum(0)
 
     # ------------------------------------------------------------------ bookkeeping
     def _floor(self, include_done: bool = False) -> float:
@@ -267,14 +288,20 @@ class Server:
         opt, params = self.replica.optimizer, self.replica.params
         bufs = [opt.state.get(p, {}).get("momentum_buffer") for p in params]
         momentum = None
-        if all(b is not None for b in bufs):
+        if self.velocity is not None:
+            momentum = self.velocity.clone()
+        elif all(b is not None for b in bufs):
             momentum = torch.cat([b.reshape(-1) for b in bufs]).detach().clone()
         clocks = [w.clock for _, w in sorted(self.workers.items())]
         return ServerCheckpoint(self.replica.flat_params(), momentum, clocks, self.version, self.pattern.run_identity())
 
     def _restore(self, ckpt: ServerCheckpoint) -> None:
         self.replica.set_flat_params(ckpt.params)
-        if ckpt.momentum is not None:
+        self.theta = self.replica.flat_params()
+        if ckpt.momentum is not None and self.velocity is not None:
+            if ckpt.momentum.shape == self.velocity.shape:  # else a sync checkpoint: start buffers at zero
+                self.velocity.copy_(ckpt.momentum)
+        elif ckpt.momentum is not None and ckpt.momentum.dim() == 1:
             offset, state = 0, self.replica.optimizer.state
             for p in self.replica.params:
                 n = p.numel()
