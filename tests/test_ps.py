@@ -102,7 +102,7 @@ def test_async_run_survives_a_killed_worker_and_names_it(tmp_path):
     assert 2 in summary["dropped_ranks"]
     assert summary["gradients_applied"] < 2 * 40  # the dead worker's remaining steps never arrived
     assert summary["steps"] == 40  # the survivor finished
-    assert summary["test_accuracy"] > 0.5
+    assert summary["final_loss"] < 2.25  # and it kept learning (2.30 at the start)
 
 
 def test_sync_run_fails_fast_naming_a_killed_worker(tmp_path):
