@@ -166,3 +166,17 @@ def test_checkpoint_rejects_another_run_and_garbage(tmp_path):
     checkpoint_path(tmp_path).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
     with pytest.raises(ConfigError, match="not a readable ps checkpoint"):
         ServerCheckpoint.load(tmp_path, ident, 10)
+
+
+def test_staleness_experiment_writes_table_plot_and_json(tmp_path):
+    from trustgrad.experiments import EXPERIMENTS
+
+    out = tmp_path / "exp"
+    argv = ["--out", str(out), "--workers", "2", "--epochs", "1", "--staleness", "3", "--step-ms", "5"]
+    result = EXPERIMENTS.get("staleness")([*argv, "--target-loss", "2.25"])
+    assert [r["schedule"] for r in result.data["rows"]] == ["sync", "ssp(S=3)", "async"]
+    assert all(r["gradients_to_target"] is not None for r in result.data["rows"])
+    assert {p.name for p in out.iterdir()} == {"results.json", "results.md", "staleness.png"}
+    assert "| ssp(S=3) |" in (out / "results.md").read_text()
+    with pytest.raises(ConfigError, match="experiment staleness"):
+        EXPERIMENTS.get("staleness")(["--bogus"])
