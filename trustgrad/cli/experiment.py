@@ -22,6 +22,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def _main(args: argparse.Namespace) -> int:
     from ..experiments import EXPERIMENTS
 
+    if "--json" in args.options:  # given after NAME, it lands among the forwarded options
+        args.options.remove("--json")
+        args.json = True
     if args.name == "list":
         print("\n".join(EXPERIMENTS.names()))
         return 0
