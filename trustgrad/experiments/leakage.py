@@ -35,12 +35,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..seeding import derive_seed, rng
 from . import EXPERIMENTS, ExperimentResult
 
-__all__ = ["Settings", "QUICK", "Defence", "defences", "ciphertext_view", "measure_cell", "run_leakage"]
+__all__ = ["Settings", "QUICK", "Defence", "defences", "ViewContext", "ciphertext_view", "measure_cell", "run_leakage"]
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ def defences(s: Settings) -> list[Defence]:
 
 
 @dataclass
-class _Env:
+class ViewContext:
     """What the workers share while building views: the settings, the target's index, and a lazily made CKKS key."""
 
     settings: Settings
@@ -131,26 +132,26 @@ def ciphertext_view(gradients: Sequence[torch.Tensor], public_key: Any) -> tuple
     return data, ciphertext_as_gradients(data, [g.shape for g in gradients])
 
 
-def _observe(model, x, y, param, env):  # noqa: ANN001, ANN202 (a row of _VIEWS)
+def _observe(model: nn.Module, x: Tensor, y: Tensor, param: float, env: ViewContext) -> list[Tensor]:
     from ..attacks.leakage import observe_gradients
 
     return observe_gradients(model, x, y)
 
 
-def _noise(model, x, y, param, env):  # noqa: ANN001, ANN202
+def _noise(model: nn.Module, x: Tensor, y: Tensor, param: float, env: ViewContext) -> list[Tensor]:
     from ..attacks.leakage.defences import gaussian_noise
 
     seed = derive_seed(env.settings.seed, "noise", env.index)
     return gaussian_noise(_observe(model, x, y, 0, env), param, seed=seed, relative_to="rms")
 
 
-def _prune(model, x, y, param, env):  # noqa: ANN001, ANN202
+def _prune(model: nn.Module, x: Tensor, y: Tensor, param: float, env: ViewContext) -> list[Tensor]:
     from ..attacks.leakage.defences import prune
 
     return prune(_observe(model, x, y, 0, env), param)
 
 
-def _aggregate(model, x, y, param, env):  # noqa: ANN001, ANN202
+def _aggregate(model: nn.Module, x: Tensor, y: Tensor, param: float, env: ViewContext) -> list[Tensor]:
     from ..attacks.leakage import digits
     from ..attacks.leakage.defences import aggregated_view
 
@@ -159,7 +160,7 @@ def _aggregate(model, x, y, param, env):  # noqa: ANN001, ANN202
     return aggregated_view(model, [(x, y), *(digits([int(i)]) for i in others)])
 
 
-def _encrypt(model, x, y, param, env):  # noqa: ANN001, ANN202
+def _encrypt(model: nn.Module, x: Tensor, y: Tensor, param: float, env: ViewContext) -> list[Tensor]:
     from ..crypto import EncryptedVector, decrypt
 
     plain = _observe(model, x, y, 0, env)
@@ -213,7 +214,7 @@ def _config(attack: str, s: Settings, index: int) -> dict[str, Any]:
 
 
 def measure_cell(
-    attack: str, defence: Defence, indices: Sequence[int], s: Settings, env: _Env | None = None
+    attack: str, defence: Defence, indices: Sequence[int], s: Settings, env: ViewContext | None = None
 ) -> dict[str, Any]:
     """Run ``attack`` on the view under ``defence`` for each target digit in ``indices`` (batch 1 each).
 
@@ -222,7 +223,7 @@ def measure_cell(
     """
     from ..attacks.leakage import GroundTruth, InputSpec, digits, run_attack
 
-    env = env or _Env(s)
+    env = env or ViewContext(s)
     model = _victim(dict(ATTACK_ROWS).get(attack, "sigmoid"))
     spec = InputSpec((1, 32, 32))
     per, recs, start = [], [], time.perf_counter()
@@ -260,7 +261,7 @@ def run_leakage(s: Settings, out: Path) -> ExperimentResult:
     try:
         indices = list(range(s.images))
         truth, _ = digits(indices)
-        env = _Env(s)
+        env = ViewContext(s)
         cells: list[dict[str, Any]] = []
         for attack, _victim_kind in ATTACK_ROWS:
             for d in defences(s):
@@ -344,7 +345,8 @@ def _heatmap(cells: list[dict[str, Any]], baseline: dict[str, Any], s: Settings,
                 ax.text(j, i, text, ha="center", va="center", color="white" if dark else "black", fontsize=8)
         ax.set_xticks(range(len(cols)), cols, rotation=20, fontsize=8)
         ax.set_yticks(range(len(rows)), rows, fontsize=8)
-        ax.set_title(f"{title}; data-free baseline {baseline[key]:.2f}", fontsize=9)
+        note = f" (expected {baseline['label_accuracy_expected']:.2f})" if key == "label_accuracy" else ""
+        ax.set_title(f"{title}; data-free baseline {baseline[key]:.2f}{note}", fontsize=9)
         fig.colorbar(im, ax=ax)
     fig.suptitle(f"What the server reconstructs, per attack x defence (digits, mean of {s.images} image(s))")
     fig.tight_layout()
