@@ -48,7 +48,7 @@ def test_encrypted_ring_training_follows_the_plaintext_run():
     "argv, needle",
     [
         (["--pattern", "ring", "--encrypt", "ckks", "--keys", "shared"], "only threshold keys protect it"),
-        (["--pattern", "allreduce", "--encrypt", "ckks", "--keys", "threshold"], "patterns that support it: ring"),
+        (["--pattern", "allreduce", "--encrypt", "ckks", "--keys", "threshold"], "patterns that support it: ps, ring"),
         (["--pattern", "ring", "--encrypt", "ckks", "--keys", "threshold", "--ring-dim", "1024"], "ring"),
         (["--encrypt", "paillier"], "encrypt must be one of none, ckks"),
     ],
@@ -57,3 +57,30 @@ def test_unsupported_or_insecure_encryption_is_refused(capsys, argv, needle):
     assert main(["train", "--workers", "2", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and len(err.splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("keys", ["shared", "threshold"])
+def test_encrypted_parameter_server_follows_the_plaintext_run(keys):
+    cfg = RunConfig(workers=2, epochs=1, max_steps=6, seed=4, progress=False).replace(pattern={"name": "ps"})
+    plain = run(cfg)
+    secret = run(cfg.replace(crypto={"encrypt": "ckks", "keys": keys}))
+    for name, ref in plain.state.items():
+        torch.testing.assert_close(secret.state[name], ref, atol=1e-5, rtol=0)
+    s = secret.summary
+    assert s["encrypted_bytes"] > 10 * s["plaintext_equivalent_bytes"] > 0 and s["he_encrypt_seconds"] > 0
+
+
+def test_the_encrypted_server_receives_no_secret_and_records_only_ciphertext(tmp_path):
+    from trustgrad.attacks.view import load_view
+
+    cfg = RunConfig(
+        workers=2, epochs=1, max_steps=2, seed=1, progress=False, record_server_view=True, out=str(tmp_path)
+    )
+    cfg = cfg.replace(pattern={"name": "ps"}, crypto={"encrypt": "ckks", "keys": "threshold"})
+    result = run(cfg)
+    server = result.ranks[0]
+    assert server["role"] == "server" and server["stats"]["he_encrypt_seconds"] == 0  # it never encrypts or decrypts
+    assert server["stats"]["server_key_material"] == ["context", "public key (threshold, 2 parties)"]
+    assert [p.name for p in (tmp_path / "server_view").iterdir()] == ["ciphertext-step0.safetensors"]
+    view = load_view(tmp_path / "server_view" / "ciphertext-step0.safetensors")
+    assert view.kind == "ciphertext" and view.gradients is None and len(view.ciphertext) > 100_000

@@ -135,6 +135,7 @@ def _finish(cfg: RunConfig, ranks: list[dict[str, Any] | None], wall: float) -> 
         if r:
             for key, value in r.get("stats", {}).items():
                 summary.setdefault(key, value)
+    _sum_crypto_costs(summary, [r for r in ranks if r])
     dead = [i for i, r in enumerate(ranks) if r is None]
     if dead:
         summary["dropped_ranks"] = sorted(set(summary.get("dropped_ranks", [])) | set(dead))
@@ -143,6 +144,15 @@ def _finish(cfg: RunConfig, ranks: list[dict[str, Any] | None], wall: float) -> 
     if cfg.out:
         write_records(cfg, result)
     return result
+
+
+def _sum_crypto_costs(summary: dict[str, Any], ranks: list[dict[str, Any]]) -> None:
+    """Encryption costs are per rank; the summary reports them summed over all ranks."""
+    keys = {k for r in ranks for k in r.get("stats", {}) if k.startswith("he_") or k.endswith("_bytes")}
+    for key in keys & {"encrypted_bytes", "plaintext_equivalent_bytes"} | {k for k in keys if k.startswith("he_")}:
+        summary[key] = sum(r.get("stats", {}).get(key, 0) for r in ranks)
+    if summary.get("plaintext_equivalent_bytes"):
+        summary["ciphertext_expansion"] = round(summary["encrypted_bytes"] / summary["plaintext_equivalent_bytes"], 2)
 
 
 def write_records(cfg: RunConfig, result: RunResult) -> None:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..config import RunConfig, config_to_dict
+from ..data import Dataset, shard_indices
 from ..launch import RankContext
 from ..seeding import batch_indices
 from ..train import HOOKS, StepEvent, WorkerState
@@ -32,9 +33,59 @@ def unflatten(flat: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tens
     return out
 
 
+def write_view(
+    cfg: RunConfig,
+    ds: Dataset,
+    *,
+    kind: str,
+    state: dict[str, torch.Tensor],
+    params: list[torch.Tensor],
+    senders: list[int],
+    num_workers: int,
+    epoch: int,
+    epoch_step: int,
+    step: int,
+    payload: torch.Tensor | bytes,
+) -> Path:
+    """Store one observed payload (a flat gradient, or ciphertext bytes) with the state it was computed at and, for
+    scoring only, the batches of ``senders`` (recomputed from the PRF: what those workers trained on)."""
+    idx = np.concatenate(
+        [
+            batch_indices(shard_indices(len(ds.x_train), w, num_workers, cfg.seed), cfg.seed, w, epoch, epoch_step,
+                          cfg.batch_size)
+            for w in senders
+        ]
+    )  # fmt: skip
+    tidx = torch.from_numpy(idx)
+    ciphertext = payload if isinstance(payload, bytes) else None
+    view = ServerView(
+        kind=kind,
+        model=cfg.model.name,
+        model_config=config_to_dict(cfg.model),
+        input_shape=ds.input_shape,
+        num_classes=ds.num_classes,
+        state=state,
+        batch_size=len(idx),
+        contributors=len(senders),
+        gradients=None if ciphertext is not None else unflatten(payload, params),  # type: ignore[arg-type]
+        ciphertext=ciphertext,
+        truth_x=ds.x_train[tidx],
+        truth_y=ds.y_train[tidx],
+        meta={"step": step, "senders": senders, "pattern": cfg.pattern.name, "dataset": cfg.dataset,
+              "encryption": cfg.crypto.encrypt, "keys": cfg.crypto.keys},
+    )  # fmt: skip
+    path = save_view(Path(cfg.out) / "server_view" / f"{kind}-step{step}.safetensors", view)  # type: ignore[arg-type]
+    log.info("server view written to %s", path)
+    return path
+
+
 class ServerViewRecorder:
+    """Taps the coordinating worker's pattern: ``gradient`` (its own update as a plaintext peer or server receives
+    it), ``aggregate`` (what every participant learns) and ``ciphertext`` (``(bytes, sender)``: what an encrypted
+    pattern's peers receive)."""
+
     def __init__(self) -> None:
-        self.captured: dict[str, torch.Tensor] = {}
+        self.captured: dict[str, Any] = {}
         self.state_before: dict[str, torch.Tensor] | None = None
         self.done = False
 
@@ -44,51 +95,27 @@ class ServerViewRecorder:
             state.pattern.taps.append(self._observe)
 
     def _observe(self, kind: str, payload: Any) -> None:
-        if self.done or kind not in ("gradient", "aggregate") or not isinstance(payload, torch.Tensor):
+        if self.done or kind not in ("gradient", "aggregate", "ciphertext") or kind in self.captured:
             return
         if self.state_before is None:  # taps fire before the update: this is the state the gradient was taken at
             self.state_before = {k: v.detach().clone() for k, v in self.state.replica.model.state_dict().items()}
-        self.captured[kind] = payload.detach().clone()
+        self.captured[kind] = payload.detach().clone() if isinstance(payload, torch.Tensor) else payload
 
     def on_step(self, state: WorkerState, event: StepEvent) -> None:
         if self.done or not self.captured:
             return
         self.done = True
-        cfg, ds = state.cfg, state.dataset
-        out = Path(cfg.out) / "server_view"  # type: ignore[arg-type]
-        for kind, flat in self.captured.items():
-            if kind == "gradient":
-                idx, contributors = event.indices, 1
-            else:  # every worker's batch of this step, recomputed from the PRF
-                from ..data import shard_indices
-
-                idx = np.concatenate(
-                    [
-                        batch_indices(
-                            shard_indices(len(ds.x_train), w, state.pattern.num_workers, cfg.seed),
-                            cfg.seed, w, event.epoch, event.epoch_step, cfg.batch_size,
-                        )
-                        for w in range(state.pattern.num_workers)
-                    ]
-                )  # fmt: skip
-                contributors = state.pattern.num_workers
-            tidx = torch.from_numpy(idx)
-            view = ServerView(
-                kind=kind,
-                model=cfg.model.name,
-                model_config=config_to_dict(cfg.model),
-                input_shape=ds.input_shape,
-                num_classes=ds.num_classes,
-                state=self.state_before or {},
-                batch_size=len(idx),
-                contributors=contributors,
-                gradients=unflatten(flat, state.replica.params),
-                truth_x=ds.x_train[tidx],
-                truth_y=ds.y_train[tidx],
-                meta={"step": event.step, "worker": event.worker, "pattern": cfg.pattern.name, "dataset": cfg.dataset},
-            )
-            path = save_view(out / f"{kind}-step{event.step}.safetensors", view)
-            log.info("server view written to %s", path)
+        everyone = list(range(state.pattern.num_workers))
+        for kind, payload in self.captured.items():
+            senders = {"gradient": [event.worker], "aggregate": everyone}.get(kind)
+            if kind == "ciphertext":
+                payload, sender = payload
+                senders = [sender]
+            write_view(
+                state.cfg, state.dataset, kind=kind, state=self.state_before or {}, params=state.replica.params,
+                senders=senders, num_workers=state.pattern.num_workers, epoch=event.epoch,
+                epoch_step=event.epoch_step, step=event.step, payload=payload,
+            )  # fmt: skip
 
     def on_end(self, state: WorkerState) -> dict[str, Any]:
         return {"server_view": str(Path(state.cfg.out) / "server_view")} if self.done else {}  # type: ignore[arg-type]

@@ -149,7 +149,8 @@ class GradientAveraging(Pattern):
     def step(self, replica: Replica, x: torch.Tensor, y: torch.Tensor) -> float:
         loss = replica.compute_gradients(x, y)
         flat = replica.flat_grad()
-        self.tap("gradient", flat)
+        if self.cfg.crypto.encrypt == "none":  # encrypted patterns tap the ciphertexts they send instead
+            self.tap("gradient", flat)
         flat = self.sum(flat).div_(self.comm.world_size)
         self.tap("aggregate", flat)
         replica.set_flat_grad(flat)

@@ -92,7 +92,7 @@ class Ring(GradientAveraging):
         if self.keys is not None:
             from ..secure.ring import encrypted_ring_all_reduce
 
-            return encrypted_ring_all_reduce(self.comm, flat, self.keys, self.crypto)
+            return encrypted_ring_all_reduce(self.comm, flat, self.keys, self.crypto, self.tap)
         return ring_all_reduce(self.comm, flat, self.cfg.pattern.segment_kb * 1024)
 
     def stats(self) -> dict[str, Any]:

@@ -19,6 +19,9 @@ of sums. Steps 3-6 exchange with every peer by cyclic shifts, so no ordering can
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -33,8 +36,13 @@ __all__ = ["encrypted_ring_all_reduce"]
 _TAG = 72
 
 
-def encrypted_ring_all_reduce(comm: Comm, flat: torch.Tensor, keys: KeyRing, stats: CryptoStats) -> torch.Tensor:
-    """Sum ``flat`` over all ranks in place; only ciphertexts, decryption shares and the final sum travel."""
+def encrypted_ring_all_reduce(
+    comm: Comm, flat: torch.Tensor, keys: KeyRing, stats: CryptoStats, observe: Callable[[str, Any], None] | None = None
+) -> torch.Tensor:
+    """Sum ``flat`` over all ranks in place; only ciphertexts, decryption shares and the final sum travel.
+
+    ``observe("ciphertext", (bytes, sender))`` is shown the first ciphertext received from the previous rank.
+    """
     world, rank = comm.world_size, comm.rank
     if world == 1:
         return flat
@@ -50,7 +58,10 @@ def encrypted_ring_all_reduce(comm: Comm, flat: torch.Tensor, keys: KeyRing, sta
         send_j, recv_j = (rank - s) % world, (rank - s - 1) % world
         payload = chunks[send_j].to_bytes()
         stats.sent(len(payload), bounds[send_j + 1] - bounds[send_j])
-        incoming = EncryptedVector.from_bytes(ctx, comm.exchange_bytes(payload, nxt, prv, _TAG))
+        received = comm.exchange_bytes(payload, nxt, prv, _TAG)
+        if observe is not None and s == 0:  # what a peer sees of its neighbour: ciphertext bytes
+            observe("ciphertext", (received, prv))
+        incoming = EncryptedVector.from_bytes(ctx, received)
         with stats.timing("aggregate"):
             chunks[recv_j] = chunks[recv_j] + incoming
 

@@ -52,6 +52,7 @@ class PushClaim:
 @PATTERNS.register("ps")
 class ParameterServer(Pattern):
     name = "ps"
+    encryption_keys = frozenset({"shared", "threshold"})
 
     def __init__(self, cfg: RunConfig, comm: Any):
         super().__init__(cfg, comm)
@@ -63,6 +64,7 @@ class ParameterServer(Pattern):
         self.last_claim: PushClaim | None = None
         self._server = None
         self._start = 0
+        self.secure = None  # SecureWorker when --encrypt ckks (see .secure)
 
     # ------------------------------------------------------------------ job shape
     @classmethod
@@ -74,6 +76,11 @@ class ParameterServer(Pattern):
             raise ConfigError(
                 f"ps needs exactly one server rank besides the workers (got --servers {p.servers}: {world} processes "
                 "in all, at least 2 needed); sharding over several servers is not supported"
+            )
+        if cfg.crypto.encrypt != "none" and (p.schedule != "sync" or cfg.resume or p.checkpoint_every):
+            raise ConfigError(
+                "ps --encrypt ckks runs --schedule sync without checkpoints: asynchronous schedules keep per-worker "
+                "momentum at the server (DANA) and checkpoints hold the model, both plaintext the server must not have"
             )
         if p.straggler:
             Straggler.parse(p.straggler, cfg.workers)
@@ -98,6 +105,11 @@ class ParameterServer(Pattern):
     @classmethod
     def may_lose(cls, cfg: RunConfig, rank: int) -> bool:
         return rank != 0 and schedule_for(cfg).tolerates_loss
+
+    @property
+    def coordinator(self) -> int:
+        """The server evaluates the model it holds; with encryption it holds none, so worker 0 does."""
+        return 1 if self.cfg.crypto.encrypt != "none" else 0
 
     @property
     def worker_index(self) -> int | None:
@@ -139,6 +151,8 @@ class ParameterServer(Pattern):
 
     def decode(self, payload: bytes, rank: int) -> torch.Tensor:
         """Bytes a worker pushed -> its flat gradient (a codec overrides this and ``aggregate``)."""
+        if self._server.secure is not None:  # type: ignore[union-attr]
+            return self._server.secure.decode(payload, rank)  # type: ignore[union-attr, return-value]
         n = self._server.replica.num_params  # type: ignore[union-attr]
         if len(payload) != 4 * n:
             raise LaunchError(f"ps: worker {rank - 1} pushed {len(payload)} bytes, expected {4 * n} (float32 x {n})")
@@ -146,16 +160,24 @@ class ParameterServer(Pattern):
 
     def aggregate(self, grads: list[torch.Tensor]) -> torch.Tensor:
         """The update of a synchronous round: the mean of one gradient per worker (summed in worker order)."""
+        if self._server.secure is not None:  # type: ignore[union-attr]
+            return self._server.secure.aggregate(grads)  # type: ignore[union-attr, return-value]
         total = grads[0].clone()
         for g in grads[1:]:
             total.add_(g)
         return total.div_(len(grads))
 
     def stats(self) -> dict[str, Any]:
-        return self._server.stats() if self._server is not None else {}
+        if self._server is not None:
+            return self._server.stats()
+        return self.secure.stats.summary() if self.secure is not None else {}
 
     # ------------------------------------------------------------------ worker side
     def attach(self, replica: Replica) -> None:
+        if self.cfg.crypto.encrypt != "none":
+            from .secure import SecureWorker
+
+            self.secure = SecureWorker(self.comm, self.cfg)
         self._pull(replica)
         self._start = self.clock
 
@@ -167,7 +189,8 @@ class ParameterServer(Pattern):
         if self.straggler is not None:
             self.straggler.pad(self.cfg.seed, self.comm.rank, self.clock, time.perf_counter() - started)
         flat = replica.flat_grad()
-        self.tap("gradient", flat)
+        if self.secure is None:  # with encryption the server records the ciphertext it receives instead
+            self.tap("gradient", flat)
         payload = self.encode(flat)
         self.last_claim = PushClaim(self.comm.rank - 1, self.clock, self.version, len(payload))
         self.observe_push(self.last_claim)
@@ -178,7 +201,9 @@ class ParameterServer(Pattern):
         return loss
 
     def encode(self, flat: torch.Tensor) -> bytes:
-        """A flat float32 gradient -> the bytes pushed to the server (an encryption codec overrides this)."""
+        """A flat float32 gradient -> the bytes pushed to the server (ciphertext bytes with encryption)."""
+        if self.secure is not None:
+            return self.secure.encode(flat)
         return flat.detach().to(torch.float32).contiguous().numpy().tobytes()
 
     def observe_push(self, claim: PushClaim) -> None:
@@ -207,7 +232,13 @@ class ParameterServer(Pattern):
             return
         if status != OK:
             raise LaunchError(f"ps: worker {self.comm.rank - 1} got unexpected status {status} from the server")
-        flat = torch.empty(replica.num_params, dtype=torch.float32)
-        self.comm.recv(flat, 0, REPLY)
-        replica.set_flat_params(flat)
+        if self.secure is not None:  # the encrypted mean of the last round: decrypt and step locally
+            payload, _ = self.comm.recv_bytes(0, REPLY)
+            if payload:
+                replica.set_flat_grad(self.secure.decode_mean(payload))
+                replica.step()
+        else:
+            flat = torch.empty(replica.num_params, dtype=torch.float32)
+            self.comm.recv(flat, 0, REPLY)
+            replica.set_flat_params(flat)
         self.version, self.clock = version, clock

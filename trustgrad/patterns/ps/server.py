@@ -81,14 +81,24 @@ class Server:
         if cfg.resume:
             self._restore(pattern.load_checkpoint(cfg.resume, self.replica.num_params))
         self.epochs_logged = self._floor(include_done=True) // max(1, self.steps_per_epoch)
+        self.view_recorded = False
+        self.secure = None  # SecureServer with --encrypt ckks: no plaintext update ever reaches this process
+        if cfg.crypto.encrypt != "none":
+            from .secure import SecureServer
+
+            self.secure = SecureServer(self.comm, cfg)
 
     # ------------------------------------------------------------------ the loop
     def serve(self) -> dict[str, Any]:
         from ...train import evaluate, model_report
 
         self.started = time.perf_counter()
-        self.trace.append((0.0, self._applied(), self._train_loss()))
-        self.inbox = Inbox(self.comm, max_payload=64 * 4 * self.replica.num_params + 4096)
+        if self.secure is None:
+            self.trace.append((0.0, self._applied(), self._train_loss()))
+        limit = 64 * 4 * self.replica.num_params + 4096
+        if self.secure is not None:  # ciphertexts: ~0.4 MB per 4096 slots, generously bounded
+            limit += (self.replica.num_params // self.secure.keys.context.slots + 2) * (8 << 20)
+        self.inbox = Inbox(self.comm, max_payload=limit)
         self._release()
         while any(not w.done and not w.dropped for w in self.workers.values()):
             msg = self.inbox.get(timeout=self._next_deadline() - time.perf_counter())
@@ -97,9 +107,12 @@ class Server:
             else:
                 self._handle(msg)
             self._release()
-        if self.losses:
+        if self.losses and self.secure is None:
             self._log_epoch()
         self._goodbye()
+        if self.secure is not None:  # nothing to evaluate here: worker 0 coordinates
+            stats = {**self.secure.stats.summary(), "server_key_material": self.secure.key_material()}
+            return {"steps": max(w.clock for w in self.workers.values()), "stats": stats}
         x, y, xt, yt = self.ds.x_train, self.ds.y_train, self.ds.x_test, self.ds.y_test
         self.trace.append((time.perf_counter() - self.started, self._applied(), evaluate(self.replica.model, x, y)[0]))
         return {
@@ -141,6 +154,8 @@ class Server:
                     f"expected step {w.clock} on version {w.read_version}"
                 )
             grad = self.pattern.decode(msg.payload, w.rank)
+            if self.cfg.record_server_view and not self.view_recorded and msg.version == self.version:
+                self._record_view(msg, grad)
             self.staleness.append(int(msg.step - w.read_floor))
             self.lags.append(self.version - msg.version)
             self.losses.append(msg.loss)
@@ -163,6 +178,10 @@ class Server:
 
     def _update(self, grad: torch.Tensor, gradients: int, rank: int = 0) -> None:
         before = self._applied() - gradients
+        if self.secure is not None:  # the encrypted mean goes back to the workers as it is
+            self.secure.publish(grad)  # type: ignore[arg-type]
+            self.version += 1
+            return
         if self.velocity is None:  # sync: the optimizer's step on the mean, exactly as allreduce takes it
             self.replica.set_flat_grad(grad)
             self.replica.step()
@@ -196,7 +215,9 @@ class Server:
     def _send(self, w: _Worker, status: int) -> bool:
         try:
             self.comm.send(torch.tensor([status, self.version, w.clock], dtype=torch.int64), w.rank, REPLY)
-            if status == OK:
+            if status == OK and self.secure is not None:
+                self.comm.send_bytes(self.secure.latest, w.rank, REPLY)
+            elif status == OK:
                 self.comm.send(self._outgoing(), w.rank, REPLY)
         except RuntimeError as exc:  # gloo: connection closed by a dead peer
             self._lost(w, f"unreachable ({str(exc).splitlines()[0][:120]})")
@@ -244,6 +265,19 @@ class Server:
         if self.velocity is None:
             return self.replica.flat_params()
         return self.theta - (self.lr * self.cfg.momentum) * self.velocity.sum(0)
+
+    def _record_view(self, msg: Message, grad: Any) -> None:
+        """``--record-server-view``: the first push this server receives, exactly as received (attack material)."""
+        from ...attacks.recorder import write_view
+
+        self.view_recorded = True
+        epoch, epoch_step = divmod(msg.step, max(1, self.steps_per_epoch))
+        write_view(
+            self.cfg, self.ds, kind="ciphertext" if self.secure is not None else "gradient",
+            state={k: v.detach().clone() for k, v in self.replica.model.state_dict().items()},
+            params=self.replica.params, senders=[msg.src - 1], num_workers=self.n, epoch=epoch,
+            epoch_step=epoch_step, step=msg.step, payload=msg.payload if self.secure is not None else grad,
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ bookkeeping
     def _floor(self, include_done: bool = False) -> float:
