@@ -53,6 +53,7 @@ class PushClaim:
 class ParameterServer(Pattern):
     name = "ps"
     encryption_keys = frozenset({"shared", "threshold"})
+    proof_modes = frozenset({"audit"})
 
     def __init__(self, cfg: RunConfig, comm: Any):
         super().__init__(cfg, comm)
@@ -81,6 +82,11 @@ class ParameterServer(Pattern):
             raise ConfigError(
                 "ps --encrypt ckks runs --schedule sync without checkpoints: asynchronous schedules keep per-worker "
                 "momentum at the server (DANA) and checkpoints hold the model, both plaintext the server must not have"
+            )
+        if cfg.proof.mode == "audit" and cfg.crypto.encrypt != "none":
+            raise ConfigError(
+                "--proof audit replays plaintext claims; with --encrypt ckks the audit must run on ciphertexts, "
+                "which ps does not do yet (see docs/proposal.md)"
             )
         if p.straggler:
             Straggler.parse(p.straggler, cfg.workers)
@@ -227,7 +233,7 @@ class ParameterServer(Pattern):
     def _pull(self, replica: Replica) -> None:
         status, version, clock = self._reply_header()
         if status == DROPPED:
-            log.warning("ps: the server dropped worker %d (too slow); it stops pushing", self.comm.rank - 1)
+            log.warning("ps: the server dropped worker %d; it stops pushing", self.comm.rank - 1)
             self.detached = True
             return
         if status != OK:

@@ -82,6 +82,12 @@ class Server:
             self._restore(pattern.load_checkpoint(cfg.resume, self.replica.num_params))
         self.epochs_logged = self._floor(include_done=True) // max(1, self.steps_per_epoch)
         self.view_recorded = False
+        self.buffer_steps: dict[int, int] = {}
+        self.audit = None  # ServerAudit with --proof audit
+        if cfg.proof.mode == "audit":
+            from .audit import ServerAudit
+
+            self.audit = ServerAudit(self)
         self.secure = None  # SecureServer with --encrypt ckks: no plaintext update ever reaches this process
         if cfg.crypto.encrypt != "none":
             from .secure import SecureServer
@@ -137,6 +143,7 @@ class Server:
             "resumed_at_version": self.resumed_at,
             "dropped_workers": dropped,
             "dropped_reasons": {str(r - 1): w.dropped for r, w in self.workers.items() if w.dropped},
+            **(self.audit.summary() if self.audit is not None else {}),
         }
 
     # ------------------------------------------------------------------ messages
@@ -156,14 +163,16 @@ class Server:
             grad = self.pattern.decode(msg.payload, w.rank)
             if self.cfg.record_server_view and not self.view_recorded and msg.version == self.version:
                 self._record_view(msg, grad)
+            if self.audit is not None:
+                self.audit.claim(w.rank, msg.step, msg.version, msg.payload)
             self.staleness.append(int(msg.step - w.read_floor))
             self.lags.append(self.version - msg.version)
             self.losses.append(msg.loss)
             w.clock, w.waiting, w.deadline = w.clock + 1, True, math.inf
             if self.schedule.aggregate:
-                self.buffer[w.rank] = grad
+                self.buffer[w.rank], self.buffer_steps[w.rank] = grad, msg.step
                 self._complete_round()
-            else:
+            elif self.audit is None or self.audit.admit(w.rank, msg.step, msg.version, grad):
                 self._update(grad, 1, w.rank)
         elif msg.kind == DONE:
             w.done, w.waiting, w.deadline = True, False, math.inf
@@ -172,9 +181,13 @@ class Server:
     def _complete_round(self) -> None:
         live = {r for r, w in self.workers.items() if not w.done and not w.dropped}
         if self.buffer and live <= set(self.buffer):
-            grads = [self.buffer[r] for r in sorted(self.buffer)]
-            self.buffer.clear()
-            self._update(self.pattern.aggregate(grads), len(grads))
+            buffer, self.buffer = self.buffer, {}
+            if self.audit is not None:  # claims that fail their replay never reach the model
+                buffer = self.audit.screen_round(buffer, self.buffer_steps)
+                self.audit.applied_round({r: g / len(buffer) for r, g in buffer.items()})
+            if buffer:
+                grads = [buffer[r] for r in sorted(buffer)]
+                self._update(self.pattern.aggregate(grads), len(grads))
 
     def _update(self, grad: torch.Tensor, gradients: int, rank: int = 0) -> None:
         before = self._applied() - gradients
@@ -191,6 +204,8 @@ class Server:
             v = self.velocity[rank - 1]
             v.mul_(self.cfg.momentum).add_(grad)
             self.theta.sub_(self.lr * v)
+            if self.audit is not None:
+                self.audit.applied_async(rank, self.lr * v)
             self.replica.set_flat_params(self.theta)
         self.version += 1
         if self._applied() // self.n > before // self.n:  # about once per W gradients, for every schedule alike
@@ -218,7 +233,10 @@ class Server:
             if status == OK and self.secure is not None:
                 self.comm.send_bytes(self.secure.latest, w.rank, REPLY)
             elif status == OK:
-                self.comm.send(self._outgoing(), w.rank, REPLY)
+                outgoing = self._outgoing()
+                if self.audit is not None and self.velocity is not None:
+                    self.audit.remember(self.version, outgoing)
+                self.comm.send(outgoing, w.rank, REPLY)
         except RuntimeError as exc:  # gloo: connection closed by a dead peer
             self._lost(w, f"unreachable ({str(exc).splitlines()[0][:120]})")
             return False
@@ -232,6 +250,12 @@ class Server:
         for w in self.workers.values():
             if not w.dropped and now >= w.deadline:
                 self._lost(w, f"sent no gradient for {self.cfg.pattern.worker_timeout:g} s")
+
+    def exclude(self, w: _Worker, reason: str) -> None:
+        """Stop accepting a worker (the audit rejected it); the run goes on without it under every schedule."""
+        log.warning("ps: excluding worker %d (rank %d): %s", w.rank - 1, w.rank, reason)
+        self._send(w, DROPPED)
+        w.dropped, w.waiting, w.deadline = reason, False, math.inf
 
     def _lost(self, w: _Worker, reason: str) -> None:
         if not self.schedule.tolerates_loss:
