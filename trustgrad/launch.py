@@ -70,9 +70,12 @@ def _child(
     fn: Callable[..., Any],
     args: tuple,
     results: mp.Queue,
+    environ: dict[str, str],
 ) -> None:
     import torch.distributed as dist
 
+    os.environ.clear()  # the fork server's environment is from its start; the job gets the caller's of now
+    os.environ.update(environ)
     try:
         _init_process_group(backend, timeout, rank, world, init_file)
         out = fn(RankContext(rank, world, rank, "spawn"), *args)
@@ -117,7 +120,7 @@ def spawn(
         procs = [
             ctx.Process(
                 target=_child,
-                args=(rank, world_size, init_file, backend, timeout, fn, tuple(args), results),
+                args=(rank, world_size, init_file, backend, timeout, fn, tuple(args), results, dict(os.environ)),
                 name=f"trustgrad-rank{rank}",
                 daemon=False,
             )
