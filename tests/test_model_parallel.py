@@ -212,7 +212,10 @@ def test_training_run_matches_one_process(pattern, workers, extra):
         (["--pattern", "pipeline", "--workers", "2", "--split-points", "1"], "without parameters"),
         (["--pattern", "tensor", "--workers", "2", "--model", "logreg"], "no shardable layers"),
         (["--pattern", "tensor", "--workers", "3", "--hidden", "32"], "divisible by --workers 3"),
-        (["--pattern", "tensor", "--workers", "2", "--proof", "record"], "--proof record is not supported"),
+        (
+            ["--pattern", "tensor", "--workers", "2", "--proof", "record", "--out", "x"],
+            "--proof record is not supported",
+        ),
     ],
 )
 def test_bad_input_is_one_line_exit_2(args, message, capsys):
