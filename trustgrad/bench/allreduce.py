@@ -72,7 +72,7 @@ def run(argv: list[str]) -> BenchResult:
     parser = argparse.ArgumentParser(prog="trustgrad bench allreduce")
     parser.add_argument("--sizes-mb", type=float, nargs="+", default=[4, 40, 400])
     parser.add_argument("--worlds", type=int, nargs="+", default=[2, 4])
-    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--segment-kb", type=int, default=1024)
     args = parser.parse_args(argv)
 
