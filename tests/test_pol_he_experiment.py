@@ -1,0 +1,75 @@
+"""``trustgrad experiment pol-he --quick`` end to end (real CKKS, real ps jobs, a real iDLG attack); bad options."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from trustgrad.cli import main
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pol-he")
+    assert main(["experiment", "pol-he", "--quick", "--out", str(out)]) == 0
+    return out, json.loads((out / "results.json").read_text())
+
+
+def test_quick_run_writes_tables_json_and_plots(quick):
+    out, data = quick
+    md = (out / "results.md").read_text()
+    for heading in ("## 1. Honest acceptance", "## 2. Detection", "## 3. Cost", "## 4. What the server"):
+        assert heading in md
+    for png in data["pngs"]:
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert set(data["pngs"]) == {"acceptance.png", "detection.png"}
+
+
+def test_honest_acceptance_follows_the_ckks_scale(quick):
+    _, data = quick
+    cells = {(c["mode"], c["scale_bits"]): c for c in data["acceptance"]["cells"]}
+    # the plaintext control replays bit-exactly: every error in the other rows is CKKS's
+    assert cells[("plaintext", None)]["claims"]["rel_l2_max"] == 0.0
+    for mode in ("shared", "threshold-3"):
+        high, low = cells[(mode, 50)], cells[(mode, 25)]
+        assert high["claims"]["acceptance"]["0.0003"] == 1.0 and high["aggregates"]["acceptance"]["0.0003"] == 1.0
+        assert high["claims"]["rel_l2_max"] < 1e-6
+        # at 2**25 the encryption noise is of the order of the gradient's small entries: claims are rejected
+        assert low["claims"]["rel_l2_median"] > 3e-4 and low["claims"]["acceptance"]["0.0003"] < 1.0
+    assert data["answer"]["per_mode"]["shared"]["min_scale_all_accepted"] in (40, 50)
+
+
+def test_audits_catch_the_poisoner_and_spare_honest_workers(quick):
+    _, data = quick
+    det = data["detection"]
+    full = [r for r in det["rows"] if r["audit_rate"] == 1.0]
+    assert full and all(r["detected"] == r["runs"] and r["errors"] == 0 for r in full)
+    assert all(r["false_exclusions"] == 0 for r in det["rows"])
+    honest = det["honest"]["sync/audit 1.0"]["summary"]
+    assert honest["audited_claims"] > 0 and honest["false_rejections"] == 0 and honest["excluded"] == 0
+    sign_flip = next(r for r in full if r["attack"] == "sign-flip")
+    assert sign_flip["unverified_accuracy"] < sign_flip["honest_accuracy"]
+
+
+def test_cost_and_leakage_parts_measured(quick):
+    _, data = quick
+    cost, leak = data["cost"], data["leakage"]["summary"]
+    assert cost["direct"]["audit_check"] > 0 and cost["blind"]["rows"][0]["check_s"] > 0
+    assert "error" not in cost["jobs"]["ckks threshold"] and cost["jobs"]["ckks threshold"]["he_encrypt_seconds"] > 0
+    assert leak["plaintext"]["view_kind"] == "gradient" and leak["plaintext"]["label_accuracy_mean"] == 1.0
+    assert leak["plaintext"]["psnr_mean"] > 20
+    for mode in ("ckks shared", "ckks threshold"):
+        assert leak[mode]["errors"] == 0 and leak[mode]["view_kind"] == "ciphertext"
+        assert leak[mode]["psnr_mean"] < leak["plaintext"]["psnr_mean"] - 10
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [(["--seeds", "0"], "--seeds must be in"), (["--seeds", "x"], "invalid int"), (["--bogus"], "unrecognized")],
+)
+def test_bad_options_are_one_line_errors(argv, message, tmp_path, capsys):
+    assert main(["experiment", "pol-he", "--out", str(tmp_path), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "results.json").exists()

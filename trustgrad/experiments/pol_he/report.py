@@ -1,0 +1,251 @@
+"""Tables, plots and the answer to the paper's question, all computed from the measured data (nothing typed in)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["answer", "markdown", "plots"]
+
+
+def _pct(x: float) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.0f}%"
+
+
+def _g(x: Any, fmt: str = ".2g") -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return "inf" if isinstance(x, float) and math.isinf(x) else format(x, fmt)
+
+
+def answer(data: dict[str, Any]) -> dict[str, Any]:
+    acc, det = data["acceptance"], data["detection"]
+    default = f"{acc['default_threshold']:g}"
+    per_mode: dict[str, Any] = {}
+    for cell in acc["cells"]:
+        if cell["scale_bits"] is None:
+            continue
+        ok = cell["claims"]["acceptance"][default] == 1.0 and cell["aggregates"]["acceptance"][default] == 1.0
+        entry = per_mode.setdefault(cell["mode"], {"min_scale_all_accepted": None, "max_rel_l2_at": {}})
+        entry["max_rel_l2_at"][cell["scale_bits"]] = max(cell["claims"]["rel_l2_max"], cell["aggregates"]["rel_l2_max"])
+        if ok and (entry["min_scale_all_accepted"] is None or cell["scale_bits"] < entry["min_scale_all_accepted"]):
+            entry["min_scale_all_accepted"] = cell["scale_bits"]
+    honest = det["honest"]["sync/audit 1.0"]["summary"]
+    attacked = [r["min_rejected_rel_l2"] for r in det["rows"] if not math.isnan(r["min_rejected_rel_l2"])]
+    out = {
+        "default_threshold": acc["default_threshold"],
+        "per_mode": per_mode,
+        "honest_runs": honest["runs"],
+        "honest_false_rejections": honest["false_rejections"],
+        "honest_audited_claims": honest["audited_claims"],
+        "smallest_rejected_malicious_rel_l2": min(attacked) if attacked else math.nan,
+    }
+    lines = []
+    for mode, e in per_mode.items():
+        s = e["min_scale_all_accepted"]
+        at = e["max_rel_l2_at"]
+        preset = 40 if mode == "shared" else 50
+        worst = f"; worst honest rel_l2 at 2^{preset}: {_g(at.get(preset))}" if preset in at else ""
+        lines.append(
+            f"{mode}: every honest claim and aggregate accepted at the default threshold from 2^{s} up{worst}"
+            if s is not None
+            else f"{mode}: no measured scale had every honest claim accepted at the default threshold"
+        )
+    out["text"] = (
+        "; ".join(lines) + f". Honest plaintext-audited runs: {honest['false_rejections']} false rejections in "
+        f"{honest['audited_claims']} audited claims over {honest['runs']} seeds. Smallest rel_l2 of a rejected "
+        f"malicious claim: {_g(out['smallest_rejected_malicious_rel_l2'])}."
+    )
+    return out
+
+
+def markdown(data: dict[str, Any]) -> str:
+    acc, det, cost, leak = data["acceptance"], data["detection"], data["cost"], data["leakage"]
+    th = [f"{t:g}" for t in acc["thresholds"]]
+    m = data["machine"]
+    out = [
+        "# pol-he: does CKKS noise make the verifier reject honest proofs?",
+        "",
+        f"Machine: {m['cpus']} CPUs, load average {m['load_average_at_start']} at start; seeds "
+        f"{data['settings']['seeds']}; part seconds {data['seconds']}.",
+        "",
+        f"**Answer.** {data['answer']['text']}",
+        "",
+        f"## 1. Honest acceptance vs CKKS scale and threshold (digits/mlp, {acc['workers']} workers, "
+        f"{acc['steps_per_seed']} rounds per seed; 128-bit parameters; each cell: claims / aggregates accepted)",
+        "",
+        "| keys | scale | N | claims | " + " | ".join(f"t={t}" for t in th) + " | rel_l2 median / p95 / max (claims) "
+        "| max (aggregates) | decrypt failures |",
+        "|---|---|---:|---:|" + "---:|" * len(th) + "---:|---:|---:|",
+    ]
+    for c in acc["cells"]:
+        cl, ag = c["claims"], c["aggregates"]
+        sc = "-" if c["scale_bits"] is None else f"2^{c['scale_bits']}"
+        n = acc["ring_dim"].get(f"{c['mode']}@{c['scale_bits']}", "-")
+        cells = " | ".join(f"{_pct(cl['acceptance'][t])} / {_pct(ag['acceptance'][t])}" for t in th)
+        fails = cl["decryption_failures"] + ag["decryption_failures"]
+        out.append(
+            f"| {c['mode']} | {sc} | {n} | {cl['n']} | {cells} | {_g(cl['rel_l2_median'])} / {_g(cl['rel_l2_p95'])} "
+            f"/ {_g(cl['rel_l2_max'])} | {_g(ag['rel_l2_max'])} | {fails} |"
+        )
+    out += [
+        "",
+        f"Default threshold {acc['default_threshold']:g} (relative l2) plus the auditor's cosine rule "
+        f"(<= {acc['cos_rule']:g}). Claims: one worker's ciphertext decrypted, times W, replayed by "
+        "`Auditor.check`; aggregates: the server's sum of W ciphertexts (each pre-scaled by 1/W) decrypted to float32.",
+        "",
+        f"## 2. Detection per attack vs audit rate (ps, {det['workers']} workers, {det['steps']} steps, worker 1 "
+        f"malicious from step {det['from_step']})",
+        "",
+        "| schedule | attack | audit rate | detected | steps to detection | rolled back | honest excluded "
+        "| accuracy (audited) | accuracy (unverified) | honest accuracy | smallest rejected rel_l2 | errors |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in det["rows"]:
+        out.append(
+            f"| {r['schedule']} | {r['attack']} | {r['audit_rate']:g} | {r['detected']}/{r['runs'] - r['errors']} | "
+            f"{_g(r['steps_to_detection_mean'], '.1f')} | {_g(r['rolled_back_mean'], '.1f')} | {r['false_exclusions']} "
+            f"| {_g(r['accuracy_mean'], '.3f')} | {_g(r['unverified_accuracy'], '.3f')} "
+            f"| {_g(r['honest_accuracy'], '.3f')} | {_g(r['min_rejected_rel_l2'])} | {r['errors']} |"
+        )
+    out += [
+        "",
+        "Honest runs (no malicious worker):",
+        "",
+        "| runs | seeds | audited claims | false rejections | honest excluded | worst accepted rel_l2 | accuracy "
+        "| errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for k, v in det["honest"].items():
+        h = v["summary"]
+        out.append(
+            f"| {k} | {h['runs']} | {h['audited_claims']} | {h['false_rejections']} | {h['excluded']} | "
+            f"{_g(h['worst_accepted_rel_l2'])} | {_g(h['accuracy_mean'], '.3f')} | {h['errors']} |"
+        )
+    out += ["", *_cost_table(cost), "", *_leak_table(leak)]
+    out += ["", "Plots: " + ", ".join(data.get("pngs", []))]
+    return "\n".join(out)
+
+
+def _cost_table(cost: dict[str, Any]) -> list[str]:
+    d, per_epoch, w = cost["direct"], cost["steps_per_epoch"], cost["workers"]
+    plain = cost["jobs"]["plaintext"]
+    base = plain["train_seconds"] / plain["steps"] if "error" not in plain else math.nan
+    lines = [
+        f"## 3. Cost per verified step (seconds; per epoch = {w} workers x {per_epoch} steps)",
+        "",
+        "| what | seconds per step | x plaintext | per epoch |",
+        "|---|---:|---:|---:|",
+        f"| plaintext worker gradient (direct) | {_g(d['plaintext_step'], '.2e')} | 1 | "
+        f"{_g(d['plaintext_step'] * w * per_epoch, '.3f')} |",
+        f"| audit replay of one claim (`Auditor.check`, direct) | {_g(d['audit_check'], '.2e')} | "
+        f"{_g(d['audit_check'] / d['plaintext_step'], '.1f')} | {_g(d['audit_check'] * w * per_epoch, '.3f')} "
+        "(rate 1) |",
+        f"| CKKS encrypt one gradient (direct, all scales) | {_g(d['encrypt'], '.2e')} | "
+        f"{_g(d['encrypt'] / d['plaintext_step'], '.1f')} | |",
+        f"| CKKS decrypt one vector (direct, all modes) | {_g(d['decrypt'], '.2e')} | "
+        f"{_g(d['decrypt'] / d['plaintext_step'], '.1f')} | |",
+    ]
+    for k, v in cost["audit_jobs"].items():
+        lines.append(
+            f"| ps job, {k}: server loop per version (mean of {v['runs']}) | {_g(v['server_seconds_per_step'], '.3f')} "
+            f"| | {_g(v['server_seconds_per_step'] * per_epoch, '.2f')} |"
+        )
+    for k, v in cost["jobs"].items():
+        if "error" in v:
+            lines.append(f"| ps job, {k} | error: {v['error']} | | |")
+            continue
+        sec = v["train_seconds"] / v["steps"]
+        he = ", ".join(f"{x[3:-8]} {v[x]:.2f}" for x in sorted(v) if x.startswith("he_") and x.endswith("_seconds"))
+        extra = f" (CKKS s summed over ranks: {he}; ciphertext x{v.get('ciphertext_expansion')})" if he else ""
+        lines.append(
+            f"| ps job, {k}: server loop per version, same seed, back to back{extra} | {sec:.3f} | "
+            f"{_g(sec / base, '.1f')} | {sec * per_epoch:.2f} |"
+        )
+    for r in cost["blind"]["rows"]:
+        lines.append(
+            f"| blind step check, {r['kind']} (depth {r['depth']}, N={r['ring_dim']}; batch {cost['blind']['batch']}; "
+            f"vs numpy recomputation {r['plaintext_s']:.1e} s; honest err {r['honest_error_max']:.1e}, 1e-4 tamper "
+            f"{r['tamper_1e-4_min']:.1e}) | {r['check_s']:.2f} | {r['check_s'] / r['plaintext_s']:,.0f} | "
+            f"{r['check_s'] * w * per_epoch:.1f} |"
+        )
+    return lines
+
+
+def _leak_table(leak: dict[str, Any]) -> list[str]:
+    lines = [
+        f"## 4. What the server's view leaks (iDLG, {leak['idlg_steps']} L-BFGS steps, sigmoid LeNet, digits 32x32, "
+        "batch 1, ps with 2 workers)",
+        "",
+        "| mode | the server holds | PSNR dB (mean) | label accuracy | runs | errors |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for mode, v in leak["summary"].items():
+        lines.append(
+            f"| {mode} | {v['view_kind']} | {_g(v['psnr_mean'], '.1f')} | {_g(v['label_accuracy_mean'], '.2f')} | "
+            f"{v['runs']} | {v['errors']} |"
+        )
+    return lines
+
+
+def plots(data: dict[str, Any], out: Path) -> list[Path]:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    acc, det = data["acceptance"], data["detection"]
+    paths = []
+    fig = Figure(figsize=(11, 4))
+    FigureCanvasAgg(fig)
+    left, right = fig.subplots(1, 2)
+    default = f"{acc['default_threshold']:g}"
+    for mode in dict.fromkeys(c["mode"] for c in acc["cells"] if c["scale_bits"] is not None):
+        cells = sorted((c for c in acc["cells"] if c["mode"] == mode), key=lambda c: c["scale_bits"])
+        xs = [c["scale_bits"] for c in cells]
+        left.plot(xs, [100 * c["claims"]["acceptance"][default] for c in cells], marker="o", label=mode)
+        right.plot(xs, [c["claims"]["rel_l2_max"] for c in cells], marker="o", label=f"{mode} (max)")
+    for t in acc["thresholds"]:
+        right.axhline(t, color="grey", lw=0.6, ls="--")
+    left.set(xlabel="CKKS scale bits s (Delta = 2^s)", ylabel="% honest claims accepted", title=f"threshold {default}")
+    right.set(xlabel="CKKS scale bits s", ylabel="relative l2 error of honest claims", yscale="log")
+    right.set_title("dashed: thresholds", fontsize=9)
+    left.legend(fontsize=8)
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(_save(fig, out / "acceptance.png"))
+
+    rows = [r for r in det["rows"] if r["schedule"] == "sync"]
+    fig = Figure(figsize=(11, 4))
+    FigureCanvasAgg(fig)
+    left, right = fig.subplots(1, 2)
+    attacks = list(dict.fromkeys(r["attack"] for r in rows))
+    for a in attacks:
+        mine = sorted((r for r in rows if r["attack"] == a), key=lambda r: r["audit_rate"])
+        left.plot(
+            [r["audit_rate"] for r in mine], [r["detected"] / max(1, r["runs"]) for r in mine], marker="o", label=a
+        )
+    left.set(xlabel="audit rate", ylabel="detection rate", xscale="log", title="malicious worker excluded")
+    left.legend(fontsize=7)
+    x = np.arange(len(attacks))
+    top = {r["attack"]: r for r in rows if r["audit_rate"] == max(r2["audit_rate"] for r2 in rows)}
+    right.bar(x - 0.2, [top[a]["unverified_accuracy"] for a in attacks], 0.4, label="unverified")
+    right.bar(
+        x + 0.2,
+        [top[a]["accuracy_mean"] for a in attacks],
+        0.4,
+        label=f"audited (rate {top[attacks[0]]['audit_rate']:g})",
+    )
+    right.axhline(rows[0]["honest_accuracy"], color="black", lw=0.8, ls="--", label="honest")
+    right.set_xticks(x, attacks, rotation=25, fontsize=7)
+    right.set(ylabel="test accuracy")
+    right.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(_save(fig, out / "detection.png"))
+    return paths
+
+
+def _save(fig: Any, path: Path) -> Path:
+    fig.savefig(path, format="png", dpi=100)
+    return path
