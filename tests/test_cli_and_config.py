@@ -34,7 +34,9 @@ def _fails_cleanly(capsys, argv, *needles):
         (["train", "--workers", "two"], ["invalid int value"]),
         (["train", "--dataset", "mnist", "--data-dir", "/nonexistent"], ["train-images-idx3-ubyte"]),
         (["train", "--dataset", "cifar10"], ["--data-dir"]),
-        (["train", "--lr", "-1"], ["lr must be > 0"]),
+        (["train", "--lr", "-1"], ["lr must be a finite number > 0"]),
+        (["train", "--lr", "inf"], ["lr must be a finite number > 0"]),
+        (["train", "--timeout", "nan"], ["timeout must be a finite number"]),
         (["bench", "nope"], ["unknown benchmark 'nope'"]),
     ],
 )
@@ -53,6 +55,7 @@ def test_toml_unknown_key_and_wrong_type(tmp_path, capsys):
     not_toml.write_text("workers = = 2\n")
     _fails_cleanly(capsys, ["train", "--config", str(not_toml)], "not valid TOML")
     _fails_cleanly(capsys, ["train", "--config", str(tmp_path / "missing.toml")], "does not exist")
+    _fails_cleanly(capsys, ["train", "--config", str(tmp_path)], "cannot be read")
 
 
 def test_toml_and_flags_layer(tmp_path):
@@ -109,6 +112,12 @@ def test_mnist_idx_files_are_read_from_a_folder(tmp_path):
     assert ds.x_train.shape == (20, 1, 28, 28) and ds.x_test.shape == (5, 1, 28, 28)
     (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x09abc")
     with pytest.raises(DataError, match="header says"):
+        load_dataset("mnist", data_dir=tmp_path)
+    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(b"\x00\x00\x08\x01\x00")
+    with pytest.raises(DataError, match="truncated idx header"):
+        load_dataset("mnist", data_dir=tmp_path)
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(b"not gzip at all")
+    with pytest.raises(DataError, match="not a readable gzip file"):
         load_dataset("mnist", data_dir=tmp_path)
 
 

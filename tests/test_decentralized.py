@@ -130,3 +130,10 @@ def test_bad_input_is_one_line_and_exit_code_2(flags, message, capsys):
     assert main(["train", *flags, "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err, err
+
+
+def test_poisoning_reaches_patterns_that_step_locally():
+    """A malicious wrapper rewrites p.grad itself, so gossip and local SGD train on the poisoned gradient too."""
+    for name in ("gossip", "local-sgd"):
+        cfg = _cfg(name=name).replace(epochs=2, malicious=("rank=1,attack=scale,strength=-50",))
+        assert run(cfg).summary["test_accuracy"] < 0.5

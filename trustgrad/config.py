@@ -16,6 +16,7 @@ trustgrad.errors.ConfigError: unknown config key 'wrokers' (known: ...)
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -72,6 +73,9 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _positive(self, "hidden", "depth")
+        # configs also arrive inside proofs and views: bound what they can make us allocate
+        if self.hidden > 1 << 16 or self.depth > 256:
+            raise ConfigError(f"model too large: hidden {self.hidden} (max 65536), depth {self.depth} (max 256)")
 
 
 @dataclass(frozen=True)
@@ -138,12 +142,14 @@ class RunConfig:
         _positive(self, "epochs", "batch_size", "threads")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"max_steps must be >= 1, got {self.max_steps}")
-        if not self.lr > 0:
-            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if not 0 < self.lr < math.inf:
+            raise ConfigError(f"lr must be a finite number > 0, got {self.lr}")
+        if not 0 <= self.weight_decay < math.inf:
+            raise ConfigError(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
         if not 0.0 <= self.momentum < 1.0:
             raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
-        if self.timeout <= 0:
-            raise ConfigError(f"timeout must be > 0 seconds, got {self.timeout}")
+        if not 0 < self.timeout < math.inf:
+            raise ConfigError(f"timeout must be a finite number of seconds > 0, got {self.timeout}")
         if self.proof.mode == "record" and not self.out:
             raise ConfigError("--proof record writes OUT/proof: pass --out DIR")
         if self.record_server_view and not self.out:
@@ -209,6 +215,8 @@ def load_toml(path: str | Path) -> dict[str, Any]:
             return tomllib.load(fh)
     except FileNotFoundError:
         raise ConfigError(f"config file {str(path)!r} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {str(path)!r} cannot be read: {exc.strerror or exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
 

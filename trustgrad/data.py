@@ -173,7 +173,10 @@ def _synthetic(
 
 def _read_maybe_gzip(path: Path) -> bytes:
     raw = path.read_bytes()
-    return gzip.decompress(raw) if path.suffix == ".gz" else raw
+    try:
+        return gzip.decompress(raw) if path.suffix == ".gz" else raw
+    except (OSError, EOFError) as exc:
+        raise DataError(f"{path.name}: not a readable gzip file ({exc})") from None
 
 
 def _read_idx(path: Path, expected_dims: int) -> np.ndarray:
@@ -181,6 +184,8 @@ def _read_idx(path: Path, expected_dims: int) -> np.ndarray:
     raw = _read_maybe_gzip(path)
     if len(raw) < 4 or raw[0:2] != b"\x00\x00" or raw[2] != 0x08 or raw[3] != expected_dims:
         raise DataError(f"{path.name}: not an idx file of {expected_dims} dimensions")
+    if len(raw) < 4 + 4 * expected_dims:
+        raise DataError(f"{path.name}: truncated idx header")
     dims = struct.unpack(f">{expected_dims}I", raw[4 : 4 + 4 * expected_dims])
     body = raw[4 + 4 * expected_dims :]
     if len(body) != int(np.prod(dims)):
@@ -223,10 +228,18 @@ def _cifar_python_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise
     except Exception as exc:
         raise DataError(f"{path.name}: not a CIFAR-10 python batch ({type(exc).__name__})") from None
-    data = np.asarray(data, dtype=np.uint8)
-    if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
-        raise DataError(f"{path.name}: expected N x 3072 uint8 data and N labels")
-    return data.reshape(-1, 3, 32, 32), np.asarray(labels, dtype=np.int64)
+    try:
+        data, labels = np.asarray(data, dtype=np.uint8), np.asarray(labels, dtype=np.int64)
+    except (TypeError, ValueError):
+        raise DataError(f"{path.name}: expected N x 3072 uint8 data and N integer labels") from None
+    if (
+        data.ndim != 2
+        or data.shape[1] != 3072
+        or labels.shape != (len(data),)
+        or not np.all((labels >= 0) & (labels < 10))
+    ):
+        raise DataError(f"{path.name}: expected N x 3072 uint8 data and N labels in 0..9")
+    return data.reshape(-1, 3, 32, 32), labels
 
 
 def _cifar_binary_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -171,11 +171,11 @@ def _supervise(
             missing = sorted(set(range(len(procs))) - finished)
             raise LaunchError(f"job timed out after {job_timeout:.0f} s; ranks {missing} did not finish")
         wait([p.sentinel for i, p in enumerate(procs) if i not in finished] + [results._reader], timeout=0.5)  # type: ignore[attr-defined]
-        _drain(results, out, finished)
+        _drain(results, out, finished, may_die=may_die)
         for rank, p in enumerate(procs):
             if rank in finished or p.exitcode is None:
                 continue
-            _drain(results, out, finished, block_for=0.5)  # a result may still be in the pipe
+            _drain(results, out, finished, block_for=0.5, may_die=may_die)  # a result may still be in the pipe
             if rank in finished:
                 continue
             how = f"signal {-p.exitcode}" if p.exitcode < 0 else f"exit code {p.exitcode}"
@@ -187,7 +187,13 @@ def _supervise(
     return out
 
 
-def _drain(results: mp.Queue, out: list[Any], finished: set[int], block_for: float = 0.0) -> None:
+def _drain(
+    results: mp.Queue,
+    out: list[Any],
+    finished: set[int],
+    block_for: float = 0.0,
+    may_die: Callable[[int], bool] = lambda rank: False,
+) -> None:
     while True:
         try:
             msg = results.get(timeout=block_for) if block_for else results.get_nowait()
@@ -199,7 +205,11 @@ def _drain(results: mp.Queue, out: list[Any], finished: set[int], block_for: flo
             finished.add(msg[1])
         else:
             _, rank, summary, tb = msg
-            raise LaunchError(f"rank {rank} failed: {summary}", rank=rank, remote_traceback=tb)
+            if not may_die(rank):
+                raise LaunchError(f"rank {rank} failed: {summary}", rank=rank, remote_traceback=tb)
+            # e.g. a worker an asynchronous server dropped wakes up to a closed connection: the job goes on
+            log.warning("rank %d failed (%s); the job continues without it", rank, summary)
+            finished.add(rank)
 
 
 def _reap(procs: list[mp.Process]) -> None:

@@ -19,7 +19,7 @@ import torch
 
 from .config import RunConfig, config_to_dict
 from .data import load_dataset
-from .errors import ConfigError
+from .errors import ConfigError, LaunchError
 from .launch import RankContext, run_torchrun_rank, spawn, under_torchrun
 from .models import build_model
 from .patterns import PATTERNS
@@ -75,6 +75,14 @@ def preflight(cfg: RunConfig) -> None:
         from .crypto import CKKSParams, Context
 
         Context(CKKSParams.from_config(cfg.crypto))
+        if cfg.crypto.security == "none":
+            log.warning(
+                "CKKS with --security none: parameters below any security standard (tests and experiments only)"
+            )
+    if cfg.proof.mode == "record":
+        from .proof.writer import check_replaceable
+
+        check_replaceable(Path(cfg.out) / "proof")  # type: ignore[arg-type]
     world = PATTERNS.get(cfg.pattern.name).world_size(cfg)
     for text in cfg.malicious:
         from .attacks.poisoning import parse_malicious
@@ -106,7 +114,7 @@ def _torchrun_entry(ctx: RankContext, cfg: RunConfig) -> list[dict[str, Any]] | 
 def _finish(cfg: RunConfig, ranks: list[dict[str, Any] | None], wall: float) -> RunResult:
     coord = next((r for r in ranks if r and r.get("coordinator")), None)
     if coord is None:
-        raise RuntimeError("no rank reported as coordinator")
+        raise LaunchError("the job ended without a result from its coordinating rank")
     summary: dict[str, Any] = {
         "pattern": cfg.pattern.name,
         "schedule": cfg.pattern.schedule,
@@ -127,7 +135,7 @@ def _finish(cfg: RunConfig, ranks: list[dict[str, Any] | None], wall: float) -> 
         "train_seconds": coord["train_seconds"],
         "bytes_sent": sum(r["bytes_sent"] for r in ranks if r),
         "bytes_sent_per_rank": [r["bytes_sent"] if r else None for r in ranks],
-        "encryption": cfg.crypto.encrypt if cfg.crypto.encrypt != "none" else "none (updates travel in plaintext)",
+        "encryption": _encryption_label(cfg),
         "proof": cfg.proof.mode if cfg.proof.mode != "none" else "none (updates are not verified)",
         "malicious": list(cfg.malicious),
     }
@@ -144,6 +152,14 @@ def _finish(cfg: RunConfig, ranks: list[dict[str, Any] | None], wall: float) -> 
     if cfg.out:
         write_records(cfg, result)
     return result
+
+
+def _encryption_label(cfg: RunConfig) -> str:
+    if cfg.crypto.encrypt == "none":
+        return "none (updates travel in plaintext)"
+    if cfg.crypto.security == "none":
+        return f"{cfg.crypto.encrypt} (INSECURE parameters: --security none)"
+    return cfg.crypto.encrypt
 
 
 def _sum_crypto_costs(summary: dict[str, Any], ranks: list[dict[str, Any]]) -> None:

@@ -53,6 +53,11 @@ def test_corrupt_and_foreign_views_are_one_line_errors(recorded, tmp_path, capsy
     err = capsys.readouterr().err.strip()
     assert "does not fit model 'mlp'" in err and len(err.splitlines()) == 1
 
+    huge = view.__class__(**{**view.__dict__, "input_shape": (3, 100_000, 100_000)})
+    save_view(tmp_path / "huge.safetensors", huge)
+    assert main(["attack", "idlg", "--view", str(tmp_path / "huge.safetensors")]) == 2
+    assert "implausibly large" in capsys.readouterr().err
+
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes((recorded / "gradient-step0.safetensors").read_bytes()[:500])
     assert main(["attack", "idlg", "--view", str(truncated)]) == 2

@@ -21,7 +21,7 @@ def victim_model(view: ServerView) -> torch.nn.Module:
     try:
         cfg = ModelConfig(**view.model_config)
         model = build_model(view.model, view.input_shape, view.num_classes, seed=0, config=cfg)
-    except (TypeError, ConfigError) as exc:
+    except (TypeError, ValueError, ConfigError) as exc:
         raise AttackError(f"the view names a model trustgrad cannot build: {exc}") from None
     try:
         model.load_state_dict(view.state, strict=True)

@@ -81,11 +81,7 @@ def parse_malicious(text: str) -> MaliciousSpec:
 
 
 class MaliciousReplica(Replica):
-    """An honest replica whose pushed gradient (or training labels, or batch) an attack rewrites.
-
-    ``honest_flat_grad`` keeps the gradient an honest worker would have computed on the assigned batch: it is what a
-    ``forged-proof`` worker claims, and what tests compare against.
-    """
+    """An honest replica whose gradient (or training labels, or batch) an attack rewrites."""
 
     def __init__(self, honest: Replica, spec: MaliciousSpec, x_pool: torch.Tensor, y_pool: torch.Tensor, seed: int):
         super().__init__(honest.model, honest.optimizer, honest.loss_fn)
@@ -94,7 +90,6 @@ class MaliciousReplica(Replica):
         self._gen = torch.Generator().manual_seed(derive_seed(seed, "malicious", spec.rank))
         self._calls = 0
         self._previous: torch.Tensor | None = None
-        self.honest_flat_grad: torch.Tensor | None = None
         self.num_classes = int(y_pool.max()) + 1
 
     @property
@@ -102,32 +97,36 @@ class MaliciousReplica(Replica):
         return self._calls - 1 >= self.spec.from_step
 
     def compute_gradients(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """The honest computation (on flipped labels or a foreign batch for the data attacks), then the gradient the
+        attack wants in ``p.grad``: every pattern (gradient pushers and local steppers alike) uses the poisoned one."""
         self._calls += 1
         if self.active and self.spec.attack == "label-flip":
             y = self.num_classes - 1 - y
         elif self.active and self.spec.attack == "random-batch":
             idx = torch.randint(0, len(self._x_pool), (len(x),), generator=self._gen)
             x, y = self._x_pool[idx], self._y_pool[idx]
-        return super().compute_gradients(x, y)
-
-    def flat_grad(self) -> torch.Tensor:
-        g = super().flat_grad()
-        self.honest_flat_grad = g.clone()
-        if not self.active:
-            self._previous = g.clone()
-            return g
-        attack, s = self.spec.attack, self.spec.strength
-        if attack == "sign-flip":
-            g = -s * g
-        elif attack == "scale":
-            g = s * g
-        elif attack in ("noise", "forged-proof"):
-            rms = g.pow(2).mean().sqrt().clamp_min(1e-8)
-            g = g + s * rms * torch.randn(g.shape, generator=self._gen, dtype=g.dtype)
-        elif attack == "free-rider":
-            g = self._previous.clone() if self._previous is not None else torch.zeros_like(g)
+        loss = super().compute_gradients(x, y)
+        g = self.flat_grad()
+        if self.active and self.spec.attack in _REWRITES:
+            g = _REWRITES[self.spec.attack](self, g)
+            self.set_flat_grad(g)
         self._previous = g.clone()
-        return g
+        return loss
+
+
+def _noise(r: MaliciousReplica, g: torch.Tensor) -> torch.Tensor:
+    rms = g.pow(2).mean().sqrt().clamp_min(1e-8)
+    return g + r.spec.strength * rms * torch.randn(g.shape, generator=r._gen, dtype=g.dtype)
+
+
+#: gradient rewrites of the model-poisoning attacks (label-flip and random-batch poison the data instead)
+_REWRITES = {
+    "sign-flip": lambda r, g: -r.spec.strength * g,
+    "scale": lambda r, g: r.spec.strength * g,
+    "noise": _noise,
+    "forged-proof": _noise,  # what it pushes; its claim says "honest gradient of my batch", which replay refutes
+    "free-rider": lambda r, g: r._previous.clone() if r._previous is not None else torch.zeros_like(g),
+}
 
 
 def wrap_replica(

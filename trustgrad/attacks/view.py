@@ -104,7 +104,7 @@ def load_view(path: str | Path) -> ServerView:
             kind=kind,
             model=_pick(header, "model", str),
             model_config=_pick(header, "model_config", dict),
-            input_shape=tuple(int(v) for v in _pick(header, "input_shape", list)),
+            input_shape=_shape(_pick(header, "input_shape", list)),
             num_classes=_pick(header, "num_classes", int),
             state={k[len("state/") :]: v for k, v in tensors.items() if k.startswith("state/")},
             batch_size=_pick(header, "batch_size", int),
@@ -122,6 +122,15 @@ def load_view(path: str | Path) -> ServerView:
     if ciphertext is not None and not ciphertext:
         raise AttackError(f"view file {str(path)!r} holds an empty ciphertext")
     return view
+
+
+def _shape(values: list[Any]) -> tuple[int, ...]:
+    """An input shape from an untrusted header: 1 to 3 positive ints, at most 2**22 values in all."""
+    if not 1 <= len(values) <= 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
+        raise AttackError(f"view header field 'input_shape' must be 1 to 3 positive integers, got {values!r}")
+    if int(np.prod(values)) > 1 << 22:
+        raise AttackError(f"view header field 'input_shape' is implausibly large: {values!r}")
+    return tuple(values)
 
 
 def _pick(header: dict[str, Any], key: str, kind: type) -> Any:

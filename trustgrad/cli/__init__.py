@@ -67,6 +67,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TrustgradError as exc:
         print(f"trustgrad: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # an unwritable --out, a missing folder: the user's to fix, so one line, exit 2
+        print(f"trustgrad: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("trustgrad: interrupted", file=sys.stderr)
         return 130

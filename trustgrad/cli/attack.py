@@ -38,8 +38,11 @@ def _main(args: argparse.Namespace) -> int:
         args.name, view, restarts=args.restarts, steps=args.steps, iterations=args.iterations, seed=args.seed
     )
     if args.png and result.reconstruction is not None and view.truth_x is not None:
+        from pathlib import Path
+
         from ..attacks.leakage.plots import save_grid
 
+        Path(args.png).parent.mkdir(parents=True, exist_ok=True)
         save_grid(args.png, view.truth_x, result.reconstruction, title=f"{args.name} on a {view.kind} view")
     metrics = ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items())
     print(f"{args.name} on a {view.kind} view ({view.model}, batch {view.batch_size}): {metrics or 'no ground truth'}")

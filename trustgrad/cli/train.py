@@ -99,7 +99,13 @@ _GROUPS: list[tuple[str, list[tuple[str, str, Any, str]]]] = [
             ("--keys", "crypto.keys", str, "ckks key mode: shared or threshold (n-of-n multiparty)"),
             ("--ring-dim", "crypto.ring_dim", int, "ckks ring dimension (default: smallest secure)"),
             ("--scale-bits", "crypto.scale_bits", int, "ckks scaling factor bits (default 40 shared, 50 threshold)"),
-            ("--security", "crypto.security", str, "ckks security level: 128 (default), 192, 256"),
+            (
+                "--security",
+                "crypto.security",
+                str,
+                "ckks security level: 128 (default), 192, 256, or none "
+                "(INSECURE, for experiments; the summary says so)",
+            ),
             ("--proof", "proof.mode", str, "Proof-of-Learning: none, record (writes OUT/proof), audit or blind"),
             ("--proof-k", "proof.k", int, "steps between proof checkpoints (default 10)"),
             ("--audit-rate", "proof.audit_rate", float, "fraction of claims audited, in (0, 1]"),

@@ -146,7 +146,7 @@ class PipelineParallel(Pattern):
     def stats(self) -> dict:
         p = self.cfg.pattern
         return {
-            "stages": p.stages,
+            "stages": self.stages,
             "microbatches": p.microbatches,
             "pipeline_schedule": p.pipeline_schedule,
             "split_points": list(getattr(self, "cuts", ())),

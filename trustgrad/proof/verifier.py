@@ -272,7 +272,10 @@ def _structure(path: Path, m: dict[str, Any], audit: _Audit, options: VerifyOpti
     except TrustgradError as exc:
         audit.stop("data", f"cannot load the training set {cfg.dataset!r} ({exc})")
     ds = proof.dataset
-    proof.model = build_model(cfg.model.name, ds.input_shape, ds.num_classes, seed, cfg.model)
+    try:
+        proof.model = build_model(cfg.model.name, ds.input_shape, ds.num_classes, seed, cfg.model)
+    except TrustgradError as exc:
+        audit.stop("manifest", f"the declared model cannot be built ({exc})")
     if commit:
         _check_commitment(proof, audit)
     _load_files(proof, audit)

@@ -16,10 +16,20 @@ import numpy as np
 import torch
 from safetensors.torch import save
 
+from ..errors import ConfigError
 from .commit import digest, leaf, merkle_root
 from .format import COMMITMENT, INDICES, MANIFEST, checkpoint_name, proof_files
 
 __all__ = ["ProofWriter", "recommit"]
+
+
+def check_replaceable(root: Path) -> bool:
+    """Whether ``root`` holds an earlier proof to replace; ``ConfigError`` if it holds anything else."""
+    if root.is_symlink() or (root.exists() and not root.is_dir()):
+        raise ConfigError(f"{str(root)!r} exists and is not a proof folder; choose another --out")
+    if root.exists() and any(root.iterdir()) and not (root / MANIFEST).exists():
+        raise ConfigError(f"{str(root)!r} holds files that are not a trustgrad proof; choose another --out")
+    return root.exists()
 
 
 class ProofWriter:
@@ -27,7 +37,7 @@ class ProofWriter:
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
-        if self.root.exists():  # a previous proof in the same --out folder: a stale file must not be committed
+        if check_replaceable(self.root):  # a previous proof in this --out folder: no stale file may be committed
             shutil.rmtree(self.root)
         (self.root / "checkpoints").mkdir(parents=True)
         self.digests: dict[int, bytes] = {}

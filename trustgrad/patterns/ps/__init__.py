@@ -158,7 +158,8 @@ class ParameterServer(Pattern):
     def decode(self, payload: bytes, rank: int) -> torch.Tensor:
         """Bytes a worker pushed -> its flat gradient (a codec overrides this and ``aggregate``)."""
         if self._server.secure is not None:  # type: ignore[union-attr]
-            return self._server.secure.decode(payload, rank)  # type: ignore[union-attr, return-value]
+            n = self._server.replica.num_params  # type: ignore[union-attr]
+            return self._server.secure.decode(payload, rank, n)  # type: ignore[union-attr, return-value]
         n = self._server.replica.num_params  # type: ignore[union-attr]
         if len(payload) != 4 * n:
             raise LaunchError(f"ps: worker {rank - 1} pushed {len(payload)} bytes, expected {4 * n} (float32 x {n})")
@@ -239,9 +240,9 @@ class ParameterServer(Pattern):
         if status != OK:
             raise LaunchError(f"ps: worker {self.comm.rank - 1} got unexpected status {status} from the server")
         if self.secure is not None:  # the encrypted mean of the last round: decrypt and step locally
-            payload, _ = self.comm.recv_bytes(0, REPLY)
+            payload, _ = self.comm.recv_bytes(0, REPLY, max_bytes=self.secure.max_payload(replica.num_params))
             if payload:
-                replica.set_flat_grad(self.secure.decode_mean(payload))
+                replica.set_flat_grad(self.secure.decode_mean(payload, replica.num_params))
                 replica.step()
         else:
             flat = torch.empty(replica.num_params, dtype=torch.float32)

@@ -41,6 +41,10 @@ def _setup(comm: Comm, cfg: RunConfig, stats: CryptoStats) -> KeyRing:
     return setup_keys(comm, cfg.crypto, workers, [0], stats)
 
 
+def _max_payload(keys: KeyRing, num_params: int) -> int:
+    return (num_params // keys.context.slots + 2) * (8 << 20)  # a ciphertext is ~0.4 MB per 4096 slots
+
+
 class SecureWorker:
     def __init__(self, comm: Comm, cfg: RunConfig):
         self.comm, self.cfg = comm, cfg
@@ -54,13 +58,19 @@ class SecureWorker:
         self.stats.sent(len(payload), values.size)
         return payload
 
-    def decode_mean(self, payload: bytes) -> torch.Tensor:
+    def decode_mean(self, payload: bytes, num_params: int) -> torch.Tensor:
         """The round's mean gradient from the server's encrypted sum (step 4)."""
         with self.stats.timing("decrypt"):
             vector = EncryptedVector.from_bytes(self.keys.context, payload)
             shared = self.keys.mode == "shared"
             mean = decrypt(self.keys.secret, vector) if shared else self._joint_decrypt(vector)  # type: ignore[arg-type]
+        if len(mean) != num_params:
+            raise CryptoError(f"the server sent an aggregate of {len(mean)} values for a model of {num_params}")
         return torch.from_numpy(np.asarray(mean, dtype=np.float32))
+
+    def max_payload(self, num_params: int) -> int:
+        """The most ciphertext bytes an honest aggregate of ``num_params`` values takes (bounds what we allocate)."""
+        return _max_payload(self.keys, num_params)
 
     def _joint_decrypt(self, vector: EncryptedVector) -> np.ndarray:
         mine = partial_decrypt(self.keys.secret, vector)  # type: ignore[arg-type]
@@ -88,9 +98,15 @@ class SecureServer:
         held = ["context", f"public key ({self.keys.mode}, {len(self.keys.parties)} parties)"]
         return held + (["SECRET KEY"] if self.keys.holds_secret else [])
 
-    def decode(self, payload: bytes, rank: int) -> EncryptedVector:
+    def max_payload(self, num_params: int) -> int:
+        return _max_payload(self.keys, num_params)
+
+    def decode(self, payload: bytes, rank: int, num_params: int) -> EncryptedVector:
         try:
-            return EncryptedVector.from_bytes(self.keys.context, payload, public_key=self.keys.public_key)
+            vector = EncryptedVector.from_bytes(self.keys.context, payload, public_key=self.keys.public_key)
+            if len(vector) != num_params or vector.mults:
+                raise CryptoError(f"expected a fresh encryption of {num_params} values, got {len(vector)}")
+            return vector
         except CryptoError as exc:
             raise LaunchError(
                 f"ps: worker {rank - 1} (rank {rank}) pushed an invalid ciphertext: {exc}", rank=rank

@@ -103,7 +103,7 @@ class Server:
             self.trace.append((0.0, self._applied(), self._train_loss()))
         limit = 64 * 4 * self.replica.num_params + 4096
         if self.secure is not None:  # ciphertexts: ~0.4 MB per 4096 slots, generously bounded
-            limit += (self.replica.num_params // self.secure.keys.context.slots + 2) * (8 << 20)
+            limit += self.secure.max_payload(self.replica.num_params)
         self.inbox = Inbox(self.comm, max_payload=limit)
         self._release()
         while any(not w.done and not w.dropped for w in self.workers.values()):
