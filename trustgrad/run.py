@@ -89,11 +89,12 @@ def preflight(cfg: RunConfig) -> None:
 
         if parse_malicious(text).rank >= world:
             raise ConfigError(f"--malicious {text!r} names a rank outside the job's {world} processes")
-    shard = len(ds.x_train) // cfg.workers
+    shards = PATTERNS.get(cfg.pattern.name).data_shards(cfg)
+    shard = len(ds.x_train) // max(1, shards)
     if shard < cfg.batch_size:
         raise ConfigError(
             f"batch_size {cfg.batch_size} is larger than a worker's shard ({shard} samples of {ds.name} over "
-            f"{cfg.workers} workers); use a smaller --batch-size or fewer --workers"
+            f"{shards} shards); use a smaller --batch-size or fewer --workers"
         )
 
 

@@ -77,6 +77,11 @@ class Pattern(ABC):
         """Whether the job goes on if ``rank`` dies mid-run (the launcher asks). Default: ``tolerates_worker_loss``."""
         return cls.tolerates_worker_loss
 
+    @classmethod
+    def data_shards(cls, cfg: RunConfig) -> int:
+        """How many shards the training set is cut into (one per data-parallel worker)."""
+        return cfg.workers
+
     @property
     def worker_index(self) -> int | None:
         """Index of this rank's data shard, or ``None`` for a rank that does not train."""
@@ -84,7 +89,7 @@ class Pattern(ABC):
 
     @property
     def num_workers(self) -> int:
-        return self.cfg.workers
+        return self.data_shards(self.cfg)
 
     @property
     def start_step(self) -> int:

@@ -70,9 +70,9 @@ class PipelineParallel(Pattern):
     def worker_index(self) -> int:
         return self.comm.rank // self.stages  # the replica: its S stages share one data shard
 
-    @property
-    def num_workers(self) -> int:
-        return self.cfg.workers // self.stages
+    @classmethod
+    def data_shards(cls, cfg: RunConfig) -> int:
+        return cfg.workers // num_stages(cfg)  # each pipeline replica has one shard
 
     def local_model(self, model: nn.Sequential) -> nn.Module:
         self.full, self.stage_index = model, self.comm.rank % self.stages

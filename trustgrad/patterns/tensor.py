@@ -36,9 +36,9 @@ class TensorParallel(Pattern):
     def worker_index(self) -> int:
         return 0  # one data shard: every rank holds a slice of the same model and sees the same batch
 
-    @property
-    def num_workers(self) -> int:
-        return 1
+    @classmethod
+    def data_shards(cls, cfg: RunConfig) -> int:
+        return 1  # every rank holds a slice of the model and sees the same batch
 
     def local_model(self, model: nn.Sequential) -> nn.Module:
         self.plain = unsharded_copy(model)
