@@ -8,7 +8,6 @@ numpy copy of the largest size, measured in the same run.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from functools import partial
@@ -19,6 +18,7 @@ import torch.distributed as dist
 
 from ..comm import Comm
 from ..launch import RankContext, spawn
+from ..options import OptionParser
 from ..patterns.ring import ring_all_reduce
 from . import BENCHMARKS, BenchResult
 
@@ -69,7 +69,7 @@ def _timed(fn) -> float:
 
 @BENCHMARKS.register("allreduce")
 def run(argv: list[str]) -> BenchResult:
-    parser = argparse.ArgumentParser(prog="trustgrad bench allreduce")
+    parser = OptionParser(prog="trustgrad bench allreduce")
     parser.add_argument("--sizes-mb", type=float, nargs="+", default=[4, 40, 400])
     parser.add_argument("--worlds", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--reps", type=int, default=20)

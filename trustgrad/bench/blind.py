@@ -10,7 +10,6 @@ entry off by 1e-4. The anchor is the plaintext recomputation of the same gradien
 
 from __future__ import annotations
 
-import argparse
 import time
 from typing import Any
 
@@ -29,6 +28,7 @@ from trustgrad.blind import (
 from trustgrad.crypto import Context, decrypt, keygen
 from trustgrad.data import load_dataset
 
+from ..options import OptionParser
 from . import BENCHMARKS, BenchResult
 
 __all__ = ["run"]
@@ -125,7 +125,7 @@ def table(result: dict[str, Any]) -> str:
 
 @BENCHMARKS.register("blind")
 def _cli(args: list[str]) -> BenchResult:
-    parser = argparse.ArgumentParser(prog="trustgrad bench blind", description=__doc__.splitlines()[0])
+    parser = OptionParser(prog="trustgrad bench blind", description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=32, help="samples per checked step")
     parser.add_argument("--samples", type=int, default=256, help="samples the data owner encrypts at setup")
     parser.add_argument("--repeats", type=int, default=3, help="checks per kind (median reported)")

@@ -8,10 +8,10 @@ of each and their ratio, with the ciphertext expansion the run measured.
 
 from __future__ import annotations
 
-import argparse
 from typing import Any
 
 from ..config import RunConfig
+from ..options import OptionParser
 from ..patterns import PATTERNS
 from ..run import run as run_job
 from . import BENCHMARKS, BenchResult, he_raw
@@ -42,7 +42,7 @@ def step_costs(workers: int, steps: int) -> list[dict[str, Any]]:
 
 @BENCHMARKS.register("he")
 def _cli(args: list[str]) -> BenchResult:
-    parser = argparse.ArgumentParser(prog="trustgrad bench he", description=__doc__.splitlines()[0])
+    parser = OptionParser(prog="trustgrad bench he", description=__doc__.splitlines()[0])
     parser.add_argument("--values", type=int, default=1_000_000, help="values per worker vector (part 1)")
     parser.add_argument("--workers", type=int, default=4, help="workers (both parts)")
     parser.add_argument("--repeats", type=int, default=3, help="best of this many runs (part 1)")

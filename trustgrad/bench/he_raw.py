@@ -15,7 +15,6 @@ trustgrad's time over raw time (target <= 1.2). Each figure is the best of ``rep
 
 from __future__ import annotations
 
-import argparse
 import time
 from collections.abc import Callable
 from typing import Any
@@ -24,6 +23,7 @@ import numpy as np
 
 from trustgrad.crypto import CKKSParams, Context, aggregate, decrypt, encrypt, keygen
 
+from ..options import OptionParser
 from . import BENCHMARKS, BenchResult
 
 __all__ = ["run"]
@@ -113,7 +113,7 @@ def table(result: dict[str, Any]) -> str:
 
 @BENCHMARKS.register("he_raw")
 def _cli(args: list[str]) -> BenchResult:
-    parser = argparse.ArgumentParser(prog="trustgrad bench he_raw", description=__doc__.splitlines()[0])
+    parser = OptionParser(prog="trustgrad bench he_raw", description=__doc__.splitlines()[0])
     parser.add_argument("--values", type=int, default=1_000_000, help="values per worker vector")
     parser.add_argument("--workers", type=int, default=4, help="encrypted vectors aggregated")
     parser.add_argument("--repeats", type=int, default=3, help="best of this many runs")

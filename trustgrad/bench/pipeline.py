@@ -20,18 +20,14 @@ from ..config import ModelConfig
 from ..errors import ConfigError
 from ..launch import RankContext, spawn
 from ..models import build_model
+from ..options import OptionParser
 from ..parallel.pipeline import SCHEDULES, Pipeline, StageTimer, theoretical_bubble
 from ..parallel.split import balanced_split, split_model
 from . import BENCHMARKS, BenchResult
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise ConfigError(f"bench pipeline: {message}")
-
-
 def _parse(argv: list[str]) -> argparse.Namespace:
-    p = _Parser(prog="trustgrad bench pipeline", description=__doc__.split("\n")[0])
+    p = OptionParser(prog="trustgrad bench pipeline", description=__doc__.split("\n")[0])
     p.add_argument("--stages", type=int, default=2)
     p.add_argument("--microbatches", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=256)

@@ -14,11 +14,12 @@ import tempfile
 from pathlib import Path
 
 from ..config import RunConfig
+from ..options import OptionParser
 from . import BENCHMARKS, BenchResult
 
 
 def _parse(args: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="trustgrad bench proof", description=__doc__)
+    p = OptionParser(prog="trustgrad bench proof", description=__doc__)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--k", type=int, default=10)

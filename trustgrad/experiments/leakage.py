@@ -23,7 +23,6 @@ It writes ``results.json``, ``results.md`` (defence x attack, each cell ``PSNR /
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -38,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..options import OptionParser
 from ..seeding import derive_seed, rng
 from . import EXPERIMENTS, ExperimentResult
 
@@ -357,15 +357,10 @@ def _heatmap(cells: list[dict[str, Any]], baseline: dict[str, Any], s: Settings,
 # --- command line ------------------------------------------------------------------------------------------------
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise ConfigError(f"experiment leakage: {message}")
-
-
 @EXPERIMENTS.register("leakage")
 def run_experiment(argv: list[str]) -> ExperimentResult:
     d = Settings()
-    parser = _Parser(prog="trustgrad experiment leakage", description=__doc__.splitlines()[0])
+    parser = OptionParser(prog="trustgrad experiment leakage", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/leakage", help="folder for results.json, results.md and the PNGs")
     parser.add_argument("--images", type=int, help=f"target digits 0..N-1 (default {d.images}; --quick 1)")
     parser.add_argument("--steps", type=int, help=f"L-BFGS steps of DLG/iDLG (default {d.steps})")

@@ -23,16 +23,12 @@ from typing import Any
 
 from ..config import RunConfig
 from ..errors import ConfigError
+from ..options import OptionParser
 from . import EXPERIMENTS, ExperimentResult
 
 __all__ = ["time_to_target"]
 
 log = logging.getLogger(__name__)
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise ConfigError(f"experiment staleness: {message}")
 
 
 def time_to_target(trace: list[tuple[float, int, float]], target: float) -> tuple[float | None, int | None]:
@@ -53,7 +49,7 @@ def _arms(bounds: list[int]) -> list[tuple[str, str, int | None]]:
 
 @EXPERIMENTS.register("staleness")
 def run_experiment(argv: list[str]) -> ExperimentResult:
-    parser = _Parser(prog="trustgrad experiment staleness", description=__doc__.splitlines()[0])
+    parser = OptionParser(prog="trustgrad experiment staleness", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/staleness", help="folder for results.json, results.md, staleness.png")
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--epochs", type=int, default=6)
