@@ -25,6 +25,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _main(args: argparse.Namespace) -> int:
+    from ..audit import Auditor
     from ..config import RunConfig
     from ..run import run
 
@@ -46,8 +47,8 @@ def _main(args: argparse.Namespace) -> int:
             first = s["rejections"][0]
             print(
                 f"  caught: worker {first['worker']} at step {first['step']} (replayed gradient off by "
-                f"{first['rel_l2']:.3g} relative, limit 3e-4); excluded {s['excluded_workers']}; "
-                f"{s['audited_claims']} claims audited, 0 honest claims rejected"
+                f"{first['rel_l2']:.3g} relative, limit {Auditor.rel_l2:g}); excluded {s['excluded_workers']}; "
+                f"{s['audited_claims']} claims audited, {len(s['rejections']) - 1} honest claims rejected"
                 if len(s["rejections"]) == 1
                 else f"  rejections: {s['rejections']}"
             )

@@ -143,6 +143,9 @@ class ParameterServer(Pattern):
             "dataset": cfg.dataset,
             "model": f"{m.name}/{m.hidden}/{m.depth}",
             "batch_size": cfg.batch_size,
+            # the optimizer state in a checkpoint (one momentum buffer, or one per worker) belongs to these
+            "schedule": cfg.pattern.schedule,
+            "optimizer": f"sgd/lr={cfg.lr}/momentum={cfg.momentum}/wd={cfg.weight_decay}",
         }
 
     def run_identity(self) -> dict[str, object]:
