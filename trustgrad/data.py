@@ -12,6 +12,7 @@ batches, or the python batches through a restricted unpickler that admits nothin
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import io
@@ -52,8 +53,20 @@ DATASETS: Registry[DatasetLoader] = Registry("dataset")
 
 
 def load_dataset(name: str, data_dir: str | Path | None = None, **options: int) -> Dataset:
-    """Load a registered dataset by name (``ConfigError`` listing the known names if unknown)."""
-    return DATASETS.get(name)(data_dir=data_dir, **options)
+    """Load a registered dataset by name (``ConfigError`` listing the known names if unknown).
+
+    Embedded datasets are cached per process (the parent's checks, the server and the auditor share one copy):
+    treat the tensors as read-only.
+    """
+    loader = DATASETS.get(name)
+    if data_dir is not None:  # users' files are read afresh: they may change between runs of one process
+        return loader(data_dir=data_dir, **options)
+    return _embedded(name, tuple(sorted(options.items())))
+
+
+@functools.lru_cache(maxsize=8)
+def _embedded(name: str, options: tuple[tuple[str, int], ...]) -> Dataset:
+    return DATASETS.get(name)(**dict(options))
 
 
 def shard_indices(n: int, worker: int, workers: int, seed: int) -> np.ndarray:
