@@ -3,34 +3,21 @@
 from __future__ import annotations
 
 import argparse
-import json
+
+from ._registry_command import add_registry_command
+
+
+def _registry():  # noqa: ANN202 - imported on use
+    from ..experiments import EXPERIMENTS
+
+    return EXPERIMENTS
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser(
+    add_registry_command(
+        sub,
         "experiment",
-        help="run one of the paper's experiments end to end (tables and plots)",
-        description="Run an experiment. `trustgrad experiment list` names them; "
-        "`trustgrad experiment NAME --help` shows its options.",
+        "run one of the paper's experiments end to end (tables and plots)",
+        _registry,
+        lambda r: (f"{r.table}\n\nwritten to {r.out}", {"name": r.name, "out": str(r.out), **r.data}),
     )
-    parser.add_argument("name", help="experiment name, or 'list'")
-    parser.add_argument("--json", action="store_true", help="print the results as one JSON object on the last line")
-    parser.add_argument("options", nargs=argparse.REMAINDER, help="options of the experiment")
-    parser.set_defaults(func=_main)
-
-
-def _main(args: argparse.Namespace) -> int:
-    from ..experiments import EXPERIMENTS
-
-    if "--json" in args.options:  # given after NAME, it lands among the forwarded options
-        args.options.remove("--json")
-        args.json = True
-    if args.name == "list":
-        print("\n".join(EXPERIMENTS.names()))
-        return 0
-    result = EXPERIMENTS.get(args.name)(list(args.options))
-    print(result.table)
-    print(f"\nwritten to {result.out}")
-    if args.json:
-        print(json.dumps({"name": result.name, "out": str(result.out), **result.data}))
-    return 0
