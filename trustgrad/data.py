@@ -27,9 +27,9 @@ import torch
 
 from .errors import DataError
 from .registry import Registry
-from .seeding import rng
+from .seeding import epoch_permutation, rng
 
-__all__ = ["Dataset", "DATASETS", "load_dataset", "shard_indices", "sample_hashes"]
+__all__ = ["Dataset", "DATASETS", "load_dataset", "shard_indices", "sample_hashes", "BatchPlan"]
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,53 @@ def shard_indices(n: int, worker: int, workers: int, seed: int) -> np.ndarray:
         raise DataError(f"{n} training samples cannot be sharded across {workers} workers")
     perm = rng(seed, "shard").permutation(n)
     return np.sort(perm[worker * size : (worker + 1) * size])
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """Which samples every worker trains on at every step: its shard and the PRF batch order of the run's seed.
+
+    The one place trainers, provers, verifiers, auditors and attackers get batches from (nothing the prover chooses).
+    Each (worker, epoch) permutation is computed once.
+    """
+
+    n: int
+    workers: int
+    seed: int
+    batch_size: int
+
+    @functools.cached_property
+    def shards(self) -> list[np.ndarray]:
+        return [shard_indices(self.n, w, self.workers, self.seed) for w in range(self.workers)]
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.shards[0]) // self.batch_size
+
+    def total_steps(self, epochs: int, max_steps: int | None = None) -> int:
+        total = self.steps_per_epoch * epochs
+        return total if max_steps is None else min(max_steps, total)
+
+    def batch(self, worker: int, epoch: int, epoch_step: int) -> np.ndarray:
+        """Global training-set indices of ``worker``'s batch at step ``epoch_step`` of ``epoch``."""
+        b = self.batch_size
+        return self.shards[worker][self._order(worker, epoch)[epoch_step * b : (epoch_step + 1) * b]]
+
+    def at(self, worker: int, step: int) -> np.ndarray:
+        """The batch of a global step index."""
+        return self.batch(worker, *divmod(step, self.steps_per_epoch))
+
+    def all_indices(self, steps: int) -> np.ndarray:
+        """``[steps, workers, batch_size]``: every worker's batch of every step."""
+        out = np.empty((steps, self.workers, self.batch_size), dtype=np.int64)
+        for t in range(steps):
+            for w in range(self.workers):
+                out[t, w] = self.at(w, t)
+        return out
+
+    @functools.lru_cache(maxsize=64)  # noqa: B019 - plans are few, small and live as long as their run
+    def _order(self, worker: int, epoch: int) -> np.ndarray:
+        return epoch_permutation(self.seed, worker, epoch, len(self.shards[worker]))
 
 
 def sample_hashes(x: torch.Tensor, y: torch.Tensor) -> list[bytes]:

@@ -21,14 +21,13 @@ from torch import nn
 
 from .comm import Comm
 from .config import RunConfig
-from .data import Dataset, load_dataset, shard_indices
+from .data import BatchPlan, Dataset, load_dataset
 from .errors import ConfigError
 from .launch import RankContext
 from .models import build_model
 from .patterns import PATTERNS, Pattern
 from .registry import Registry
 from .replica import Replica, make_optimizer
-from .seeding import batch_indices
 
 __all__ = ["train_rank", "evaluate", "model_report", "StepEvent", "Hook", "HOOKS", "WorkerState"]
 
@@ -128,8 +127,8 @@ def _train_worker(ctx: RankContext, cfg: RunConfig, comm: Comm, pattern: Pattern
         from .attacks.poisoning import wrap_replica
 
         replica = wrap_replica(replica, cfg.malicious, ctx.rank, x_train, y_train, cfg.seed)
-    shard = shard_indices(len(ds.x_train), worker, pattern.num_workers, cfg.seed)
-    steps_per_epoch = len(shard) // cfg.batch_size
+    plan = BatchPlan(len(ds.x_train), pattern.num_workers, cfg.seed, cfg.batch_size)
+    shard, steps_per_epoch = plan.shards[worker], plan.steps_per_epoch
     if steps_per_epoch == 0:
         raise ConfigError(
             f"batch_size {cfg.batch_size} is larger than a worker's shard ({len(shard)} samples of {ds.name}); "
@@ -156,7 +155,7 @@ def _train_worker(ctx: RankContext, cfg: RunConfig, comm: Comm, pattern: Pattern
                 break
             if epoch * steps_per_epoch + s < first:
                 continue
-            idx = batch_indices(shard, cfg.seed, worker, epoch, s, cfg.batch_size)
+            idx = plan.batch(worker, epoch, s)
             tidx = torch.from_numpy(idx).to(device)
             last_loss = pattern.step(replica, x_train[tidx], y_train[tidx])
             losses.append(last_loss)

@@ -26,18 +26,16 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.nn import functional as F
 
 from ..config import RunConfig
-from ..data import load_dataset, shard_indices
+from ..data import BatchPlan, load_dataset
 from ..models import build_model
 from ..proof.format import INDICES, MANIFEST, checkpoint_name
 from ..proof.prover import build_manifest
 from ..proof.replay import Hyper, replay_segment
 from ..proof.writer import ProofWriter, recommit
-from ..seeding import batch_indices
 
 __all__ = [
     "SPOOFS",
@@ -64,15 +62,9 @@ class _Plan:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
         self.ds = load_dataset(cfg.dataset, cfg.data_dir)
-        n, w, b = len(self.ds.x_train), cfg.workers, cfg.batch_size
-        shards = [shard_indices(n, i, w, cfg.seed) for i in range(w)]
-        self.spe = len(shards[0]) // b
-        self.steps = self.spe * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, self.spe * cfg.epochs)
-        self.indices = np.zeros((self.steps, w, b), dtype=np.int64)
-        for t in range(self.steps):
-            epoch, s = divmod(t, self.spe)
-            for i, shard in enumerate(shards):
-                self.indices[t, i] = batch_indices(shard, cfg.seed, i, epoch, s, b)
+        plan = BatchPlan(len(self.ds.x_train), cfg.workers, cfg.seed, cfg.batch_size)
+        self.spe, self.steps = plan.steps_per_epoch, plan.total_steps(cfg.epochs, cfg.max_steps)
+        self.indices = plan.all_indices(self.steps)
         self.model = build_model(cfg.model.name, self.ds.input_shape, self.ds.num_classes, cfg.seed, cfg.model)
         self.w0 = {f"model/{k}": v.detach().clone() for k, v in self.model.state_dict().items()}
         self.checkpoints = sorted({*range(0, self.steps, cfg.proof.k), self.steps})

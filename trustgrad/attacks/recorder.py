@@ -16,9 +16,8 @@ import numpy as np
 import torch
 
 from ..config import RunConfig, config_to_dict
-from ..data import Dataset, shard_indices
+from ..data import BatchPlan, Dataset
 from ..launch import RankContext
-from ..seeding import batch_indices
 from ..train import HOOKS, StepEvent, WorkerState
 from .view import ServerView, save_view
 
@@ -49,13 +48,8 @@ def write_view(
 ) -> Path:
     """Store one observed payload (a flat gradient, or ciphertext bytes) with the state it was computed at and, for
     scoring only, the batches of ``senders`` (recomputed from the PRF: what those workers trained on)."""
-    idx = np.concatenate(
-        [
-            batch_indices(shard_indices(len(ds.x_train), w, num_workers, cfg.seed), cfg.seed, w, epoch, epoch_step,
-                          cfg.batch_size)
-            for w in senders
-        ]
-    )  # fmt: skip
+    plan = BatchPlan(len(ds.x_train), num_workers, cfg.seed, cfg.batch_size)
+    idx = np.concatenate([plan.batch(w, epoch, epoch_step) for w in senders])
     tidx = torch.from_numpy(idx)
     ciphertext = payload if isinstance(payload, bytes) else None
     view = ServerView(

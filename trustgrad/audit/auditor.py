@@ -25,10 +25,9 @@ from typing import Any
 import torch
 
 from ..config import RunConfig
-from ..data import Dataset, shard_indices
+from ..data import BatchPlan, Dataset
 from ..models import build_model
 from ..replica import Replica, make_optimizer
-from ..seeding import batch_indices
 from .claims import audit_draw, new_nonce
 
 __all__ = ["Auditor", "ClaimCheck", "AuditReport"]
@@ -79,8 +78,7 @@ class Auditor:
         self.cfg, self.ds = cfg, dataset
         model = build_model(cfg.model.name, dataset.input_shape, dataset.num_classes, cfg.seed, cfg.model)
         self.replica = Replica(model, make_optimizer(model, cfg.lr))
-        self.shards = [shard_indices(len(dataset.x_train), w, num_workers, cfg.seed) for w in range(num_workers)]
-        self.steps_per_epoch = len(self.shards[0]) // cfg.batch_size
+        self.plan = BatchPlan(len(dataset.x_train), num_workers, cfg.seed, cfg.batch_size)
         self.rate = cfg.proof.audit_rate
         self.nonce, self.nonce_commitment = new_nonce()
         self.report = AuditReport()
@@ -97,8 +95,7 @@ class Auditor:
     def check(self, worker: int, step: int, version: int, params: torch.Tensor, claimed: torch.Tensor) -> ClaimCheck:
         """Re-execute worker ``worker``'s step ``step`` at ``params`` and compare with its claimed gradient (3-4)."""
         self.report.audited += 1
-        epoch, s = divmod(step, self.steps_per_epoch)
-        idx = torch.from_numpy(batch_indices(self.shards[worker], self.cfg.seed, worker, epoch, s, self.cfg.batch_size))
+        idx = torch.from_numpy(self.plan.at(worker, step))
         self.replica.set_flat_params(params)
         self.replica.compute_gradients(self.ds.x_train[idx], self.ds.y_train[idx])
         ref, got = self.replica.flat_grad().double(), claimed.detach().double()

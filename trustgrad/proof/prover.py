@@ -32,10 +32,9 @@ from torch import nn
 
 from .. import __version__ as trustgrad_version
 from ..config import RunConfig, config_to_dict
-from ..data import Dataset, shard_indices
+from ..data import BatchPlan, Dataset
 from ..errors import ConfigError
 from ..launch import RankContext
-from ..seeding import batch_indices
 from ..train import HOOKS, StepEvent, WorkerState
 from .commit import dataset_root
 from .format import SCHEMA, capture_state
@@ -129,17 +128,9 @@ class ProofRecorder:
 
     def _all_indices(self, state: WorkerState, steps: int) -> np.ndarray:
         """[steps, workers, batch]: this worker's as recorded, the others' recomputed from the PRF."""
-        workers = state.pattern.num_workers
-        out = np.zeros((steps, workers, self.cfg.batch_size), dtype=np.int64)
-        n = len(state.dataset.x_train)
-        for w in range(workers):
-            if w == state.worker:
-                out[:, w] = self.own[:steps]
-                continue
-            shard = shard_indices(n, w, workers, self.cfg.seed)
-            for t in range(steps):
-                epoch, s = divmod(t, state.steps_per_epoch)
-                out[t, w] = batch_indices(shard, self.cfg.seed, w, epoch, s, self.cfg.batch_size)
+        plan = BatchPlan(len(state.dataset.x_train), state.pattern.num_workers, self.cfg.seed, self.cfg.batch_size)
+        out = plan.all_indices(steps)
+        out[:, state.worker] = self.own[:steps]
         return out
 
 

@@ -37,10 +37,9 @@ import numpy as np
 import torch
 
 from ..config import RunConfig, config_from_dict
-from ..data import Dataset, load_dataset, shard_indices
+from ..data import BatchPlan, Dataset, load_dataset
 from ..errors import ProofError, TrustgradError
 from ..models import build_model
-from ..seeding import batch_indices
 from .commit import challenge_seed, dataset_root, digest, leaf, merkle_root
 from .format import (
     COMMITMENT,
@@ -388,19 +387,16 @@ def _check_data(proof: _Proof, audit: _Audit) -> None:
     declared = m.get("data", {}).get("merkle_root") if isinstance(m.get("data"), dict) else None
     if declared != _root_of(cfg.dataset, proof.data_dir):
         audit.fail("data", "the verifier's training set does not have the committed Merkle root")
-    n = len(ds.x_train)
-    shards = [shard_indices(n, w, proof.workers, cfg.seed) for w in range(proof.workers)]
-    spe = len(shards[0]) // cfg.batch_size
-    total = spe * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, spe * cfg.epochs)
+    plan = BatchPlan(len(ds.x_train), proof.workers, cfg.seed, cfg.batch_size)
+    spe, total = plan.steps_per_epoch, plan.total_steps(cfg.epochs, cfg.max_steps)
     if proof.steps_per_epoch != spe or proof.steps != total:
         audit.stop("data", f"the run has {total} steps of {spe} per epoch, the proof claims {proof.steps}")
     audit.ok("data")
-    for t in range(proof.steps):
-        epoch, s = divmod(t, spe)
-        for w, shard in enumerate(shards):
-            if not np.array_equal(proof.indices[t, w], batch_indices(shard, cfg.seed, w, epoch, s, cfg.batch_size)):
-                audit.fail("indices", f"worker {w}'s batch at step {t} is not the one the PRF of the seed gives")
-                return
+    wrong = np.argwhere((proof.indices != plan.all_indices(proof.steps)).any(axis=2))
+    if len(wrong):
+        t, w = (int(v) for v in wrong[0])
+        audit.fail("indices", f"worker {w}'s batch at step {t} is not the one the PRF of the seed gives")
+        return
     audit.ok("indices")
 
 

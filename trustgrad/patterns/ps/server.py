@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from ...data import load_dataset, shard_indices
+from ...data import BatchPlan, load_dataset
 from ...errors import LaunchError
 from ...models import build_model
 from ...replica import Replica, make_optimizer
@@ -76,7 +76,7 @@ class Server:
         self.trace: list[tuple[float, int, float]] = []  # (seconds, gradients applied, training loss)
         self.metrics: list[dict[str, Any]] = []
         self.losses: list[float] = []
-        self.steps_per_epoch = len(shard_indices(len(self.ds.x_train), 0, self.n, cfg.seed)) // cfg.batch_size
+        self.steps_per_epoch = BatchPlan(len(self.ds.x_train), self.n, cfg.seed, cfg.batch_size).steps_per_epoch
         self.resumed_at = 0
         if cfg.resume:
             self._restore(pattern.load_checkpoint(cfg.resume, self.replica.num_params))
