@@ -39,9 +39,21 @@ _GROUPS: list[tuple[str, list[tuple[str, str, Any, str]]]] = [
                 "processes that train (default 4): data-parallel workers; for pipeline and "
                 "tensor the ranks the model is split over; ps adds its server rank(s)",
             ),
-            ("--dataset", "dataset", str, "digits (default, embedded), breast-cancer, synthetic, mnist, cifar10"),
+            (
+                "--dataset",
+                "dataset",
+                str,
+                "digits (default; embedded), digits32 (upsampled to 32x32), breast-cancer, "
+                "synthetic, mnist, cifar10 (these two from --data-dir)",
+            ),
             ("--data-dir", "data_dir", str, "folder with your MNIST idx files or CIFAR-10 batches (never downloaded)"),
-            ("--model", "model.name", str, "logreg, mlp (default), lenet, poly-mlp, ..."),
+            (
+                "--model",
+                "model.name",
+                str,
+                "logreg, mlp (default), lenet, poly-mlp (square activation), "
+                "lenet-sigmoid / lenet-relu (DLG's LeNet, 32x32 inputs)",
+            ),
             ("--hidden", "model.hidden", int, "hidden width of mlp/lenet heads (default 64)"),
             ("--depth", "model.depth", int, "hidden layers of mlp (default 2)"),
         ],
@@ -120,7 +132,10 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     for title, flags in _GROUPS:
         group = parser.add_argument_group(title)
         for flag, key, kind, help_text in flags:
-            group.add_argument(flag, dest=f"cfg:{key}", type=kind, default=argparse.SUPPRESS, help=help_text)
+            metavar = flag.lstrip("-").upper().replace("-", "_")
+            group.add_argument(
+                flag, dest=f"cfg:{key}", type=kind, default=argparse.SUPPRESS, metavar=metavar, help=help_text
+            )
     group = parser.add_argument_group("attacks and records")
     group.add_argument(
         "--malicious",
