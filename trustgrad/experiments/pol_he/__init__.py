@@ -21,7 +21,6 @@ Writes ``results.json``, ``results.md`` and PNG plots under ``--out``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -32,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import ConfigError
+from ...options import OptionParser
 from .. import EXPERIMENTS, ExperimentResult
 
 __all__ = ["Settings", "QUICK", "run_pol_he"]
@@ -132,14 +132,9 @@ def _clean(value: Any) -> Any:
     return str(value)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise ConfigError(f"experiment pol-he: {message}")
-
-
 @EXPERIMENTS.register("pol-he")
 def run_experiment(argv: list[str]) -> ExperimentResult:
-    parser = _Parser(prog="trustgrad experiment pol-he", description=__doc__.splitlines()[0])
+    parser = OptionParser(prog="trustgrad experiment pol-he", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/pol-he", help="folder for results.json, results.md and the PNGs")
     parser.add_argument("--seeds", type=int, help="seeds per configuration (default 3; --quick 1)")
     parser.add_argument("--quick", action="store_true", help="a small version of every part (for tests)")

@@ -3,7 +3,7 @@
 Protocol, per seed:
 
 1. An honest trajectory: digits/mlp, W workers, SGD with momentum; at each round every worker computes its gradient on
-   the batch the PRF assigns it (the same rule the auditor replays: :func:`trustgrad.seeding.batch_indices`).
+   the batch the PRF assigns it (the same rule the auditor replays: :class:`trustgrad.data.BatchPlan`).
 2. Per key mode (``shared``; ``threshold-P``: P-party n-of-n keys, each partial decryption adds OpenFHE's smudging
    noise) and scale 2**s (128-bit parameters chosen by OpenFHE): each worker encrypts ``g / W`` as
    ``ps --encrypt ckks`` workers do; the server sums the W ciphertexts.
@@ -45,11 +45,10 @@ from ...crypto import (
     partial_decrypt,
     threshold_keygen,
 )
-from ...data import load_dataset, shard_indices
+from ...data import BatchPlan, load_dataset
 from ...errors import CryptoError
 from ...models import build_model
 from ...replica import Replica, make_optimizer
-from ...seeding import batch_indices
 
 __all__ = ["measure", "honest_rounds"]
 
@@ -62,14 +61,12 @@ def honest_rounds(cfg: RunConfig, steps: int, seconds: list[float] | None = None
     ds = load_dataset(cfg.dataset)
     model = build_model(cfg.model.name, ds.input_shape, ds.num_classes, cfg.seed, cfg.model)
     replica = Replica(model, make_optimizer(model, cfg.lr, cfg.momentum))
-    shards = [shard_indices(len(ds.x_train), w, cfg.workers, cfg.seed) for w in range(cfg.workers)]
-    per_epoch = len(shards[0]) // cfg.batch_size
+    plan = BatchPlan(len(ds.x_train), cfg.workers, cfg.seed, cfg.batch_size)
     rounds: list[Round] = []
     for step in range(steps):
-        epoch, s = divmod(step, per_epoch)
         params, grads = replica.flat_params(), []
         for w in range(cfg.workers):
-            idx = torch.from_numpy(batch_indices(shards[w], cfg.seed, w, epoch, s, cfg.batch_size))
+            idx = torch.from_numpy(plan.at(w, step))
             t0 = time.perf_counter()
             replica.compute_gradients(ds.x_train[idx], ds.y_train[idx])
             grads.append(replica.flat_grad().clone())

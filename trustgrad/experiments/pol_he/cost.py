@@ -15,7 +15,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ...data import load_dataset, shard_indices
+from ...data import BatchPlan, load_dataset
 from .detection import base_config, one_run
 
 __all__ = ["measure"]
@@ -30,8 +30,7 @@ def measure(s: Any, out: Path, data: dict[str, Any]) -> dict[str, Any]:
     for keys in s.encrypted_keys:
         jobs[f"ckks {keys}"] = one_run(base_config(s, 0).replace(crypto={"encrypt": "ckks", "keys": keys}))
     blind = blind_run(batch=32, samples=64, repeats=s.blind_repeats, kinds=tuple(s.blind_kinds))
-    n = len(load_dataset("digits").x_train)
-    per_epoch = len(shard_indices(n, 0, s.workers, 0)) // 32
+    per_epoch = BatchPlan(len(load_dataset("digits").x_train), s.workers, 0, 32).steps_per_epoch
     return {
         "direct": data["acceptance"]["median_seconds"],
         "jobs": jobs,
