@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -54,9 +55,12 @@ def push_header(kind: int, step: int = 0, version: int = 0, nbytes: int = 0, los
 class Inbox:
     """Receives every worker message on a background thread; ``get(timeout)`` hands them out in arrival order."""
 
-    def __init__(self, comm: Comm, max_payload: int):
+    def __init__(self, comm: Comm, max_payload: int, survive_peer_loss: bool = False):
         self.comm = comm
         self.max_payload = max_payload
+        #: asynchronous schedules: a connection reset by a dying worker is not fatal (its silence is noticed by the
+        #: scheduler's deadlines); the receive is posted again, up to a bound on consecutive failures
+        self.survive_peer_loss = survive_peer_loss
         self._queue: queue.Queue[Message | BaseException] = queue.Queue()
         self._acks_expected: int | None = None
         self._acks = 0
@@ -83,26 +87,41 @@ class Inbox:
         with self._lock:
             return self._acks_expected is not None and self._acks >= self._acks_expected
 
+    def _receive(self) -> Message:
+        header = torch.zeros(HEADER, dtype=torch.float64)
+        src = self.comm.recv(header, None, PUSH)
+        kind, step, version, nbytes, loss = header.tolist()
+        payload = b""
+        if int(kind) == GRADIENT:
+            if not 0 < nbytes <= self.max_payload:
+                raise ValueError(f"rank {src} announced a gradient of {int(nbytes)} bytes")
+            buf = torch.empty(int(nbytes), dtype=torch.uint8)
+            self.comm.recv(buf, src, PAYLOAD)
+            payload = buf.numpy().tobytes()
+        elif int(kind) == ACK:
+            with self._lock:
+                self._acks += 1
+        return Message(src, int(kind), int(step), int(version), float(loss), payload)
+
     def join(self, timeout: float) -> bool:
         self._thread.join(timeout)
         return not self._thread.is_alive()
 
     def _run(self) -> None:
+        failures = 0
         try:
             while not self._done():
-                header = torch.zeros(HEADER, dtype=torch.float64)
-                src = self.comm.recv(header, None, PUSH)
-                kind, step, version, nbytes, loss = header.tolist()
-                payload = b""
-                if int(kind) == GRADIENT:
-                    if not 0 < nbytes <= self.max_payload:
-                        raise ValueError(f"rank {src} announced a gradient of {int(nbytes)} bytes")
-                    buf = torch.empty(int(nbytes), dtype=torch.uint8)
-                    self.comm.recv(buf, src, PAYLOAD)
-                    payload = buf.numpy().tobytes()
-                elif int(kind) == ACK:
-                    with self._lock:
-                        self._acks += 1
-                self._queue.put(Message(src, int(kind), int(step), int(version), float(loss), payload))
+                try:
+                    message = self._receive()
+                    failures = 0
+                except RuntimeError as exc:
+                    failures += 1
+                    if not self.survive_peer_loss or failures > 20:
+                        raise
+                    reason = str(exc).splitlines()[0][:100]
+                    log.warning("ps inbox: a receive failed (%s); a worker probably died", reason)
+                    time.sleep(0.05)
+                    continue
+                self._queue.put(message)
         except BaseException as exc:  # handed to the scheduler thread, which raises it
             self._queue.put(exc)

@@ -104,7 +104,7 @@ class Server:
         limit = 64 * 4 * self.replica.num_params + 4096
         if self.secure is not None:  # ciphertexts: ~0.4 MB per 4096 slots, generously bounded
             limit += self.secure.max_payload(self.replica.num_params)
-        self.inbox = Inbox(self.comm, max_payload=limit)
+        self.inbox = Inbox(self.comm, max_payload=limit, survive_peer_loss=self.schedule.tolerates_loss)
         self._release()
         while any(not w.done and not w.dropped for w in self.workers.values()):
             msg = self.inbox.get(timeout=self._next_deadline() - time.perf_counter())
