@@ -3,7 +3,6 @@ ReLU network, and defences against iDLG. Seeds are fixed; numbers measured on a 
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from trustgrad.attacks.leakage import (
@@ -24,15 +23,6 @@ from trustgrad.attacks.leakage import (
 from trustgrad.attacks.leakage import defences as D
 
 SPEC = InputSpec((1, 32, 32))
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # two threads made DLG 10x slower on 2 cores (field notes)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_idlg_reconstructs_digits_with_sigmoid_lenet():

@@ -11,7 +11,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from trustgrad.attacks.leakage import GroundTruth, InputSpec, digits, lenet_sigmoid, observe_gradients, run_attack
 from trustgrad.attacks.leakage.labels import idlg_labels
@@ -31,14 +30,6 @@ LABEL_IMAGES_PER_CLASS = 6
 LABEL_MARGIN = 0.15
 # The image attacks' own labels over 3 attacks x 4 images (12 guesses): P(>= 6 hits | p = 0.1) = 5e-4.
 POOLED_MAX_HITS = 5
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -31,14 +31,6 @@ from trustgrad.attacks.leakage.plots import save_grid
 from trustgrad.errors import AttackError, ConfigError
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _images(channels: int):
     shape = st.tuples(st.just(channels), st.integers(4, 20), st.integers(4, 20))
     return shape.flatmap(
