@@ -1,9 +1,10 @@
 """The one multi-process harness for distributed tests (STYLE 9).
 
-``run_ranks(fn, world_size, *args)`` starts ``world_size`` real processes (spawned, rendezvous through a file in a
-temporary folder: never a fixed port), joins them into a gloo process group whose every collective has a timeout,
-runs ``fn(ctx, *args)`` on each and returns the per-rank values. A child's exception fails the test with the child's
-traceback; a job that exceeds ``job_timeout`` fails instead of hanging. ``fn`` must be defined at module level.
+``run_ranks(fn, world_size, *args)`` starts ``world_size`` real processes (forked from a clean fork server;
+rendezvous through a file in a temporary folder: never a fixed port), joins them into a gloo process group whose
+every collective has a timeout, runs ``fn(ctx, *args)`` on each and returns the per-rank values. A child's exception
+fails the test with the child's traceback; a job that exceeds ``job_timeout`` fails instead of hanging. ``fn`` must
+be defined at module level.
 """
 
 from __future__ import annotations
