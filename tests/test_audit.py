@@ -89,3 +89,26 @@ def test_bad_audit_input_is_one_line_exit_2(capsys, argv, needle):
     assert main(["train", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and len(err.splitlines()) == 1, err
+
+
+def test_claims_are_audited_on_ciphertexts_by_a_rank_that_is_not_the_server():
+    cfg = RunConfig(
+        workers=2, epochs=1, max_steps=6, seed=3, progress=False, malicious=("rank=2,attack=noise,from-step=2",)
+    )
+    cfg = cfg.replace(
+        pattern={"name": "ps"}, crypto={"encrypt": "ckks", "keys": "shared"}, proof={"mode": "audit", "audit_rate": 1.0}
+    )
+    result = run(cfg)
+    s = result.summary
+    assert s["world_size"] == 4  # server, 2 workers, auditor
+    assert s["excluded_workers"] == [1] and s["dropped_workers"] == [1] and s["rejections"][0]["step"] == 2
+    assert 0 < s["worst_accepted_rel_l2"] < 1e-4  # honest claims: only CKKS noise (~1e-6) separates them from replay
+    server, auditor = result.ranks[0], result.ranks[3]
+    assert server["stats"]["server_key_material"] == ["context", "public key (shared, 3 parties)"]
+    assert auditor["role"] == "server" and auditor["stats"]["audited_claims"] >= 6  # a non-training rank
+
+
+def test_encrypted_audit_needs_shared_keys_and_full_rate(capsys):
+    argv = ["train", "--pattern", "ps", "--encrypt", "ckks", "--proof", "audit", "--keys", "threshold"]
+    assert main(argv) == 2
+    assert "needs --keys shared and --audit-rate 1" in capsys.readouterr().err

@@ -83,10 +83,11 @@ class ParameterServer(Pattern):
                 "ps --encrypt ckks runs --schedule sync without checkpoints: asynchronous schedules keep per-worker "
                 "momentum at the server (DANA) and checkpoints hold the model, both plaintext the server must not have"
             )
-        if cfg.proof.mode == "audit" and cfg.crypto.encrypt != "none":
+        encrypted_audit = cfg.proof.mode == "audit" and cfg.crypto.encrypt != "none"
+        if encrypted_audit and (cfg.crypto.keys != "shared" or cfg.proof.audit_rate != 1.0):
             raise ConfigError(
-                "--proof audit replays plaintext claims; with --encrypt ckks the audit must run on ciphertexts, "
-                "which ps does not do yet (see docs/proposal.md)"
+                "--proof audit with --encrypt ckks needs --keys shared and --audit-rate 1: the auditor rank "
+                "decrypts claims with the shared key and every claim is checked before it is aggregated"
             )
         if p.straggler:
             Straggler.parse(p.straggler, cfg.workers)
@@ -106,11 +107,13 @@ class ParameterServer(Pattern):
 
     @classmethod
     def world_size(cls, cfg: RunConfig) -> int:
-        return cfg.workers + cfg.pattern.servers
+        from .cipher_audit import auditor_rank
+
+        return cfg.workers + cfg.pattern.servers + (auditor_rank(cfg) is not None)
 
     @classmethod
     def may_lose(cls, cfg: RunConfig, rank: int) -> bool:
-        return rank != 0 and schedule_for(cfg).tolerates_loss
+        return 1 <= rank <= cfg.workers and schedule_for(cfg).tolerates_loss
 
     @property
     def coordinator(self) -> int:
@@ -119,7 +122,7 @@ class ParameterServer(Pattern):
 
     @property
     def worker_index(self) -> int | None:
-        return None if self.comm.rank == 0 else self.comm.rank - 1
+        return self.comm.rank - 1 if 1 <= self.comm.rank <= self.cfg.workers else None  # 0 serves; W+1 audits
 
     @property
     def start_step(self) -> int:
@@ -153,6 +156,10 @@ class ParameterServer(Pattern):
 
     # ------------------------------------------------------------------ server side
     def serve(self) -> dict[str, Any]:
+        if self.comm.rank != 0:
+            from .cipher_audit import CiphertextAuditor
+
+            return CiphertextAuditor(self).serve()
         from .server import Server
 
         self._server = Server(self)

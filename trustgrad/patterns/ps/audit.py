@@ -84,11 +84,14 @@ class ServerAudit:
         return True
 
     # ------------------------------------------------------------------ contributions and rollback
-    def applied_round(self, shares: dict[int, torch.Tensor]) -> None:
-        """Remember the unverified shares of the round about to be applied (verified ones are never undone)."""
-        for rank, share in shares.items():
+    def applied_round(self, grads: dict[int, torch.Tensor]) -> None:
+        """Remember the unverified shares (g / n) of the round about to be applied; verified ones are never undone."""
+        for rank, grad in grads.items():
             if rank not in self.verified_now:
-                self.since_verified[rank].append((self.server.version, share))
+                self.since_verified[rank].append((self.server.version, grad / len(grads)))
+
+    def close(self) -> None:
+        """The run is over (the auditor lives in this process: nothing to tell it)."""
 
     def applied_async(self, rank: int, delta: torch.Tensor) -> None:
         self.effect[rank] = self.effect.get(rank, torch.zeros_like(delta)) + delta

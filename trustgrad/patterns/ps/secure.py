@@ -37,8 +37,11 @@ _TAG = 73  # worker <-> worker partial decryptions
 
 
 def _setup(comm: Comm, cfg: RunConfig, stats: CryptoStats) -> KeyRing:
-    workers = list(range(1, cfg.workers + 1))
-    return setup_keys(comm, cfg.crypto, workers, [0], stats)
+    from .cipher_audit import auditor_rank
+
+    parties = list(range(1, cfg.workers + 1))  # the workers, and the auditor rank when it audits ciphertexts
+    auditor = auditor_rank(cfg)
+    return setup_keys(comm, cfg.crypto, parties + ([auditor] if auditor is not None else []), [0], stats)
 
 
 def _max_payload(keys: KeyRing, num_params: int) -> int:

@@ -84,7 +84,11 @@ class Server:
         self.view_recorded = False
         self.buffer_steps: dict[int, int] = {}
         self.audit = None  # ServerAudit with --proof audit
-        if cfg.proof.mode == "audit":
+        if cfg.proof.mode == "audit" and cfg.crypto.encrypt != "none":
+            from .cipher_audit import RemoteAudit
+
+            self.audit = RemoteAudit(self)
+        elif cfg.proof.mode == "audit":
             from .audit import ServerAudit
 
             self.audit = ServerAudit(self)
@@ -115,6 +119,8 @@ class Server:
             self._release()
         if self.losses and self.secure is None:
             self._log_epoch()
+        if self.audit is not None:
+            self.audit.close()
         self._goodbye()
         if self.secure is not None:  # nothing to evaluate here: worker 0 coordinates
             stats = {**self.secure.stats.summary(), "server_key_material": self.secure.key_material()}
@@ -184,7 +190,9 @@ class Server:
             buffer, self.buffer = self.buffer, {}
             if self.audit is not None:  # claims that fail their replay never reach the model
                 buffer = self.audit.screen_round(buffer, self.buffer_steps)
-                self.audit.applied_round({r: g / len(buffer) for r, g in buffer.items()})
+                self.audit.applied_round(buffer)
+                if not buffer and self.secure is not None:
+                    self.audit.published(b"")  # the auditor's model stays where it is
             if buffer:
                 grads = [buffer[r] for r in sorted(buffer)]
                 self._update(self.pattern.aggregate(grads), len(grads))
@@ -193,6 +201,8 @@ class Server:
         before = self._applied() - gradients
         if self.secure is not None:  # the encrypted mean goes back to the workers as it is
             self.secure.publish(grad)  # type: ignore[arg-type]
+            if self.audit is not None:
+                self.audit.published(self.secure.latest)
             self.version += 1
             return
         if self.velocity is None:  # sync: the optimizer's step on the mean, exactly as allreduce takes it
