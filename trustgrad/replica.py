@@ -55,3 +55,17 @@ class Replica:
 
     def step(self) -> None:
         self.optimizer.step()
+
+    def flat_momentum(self) -> torch.Tensor | None:
+        """SGD's momentum buffers as one flat copy, or None before the first step has made them."""
+        bufs = [self.optimizer.state.get(p, {}).get("momentum_buffer") for p in self.params]
+        if any(b is None for b in bufs):
+            return None
+        return torch.cat([b.detach().reshape(-1) for b in bufs]).clone()
+
+    def set_flat_momentum(self, flat: torch.Tensor) -> None:
+        offset = 0
+        for p in self.params:
+            n = p.numel()
+            self.optimizer.state[p]["momentum_buffer"] = flat[offset : offset + n].view_as(p).clone()
+            offset += n

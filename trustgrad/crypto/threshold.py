@@ -41,7 +41,7 @@ import openfhe
 
 from trustgrad.crypto import _wire
 from trustgrad.crypto.context import _MAX_PARTIES, Context, PublicKey, SecretKey
-from trustgrad.crypto.vector import EncryptedVector, _check_tags, _read_vector_meta, _unpack
+from trustgrad.crypto.vector import EncryptedVector, _check_tags, _deser_ct, _read_vector_meta, _unpack
 from trustgrad.errors import CryptoError
 
 __all__ = [
@@ -281,10 +281,6 @@ def _contributors(
     ) != len(contributors):
         raise CryptoError(f"{what}: malformed contributor list")
     return contributors
-
-
-def _deser_ct(b: bytes) -> Any:
-    return openfhe.DeserializeCiphertextString(b, openfhe.BINARY)
 
 
 def _deser_evk(b: bytes) -> Any:

@@ -114,11 +114,11 @@ class ServerAudit:
             s.velocity[rank - 1].zero_()
             return 1 if effect is not None else 0
         entries = self.since_verified.pop(rank, [])
-        params, momentum = s.replica.flat_params(), _momentum(s)
+        params, momentum = s.replica.flat_params(), s.replica.flat_momentum()
         rolled = undo_shares(params, momentum, entries, s.lr, self.server.cfg.momentum, s.version)
         s.replica.set_flat_params(params)
         if momentum is not None:
-            _set_momentum(s, momentum)
+            s.replica.set_flat_momentum(momentum)
         return rolled
 
     def summary(self) -> dict[str, Any]:
@@ -127,17 +127,3 @@ class ServerAudit:
             "audit_rate": self.auditor.rate,
             "audit_nonce_commitment": self.auditor.nonce_commitment,
         }
-
-
-def _momentum(server: Server) -> torch.Tensor | None:
-    state = server.replica.optimizer.state
-    bufs = [state.get(p, {}).get("momentum_buffer") for p in server.replica.params]
-    return torch.cat([b.reshape(-1) for b in bufs]).clone() if all(b is not None for b in bufs) else None
-
-
-def _set_momentum(server: Server, flat: torch.Tensor) -> None:
-    offset, state = 0, server.replica.optimizer.state
-    for p in server.replica.params:
-        n = p.numel()
-        state[p]["momentum_buffer"].copy_(flat[offset : offset + n].view_as(p))
-        offset += n

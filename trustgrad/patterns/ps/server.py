@@ -357,13 +357,7 @@ class Server:
         self.losses = []
 
     def _checkpoint(self) -> ServerCheckpoint:
-        opt, params = self.replica.optimizer, self.replica.params
-        bufs = [opt.state.get(p, {}).get("momentum_buffer") for p in params]
-        momentum = None
-        if self.velocity is not None:
-            momentum = self.velocity.clone()
-        elif all(b is not None for b in bufs):
-            momentum = torch.cat([b.reshape(-1) for b in bufs]).detach().clone()
+        momentum = self.velocity.clone() if self.velocity is not None else self.replica.flat_momentum()
         clocks = [w.clock for _, w in sorted(self.workers.items())]
         return ServerCheckpoint(self.replica.flat_params(), momentum, clocks, self.version, self.pattern.run_identity())
 
@@ -374,11 +368,7 @@ class Server:
             if ckpt.momentum.shape == self.velocity.shape:  # else a sync checkpoint: start buffers at zero
                 self.velocity.copy_(ckpt.momentum)
         elif ckpt.momentum is not None and ckpt.momentum.dim() == 1:
-            offset, state = 0, self.replica.optimizer.state
-            for p in self.replica.params:
-                n = p.numel()
-                state[p]["momentum_buffer"] = ckpt.momentum[offset : offset + n].view_as(p).clone()
-                offset += n
+            self.replica.set_flat_momentum(ckpt.momentum)
         for r, clock in enumerate(ckpt.clocks, start=1):
             self.workers[r].clock = clock
         self.version = self.resumed_at = ckpt.version
