@@ -21,7 +21,7 @@ from .errors import ConfigError
 from .registry import Registry
 from .seeding import derive_seed
 
-__all__ = ["MODELS", "build_model", "PolySigmoid", "Square"]
+__all__ = ["MODELS", "LOSSES", "POLY_SIGMOID", "build_model", "loss_for", "poly_bce", "PolySigmoid", "Square"]
 
 ModelFactory = Callable[[tuple[int, ...], int, ModelConfig], nn.Sequential]
 MODELS: Registry[ModelFactory] = Registry("model")
@@ -49,16 +49,51 @@ class Square(nn.Module):
         return x * x
 
 
+# s(z) = c0 + c1 z + c3 z^3: the degree-3 least-squares sigmoid on [-8, 8] (Kim et al. 2018 use the same kind)
+POLY_SIGMOID = (0.5, 0.197, -0.004)
+
+
 class PolySigmoid(nn.Module):
     """Degree-3 least-squares sigmoid on [-8, 8]: 0.5 + 0.197 z - 0.004 z^3 (depth 2 under CKKS)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return 0.5 + 0.197 * x - 0.004 * x * x * x
+        c0, c1, c3 = POLY_SIGMOID
+        return c0 + c1 * x + c3 * x * x * x
+
+
+def poly_bce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The loss of ``logreg-poly``: its gradient w.r.t. ``logits`` is exactly ``(s(logits) - onehot(y)) / B`` with
+    ``s`` the polynomial sigmoid (one-vs-rest logistic regression), the quantity blind verification recomputes on
+    ciphertexts, so plaintext training and the check compare like with like (``y``: class indices or one-hot)."""
+    onehot = nn.functional.one_hot(y.long(), logits.shape[-1]).to(logits.dtype) if y.dim() == 1 else y.to(logits.dtype)
+    c0, c1, c3 = POLY_SIGMOID
+    z = logits
+    per = c0 * z + 0.5 * c1 * z * z + 0.25 * c3 * z**4 - onehot * z
+    return per.sum() / logits.shape[0]
+
+
+# training losses other than cross-entropy, by the name a model factory stores in ``model.trustgrad_loss``
+LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {"poly-bce": poly_bce}
+
+
+def loss_for(model: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The training loss a model was built for (cross-entropy unless its factory named another)."""
+    name = getattr(model, "trustgrad_loss", None)
+    return LOSSES[name] if name is not None else nn.functional.cross_entropy
 
 
 @MODELS.register("logreg")
 def _logreg(shape: tuple[int, ...], classes: int, cfg: ModelConfig) -> nn.Sequential:
     return nn.Sequential(nn.Flatten(), nn.Linear(_features(shape), classes))
+
+
+@MODELS.register("logreg-poly")
+def _logreg_poly(shape: tuple[int, ...], classes: int, cfg: ModelConfig) -> nn.Sequential:
+    """``logreg`` trained with :func:`poly_bce` (polynomial-sigmoid one-vs-rest): the model ``--proof blind`` checks
+    on ciphertexts. Predictions are the argmax of the logits (``s`` is increasing on [-4, 4])."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(_features(shape), classes))
+    model.trustgrad_loss = "poly-bce"  # a plain attribute: not a submodule, not in the state dict
+    return model
 
 
 @MODELS.register("mlp")

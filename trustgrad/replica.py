@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
@@ -16,10 +18,12 @@ def make_optimizer(model: nn.Module, lr: float, momentum: float = 0.0, weight_de
 class Replica:
     """One copy of the model being trained; patterns read and write it through flat vectors."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module | None = None):
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable | None = None):
+        from .models import loss_for
+
         self.model = model
         self.optimizer = optimizer
-        self.loss_fn = loss_fn or nn.CrossEntropyLoss()
+        self.loss_fn = loss_fn or loss_for(model)  # the loss the model was built for (cross-entropy by default)
         self.params = [p for p in model.parameters() if p.requires_grad]
 
     @property

@@ -25,26 +25,17 @@ import numpy as np
 import torch
 
 from trustgrad.errors import ConfigError
+from trustgrad.models import POLY_SIGMOID, poly_bce
 
 __all__ = ["SIGMOID", "KINDS", "poly_sigmoid", "poly_bce", "linear_mse", "reference_gradient", "squared_distance"]
 
-# s(z) = c0 + c1 z + c3 z^3, the coefficients of trustgrad.models.PolySigmoid
-SIGMOID = (0.5, 0.197, -0.004)
+SIGMOID = POLY_SIGMOID  # s(z) = c0 + c1 z + c3 z^3, the coefficients of trustgrad.models.PolySigmoid
 KINDS = ("poly", "linear")
 
 
 def poly_sigmoid(z: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
     c0, c1, c3 = SIGMOID
     return c0 + c1 * z + c3 * z * z * z
-
-
-def poly_bce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Loss whose gradient w.r.t. ``logits`` is ``(s(logits) - onehot(y)) / B`` (``y``: class indices or one-hot)."""
-    onehot = _onehot(y, logits.shape[-1], logits.dtype)
-    c0, c1, c3 = SIGMOID
-    z = logits
-    per = c0 * z + 0.5 * c1 * z * z + 0.25 * c3 * z**4 - onehot * z
-    return per.sum() / logits.shape[0]
 
 
 def linear_mse(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -41,14 +41,18 @@ is only useful to combine with *all* others' partials of the *same* ciphertext (
 id), and the parties only ever partially decrypt verdict ciphertexts the server produced with this circuit, which
 contain nothing but masked squared differences. What a prover could try: (a) learn others' data from the verdict —
 the verdict of its own claim concerns its own batch (the PRF draws from the prover's shard) and the current model,
-which every worker pulls anyway; (b) shift the verdict with a crafted partial — the partial is fused with the others
-into one number; a wrong partial decrypts to noise (``fuse`` rejects < 8 bits of precision) or to an arbitrary value,
-so the parties must accept only verdicts fused by someone other than the prover, and the safe rule is that the prover
-is *excluded* from the committee: run the check under a key whose shares the other workers hold (with n-of-n
-threshold keys that means a per-prover committee key) or, with one joint key, have the *server* fuse and let it treat
-a verdict that fails to decrypt as a rejection; (c) make the distance wrap around the decryption modulus: values
-above ``2**(first_mod_bits - scale_bits - 1)`` decrypt modulo that range. :func:`judge` rejects negative distances,
-and landing a wrapped value inside ``[-bound, bound]`` (about 5e-10 wide, of a 2**14 / gain^2 range) requires
+which every worker pulls anyway; (b) shift the verdict with a crafted partial: the fused plaintext is the verdict
+plus any offset the prover adds to its partial, so to pass it must cancel the verdict to within the bound, i.e.
+predict it. It cannot: ``distance_to(..., weights=rho)`` makes the verdict a *weighted* squared distance
+``sum_s rho_s^2 diff_s^2`` with secret weights ``rho_s`` in [0.5, 1] that the server draws fresh for every check, so
+even a prover that knows its own ``diff`` exactly only knows the verdict lies in [D/4, D] (D: the unweighted
+distance), and an offset lands within the bound with probability about ``bound / (0.75 D)``; the server fuses (the
+parties never see a verdict) and treats a verdict that does not decrypt to a number within the bound as a rejection.
+(The alternative, a committee that excludes the prover, needs a key the prover holds no share of: per-prover
+committee keys, with each claim encrypted under two keys whose plaintexts nobody can compare, or t-of-n recovery,
+which the 1.6.1 bindings cannot move between processes.) (c) make the distance wrap around the decryption modulus:
+values above ``2**(first_mod_bits - scale_bits - 1)`` decrypt modulo that range. :func:`judge` rejects negative
+distances, and landing a wrapped value inside ``[-bound, bound]`` (about 5e-10 wide, of a 2**14 / gain^2 range) requires
 predicting the server's computation, including every rescaling error and the encryption noise of ciphertexts the
 prover did not make, to about 1e-10. A range check on the claim itself (a zero-knowledge range proof) would close
 this fully; not built.
@@ -309,17 +313,43 @@ class BlindVerifier:
             sb = self._rotsum(_sum(cc, tb_parts), lay.sample_rotations)
         return EncryptedGradient(s, sb, B)
 
-    def distance_to(self, gradient: EncryptedGradient, claim: EncryptedVector) -> EncryptedVector:
+    def distance_to(
+        self,
+        gradient: EncryptedGradient,
+        claim: EncryptedVector,
+        *,
+        claim_scale: float = 1.0,
+        weights: np.ndarray | None = None,
+    ) -> EncryptedVector:
         """Steps 6-7: ``Enc(gain^2 (||dW - dW_claim||^2 + ||db - db_claim||^2))`` in slot 0, as a length-1 vector
-        (decrypt it, then :meth:`finish`)."""
+        (decrypt it, then :meth:`finish`).
+
+        ``claim_scale``: the claim encrypts ``claim_scale`` times the gradient (the check compares with
+        ``claim / claim_scale``, folded into the step-6 masks: no extra level). ``weights``: secret per-slot factors
+        in [0, 1] (one per slot), so the verdict is a *weighted* squared distance whose value the prover cannot
+        predict (see "The prover and its partial decryption" above); None: all ones.
+        """
         self._check_vector(claim, "claim")
+        if not (np.isfinite(claim_scale) and claim_scale > 0):
+            raise ConfigError(f"claim_scale must be a positive number, got {claim_scale}")
         cc, lay = self._cc, self.layout
         cw, cb = claim.ciphertexts
         with _wire.openfhe_errors("blind distance"):
-            gmask = self._plain("gmask", lambda: lay.gradient_mask() * self.gain)
-            bmask = self._plain("bmask", lambda: lay.bias_mask() * self.gain)
-            d = cc.EvalMult(cc.EvalSub(gradient.weights, cw), gmask)
-            db = cc.EvalMult(cc.EvalSub(gradient.bias, cb), bmask)
+            if weights is None:
+                gmask = self._plain("gmask", lambda: lay.gradient_mask() * self.gain)
+                bmask = self._plain("bmask", lambda: lay.bias_mask() * self.gain)
+                gclaim = self._plain(("gmask", claim_scale), lambda: lay.gradient_mask() * self.gain / claim_scale)
+                bclaim = self._plain(("bmask", claim_scale), lambda: lay.bias_mask() * self.gain / claim_scale)
+            else:
+                weights = np.asarray(weights, np.float64).reshape(-1)
+                if weights.shape != (lay.slots,) or not np.all((weights >= 0) & (weights <= 1)):
+                    raise ConfigError(f"weights must be {lay.slots} values in [0, 1]")
+                g, b = lay.gradient_mask() * weights * self.gain, lay.bias_mask() * weights * self.gain
+                gmask, bmask, gclaim, bclaim = (
+                    cc.MakeCKKSPackedPlaintext(m) for m in (g, b, g / claim_scale, b / claim_scale)
+                )
+            d = cc.EvalSub(cc.EvalMult(gradient.weights, gmask), cc.EvalMult(cw, gclaim))
+            db = cc.EvalSub(cc.EvalMult(gradient.bias, bmask), cc.EvalMult(cb, bclaim))
             q = cc.EvalAdd(cc.EvalSquare(d), cc.EvalSquare(db))
             q = self._rotsum(q, lay.class_rotations + lay.feature_rotations)
             level = int(q.GetLevel())

@@ -46,11 +46,17 @@ class KeyRing:
 
 
 def setup_keys(
-    comm: Comm, crypto: CryptoConfig, parties: Sequence[int], others: Sequence[int], stats: CryptoStats
+    comm: Comm,
+    crypto: CryptoConfig,
+    parties: Sequence[int],
+    others: Sequence[int],
+    stats: CryptoStats,
+    context: Context | None = None,
 ) -> KeyRing:
-    """Run the key set-up on every rank of ``parties`` (key holders) and ``others`` (public key only)."""
+    """Run the key set-up on every rank of ``parties`` (key holders) and ``others`` (public key only); ``context``
+    overrides the one ``crypto`` describes (every rank must pass the same parameters)."""
     parties = tuple(parties)
-    context = Context(CKKSParams.from_config(crypto))
+    context = context or Context(CKKSParams.from_config(crypto))
     me = comm.rank
     with stats.timing("keygen"):
         if crypto.keys == "shared":

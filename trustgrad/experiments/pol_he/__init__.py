@@ -15,6 +15,12 @@ numbers, in four parts, each on what trustgrad builds today:
    threshold) vs plaintext ``ps``; the blind step check (:mod:`trustgrad.bench.blind`).
 4. **What the server's view leaks** (:mod:`.leak`): iDLG on the view a ``ps`` server recorded, plaintext vs
    ciphertext (sigmoid LeNet, digits 32x32, batch 1).
+5. **Blind verification inside training** (:mod:`.blind`): real ``ps --encrypt ckks --keys threshold --proof blind``
+   jobs (logreg-poly, 4 workers): detection and exclusion per attack, honest seeds, accuracy against the all-honest
+   run, and what a verified step and an epoch cost.
+
+``--parts`` runs a subset (the report has a section per part run); the other options size the parts, so the issue's
+acceptance sweeps are one command each (see docs/proposal.md).
 
 Writes ``results.json``, ``results.md`` and PNG plots under ``--out``.
 """
@@ -39,6 +45,7 @@ __all__ = ["Settings", "QUICK", "run_pol_he"]
 log = logging.getLogger(__name__)
 
 ATTACKS = ("sign-flip", "noise", "scale", "label-flip", "free-rider", "random-batch", "forged-proof")
+PARTS = ("acceptance", "detection", "cost", "leakage", "blind")
 
 
 @dataclass(frozen=True)
@@ -66,10 +73,32 @@ class Settings:
     blind_repeats: int = 2
     # part 4
     leak_steps: int = 50  # iDLG L-BFGS steps
+    # part 5
+    blind_workers: int = 4
+    blind_steps: int = 2  # rounds per detection run: the attack's round (rejected, re-key), one round after
+    blind_seeds: int = 1  # per attack
+    blind_honest_seeds: int = 2
+    blind_attacks: tuple[str, ...] = ATTACKS
+    blind_accuracy_seeds: int = 0  # longer runs (all honest vs worker 1 excluded at step 0), per seed
+    blind_accuracy_epochs: int = 3
+    blind_lr: float = 0.3
+    parts: tuple[str, ...] = ("acceptance", "detection", "cost", "leakage", "blind")
 
     def check(self) -> None:
         if not 1 <= self.seeds <= 100:
             raise ConfigError(f"experiment pol-he: --seeds must be in [1, 100], got {self.seeds}")
+        unknown = sorted(set(self.parts) - set(PARTS))
+        if unknown or not self.parts:
+            raise ConfigError(f"experiment pol-he: --parts must name some of {', '.join(PARTS)}; got {unknown}")
+        if "cost" in self.parts and not {"acceptance", "detection"} <= set(self.parts):
+            raise ConfigError("experiment pol-he: the cost part reads the acceptance and detection parts; run them too")
+        bad = sorted(set(self.attacks + self.blind_attacks) - set(ATTACKS))
+        if bad:
+            raise ConfigError(f"experiment pol-he: unknown attacks {bad}; choose from {', '.join(ATTACKS)}")
+        if not set(self.schedules) <= {"sync", "async", "ssp"} or not all(0 < r <= 1 for r in self.rates):
+            raise ConfigError("experiment pol-he: --schedules from sync, async, ssp; --rates in (0, 1]")
+        if min(self.workers, self.blind_workers) < 3 or min(self.steps, self.blind_steps) < 1:
+            raise ConfigError("experiment pol-he: --workers and --blind-workers >= 3, --steps >= 1")
 
 
 QUICK = Settings(
@@ -86,22 +115,31 @@ QUICK = Settings(
     blind_kinds=("linear",),
     blind_repeats=1,
     leak_steps=10,
+    blind_workers=3,
+    blind_steps=1,
+    blind_honest_seeds=1,
+    blind_attacks=("sign-flip",),
 )
 
 
 def run_pol_he(s: Settings, out: Path) -> ExperimentResult:
     """Run the four parts; write ``results.json``, ``results.md`` and the PNGs under ``out``."""
-    from . import acceptance, cost, detection, leak, report
+    from . import acceptance, blind, cost, detection, leak, report
 
     s.check()
     out.mkdir(parents=True, exist_ok=True)
     data: dict[str, Any] = {"settings": asdict(s), "machine": _machine(), "seconds": {}}
-    for name, part in (
-        ("acceptance", acceptance.measure),
-        ("detection", detection.measure),
-        ("cost", cost.measure),
-        ("leakage", leak.measure),
-    ):
+    measures = {
+        "acceptance": acceptance.measure,
+        "detection": detection.measure,
+        "cost": cost.measure,
+        "leakage": leak.measure,
+        "blind": blind.measure,
+    }
+    for name in PARTS:
+        if name not in s.parts:
+            continue
+        part = measures[name]
         started = time.perf_counter()
         log.info("pol-he: part %s", name)
         data[name] = part(s, out, data)
@@ -138,9 +176,27 @@ def run_experiment(argv: list[str]) -> ExperimentResult:
     parser.add_argument("--out", default="runs/pol-he", help="folder for results.json, results.md and the PNGs")
     parser.add_argument("--seeds", type=int, help="seeds per configuration (default 3; --quick 1)")
     parser.add_argument("--quick", action="store_true", help="a small version of every part (for tests)")
+    parser.add_argument("--parts", help=f"comma-separated subset of {','.join(PARTS)} (default: all)")
+    lists = {"schedules": str, "rates": float, "attacks": str, "blind_attacks": str}
+    numbers = {"workers": int, "steps": int, "from_step": int, "honest_seeds": int, "blind_workers": int,
+               "blind_steps": int, "blind_seeds": int, "blind_honest_seeds": int, "blind_accuracy_seeds": int,
+               "blind_accuracy_epochs": int, "blind_lr": float}  # fmt: skip
+    for name in [*lists, *numbers]:
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, help=f"Settings.{name} (see the module doc)")
     args = parser.parse_args(argv)
     settings = QUICK if args.quick else Settings()
+    changes: dict[str, Any] = {}
+    try:
+        for name, kind in {**lists, "parts": str}.items():
+            if getattr(args, name) is not None:
+                changes[name] = tuple(kind(v) for v in getattr(args, name).split(",") if v)
+        for name, kind in numbers.items():
+            if getattr(args, name) is not None:
+                changes[name] = kind(getattr(args, name))
+    except ValueError as exc:
+        raise ConfigError(f"experiment pol-he: {exc}") from None
     if args.seeds is not None:
-        settings = replace(settings, seeds=args.seeds)
+        changes["seeds"] = args.seeds
+    settings = replace(settings, **changes)
     settings.check()
     return run_pol_he(settings, Path(args.out))

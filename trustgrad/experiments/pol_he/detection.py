@@ -95,13 +95,15 @@ def measure(s: Any, out: Path, data: dict[str, Any]) -> dict[str, Any]:
     for schedule in s.schedules:
         honest[f"{schedule}/unverified"] = [one_run(base_config(s, seed, schedule)) for seed in seeds]
     audit = {"mode": "audit", "audit_rate": 1.0}
-    honest["sync/audit 1.0"] = [
-        one_run(base_config(s, seed).replace(proof=audit)) for seed in range(max(s.honest_seeds, s.seeds))
-    ]
+    for schedule in s.schedules:
+        honest[f"{schedule}/audit 1.0"] = [
+            one_run(base_config(s, seed, schedule).replace(proof=audit)) for seed in range(max(s.honest_seeds, s.seeds))
+        ]
     result["honest"] = {k: {"summary": _honest_summary(v), "runs": v} for k, v in honest.items()}
     for schedule in s.schedules:
         rates = s.rates if schedule == "sync" else (1.0,)
         ref = result["honest"][f"{schedule}/unverified"]["summary"]["accuracy_mean"]
+        same_seed = honest[f"{schedule}/unverified"]
         for attack in s.attacks:
             unverified = [_attacked(s, attack, seed, schedule, None) for seed in seeds] if schedule == "sync" else []
             if unverified:
@@ -110,6 +112,10 @@ def measure(s: Any, out: Path, data: dict[str, Any]) -> dict[str, Any]:
                 runs = [_attacked(s, attack, seed, schedule, rate) for seed in seeds]
                 row = {"schedule": schedule, "attack": attack, "audit_rate": rate, **_summarise(runs)}
                 row["honest_accuracy"] = ref
+                # the all-honest run of the same seed minus this run (positive: the attack cost accuracy)
+                gaps = [h["test_accuracy"] - r["test_accuracy"] for h, r in zip(same_seed, runs)
+                        if "error" not in h and "error" not in r]  # fmt: skip
+                row["accuracy_gap_max"] = max(gaps, default=math.nan)
                 row["unverified_accuracy"] = _mean(unverified, "test_accuracy") if unverified else math.nan
                 row["runs_detail"] = runs
                 log.info("pol-he detection %s %s rate %g: %d/%d", schedule, attack, rate, row["detected"], row["runs"])

@@ -22,49 +22,67 @@ def _g(x: Any, fmt: str = ".2g") -> str:
 
 
 def answer(data: dict[str, Any]) -> dict[str, Any]:
-    acc, det = data["acceptance"], data["detection"]
-    default = f"{acc['default_threshold']:g}"
-    per_mode: dict[str, Any] = {}
-    for cell in acc["cells"]:
-        if cell["scale_bits"] is None:
-            continue
-        ok = cell["claims"]["acceptance"][default] == 1.0 and cell["aggregates"]["acceptance"][default] == 1.0
-        entry = per_mode.setdefault(cell["mode"], {"min_scale_all_accepted": None, "max_rel_l2_at": {}})
-        entry["max_rel_l2_at"][cell["scale_bits"]] = max(cell["claims"]["rel_l2_max"], cell["aggregates"]["rel_l2_max"])
-        if ok and (entry["min_scale_all_accepted"] is None or cell["scale_bits"] < entry["min_scale_all_accepted"]):
-            entry["min_scale_all_accepted"] = cell["scale_bits"]
-    honest = det["honest"]["sync/audit 1.0"]["summary"]
-    attacked = [r["min_rejected_rel_l2"] for r in det["rows"] if not math.isnan(r["min_rejected_rel_l2"])]
-    out = {
-        "default_threshold": acc["default_threshold"],
-        "per_mode": per_mode,
-        "honest_runs": honest["runs"],
-        "honest_false_rejections": honest["false_rejections"],
-        "honest_audited_claims": honest["audited_claims"],
-        "smallest_rejected_malicious_rel_l2": min(attacked) if attacked else math.nan,
-    }
+    out: dict[str, Any] = {}
     lines = []
-    for mode, e in per_mode.items():
-        s = e["min_scale_all_accepted"]
-        at = e["max_rel_l2_at"]
-        preset = 40 if mode == "shared" else 50
-        worst = f"; worst honest rel_l2 at 2^{preset}: {_g(at.get(preset))}" if preset in at else ""
-        lines.append(
-            f"{mode}: every honest claim and aggregate accepted at the default threshold from 2^{s} up{worst}"
-            if s is not None
-            else f"{mode}: no measured scale had every honest claim accepted at the default threshold"
+    if "acceptance" in data:
+        acc = data["acceptance"]
+        default = f"{acc['default_threshold']:g}"
+        per_mode: dict[str, Any] = {}
+        for cell in acc["cells"]:
+            if cell["scale_bits"] is None:
+                continue
+            ok = cell["claims"]["acceptance"][default] == 1.0 and cell["aggregates"]["acceptance"][default] == 1.0
+            entry = per_mode.setdefault(cell["mode"], {"min_scale_all_accepted": None, "max_rel_l2_at": {}})
+            at = entry["max_rel_l2_at"]
+            at[cell["scale_bits"]] = max(cell["claims"]["rel_l2_max"], cell["aggregates"]["rel_l2_max"])
+            if ok and (entry["min_scale_all_accepted"] is None or cell["scale_bits"] < entry["min_scale_all_accepted"]):
+                entry["min_scale_all_accepted"] = cell["scale_bits"]
+        out.update(default_threshold=acc["default_threshold"], per_mode=per_mode)
+        for mode, e in per_mode.items():
+            sc, at = e["min_scale_all_accepted"], e["max_rel_l2_at"]
+            preset = 40 if mode == "shared" else 50
+            worst = f"; worst honest rel_l2 at 2^{preset}: {_g(at.get(preset))}" if preset in at else ""
+            lines.append(
+                f"{mode}: every honest claim and aggregate accepted at the default threshold from 2^{sc} up{worst}"
+                if sc is not None
+                else f"{mode}: no measured scale had every honest claim accepted at the default threshold"
+            )
+    if "detection" in data:
+        det = data["detection"]
+        audited = [v["summary"] for k, v in det["honest"].items() if "audit" in k]
+        attacked = [r["min_rejected_rel_l2"] for r in det["rows"] if not math.isnan(r["min_rejected_rel_l2"])]
+        out.update(
+            honest_runs=sum(h["runs"] for h in audited),
+            honest_false_rejections=sum(h["false_rejections"] for h in audited),
+            honest_audited_claims=sum(h["audited_claims"] for h in audited),
+            smallest_rejected_malicious_rel_l2=min(attacked) if attacked else math.nan,
+            detected=sum(r["detected"] for r in det["rows"]),
+            attacked_runs=sum(r["runs"] - r["errors"] for r in det["rows"]),
         )
-    out["text"] = (
-        "; ".join(lines) + f". Honest plaintext-audited runs: {honest['false_rejections']} false rejections in "
-        f"{honest['audited_claims']} audited claims over {honest['runs']} seeds. Smallest rel_l2 of a rejected "
-        f"malicious claim: {_g(out['smallest_rejected_malicious_rel_l2'])}."
-    )
+        lines.append(
+            f"plaintext audits: malicious worker excluded in {out['detected']}/{out['attacked_runs']} attacked runs; "
+            f"{out['honest_false_rejections']} false rejections in {out['honest_audited_claims']} audited honest "
+            f"claims over {out['honest_runs']} runs; smallest rel_l2 of a rejected malicious claim "
+            f"{_g(out['smallest_rejected_malicious_rel_l2'])}"
+        )
+    if "blind" in data:
+        b = data["blind"]
+        detected = sum(r["detected"] for r in b["rows"])
+        runs = sum(r["runs"] - r["errors"] for r in b["rows"])
+        false = sum(r["false_exclusions"] for r in b["rows"]) + b["honest"]["false_rejections"]
+        honest_claims = sum(r["honest_claims_checked"] for r in b["rows"]) + b["honest"]["claims"]
+        worst = max([b["honest"]["worst_distance"], *(r["worst_honest_distance"] for r in b["rows"])])
+        out.update(blind_detected=detected, blind_runs=runs, blind_false=false, blind_honest_claims=honest_claims)
+        lines.append(
+            f"blind verification (threshold CKKS, ciphertexts only at the server): malicious worker excluded in "
+            f"{detected}/{runs} attacked runs; {false} honest claims rejected of {honest_claims} checked; worst honest "
+            f"distance {_g(worst)} against the bound {_g(b['honest']['bound'])}"
+        )
+    out["text"] = "; ".join(lines) + "."
     return out
 
 
 def markdown(data: dict[str, Any]) -> str:
-    acc, det, cost, leak = data["acceptance"], data["detection"], data["cost"], data["leakage"]
-    th = [f"{t:g}" for t in acc["thresholds"]]
     m = data["machine"]
     out = [
         "# pol-he: does CKKS noise make the verifier reject honest proofs?",
@@ -73,7 +91,24 @@ def markdown(data: dict[str, Any]) -> str:
         f"{data['settings']['seeds']}; part seconds {data['seconds']}.",
         "",
         f"**Answer.** {data['answer']['text']}",
-        "",
+    ]
+    if "acceptance" in data:
+        out += ["", *_acceptance_table(data["acceptance"])]
+    if "detection" in data:
+        out += ["", *_detection_table(data["detection"])]
+    if "cost" in data:
+        out += ["", *_cost_table(data["cost"])]
+    if "leakage" in data:
+        out += ["", *_leak_table(data["leakage"])]
+    if "blind" in data:
+        out += ["", *_blind_table(data["blind"])]
+    out += ["", "Plots: " + (", ".join(data.get("pngs", [])) or "none")]
+    return "\n".join(out)
+
+
+def _acceptance_table(acc: dict[str, Any]) -> list[str]:
+    th = [f"{t:g}" for t in acc["thresholds"]]
+    out = [
         f"## 1. Honest acceptance vs CKKS scale and threshold (digits/mlp, {acc['workers']} workers, "
         f"{acc['steps_per_seed']} rounds per seed; 128-bit parameters; each cell: claims / aggregates accepted)",
         "",
@@ -96,20 +131,27 @@ def markdown(data: dict[str, Any]) -> str:
         f"Default threshold {acc['default_threshold']:g} (relative l2) plus the auditor's cosine rule "
         f"(<= {acc['cos_rule']:g}). Claims: one worker's ciphertext decrypted, times W, replayed by "
         "`Auditor.check`; aggregates: the server's sum of W ciphertexts (each pre-scaled by 1/W) decrypted to float32.",
-        "",
+    ]
+    return out
+
+
+def _detection_table(det: dict[str, Any]) -> list[str]:
+    out = [
         f"## 2. Detection per attack vs audit rate (ps, {det['workers']} workers, {det['steps']} steps, worker 1 "
         f"malicious from step {det['from_step']})",
         "",
         "| schedule | attack | audit rate | detected | steps to detection | rolled back | honest excluded "
-        "| accuracy (audited) | accuracy (unverified) | honest accuracy | smallest rejected rel_l2 | errors |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| accuracy (audited) | accuracy (unverified) | honest accuracy | max gap to same-seed honest "
+        "| smallest rejected rel_l2 | errors |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in det["rows"]:
         out.append(
             f"| {r['schedule']} | {r['attack']} | {r['audit_rate']:g} | {r['detected']}/{r['runs'] - r['errors']} | "
             f"{_g(r['steps_to_detection_mean'], '.1f')} | {_g(r['rolled_back_mean'], '.1f')} | {r['false_exclusions']} "
             f"| {_g(r['accuracy_mean'], '.3f')} | {_g(r['unverified_accuracy'], '.3f')} "
-            f"| {_g(r['honest_accuracy'], '.3f')} | {_g(r['min_rejected_rel_l2'])} | {r['errors']} |"
+            f"| {_g(r['honest_accuracy'], '.3f')} | {_g(r.get('accuracy_gap_max'), '.3f')} "
+            f"| {_g(r['min_rejected_rel_l2'])} | {r['errors']} |"
         )
     out += [
         "",
@@ -125,9 +167,7 @@ def markdown(data: dict[str, Any]) -> str:
             f"| {k} | {h['runs']} | {h['audited_claims']} | {h['false_rejections']} | {h['excluded']} | "
             f"{_g(h['worst_accepted_rel_l2'])} | {_g(h['accuracy_mean'], '.3f')} | {h['errors']} |"
         )
-    out += ["", *_cost_table(cost), "", *_leak_table(leak)]
-    out += ["", "Plots: " + ", ".join(data.get("pngs", []))]
-    return "\n".join(out)
+    return out
 
 
 def _cost_table(cost: dict[str, Any]) -> list[str]:
@@ -191,10 +231,60 @@ def _leak_table(leak: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _blind_table(b: dict[str, Any]) -> list[str]:
+    h, c = b["honest"], b["cost"]
+    out = [
+        "## 5. Blind verification inside training (ps --encrypt ckks --keys threshold --proof blind; "
+        f"digits/logreg-poly, {b['workers']} workers, batch 32, lr {b['lr']:g}, no momentum; worker 1 malicious from step 0; "
+        f"{b['steps']} rounds per detection run)",
+        "",
+        "| attack | detected | at step (max) | honest excluded | smallest distance of a caught claim | bound "
+        "| worst honest distance | honest claims checked | re-key s | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in b["rows"]:
+        out.append(
+            f"| {r['attack']} | {r['detected']}/{r['runs'] - r['errors']} | {_g(r['detection_step_max'])} | "
+            f"{r['false_exclusions']} | {_g(r['min_distance'], '.3g')} | {_g(r['bound'])} | "
+            f"{_g(r['worst_honest_distance'])} | {r['honest_claims_checked']} | {_g(r['rekey_seconds'], '.1f')} | "
+            f"{r['errors']} |"
+        )
+    out += [
+        "",
+        f"Honest blind runs: {h['runs']} seeds, {h['claims']} claims checked, {h['false_rejections']} rejected, "
+        f"{h['excluded']} workers excluded, worst honest distance {_g(h['worst_distance'])} (bound {_g(h['bound'])}), "
+        f"{h['errors']} errors.",
+    ]
+    if b["accuracy"]:
+        out += [
+            "",
+            "| seed | epochs | blind, all honest | blind, sign-flip caught | unverified plaintext, sign-flip "
+            "| plaintext, all honest | caught |",
+            "|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in b["accuracy"]:
+            out.append(
+                f"| {r['seed']} | {r['epochs']} | {_g(r['honest'], '.3f')} | {_g(r['caught'], '.3f')} | "
+                f"{_g(r['unverified'], '.3f')} | {_g(r['plain'], '.3f')} | {r['caught_detected']} |"
+            )
+    out += [
+        "",
+        f"Cost (honest blind runs; seconds): set-up {_g(c['setup_seconds'], '.1f')} (keys, evaluation keys, every "
+        f"worker's samples encrypted once), check {_g(c['check_seconds_per_claim'], '.2f')} per claim, verdict "
+        f"decryption {_g(c['verdict_seconds_per_claim'], '.3f')} per claim; a round takes "
+        f"{_g(c['server_seconds_per_round'], '.2f')} s against {_g(c['plaintext_seconds_per_round'], '.4f')} s for "
+        f"plaintext ps ({_g(c['server_seconds_per_round'] / c['plaintext_seconds_per_round'], '.0f')}x); "
+        f"{_g(c['bytes_per_run'] / 1e6, '.0f')} MB on the wire per run. The server held: {c['server_key_material']}.",
+    ]
+    return out
+
+
 def plots(data: dict[str, Any], out: Path) -> list[Path]:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    if "acceptance" not in data or "detection" not in data:
+        return []
     acc, det = data["acceptance"], data["detection"]
     paths = []
     fig = Figure(figsize=(11, 4))

@@ -30,7 +30,7 @@ from ...errors import ConfigError, LaunchError
 from ...replica import Replica
 from ..base import PATTERNS, Pattern
 from .checkpoint import ServerCheckpoint
-from .protocol import ACK, BYE, DONE, DROPPED, GRADIENT, OK, PAYLOAD, PUSH, REPLY, push_header
+from .protocol import ACK, BYE, DONE, DROPPED, GRADIENT, OK, PAYLOAD, PUSH, REPLY, SERVICE, push_header
 from .schedules import SCHEDULES, Schedule, schedule_for
 from .straggler import Straggler
 
@@ -53,7 +53,7 @@ class PushClaim:
 class ParameterServer(Pattern):
     name = "ps"
     encryption_keys = frozenset({"shared", "threshold"})
-    proof_modes = frozenset({"audit"})
+    proof_modes = frozenset({"audit", "blind"})
 
     def __init__(self, cfg: RunConfig, comm: Any):
         super().__init__(cfg, comm)
@@ -83,6 +83,10 @@ class ParameterServer(Pattern):
                 "ps --encrypt ckks runs --schedule sync without checkpoints: asynchronous schedules keep per-worker "
                 "momentum at the server (DANA) and checkpoints hold the model, both plaintext the server must not have"
             )
+        if cfg.proof.mode == "blind":
+            from .blind import check_blind_config
+
+            check_blind_config(cfg)
         encrypted_audit = cfg.proof.mode == "audit" and cfg.crypto.encrypt != "none"
         if encrypted_audit and (cfg.crypto.keys != "shared" or cfg.proof.audit_rate != 1.0):
             raise ConfigError(
@@ -191,7 +195,11 @@ class ParameterServer(Pattern):
 
     # ------------------------------------------------------------------ worker side
     def attach(self, replica: Replica) -> None:
-        if self.cfg.crypto.encrypt != "none":
+        if self.cfg.proof.mode == "blind":
+            from .blind import BlindWorker
+
+            self.secure = BlindWorker(self.comm, self.cfg, self.comm.rank - 1)
+        elif self.cfg.crypto.encrypt != "none":
             from .secure import SecureWorker
 
             self.secure = SecureWorker(self.comm, self.cfg)
@@ -243,6 +251,9 @@ class ParameterServer(Pattern):
 
     def _pull(self, replica: Replica) -> None:
         status, version, clock = self._reply_header()
+        while status == SERVICE and self.secure is not None:  # the server needs our keys' work before it answers
+            self.secure.serve(version, clock, replica)  # the header's fields carry (request, count)
+            status, version, clock = self._reply_header()
         if status == DROPPED:
             log.warning("ps: the server dropped worker %d; it stops pushing", self.comm.rank - 1)
             self.detached = True
@@ -252,8 +263,7 @@ class ParameterServer(Pattern):
         if self.secure is not None:  # the encrypted mean of the last round: decrypt and step locally
             payload, _ = self.comm.recv_bytes(0, REPLY, max_bytes=self.secure.max_payload(replica.num_params))
             if payload:
-                replica.set_flat_grad(self.secure.decode_mean(payload, replica.num_params))
-                replica.step()
+                self.secure.apply(replica, payload)
         else:
             flat = torch.empty(replica.num_params, dtype=torch.float32)
             self.comm.recv(flat, 0, REPLY)

@@ -6,7 +6,8 @@ Messages (every one goes through ``Comm``, so bytes are counted):
   it is followed, tag ``PAYLOAD``, by ``nbytes`` of encoded gradient (a codec may make these ciphertext bytes).
   ``DONE`` says a worker has finished; ``ACK`` answers the server's goodbye.
 - server -> worker, tag ``REPLY``: an int64 header ``[status, version, clock]``; for ``OK`` followed by the model's
-  parameters (float32). ``DROPPED`` tells a worker the run goes on without it; ``BYE`` ends the run.
+  parameters (float32). ``DROPPED`` tells a worker the run goes on without it; ``BYE`` ends the run. ``SERVICE``
+  asks a key party for work before the answer (partial decryptions, re-keying; ``ps.blind``).
 
 Why the inbox is a thread: the server must take messages in arrival order (receive from any source) yet notice a
 silent worker after ``--worker-timeout``. A gloo receive cannot be cancelled: measured here (torch 2.13), a message
@@ -28,13 +29,16 @@ import torch
 
 from ...comm import Comm
 
-__all__ = ["Inbox", "Message", "PUSH", "PAYLOAD", "REPLY", "GRADIENT", "DONE", "ACK", "OK", "DROPPED", "BYE"]
+__all__ = [
+    "Inbox", "Message", "PUSH", "PAYLOAD", "REPLY", "GRADIENT", "DONE", "ACK", "OK", "DROPPED", "BYE", "SERVICE"
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
 PUSH, PAYLOAD, REPLY = 11, 12, 13  # tags
 GRADIENT, DONE, ACK = 1, 2, 3  # worker message kinds
 OK, DROPPED, BYE = 0, 1, 2  # server reply statuses
+SERVICE = 3  # before replying, the server asks a key party for work: [SERVICE, request, count] (see ps.blind)
 HEADER = 5
 
 

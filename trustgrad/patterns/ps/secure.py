@@ -21,6 +21,8 @@ which needs plaintext: they are refused with encryption.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -70,6 +72,14 @@ class SecureWorker:
         if len(mean) != num_params:
             raise CryptoError(f"the server sent an aggregate of {len(mean)} values for a model of {num_params}")
         return torch.from_numpy(np.asarray(mean, dtype=np.float32))
+
+    def apply(self, replica: Any, payload: bytes) -> None:
+        """Step 4: the round's encrypted mean -> the local optimizer step."""
+        replica.set_flat_grad(self.decode_mean(payload, replica.num_params))
+        replica.step()
+
+    def serve(self, request: int, count: int, replica: Any) -> None:
+        raise LaunchError(f"ps: the server asked for request {request}, which ps --encrypt does not make")
 
     def max_payload(self, num_params: int) -> int:
         """The most ciphertext bytes an honest aggregate of ``num_params`` values takes (bounds what we allocate)."""

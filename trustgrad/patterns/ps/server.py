@@ -83,7 +83,17 @@ class Server:
         self.epochs_logged = self._floor(include_done=True) // max(1, self.steps_per_epoch)
         self.view_recorded = False
         self.buffer_steps: dict[int, int] = {}
+        self.secure = None  # SecureServer with --encrypt ckks: no plaintext update ever reaches this process
         self.audit = None  # ServerAudit with --proof audit
+        if cfg.proof.mode == "blind":  # the server keeps the model encrypted and verifies claims on ciphertexts
+            from .blind import BlindAudit, BlindServer
+
+            self.secure = BlindServer(self.comm, cfg, self.replica.flat_params())
+            self.audit = BlindAudit(self)
+        elif cfg.crypto.encrypt != "none":
+            from .secure import SecureServer
+
+            self.secure = SecureServer(self.comm, cfg)
         if cfg.proof.mode == "audit" and cfg.crypto.encrypt != "none":
             from .cipher_audit import RemoteAudit
 
@@ -92,11 +102,6 @@ class Server:
             from .audit import ServerAudit
 
             self.audit = ServerAudit(self)
-        self.secure = None  # SecureServer with --encrypt ckks: no plaintext update ever reaches this process
-        if cfg.crypto.encrypt != "none":
-            from .secure import SecureServer
-
-            self.secure = SecureServer(self.comm, cfg)
 
     # ------------------------------------------------------------------ the loop
     def serve(self) -> dict[str, Any]:
@@ -195,7 +200,8 @@ class Server:
             if self.audit is not None:  # claims that fail their replay never reach the model
                 buffer = self.audit.screen_round(buffer, self.buffer_steps)
                 self.audit.applied_round(buffer)
-                if not buffer and self.secure is not None:
+                if not buffer and self.secure is not None:  # nothing admitted: no update, nothing to re-send
+                    self.secure.latest = b""
                     self.audit.published(b"")  # the auditor's model stays where it is
             if buffer:
                 grads = [buffer[r] for r in sorted(buffer)]
