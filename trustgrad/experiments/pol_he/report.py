@@ -235,8 +235,8 @@ def _blind_table(b: dict[str, Any]) -> list[str]:
     h, c = b["honest"], b["cost"]
     out = [
         "## 5. Blind verification inside training (ps --encrypt ckks --keys threshold --proof blind; "
-        f"digits/logreg-poly, {b['workers']} workers, batch 32, lr {b['lr']:g}, no momentum; worker 1 malicious from step 0; "
-        f"{b['steps']} rounds per detection run)",
+        f"digits/logreg-poly, {b['workers']} workers, batch 32, lr {b['lr']:g}, no momentum; worker 1 malicious "
+        f"from step 0; {b['steps']} rounds per detection run)",
         "",
         "| attack | detected | at step (max) | honest excluded | smallest distance of a caught claim | bound "
         "| worst honest distance | honest claims checked | re-key s | errors |",

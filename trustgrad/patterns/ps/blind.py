@@ -306,7 +306,7 @@ class BlindAudit:
             "verdict_seconds": 0.0, "worst_accepted_distance": 0.0,
         }  # fmt: skip
 
-    # -- the Server's audit interface -----------------------------------------------------------------------------------
+    # -- the Server's audit interface ---------------------------------------------------------------------------
 
     def claim(self, rank: int, step: int, version: int, payload: bytes) -> None:
         self.chains[rank].extend(step, version, payload)
@@ -367,7 +367,7 @@ class BlindAudit:
             "claims": self.report["audited_claims"],
         }
 
-    # -- steps 3, 4, 6 --------------------------------------------------------------------------------------------------
+    # -- steps 3, 4, 6 ------------------------------------------------------------------------------------------
 
     def _weights(self) -> np.ndarray:
         return self.rng.uniform(0.5, 1.0, self.codec.layout.slots)
