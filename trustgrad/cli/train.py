@@ -51,8 +51,8 @@ _GROUPS: list[tuple[str, list[tuple[str, str, Any, str]]]] = [
                 "--model",
                 "model.name",
                 str,
-                "logreg, mlp (default), lenet, poly-mlp (square activation), "
-                "lenet-sigmoid / lenet-relu (DLG's LeNet, 32x32 inputs)",
+                "logreg, logreg-poly (polynomial sigmoid: what --proof blind checks), mlp (default), lenet, "
+                "poly-mlp (square activation), lenet-sigmoid / lenet-relu (DLG's LeNet, 32x32 inputs)",
             ),
             ("--hidden", "model.hidden", int, "hidden width of mlp/lenet heads (default 64)"),
             ("--depth", "model.depth", int, "hidden layers of mlp (default 2)"),
@@ -118,7 +118,13 @@ _GROUPS: list[tuple[str, list[tuple[str, str, Any, str]]]] = [
                 "ckks security level: 128 (default), 192, 256, or none "
                 "(INSECURE, for experiments; the summary says so)",
             ),
-            ("--proof", "proof.mode", str, "Proof-of-Learning: none, record (writes OUT/proof), audit or blind"),
+            (
+                "--proof",
+                "proof.mode",
+                str,
+                "Proof-of-Learning: none, record (writes OUT/proof), audit (ps: claims replayed by a data owner), "
+                "blind (ps, logreg-poly, threshold CKKS: claims checked on ciphertexts at the server)",
+            ),
             ("--proof-k", "proof.k", int, "steps between proof checkpoints (default 10)"),
             ("--audit-rate", "proof.audit_rate", float, "fraction of claims audited, in (0, 1]"),
         ],
