@@ -173,9 +173,12 @@ def trainable(model: nn.Module) -> list[nn.Parameter]:
 
 
 def observe_gradients(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
-    """The honest worker's update: gradients of the mean cross-entropy on (images, labels), detached."""
+    """The honest worker's update: gradients of the model's training loss (mean cross-entropy unless the model was
+    built for another, e.g. ``logreg-poly``) on (images, labels), detached."""
+    from ...models import loss_for
+
     params = trainable(model)
-    loss = nn.functional.cross_entropy(model(images), labels)
+    loss = loss_for(model)(model(images), labels)
     return [g.detach() for g in torch.autograd.grad(loss, params)]
 
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ...models import loss_for
 from ._optim import Trial, best_of_restarts, result_from_trial
 from .base import (
     GroundTruth,
@@ -77,6 +78,8 @@ def _lbfgs_match(
 ) -> Trial:
     params = trainable(model)
     like = params[0]
+    custom = getattr(model, "trustgrad_loss", None)  # the attacker knows the training loss the model was built for
+    train_loss = loss_for(model)
     x = torch.randn(spec.batch_shape, generator=gen).to(like).requires_grad_(True)
     variables = [x]
     if fixed_labels is None:
@@ -86,7 +89,10 @@ def _lbfgs_match(
 
     def objective(create_graph: bool) -> torch.Tensor:
         logits = model(x)
-        loss = _soft_ce(logits, y) if fixed_labels is None else nn.functional.cross_entropy(logits, fixed_labels)
+        if fixed_labels is not None:
+            loss = train_loss(logits, fixed_labels)
+        else:  # soft labels; a model built for another loss gets the softmax as its (one-hot-like) target
+            loss = _soft_ce(logits, y) if custom is None else train_loss(logits, torch.softmax(y, -1))
         dummy = torch.autograd.grad(loss, params, create_graph=create_graph)
         return gradient_l2_distance(dummy, target)
 

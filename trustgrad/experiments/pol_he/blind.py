@@ -18,6 +18,7 @@ server's encrypted model can take, ``patterns/ps/blind.py``):
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from pathlib import Path
@@ -45,6 +46,9 @@ def blind_config(s: Any, seed: int, *, steps: int | None = None, epochs: int = 1
     return cfg
 
 
+_LOG: list[Path] = []  # where each finished run is appended (runs.jsonl), so a long sweep keeps what it measured
+
+
 def _run(cfg: RunConfig) -> dict[str, Any]:
     from ...run import run
 
@@ -52,14 +56,22 @@ def _run(cfg: RunConfig) -> dict[str, Any]:
         s = run(cfg).summary
     except TrustgradError as exc:
         log.error("pol-he blind: run failed: %s", exc)
-        return {"error": str(exc).splitlines()[0]}
+        return _logged(cfg, {"error": str(exc).splitlines()[0]})
     keys = (
         "test_accuracy", "steps", "wall_seconds", "train_seconds", "audited_claims", "rejected_claims",
         "excluded_workers", "rejections", "discarded_claims", "rekeys", "rekey_seconds", "check_seconds_per_claim",
         "verdict_seconds_per_claim", "setup_seconds", "worst_accepted_distance", "bound", "model_versions",
         "bytes_sent", "server_key_material",
     )  # fmt: skip
-    return {k: s.get(k) for k in keys}
+    return _logged(cfg, {k: s.get(k) for k in keys})
+
+
+def _logged(cfg: RunConfig, row: dict[str, Any]) -> dict[str, Any]:
+    if _LOG:
+        what = {"seed": cfg.seed, "proof": cfg.proof.mode, "malicious": list(cfg.malicious), "epochs": cfg.epochs}
+        with _LOG[0].open("a") as f:
+            f.write(json.dumps({**what, **row}, default=str) + "\n")
+    return row
 
 
 def _attacked(s: Any, attack: str, seed: int, **kw: Any) -> dict[str, Any]:
@@ -81,8 +93,12 @@ def _mean(rows: list[dict[str, Any]], key: str) -> float:
 
 def measure(s: Any, out: Path, data: dict[str, Any]) -> dict[str, Any]:
     result: dict[str, Any] = {"workers": s.blind_workers, "steps": s.blind_steps, "lr": s.blind_lr, "rows": []}
-    for attack in s.blind_attacks:
-        runs = [_attacked(s, attack, seed, steps=s.blind_steps) for seed in range(s.blind_seeds)]
+    _LOG[:] = [out / "blind-runs.jsonl"]
+    by_attack: dict[str, list[dict[str, Any]]] = {a: [] for a in s.blind_attacks}
+    for seed in range(s.blind_seeds):  # seed-major: a sweep cut short still has every attack at similar counts
+        for attack in s.blind_attacks:
+            by_attack[attack].append(_attacked(s, attack, seed, steps=s.blind_steps))
+    for attack, runs in by_attack.items():
         ok = [r for r in runs if "error" not in r]
         distances = [r["distance"] for r in ok if r.get("distance") is not None]
         result["rows"].append(

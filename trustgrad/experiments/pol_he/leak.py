@@ -1,11 +1,12 @@
 """Part 4: what a compromised ``ps`` server can reconstruct from what it receives, plaintext vs encrypted.
 
-For each mode and seed a real ``ps`` job (server + 2 workers, DLG's sigmoid LeNet, digits upsampled to 32x32, batch
-1, one step) runs with ``record_server_view=True``: the server writes the first push it receives exactly as received
-(a gradient in plaintext mode, ciphertext bytes under ``--encrypt ckks``) with the model it sent. iDLG (Zhao et al.
-2020) then attacks that file through :func:`trustgrad.attacks.on_view.attack_view`; on a ciphertext view the attacker,
-who holds no secret key, can only feed the bytes in as if they were the update. Scores: PSNR of the reconstruction
-against the worker's true image (capped at 100 dB) and label accuracy.
+For each mode and seed a real ``ps`` job (server + 2 workers, DLG's sigmoid LeNet, digits upsampled to 32x32, batch 1,
+one step; the blind mode and its plaintext control: ``logreg-poly`` on 8x8 digits, the model it verifies) runs with
+``record_server_view=True``: the server writes the first push it receives exactly as received (a gradient in plaintext
+mode, ciphertext bytes under ``--encrypt ckks``) with the model it sent. iDLG (Zhao et al. 2020) then attacks that
+file through :func:`trustgrad.attacks.on_view.attack_view`; on a ciphertext view the attacker, who holds no secret
+key, can only feed the bytes in as if they were the update. Scores: PSNR of the reconstruction against the worker's
+true image (capped at 100 dB) and label accuracy.
 """
 
 from __future__ import annotations
@@ -26,10 +27,14 @@ __all__ = ["measure", "MODES"]
 log = logging.getLogger(__name__)
 
 PSNR_CAP = 100.0
-MODES: dict[str, dict[str, str]] = {
+_POLY = {"dataset": "digits", "model": {"name": "logreg-poly"}, "momentum": 0.0}
+MODES: dict[str, dict[str, Any]] = {  # RunConfig overrides of each mode (default: DLG's sigmoid LeNet on digits32)
     "plaintext": {},
-    "ckks shared": {"encrypt": "ckks", "keys": "shared"},
-    "ckks threshold": {"encrypt": "ckks", "keys": "threshold"},
+    "ckks shared": {"crypto": {"encrypt": "ckks", "keys": "shared"}},
+    "ckks threshold": {"crypto": {"encrypt": "ckks", "keys": "threshold"}},
+    # blind verification checks logreg-poly on 8x8 digits: the plaintext control uses the same model and data
+    "plaintext logreg-poly": _POLY,
+    "blind (ckks threshold)": {**_POLY, "crypto": {"encrypt": "ckks", "keys": "threshold"}, "proof": {"mode": "blind"}},
 }
 
 
@@ -42,8 +47,7 @@ def _one(mode: str, seed: int, steps: int, folder: Path) -> dict[str, Any]:
         workers=2, dataset="digits32", batch_size=1, max_steps=1, seed=seed, record_server_view=True,
         out=str(folder), progress=False,
     )  # fmt: skip
-    crypto = MODES[mode] or {"encrypt": "none"}
-    cfg = cfg.replace(model={"name": "lenet-sigmoid"}, pattern={"name": "ps"}, crypto=crypto)
+    cfg = cfg.replace(model={"name": "lenet-sigmoid"}, pattern={"name": "ps"}).replace(**MODES[mode])
     try:
         run(cfg)
         files = sorted((folder / "server_view").glob("*-step*.safetensors"))
