@@ -19,7 +19,7 @@ def quick(tmp_path_factory):
 def test_quick_run_writes_tables_json_and_plots(quick):
     out, data = quick
     md = (out / "results.md").read_text()
-    for heading in ("## 1. Honest acceptance", "## 2. Detection", "## 3. Cost", "## 4. What the server"):
+    for heading in ("## 1. Honest acceptance", "## 2. Detection", "## 3. Cost", "## 4. What the server", "## 5. Blind"):
         assert heading in md
     for png in data["pngs"]:
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -62,11 +62,36 @@ def test_cost_and_leakage_parts_measured(quick):
     for mode in ("ckks shared", "ckks threshold"):
         assert leak[mode]["errors"] == 0 and leak[mode]["view_kind"] == "ciphertext"
         assert leak[mode]["psnr_mean"] < leak["plaintext"]["psnr_mean"] - 10
+    # the blind server's view (claims under threshold keys) against the same model's plaintext gradient
+    poly, blind = leak["plaintext logreg-poly"], leak["blind (ckks threshold)"]
+    assert poly["errors"] == 0 and blind["errors"] == 0 and blind["view_kind"] == "ciphertext"
+    assert poly["label_accuracy_mean"] == 1.0 and blind["psnr_mean"] < poly["psnr_mean"] - 10
+
+
+def test_blind_part_catches_the_liar_on_ciphertexts(quick):
+    _, data = quick
+    b = data["blind"]
+    (row,) = b["rows"]
+    assert row["attack"] == "sign-flip" and row["detected"] == row["runs"] == 1 and row["errors"] == 0
+    assert row["detection_step_max"] == 0 and row["false_exclusions"] == 0
+    assert row["min_distance"] > 1e6 * row["bound"] and row["worst_honest_distance"] <= row["bound"]
+    assert b["honest"]["false_rejections"] == 0 and b["honest"]["claims"] == 3 and b["honest"]["errors"] == 0
+    assert b["cost"]["check_seconds_per_claim"] > 0 and "SECRET KEY" not in b["cost"]["server_key_material"]
+    assert "blind verification" in data["answer"]["text"]
 
 
 @pytest.mark.parametrize(
     "argv, message",
-    [(["--seeds", "0"], "--seeds must be in"), (["--seeds", "x"], "invalid int"), (["--bogus"], "unrecognized")],
+    [
+        (["--seeds", "0"], "--seeds must be in"),
+        (["--seeds", "x"], "invalid int"),
+        (["--bogus"], "unrecognized"),
+        (["--parts", "blind,magic"], "--parts must name some of"),
+        (["--parts", "cost"], "the cost part reads"),
+        (["--schedules", "sync,lazy"], "--schedules from sync, async, ssp"),
+        (["--blind-attacks", "bribe"], "unknown attacks ['bribe']"),
+        (["--steps", "x"], "invalid literal"),
+    ],
 )
 def test_bad_options_are_one_line_errors(argv, message, tmp_path, capsys):
     assert main(["experiment", "pol-he", "--out", str(tmp_path), *argv]) == 2
