@@ -413,13 +413,16 @@ class BlindAudit:
         survivors = self._live()
         if not survivors:
             return
+        if len(survivors) < 2:
+            raise LaunchError(
+                f"ps --proof blind: only worker {survivors[0] - 1} is left after the exclusion; threshold keys need "
+                "2 parties (run with more workers)"
+            )
         message = json.dumps({"parties": survivors}).encode()
         for rank in survivors:
             self.comm.send(torch.tensor([SERVICE, REKEY, 1], dtype=torch.int64), rank, REPLY)
             self.comm.send_bytes(message, rank, REPLY)
         codec = self.codec
-        if len(survivors) < 2:
-            raise LaunchError("ps --proof blind: fewer than 2 workers left; threshold keys need 2 parties")
         codec.keys, codec.store, codec.verifier = codec._receive_keys(survivors, codec.keys.context)
         models = []
         for rank in survivors:
