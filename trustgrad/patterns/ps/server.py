@@ -86,7 +86,7 @@ class Server:
         self.secure = None  # SecureServer with --encrypt ckks: no plaintext update ever reaches this process
         self.audit = None  # ServerAudit with --proof audit
         if cfg.proof.mode == "blind":  # the server keeps the model encrypted and verifies claims on ciphertexts
-            from .blind import BlindAudit, BlindServer
+            from .blind_server import BlindAudit, BlindServer
 
             self.secure = BlindServer(self.comm, cfg, self.replica.flat_params())
             self.audit = BlindAudit(self)
