@@ -62,6 +62,7 @@ def test_a_lying_worker_is_caught_before_its_update_lands_and_the_survivors_reke
         (["--model", "logreg-poly", "--momentum", "0", "--audit-rate", "1.5"], "audit_rate must be in (0, 1]"),
         (["--model", "logreg-poly", "--momentum", "0", "--audit-rate", "0.5"], "needs --audit-rate 1"),
         (["--model", "logreg-poly", "--momentum", "0", "--malicious", "rank=2,attack"], "malformed"),
+        (["--model", "logreg-poly", "--momentum", "0", "--malicious", "rank=1,attack=noise"], "make another rank"),
     ],
 )
 def test_bad_blind_input_is_one_line_exit_2(capsys, argv, needle):

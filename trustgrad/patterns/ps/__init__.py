@@ -87,6 +87,14 @@ class ParameterServer(Pattern):
             from .blind import check_blind_config
 
             check_blind_config(cfg)
+        if cfg.crypto.encrypt != "none" and cfg.proof.mode != "none":
+            from ...attacks.poisoning import parse_malicious
+
+            if any(parse_malicious(text).rank == 1 for text in cfg.malicious):
+                raise ConfigError(
+                    "--malicious rank=1 with --encrypt ckks and verification: worker 0 (rank 1) evaluates the model "
+                    "for the run's records, and once excluded its copy stops; make another rank malicious"
+                )
         encrypted_audit = cfg.proof.mode == "audit" and cfg.crypto.encrypt != "none"
         if encrypted_audit and (cfg.crypto.keys != "shared" or cfg.proof.audit_rate != 1.0):
             raise ConfigError(
