@@ -66,6 +66,17 @@ def honest(tmp_path_factory) -> dict[str, Path]:
     return {f"{c.pattern.name}-{c.seed}": Path(c.out) / "proof" for c in cfgs}
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """In-process replays with one intra-op thread whatever earlier tests left: a spoof's borderline segments (an
+    interpolated update within float noise of an honest one) must not flip with the reduction order (measured: the
+    blindfold spoof's top-Q picks differ at 2 threads)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def target() -> dict[str, torch.Tensor]:
     """A 'stolen' trained model: 300 honest SGD steps of someone else's run (seed 99), in one process."""
