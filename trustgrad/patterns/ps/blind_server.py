@@ -25,6 +25,7 @@ from ...secure import CryptoStats, KeyRing, setup_keys
 from ...secure.evaluation_keys import joint_evaluation_keys
 from .blind import CT_BYTES, REKEY, TAG, VERDICTS, K, blind_context, key_parties, split_flat
 from .protocol import REPLY, SERVICE
+from .secure import decode_fresh
 
 if TYPE_CHECKING:
     from .server import Server
@@ -81,15 +82,8 @@ class BlindServer:
         return 2 * CT_BYTES
 
     def decode(self, payload: bytes, rank: int, num_params: int) -> EncryptedVector:
-        try:
-            vector = EncryptedVector.from_bytes(self.keys.context, payload, public_key=self.keys.public_key)
-            if len(vector) != 2 * self.layout.slots or len(vector.ciphertexts) != 2 or vector.mults:
-                raise CryptoError("expected a fresh claim in the model layout (2 ciphertexts)")
-            return vector
-        except CryptoError as exc:
-            raise LaunchError(
-                f"ps: worker {rank - 1} (rank {rank}) pushed an invalid claim: {exc}", rank=rank
-            ) from None
+        """A claim: a fresh encryption in the model layout (weights and bias ciphertexts)."""
+        return decode_fresh(self.keys, payload, rank, 2 * self.layout.slots, "claim")
 
     def aggregate(self, claims: list[EncryptedVector]) -> EncryptedVector:
         """Step 5: the published mean, and the encrypted model's SGD step (both one scalar product of the sum)."""
@@ -244,7 +238,7 @@ class BlindAudit:
         models = []
         for rank in survivors:
             data, _ = self.comm.recv_bytes(rank, TAG, max_bytes=2 * CT_BYTES)
-            models.append(codec.decode(data, rank, 0))
+            models.append(decode_fresh(codec.keys, data, rank, 2 * codec.layout.slots, "model after re-keying"))
         reference = EncryptedGradient(*models[0].ciphertexts, 1)
         if len(models) > 1:
             checks = [codec.verifier.distance_to(reference, other, weights=self._weights()) for other in models[1:]]

@@ -33,7 +33,7 @@ from ...crypto.threshold import PartialDecryption
 from ...errors import CryptoError, LaunchError
 from ...secure import CryptoStats, KeyRing, setup_keys
 
-__all__ = ["SecureWorker", "SecureServer"]
+__all__ = ["SecureWorker", "SecureServer", "decode_fresh"]
 
 _TAG = 73  # worker <-> worker partial decryptions
 
@@ -44,6 +44,17 @@ def _setup(comm: Comm, cfg: RunConfig, stats: CryptoStats) -> KeyRing:
     parties = list(range(1, cfg.workers + 1))  # the workers, and the auditor rank when it audits ciphertexts
     auditor = auditor_rank(cfg)
     return setup_keys(comm, cfg.crypto, parties + ([auditor] if auditor is not None else []), [0], stats)
+
+
+def decode_fresh(keys: KeyRing, payload: bytes, rank: int, length: int, what: str = "ciphertext") -> EncryptedVector:
+    """A worker's push: a fresh encryption of ``length`` values under the job's key, else a LaunchError naming it."""
+    try:
+        vector = EncryptedVector.from_bytes(keys.context, payload, public_key=keys.public_key)
+        if len(vector) != length or vector.mults:
+            raise CryptoError(f"expected a fresh encryption of {length} values, got {len(vector)}")
+        return vector
+    except CryptoError as exc:
+        raise LaunchError(f"ps: worker {rank - 1} (rank {rank}) pushed an invalid {what}: {exc}", rank=rank) from None
 
 
 def _max_payload(keys: KeyRing, num_params: int) -> int:
@@ -115,15 +126,7 @@ class SecureServer:
         return _max_payload(self.keys, num_params)
 
     def decode(self, payload: bytes, rank: int, num_params: int) -> EncryptedVector:
-        try:
-            vector = EncryptedVector.from_bytes(self.keys.context, payload, public_key=self.keys.public_key)
-            if len(vector) != num_params or vector.mults:
-                raise CryptoError(f"expected a fresh encryption of {num_params} values, got {len(vector)}")
-            return vector
-        except CryptoError as exc:
-            raise LaunchError(
-                f"ps: worker {rank - 1} (rank {rank}) pushed an invalid ciphertext: {exc}", rank=rank
-            ) from None
+        return decode_fresh(self.keys, payload, rank, num_params)
 
     def aggregate(self, vectors: list[EncryptedVector]) -> EncryptedVector:
         with self.stats.timing("aggregate"):
