@@ -27,7 +27,8 @@ MALICIOUS_WORKER = 1  # rank 2: rank 0 is the server
 
 
 def base_config(s: Any, seed: int, schedule: str = "sync") -> RunConfig:
-    cfg = RunConfig(workers=s.workers, dataset="digits", max_steps=s.steps, seed=seed, progress=False)
+    # --steps decides the length (epochs only cap it: 1,000 is never the binding limit here)
+    cfg = RunConfig(workers=s.workers, dataset="digits", epochs=1000, max_steps=s.steps, seed=seed, progress=False)
     staleness = {"staleness": 2} if schedule == "ssp" else {}  # SSP's bound S (ssp needs one)
     return cfg.replace(pattern={"name": "ps", "schedule": schedule, **staleness})
 
