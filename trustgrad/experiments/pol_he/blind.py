@@ -24,16 +24,13 @@ import math
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from ...config import RunConfig
 from ...errors import TrustgradError
+from .detection import MALICIOUS_WORKER, mean_of
 
 __all__ = ["measure", "blind_config"]
 
 log = logging.getLogger(__name__)
-
-MALICIOUS_WORKER = 1  # rank 2: rank 0 is the server
 
 
 def blind_config(s: Any, seed: int, *, steps: int | None = None, epochs: int = 10, blind: bool = True) -> RunConfig:
@@ -86,11 +83,6 @@ def _attacked(s: Any, attack: str, seed: int, **kw: Any) -> dict[str, Any]:
     return row
 
 
-def _mean(rows: list[dict[str, Any]], key: str) -> float:
-    vals = [r[key] for r in rows if "error" not in r and r.get(key) is not None]
-    return float(np.mean(vals)) if vals else math.nan
-
-
 def measure(s: Any, out: Path, data: dict[str, Any]) -> dict[str, Any]:
     result: dict[str, Any] = {"workers": s.blind_workers, "steps": s.blind_steps, "lr": s.blind_lr, "rows": []}
     _LOG[:] = [out / "blind-runs.jsonl"]
@@ -113,7 +105,7 @@ def measure(s: Any, out: Path, data: dict[str, Any]) -> dict[str, Any]:
                 "bound": ok[0]["bound"] if ok else math.nan,
                 "worst_honest_distance": max((r["worst_accepted_distance"] or 0.0 for r in ok), default=math.nan),
                 "honest_claims_checked": sum((r["audited_claims"] or 0) - (r["rejected_claims"] or 0) for r in ok),
-                "rekey_seconds": _mean(ok, "rekey_seconds"),
+                "rekey_seconds": mean_of(ok, "rekey_seconds"),
                 "runs_detail": runs,
             }
         )
@@ -160,15 +152,15 @@ def _cost(s: Any, honest: list[dict[str, Any]]) -> dict[str, Any]:
     """Seconds of the honest blind runs, and a plaintext ps job of the same shape and steps run right after."""
     plain = _run(blind_config(s, 0, steps=s.blind_steps, blind=False))
     return {
-        "setup_seconds": _mean(honest, "setup_seconds"),
-        "check_seconds_per_claim": _mean(honest, "check_seconds_per_claim"),
-        "verdict_seconds_per_claim": _mean(honest, "verdict_seconds_per_claim"),
-        "server_seconds_per_round": _mean(
+        "setup_seconds": mean_of(honest, "setup_seconds"),
+        "check_seconds_per_claim": mean_of(honest, "check_seconds_per_claim"),
+        "verdict_seconds_per_claim": mean_of(honest, "verdict_seconds_per_claim"),
+        "server_seconds_per_round": mean_of(
             [{"x": r["train_seconds"] / max(1, r["model_versions"])} for r in honest if r.get("train_seconds")], "x"
         ),
         "plaintext_seconds_per_round": plain["train_seconds"] / max(1, plain["model_versions"] or plain["steps"])
         if "error" not in plain
         else math.nan,
-        "bytes_per_run": _mean(honest, "bytes_sent"),
+        "bytes_per_run": mean_of(honest, "bytes_sent"),
         "server_key_material": honest[0]["server_key_material"] if honest else None,
     }

@@ -19,7 +19,7 @@ import numpy as np
 from ...config import RunConfig
 from ...errors import TrustgradError
 
-__all__ = ["measure", "base_config", "one_run"]
+__all__ = ["measure", "base_config", "one_run", "mean_of", "MALICIOUS_WORKER"]
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def _attacked(s: Any, attack: str, seed: int, schedule: str, rate: float | None)
     return row
 
 
-def _mean(rows: list[dict[str, Any]], key: str) -> float:
+def mean_of(rows: list[dict[str, Any]], key: str) -> float:
     vals = [r[key] for r in rows if r.get(key) is not None and "error" not in r]
     return float(np.mean(vals)) if vals else math.nan
 
@@ -80,10 +80,10 @@ def _summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "runs": len(rows),
         "errors": len(rows) - len(ok),
         "detected": sum(bool(r.get("detected")) for r in ok),
-        "steps_to_detection_mean": _mean(ok, "steps_to_detection"),
-        "rolled_back_mean": _mean(ok, "rolled_back_steps"),
+        "steps_to_detection_mean": mean_of(ok, "steps_to_detection"),
+        "rolled_back_mean": mean_of(ok, "rolled_back_steps"),
         "false_exclusions": sum(len(r.get("false_exclusions", [])) for r in ok),
-        "accuracy_mean": _mean(ok, "test_accuracy"),
+        "accuracy_mean": mean_of(ok, "test_accuracy"),
         "min_rejected_rel_l2": min(
             (x["rel_l2"] for r in ok for x in r["rejections"] if x["worker"] == MALICIOUS_WORKER), default=math.nan
         ),
@@ -118,7 +118,7 @@ def measure(s: Any, out: Path, data: dict[str, Any]) -> dict[str, Any]:
                 gaps = [h["test_accuracy"] - r["test_accuracy"] for h, r in zip(same_seed, runs)
                         if "error" not in h and "error" not in r]  # fmt: skip
                 row["accuracy_gap_max"] = max(gaps, default=math.nan)
-                row["unverified_accuracy"] = _mean(unverified, "test_accuracy") if unverified else math.nan
+                row["unverified_accuracy"] = mean_of(unverified, "test_accuracy") if unverified else math.nan
                 row["runs_detail"] = runs
                 log.info("pol-he detection %s %s rate %g: %d/%d", schedule, attack, rate, row["detected"], row["runs"])
                 result["rows"].append(row)
@@ -134,7 +134,7 @@ def _honest_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "false_rejections": sum(r.get("rejected_claims") or 0 for r in ok),
         "excluded": sum(len(r["excluded_workers"]) for r in ok),
         "worst_accepted_rel_l2": max((r.get("worst_accepted_rel_l2") or 0.0 for r in ok), default=math.nan),
-        "accuracy_mean": _mean(ok, "test_accuracy"),
-        "server_seconds_per_step": _mean([{"x": r["train_seconds"] / r["steps"]} for r in ok if r.get("steps")], "x"),
-        "wall_seconds_mean": _mean(ok, "wall_seconds"),
+        "accuracy_mean": mean_of(ok, "test_accuracy"),
+        "server_seconds_per_step": mean_of([{"x": r["train_seconds"] / r["steps"]} for r in ok if r.get("steps")], "x"),
+        "wall_seconds_mean": mean_of(ok, "wall_seconds"),
     }

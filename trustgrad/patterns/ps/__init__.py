@@ -206,7 +206,7 @@ class ParameterServer(Pattern):
         if self.cfg.proof.mode == "blind":
             from .blind import BlindWorker
 
-            self.secure = BlindWorker(self.comm, self.cfg, self.comm.rank - 1)
+            self.secure = BlindWorker(self.comm, self.cfg, self.comm.rank - 1, replica.flat_params())
         elif self.cfg.crypto.encrypt != "none":
             from .secure import SecureWorker
 

@@ -141,7 +141,7 @@ def key_parties(cfg: RunConfig) -> list[int]:
 class BlindWorker(SecureWorker):
     """A key party and data owner: makes keys, encrypts its shard once, pushes ``K g``, decrypts verdicts."""
 
-    def __init__(self, comm: Comm, cfg: RunConfig, worker: int):
+    def __init__(self, comm: Comm, cfg: RunConfig, worker: int, initial: torch.Tensor):
         self.comm, self.cfg, self.worker = comm, cfg, worker
         self.stats = CryptoStats()
         context, self.layout = blind_context(cfg)
@@ -149,7 +149,7 @@ class BlindWorker(SecureWorker):
         self.shard = BatchPlan(len(ds.x_train), cfg.workers, cfg.seed, cfg.batch_size).shards[worker]
         self.x = ds.x_train[torch.from_numpy(self.shard)].reshape(len(self.shard), -1).double().numpy()
         self.y = ds.y_train[torch.from_numpy(self.shard)].long().numpy()
-        self.master: np.ndarray | None = None  # the model in float64, exactly as the server's ciphertext holds it
+        self.master = initial.double().numpy()  # the model in float64, exactly as the server's ciphertext holds it
         self.keys = self._make_keys(key_parties(cfg), context)
 
     def _make_keys(self, parties: list[int], context: Context) -> KeyRing:
@@ -173,8 +173,6 @@ class BlindWorker(SecureWorker):
 
     def apply(self, replica: Any, payload: bytes) -> None:
         """Step 5 at the worker: the published ``sum / k`` of ``K g`` -> the SGD step, kept in float64."""
-        if self.master is None:
-            self.master = replica.flat_params().double().numpy()
         with self.stats.timing("decrypt"):
             vector = EncryptedVector.from_bytes(self.keys.context, payload)
             if len(vector) != 2 * self.layout.slots:
@@ -197,8 +195,6 @@ class BlindWorker(SecureWorker):
             parties = [int(r) for r in json.loads(data)["parties"]]
             log.info("worker %d: re-keying among ranks %s", self.worker, parties)
             self.keys = self._make_keys(parties, self.keys.context)
-            if self.master is None:
-                self.master = replica.flat_params().double().numpy()
             model = encrypt_model(self.keys.public_key, self.layout, *split_flat(self.master, self.layout)).to_bytes()
             self.comm.send_bytes(model, 0, TAG)
         else:

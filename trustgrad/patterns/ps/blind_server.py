@@ -43,6 +43,8 @@ class BlindServer:
         self.stats = CryptoStats()
         started = time.perf_counter()
         context, self.layout = blind_context(cfg)
+        ds = load_dataset(cfg.dataset, cfg.data_dir)
+        self.plan = BatchPlan(len(ds.x_train), cfg.workers, cfg.seed, cfg.batch_size)  # shards and PRF batches
         self.keys, self.store, self.verifier = self._receive_keys(key_parties(cfg), context)
         with self.stats.timing("encrypt"):  # W0 derives from the public seed: the server may encrypt it itself
             self.model = encrypt_model(
@@ -58,20 +60,17 @@ class BlindServer:
         ring = KeyRing(ring.mode, ring.context, public, None, ring.parties)
         store = SampleStore(self.layout)
         for rank in parties:
-            limit = (len(self._shard(rank)) // self.layout.per_ct + 2) * 2 * CT_BYTES
+            shard = self.plan.shards[rank - 1]
+            limit = (len(shard) // self.layout.per_ct + 2) * 2 * CT_BYTES
             data, _ = self.comm.recv_bytes(rank, TAG, max_bytes=limit)
             try:
                 samples = EncryptedSamples.from_bytes(context, data, public_key=public)
-                if sorted(samples.ids) != sorted(int(i) for i in self._shard(rank)):
+                if sorted(samples.ids) != sorted(int(i) for i in shard):
                     raise CryptoError("they are not the samples of its shard")
                 store.add(samples)
             except (CryptoError, ConfigError) as exc:
                 raise LaunchError(f"ps: worker {rank - 1} sent invalid encrypted samples: {exc}", rank=rank) from None
         return ring, store, BlindVerifier(public, self.layout, "poly")
-
-    def _shard(self, rank: int) -> np.ndarray:
-        ds = load_dataset(self.cfg.dataset, self.cfg.data_dir)
-        return BatchPlan(len(ds.x_train), self.cfg.workers, self.cfg.seed, self.cfg.batch_size).shards[rank - 1]
 
     def key_material(self) -> list[str]:
         held = ["context", f"public key with eval-mult and {len(self.keys.public_key.rotations)} rotation keys "
@@ -107,9 +106,7 @@ class BlindAudit:
     def __init__(self, server: Server):
         self.server, self.comm, self.cfg = server, server.comm, server.cfg
         self.codec: BlindServer = server.secure  # type: ignore[assignment]
-        self.plan = BatchPlan(len(server.ds.x_train), self.cfg.workers, self.cfg.seed, self.cfg.batch_size)
         self.chains = {r: ClaimChain(self.cfg.seed, r - 1) for r in server.workers}
-        self.steps: dict[int, int] = {}
         self.rng = np.random.default_rng(secrets.randbits(128))  # the verdict weights: the server's secret
         self.report: dict[str, Any] = {
             "audited_claims": 0, "rejected_claims": 0, "excluded_workers": [], "rejections": [],
@@ -121,12 +118,11 @@ class BlindAudit:
 
     def claim(self, rank: int, step: int, version: int, payload: bytes) -> None:
         self.chains[rank].extend(step, version, payload)
-        self.steps[rank] = step
 
     def screen_round(self, claims: dict[int, Any], steps: dict[int, int]) -> dict[int, Any]:
         ranks = sorted(claims)
         started = time.perf_counter()
-        verdicts = [self._verdict(rank, claims[rank]) for rank in ranks]
+        verdicts = [self._verdict(rank, steps[rank], claims[rank]) for rank in ranks]
         self.report["check_seconds"] += time.perf_counter() - started
         distances = self._decrypt(verdicts)
         self.report["audited_claims"] += len(ranks)
@@ -138,7 +134,7 @@ class BlindAudit:
                 continue
             rejected.append(rank)
             self.report["rejections"].append(
-                {"worker": rank - 1, "step": self.steps[rank], "distance": distance,
+                {"worker": rank - 1, "step": steps[rank], "distance": distance,
                  "bound": verdict.bound, "reason": verdict.reason}
             )  # fmt: skip
         if not rejected:
@@ -183,8 +179,8 @@ class BlindAudit:
     def _weights(self) -> np.ndarray:
         return self.rng.uniform(0.5, 1.0, self.codec.layout.slots)
 
-    def _verdict(self, rank: int, claim: EncryptedVector) -> EncryptedVector:
-        batch = self.plan.at(rank - 1, self.steps[rank])
+    def _verdict(self, rank: int, step: int, claim: EncryptedVector) -> EncryptedVector:
+        batch = self.codec.plan.at(rank - 1, step)
         v = self.codec.verifier
         gradient = v.recompute(self.codec.store, batch, self.codec.model)
         return v.distance_to(gradient, claim, claim_scale=K, weights=self._weights())
@@ -239,18 +235,16 @@ class BlindAudit:
         for rank in survivors:
             data, _ = self.comm.recv_bytes(rank, TAG, max_bytes=2 * CT_BYTES)
             models.append(decode_fresh(codec.keys, data, rank, 2 * codec.layout.slots, "model after re-keying"))
-        reference = EncryptedGradient(*models[0].ciphertexts, 1)
-        if len(models) > 1:
-            checks = [codec.verifier.distance_to(reference, other, weights=self._weights()) for other in models[1:]]
-            distances = self._decrypt(checks)
-            off = [r - 1 for r, d in zip(survivors[1:], distances) if not judge(d, codec.verifier.bound).accepted]
-            if off:
-                raise LaunchError(
-                    f"ps --proof blind: after re-keying, workers {off} hold another model than worker "
-                    f"{survivors[0] - 1}; the job cannot tell which is right"
-                )
-        codec.model = models[0]
-        codec.latest = b""
+        reference = EncryptedGradient(*models[0].ciphertexts, 1)  # at least 2 survivors: checked above
+        checks = [codec.verifier.distance_to(reference, other, weights=self._weights()) for other in models[1:]]
+        distances = self._decrypt(checks)
+        off = [r - 1 for r, d in zip(survivors[1:], distances) if not judge(d, codec.verifier.bound).accepted]
+        if off:
+            raise LaunchError(
+                f"ps --proof blind: after re-keying, workers {off} hold another model than worker "
+                f"{survivors[0] - 1}; the job cannot tell which is right"
+            )
+        codec.model = models[0]  # the round published nothing: the server clears the old-key aggregate itself
         self.report["rekeys"] += 1
         self.report["rekey_seconds"] += time.perf_counter() - started
         log.info("ps --proof blind: re-keyed among workers %s in %.1f s", [r - 1 for r in survivors],
