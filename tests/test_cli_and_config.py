@@ -37,6 +37,7 @@ def _fails_cleanly(capsys, argv, *needles):
         (["train", "--lr", "-1"], ["lr must be a finite number > 0"]),
         (["train", "--lr", "inf"], ["lr must be a finite number > 0"]),
         (["train", "--timeout", "nan"], ["timeout must be a finite number"]),
+        (["train", "--server-threads", "0"], ["server_threads must be >= 1"]),
         (["bench", "nope"], ["unknown benchmark 'nope'"]),
     ],
 )

@@ -15,7 +15,8 @@ def _cfg(steps: int, blind: bool = True, malicious: tuple[str, ...] = ()) -> Run
     cfg = RunConfig(workers=3, epochs=1, max_steps=steps, seed=5, lr=0.3, momentum=0.0, progress=False)
     cfg = cfg.replace(pattern={"name": "ps"}, model={"name": "logreg-poly"}, malicious=malicious)
     if blind:
-        cfg = cfg.replace(crypto={"encrypt": "ckks", "keys": "threshold"}, proof={"mode": "blind"})
+        # two server threads, as the demo runs them
+        cfg = cfg.replace(crypto={"encrypt": "ckks", "keys": "threshold"}, proof={"mode": "blind"}, server_threads=2)
     return cfg
 
 

@@ -57,7 +57,12 @@ class Comm:
         """Receive into ``tensor``; with ``src=None`` from any rank. Returns the sender's rank."""
         work = dist.irecv(tensor, src=src, group=self.group, tag=tag)
         work.wait(timedelta(seconds=self.timeout))
-        return src if src is not None else work.source_rank()
+        if src is not None:
+            return src
+        # as torch's own dist.recv reads the sender (the public Work.source_rank() is deprecated and warns once per
+        # process); the rank is the group's, mapped back to the global rank every send and recv here takes
+        sender = work._source_rank()
+        return sender if self.group is None else dist.get_global_rank(self.group, sender)
 
     def isend(self, tensor: torch.Tensor, dst: int, tag: int = 0) -> dist.Work:
         self._count(_nbytes(tensor))

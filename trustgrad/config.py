@@ -128,6 +128,7 @@ class RunConfig:
     weight_decay: float = 0.0
     seed: int = 0
     threads: int = 1
+    server_threads: int | None = None  # server and auditor ranks; None: ``threads``
     device: str = "cpu"  # cpu (gloo) | cuda (nccl)
     timeout: float = 120.0  # seconds for any one collective / point-to-point operation
     malicious: tuple[str, ...] = ()
@@ -140,6 +141,8 @@ class RunConfig:
         if self.workers < 1:
             raise ConfigError(f"workers must be >= 1, got {self.workers}")
         _positive(self, "epochs", "batch_size", "threads")
+        if self.server_threads is not None and self.server_threads < 1:
+            raise ConfigError(f"server_threads must be >= 1, got {self.server_threads}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"max_steps must be >= 1, got {self.max_steps}")
         if not 0 < self.lr < math.inf:

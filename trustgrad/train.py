@@ -103,6 +103,11 @@ def train_rank(ctx: RankContext, cfg: RunConfig) -> dict[str, Any]:
     comm = Comm(ctx, cfg.timeout)
     pattern = PATTERNS.get(cfg.pattern.name)(cfg, comm)
     worker = pattern.worker_index
+    if worker is None and cfg.server_threads is not None:
+        # OpenFHE caps its OpenMP threads at what it sees when it loads: this must come before its first import here
+        if "openfhe" in sys.modules:
+            log.warning("OpenFHE loaded before --server-threads applied: it keeps %d thread(s)", cfg.threads)
+        torch.set_num_threads(cfg.server_threads)
     result: dict[str, Any] = {"rank": ctx.rank, "role": "worker" if worker is not None else "server"}
     if worker is None:
         result.update(pattern.serve())

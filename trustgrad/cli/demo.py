@@ -31,6 +31,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def _main(args: argparse.Namespace) -> int:
     from ..config import RunConfig
     from ..errors import ConfigError
+    from ..patterns.ps.blind import check_threads
     from ..run import run
 
     if not 1 <= args.epochs <= 100:
@@ -45,6 +46,7 @@ def _main(args: argparse.Namespace) -> int:
             progress=True,
             crypto={"encrypt": "ckks", "keys": "threshold"},
             proof={"mode": "blind", "audit_rate": 1.0},
+            server_threads=check_threads(),
         ),
         "honest, plaintext (the reference)": base,
     }

@@ -74,6 +74,13 @@ _GROUPS: list[tuple[str, list[tuple[str, str, Any, str]]]] = [
         "engine",
         [
             ("--threads", "threads", int, "torch threads per process (default 1: more oversubscribes small machines)"),
+            (
+                "--server-threads",
+                "server_threads",
+                int,
+                "threads of the server ranks, torch and OpenFHE (default: --threads); blind checks run while the "
+                "workers wait, so the server can use every core",
+            ),
             ("--device", "device", str, "cpu (gloo, default) or cuda (NCCL)"),
             ("--timeout", "timeout", float, "seconds any one collective or message may take before the job fails"),
         ],

@@ -260,14 +260,25 @@ def _blind_table(b: dict[str, Any]) -> list[str]:
         out += [
             "",
             "| seed | epochs | blind, all honest | blind, sign-flip caught | unverified plaintext, sign-flip "
-            "| plaintext, all honest | caught |",
-            "|---:|---:|---:|---:|---:|---:|---:|",
+            "| plaintext, all honest | caught | gap, points |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
+        gaps = []
         for r in b["accuracy"]:
+            gap = None if r["caught"] is None or r["plain"] is None else 100 * (r["plain"] - r["caught"])
+            gaps += [] if gap is None else [gap]
             out.append(
                 f"| {r['seed']} | {r['epochs']} | {_g(r['honest'], '.3f')} | {_g(r['caught'], '.3f')} | "
-                f"{_g(r['unverified'], '.3f')} | {_g(r['plain'], '.3f')} | {r['caught_detected']} |"
+                f"{_g(r['unverified'], '.3f')} | {_g(r['plain'], '.3f')} | {r['caught_detected']} | "
+                f"{_g(gap, '+.1f')} |"
             )
+        out += [
+            "",
+            "Gap: the all-honest run's accuracy minus the caught run's (the honest blind run, first seed only, "
+            "ends where the plaintext one does). "
+            f"Within 1 point in {sum(abs(g) <= 1 for g in gaps)}/{len(gaps)} seeds; mean "
+            f"{_g(float(np.mean(gaps)) if gaps else None, '+.2f')}.",
+        ]
     out += [
         "",
         f"Cost (honest blind runs; seconds): set-up {_g(c['setup_seconds'], '.1f')} (keys, evaluation keys, every "

@@ -45,7 +45,8 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import TYPE_CHECKING, Any
+import os
+from typing import Any
 
 import numpy as np
 import torch
@@ -67,10 +68,7 @@ from ...secure.evaluation_keys import joint_evaluation_keys
 from .protocol import REPLY
 from .secure import SecureWorker
 
-if TYPE_CHECKING:
-    pass
-
-__all__ = ["BLIND_MODELS", "K", "check_blind_config", "BlindWorker"]
+__all__ = ["BLIND_MODELS", "K", "check_blind_config", "check_threads", "BlindWorker"]
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +76,15 @@ BLIND_MODELS = ("logreg-poly",)  # models whose SGD step the blind check recompu
 K = 1024.0  # claims are pushed as K * gradient (see the module docstring)
 VERDICTS, REKEY = 1, 2  # SERVICE requests: partial decryptions of verdicts; re-keying among the survivors
 TAG = 75  # worker -> server: partial decryptions, samples, models after re-keying
+
+
+def check_threads() -> int:
+    """``--server-threads`` for a blind job: the server checks while every worker waits for the round, so its checks
+    can use the machine's cores (OpenFHE parallelises over the ~9 RNS limbs: more than 8 threads idle). Measured on 2
+    cores: 2.1 s per check on one thread, 1.3 s on two."""
+    return max(1, min(8, os.cpu_count() or 1))
+
+
 _SLOTS = 8192  # BlindParams.for_check("poly") at 128-bit security: N = 16384
 CT_BYTES = 6 << 20  # generous bound on one serialized ciphertext at N = 16384 (measured ~2.1 MB fresh)
 
