@@ -151,10 +151,10 @@ def _accuracy(s: Any) -> list[dict[str, Any]]:
             r = runs.get(name, {})
             row[name] = r.get("test_accuracy") if "error" not in r else None
             row[f"{name}_error"] = r.get("error")
-        row["caught_detected"] = bool(runs["caught"].get("detected"))
-        timed = runs["caught"]
+        caught = runs["caught"]
+        row["caught_detected"] = bool(caught.get("detected"))
         row["caught_server_seconds_per_round"] = (
-            timed["train_seconds"] / max(1, timed["model_versions"]) if "error" not in timed else None
+            caught["train_seconds"] / max(1, caught["model_versions"]) if "error" not in caught else None
         )
         rows.append(row)
         log.info("pol-he blind accuracy seed %d: %s", seed, row)

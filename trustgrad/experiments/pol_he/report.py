@@ -266,7 +266,8 @@ def _blind_table(b: dict[str, Any]) -> list[str]:
         gaps = []
         for r in b["accuracy"]:
             gap = None if r["caught"] is None or r["plain"] is None else 100 * (r["plain"] - r["caught"])
-            gaps += [] if gap is None else [gap]
+            if gap is not None:
+                gaps.append(gap)
             out.append(
                 f"| {r['seed']} | {r['epochs']} | {_g(r['honest'], '.3f')} | {_g(r['caught'], '.3f')} | "
                 f"{_g(r['unverified'], '.3f')} | {_g(r['plain'], '.3f')} | {r['caught_detected']} | "
