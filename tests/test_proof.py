@@ -28,6 +28,7 @@ from trustgrad.models import build_model
 from trustgrad.proof import Hyper, Thresholds, VerifyOptions, distances, replay_segment, verify, verify_naive
 from trustgrad.proof.commit import digest, leaf, merkle_root
 from trustgrad.proof.format import INDICES, MANIFEST, checkpoint_name
+from trustgrad.proof.replay import update_norm
 from trustgrad.proof.writer import recommit
 from trustgrad.seeding import batch_indices
 from trustgrad.train import train_rank
@@ -172,9 +173,12 @@ def test_update_bound_rejects_updates_below_the_claimed_lr(tmp_path, honest):
 def test_blindfold_top_q_spoof(tmp_path, target):
     cfg = _cfg(workers=2, epochs=1000, max_steps=1200, seed=7, proof={"k": 10})
     path = pol_spoof.blindfold_topq_spoof(cfg, target, tmp_path / "p", q=1)
-    v = verify(path, VerifyOptions(q=1, r=2))
+    v = verify(path, VerifyOptions(q=1, r=2))  # a fresh random nonce: whichever 2 segments it draws are forged
     assert not v.valid and any(r.startswith("replay: 2 of 2 random segments") for r in v.reasons), v.reasons
+    assert all(s.passed for s in v.segments if s.chosen_by == "top-q"), v.reasons  # the honest ones are the top-Q
     assert not v.failed("w0") and not v.failed("indices")
+    w0, final = (load_file(str(path / checkpoint_name(step))) for step in (0, 1200))
+    assert update_norm(final, target, list(target)) < 0.05 * update_norm(w0, target, list(target))  # near the target
     assert verify_naive(path, q=1).valid  # its top-Q segments are genuine
 
 
