@@ -3,7 +3,7 @@
 #
 # The environment lives outside the clone, in a cache folder keyed by a hash of requirements.txt and the Python
 # version, so fresh clones (CI) reuse it instead of reinstalling ~5 GB, and a change of pins makes a new one while the
-# stale ones are removed (the disk does not fill up). The repo's .venv is a link to it.
+# stale ones are removed (the disk does not fill up). The clone's .venv sees its packages (see below).
 #
 # Python: the newest on which `import openfhe` works. OpenFHE ships wheels for CPython 3.12 (glibc >= 2.38) and 3.10
 # (glibc >= 2.35); TRUSTGRAD_PYTHON overrides the choice.
@@ -52,10 +52,21 @@ if [[ ! -f "$venv/.complete" ]]; then
     [[ "$old" != "$venv" ]] && { log "removing stale $old"; rm -rf "$old"; }
   done
 fi
-# The package itself: an editable install pointing at this clone (seconds; no dependencies touched).
-here=$(pwd -P)
-if ! (cd / && "$venv/bin/python" -c "import sys, trustgrad, pathlib; sys.exit(str(pathlib.Path(trustgrad.__file__).resolve().parent) != '$here/trustgrad')") 2>/dev/null; then
-  "$venv/bin/python" -m pip install --quiet --no-deps --no-build-isolation -e . >&2
+# The clone's own environment: .venv, a small venv of its own that sees the shared one's packages (a .pth line) and
+# holds an editable install of this clone (seconds). The shared environment never holds trustgrad itself, so clones
+# that share it cannot repoint each other's `trustgrad` (an editable install there follows whichever clone ran last).
+site=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+if compgen -G "$site/__editable__.trustgrad-*" >/dev/null; then  # put there by an older bootstrap
+  "$venv/bin/python" -m pip uninstall --quiet --yes trustgrad >&2
 fi
-ln -sfn "$venv" .venv
-echo "$venv/bin/python"
+here=$(pwd -P)
+if [[ "$(cat .venv/.shared 2>/dev/null)" != "$venv" ]] || ! (cd / && "$here/.venv/bin/python" -c "import sys, trustgrad, pathlib; sys.exit(str(pathlib.Path(trustgrad.__file__).resolve().parent) != '$here/trustgrad')") 2>/dev/null; then
+  log "linking .venv to $venv and installing this clone into it"
+  rm -rf .venv
+  "$py" -m venv --without-pip .venv
+  own=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  echo "import site; site.addsitedir('$site')" >"$own/trustgrad-shared.pth"
+  .venv/bin/python -m pip install --quiet --no-deps --no-build-isolation -e . >&2
+  echo "$venv" >.venv/.shared
+fi
+echo "$here/.venv/bin/python"
