@@ -66,7 +66,12 @@ if [[ "$(cat .venv/.shared 2>/dev/null)" != "$venv" ]] || ! (cd / && "$here/.ven
   "$py" -m venv --without-pip .venv
   own=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
   echo "import site; site.addsitedir('$site')" >"$own/trustgrad-shared.pth"
-  .venv/bin/python -m pip install --quiet --no-deps --no-build-isolation -e . >&2
+  # setuptools warns about every editable install; show pip's output only when it fails
+  if ! out=$(.venv/bin/python -m pip install --quiet --no-deps --no-build-isolation -e . 2>&1); then
+    echo "$out" >&2
+    log "installing this clone into .venv failed"
+    exit 1
+  fi
   echo "$venv" >.venv/.shared
 fi
 echo "$here/.venv/bin/python"
