@@ -61,7 +61,7 @@ if compgen -G "$site/__editable__.trustgrad-*" >/dev/null; then  # put there by 
 fi
 here=$(pwd -P)
 if [[ "$(cat .venv/.shared 2>/dev/null)" != "$venv" ]] || ! (cd / && "$here/.venv/bin/python" -c "import sys, trustgrad, pathlib; sys.exit(str(pathlib.Path(trustgrad.__file__).resolve().parent) != '$here/trustgrad')") 2>/dev/null; then
-  log "linking .venv to $venv and installing this clone into it"
+  log "making .venv (on the packages of $venv) and installing this clone into it"
   rm -rf .venv
   "$py" -m venv --without-pip .venv
   own=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')

@@ -129,9 +129,10 @@ def blindfold_topq_spoof(cfg: RunConfig, target: State, out: str | Path, q: int 
     cps = plan.checkpoints
     segs = list(zip(cps, cps[1:]))
     names = [f"model/{n}" for n, _ in plan.model.named_parameters()]
-    honest: set[int] = set()
-    for epoch in range(cfg.epochs):
-        honest.update([i for i, (a, _) in enumerate(segs) if a // plan.spe == epoch][:q])
+    by_epoch: dict[int, list[int]] = {}
+    for i, (a, _) in enumerate(segs):
+        by_epoch.setdefault(a // plan.spe, []).append(i)
+    honest = {i for in_epoch in by_epoch.values() for i in in_epoch[:q]}
     states, cap = {0: plan.with_momentum(plan.w0)}, {}
     for i, (a, b) in enumerate(segs):
         start, epoch = states[a], a // plan.spe
