@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 from ..config import RunConfig, config_from_dict, load_toml
 from ..errors import ConfigError
 
-__all__ = ["add_parser", "config_from_args", "add_run_arguments", "render_summary"]
+__all__ = ["add_parser", "config_from_args", "add_run_arguments", "render_summary", "prepare", "Prepared"]
 
 
 def _csv_ints(text: str) -> list[int]:
@@ -182,6 +183,11 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--no-progress", dest="cfg:progress", action="store_false", default=argparse.SUPPRESS, help="no progress bar"
     )
+    parser.add_argument(
+        "--oversubscribe",
+        action="store_true",
+        help="start more processes than the machine's cap (4 per core, at least 8); see docs/limits.md",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -212,11 +218,45 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=_main)
 
 
-def _main(args: argparse.Namespace) -> int:
-    from ..run import run
+@dataclass(frozen=True)
+class Prepared:
+    """A job that passed every check before launch: its config and the memory estimate it was held to."""
+
+    cfg: RunConfig
+    oversubscribe: bool
+    estimate: object  # trustgrad.resources.JobEstimate (imported on use: it pulls in torch)
+
+
+def prepare_args(args: argparse.Namespace, machine: object = None) -> Prepared:
+    """Everything ``trustgrad train`` does before it starts a process: the TOML file and flags into a validated
+    config, the pattern's own checks, then what the job asks of the machine (``trustgrad.resources``)."""
+    from ..patterns import PATTERNS
+    from ..resources import check_launch
 
     cfg = config_from_args(args)
-    result = run(cfg)
+    oversubscribe = bool(getattr(args, "oversubscribe", False))
+    # resources first: a pattern's checks may build the model (ps --resume), which must fit the budget
+    estimate = check_launch(cfg, machine, oversubscribe)  # type: ignore[arg-type]
+    PATTERNS.get(cfg.pattern.name).check(cfg)
+    return Prepared(cfg, oversubscribe, estimate)
+
+
+def prepare(argv: list[str], machine: object = None) -> Prepared:
+    """``trustgrad train ARGV`` up to, not including, the launch: a ``ConfigError`` (one line) for anything the
+    user must fix. Nothing is started and nothing is written (the fuzz target drives this)."""
+    from . import build_parser
+
+    args = build_parser().parse_args(["train", *argv])
+    return prepare_args(args, machine)
+
+
+def _main(args: argparse.Namespace) -> int:
+    from ..resources import oversubscription
+    from ..run import run
+
+    prepared = prepare_args(args)
+    with oversubscription(prepared.oversubscribe):
+        result = run(prepared.cfg)
     if not result.summary:  # a non-coordinating torchrun rank
         return 0
     if not args.json:
