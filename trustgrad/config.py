@@ -34,6 +34,7 @@ __all__ = [
     "ProofConfig",
     "config_from_dict",
     "config_to_dict",
+    "model_config_from_dict",
     "load_toml",
 ]
 
@@ -334,6 +335,11 @@ def _positive(obj: object, *names: str) -> None:
 def config_from_dict(data: Mapping[str, Any]) -> RunConfig:
     """Build a validated ``RunConfig``; unknown keys and wrong types raise ``ConfigError`` naming the key."""
     return _build(RunConfig, data, prefix="")
+
+
+def model_config_from_dict(data: Mapping[str, Any]) -> ModelConfig:
+    """A validated ``ModelConfig`` (proofs and server views carry one): unknown keys and wrong types refused."""
+    return _build(ModelConfig, data, prefix="model.")
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
