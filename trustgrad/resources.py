@@ -180,10 +180,14 @@ class ModelCount:
     activations_per_sample: int  # values every layer outputs for one sample
 
 
-def count_model(name: str, input_shape: tuple[int, ...], num_classes: int, config: ModelConfig) -> ModelCount:
+def count_model(
+    name: str, input_shape: tuple[int, ...], num_classes: int, config: ModelConfig, max_parameters: int | None = None
+) -> ModelCount:
     """Parameters and per-sample activations of a registry model, counted on the ``meta`` device (no allocation).
 
-    Any failure to build or run it is a one-line ``ConfigError`` (a model the zoo cannot make for this shape).
+    Above ``max_parameters`` the activations are not counted (0): the caller refuses the model on its parameters,
+    and a meta forward pass of hundreds of wide layers still takes seconds. Any failure to build or run the model
+    is a one-line ``ConfigError`` (a model the zoo cannot make for this shape).
     """
     import torch
 
@@ -198,16 +202,19 @@ def count_model(name: str, input_shape: tuple[int, ...], num_classes: int, confi
     try:
         with torch.device("meta"):
             model = build_model(name, input_shape, num_classes, seed=0, config=config)
-            handles = [m.register_forward_hook(hook) for m in model.modules() if m is not model]
+            parameters = sum(p.numel() for p in model.parameters())
+            if max_parameters is not None and parameters > max_parameters:
+                return ModelCount(parameters, 0)
+            for m in model.modules():
+                if m is not model:
+                    m.register_forward_hook(hook)
             model(torch.empty((1, *input_shape)))
-        for h in handles:
-            h.remove()
     except ConfigError:
         raise
     except (RuntimeError, ValueError, TypeError, OverflowError, MemoryError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise ConfigError(f"model {name!r} cannot be built for inputs {input_shape}: {first}") from None
-    return ModelCount(sum(p.numel() for p in model.parameters()), sum(outputs))
+    return ModelCount(parameters, sum(outputs))
 
 
 @dataclass(frozen=True)
@@ -238,12 +245,14 @@ class JobEstimate:
         )
 
 
-def estimate_job(cfg: RunConfig, world_size: int) -> JobEstimate:
+def estimate_job(cfg: RunConfig, world_size: int, machine: Machine | None = None) -> JobEstimate:
     """Peak memory of ``cfg`` on ``world_size`` processes (see the module doc for what is counted)."""
     from .data import load_dataset
 
     ds = load_dataset(cfg.dataset, cfg.data_dir)
-    count = count_model(cfg.model.name, ds.input_shape, ds.num_classes, cfg.model)
+    # no process holds a model above the budget: counting its activations would only cost time
+    most = memory_budget(machine) // FLOAT_BYTES if machine is not None else None
+    count = count_model(cfg.model.name, ds.input_shape, ds.num_classes, cfg.model, most)
     weights = count.parameters * FLOAT_BYTES
     data = sum(t.numel() * t.element_size() for t in (ds.x_train, ds.y_train, ds.x_test, ds.y_test))
     per_process = {
@@ -280,11 +289,11 @@ def check_output_folder(out: str | os.PathLike[str], flag: str = "--out") -> Non
     to permission bits (root passes ``os.access`` on a read-only file system)."""
     path = Path(out)
     probe_in = path
-    while not probe_in.exists():  # the nearest existing ancestor is where creating the folder starts
-        if probe_in.parent == probe_in:
-            break
-        probe_in = probe_in.parent
     try:
+        while not probe_in.exists():  # the nearest existing ancestor is where creating the folder starts
+            if probe_in.parent == probe_in:
+                break
+            probe_in = probe_in.parent
         if not probe_in.is_dir():
             raise ConfigError(f"{flag} {str(out)!r}: {str(probe_in)!r} is not a folder, so the run cannot write there")
         with tempfile.NamedTemporaryFile(dir=probe_in, prefix=".trustgrad-probe-"):
@@ -311,7 +320,7 @@ def check_launch(cfg: RunConfig, machine: Machine | None = None, oversubscribe: 
     check_device(cfg, machine, local)
     if not under_torchrun():  # under torchrun the agent started the processes: its --nproc-per-node decides
         check_processes(world, machine, oversubscribe)
-    estimate = estimate_job(cfg, local)
+    estimate = estimate_job(cfg, local, machine)
     if estimate.total > memory_budget(machine):
         raise ConfigError(
             f"the job needs an estimated {human_bytes(estimate.total)} ({estimate.describe()}), above "

@@ -186,7 +186,7 @@ def _check_sizes(fields: dict[str, Any], where: str, size: int, budget: int, lim
 
     shape = fields["input_shape"]
     try:
-        count = count_model(fields["model"], shape, fields["num_classes"], fields["model_config"])
+        count = count_model(fields["model"], shape, fields["num_classes"], fields["model_config"], size // 4)
     except ConfigError as exc:
         raise AttackError(f"the view names a model trustgrad cannot build: {exc}") from None
     state = count.parameters * 4
