@@ -229,7 +229,7 @@ _RUN_RANGES: dict[str, Range] = {
 }
 _PATTERN_RANGES: dict[str, Range] = {
     "staleness": (0, MAX_COUNT, True, True, ""),
-    "servers": (1, 64, True, True, ""),
+    "servers": (0, 64, True, True, ""),  # ps explains why it needs exactly 1
     "worker_timeout": (0.0, DAY, False, True, " seconds"),
     "checkpoint_every": (0, MAX_COUNT, True, True, ""),
     "segment_kb": (1, 1 << 20, True, True, " KiB"),  # 1 GiB: a segment larger than any model we can hold
