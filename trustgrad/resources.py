@@ -97,13 +97,20 @@ def _available_memory() -> tuple[int, str]:
     if limit and used and limit.strip().isdigit() and used.strip().isdigit():
         candidates.append((int(limit) - int(used), "the cgroup's memory.max"))
     soft, _ = resource.getrlimit(resource.RLIMIT_AS)
-    if soft != resource.RLIM_INFINITY:  # every rank inherits it: what one process may map
-        candidates.append((soft, "RLIMIT_AS"))
+    if soft != resource.RLIM_INFINITY:  # what this process may still map (torch alone maps over 3 GB)
+        candidates.append((soft - _mapped_bytes(), "RLIMIT_AS less what is mapped"))
     if not candidates:  # no /proc (not Linux): physical memory is the best we know
         pages = os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
         candidates.append((pages * os.sysconf("SC_PAGE_SIZE") if pages else 8 << 30, "physical memory"))
     memory, source = min(candidates)
     return max(0, memory), source
+
+
+def _mapped_bytes() -> int:
+    for line in (_read("/proc/self/status") or "").splitlines():
+        if line.startswith("VmSize:"):
+            return int(line.split()[1]) * 1024
+    return 0
 
 
 def _cuda_devices() -> int:

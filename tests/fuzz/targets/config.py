@@ -104,7 +104,10 @@ def _argv(state: dict[str, Any], rng: random.Random) -> tuple[list[str], dict[st
         "--record-server-view": lambda: ["--record-server-view"],
     }
     for name in rng.sample(list(extras), rng.randint(0, 3)):
-        argv += extras[name]()
+        words = extras[name]()
+        argv += words
+        for word in words:  # a flag given again: the last one counts
+            given.pop(word, None)
     return argv, given
 
 
