@@ -66,7 +66,15 @@ def _one_line_exit_2(capsys, argv, *needles):
         (["--pattern", "ps", "--straggler", "rank=1,step-ms=30000,slowdown=6"], "a straggling step lasts 180 s"),
         (["--pattern", "ps", "--schedule", "async", "--worker-timeout", "inf"], "invalid finite number"),
         (["--pattern", "gossip", "--peer-timeout", "inf"], "invalid finite number"),
-        (["--pattern", "gossip", "--peer-timeout", "1e300"], "peer_timeout must be > 0 and <= 86400 seconds"),
+        (
+            ["--pattern", "gossip", "--peer-timeout", "1e300"],
+            "peer_timeout must be > 0: at least 1 and at most 86400 seconds",
+        ),
+        (
+            ["--pattern", "ps", "--schedule", "async", "--worker-timeout", "1e-9"],
+            "worker_timeout must be > 0: at least 1",
+        ),
+        (["--pattern", "gossip", "--peer-timeout", "0.5"], "peer_timeout must be > 0: at least 1"),
         (["--threads", "9223372036854775807"], "threads must be >= 1 and <= 1024"),
         (["--threads", "99999999999999999999"], "invalid int value"),
         (["--seed", "-1"], "seed must be >= 0"),

@@ -230,12 +230,14 @@ _RUN_RANGES: dict[str, Range] = {
 _PATTERN_RANGES: dict[str, Range] = {
     "staleness": (0, MAX_COUNT, True, True, ""),
     "servers": (0, 64, True, True, ""),  # ps explains why it needs exactly 1
-    "worker_timeout": (0.0, DAY, False, True, " seconds"),
+    # below a second a busy machine makes every peer look dead: ps async with 1e-9 dropped both workers and
+    # "finished" with none (exit 0)
+    "worker_timeout": (1.0, DAY, True, True, " seconds"),
     "checkpoint_every": (0, MAX_COUNT, True, True, ""),
     "segment_kb": (1, 1 << 20, True, True, " KiB"),  # 1 GiB: a segment larger than any model we can hold
     "local_steps": (1, MAX_COUNT, True, True, ""),
     "alpha": (0.0, 1.0, False, False, ""),
-    "peer_timeout": (0.0, DAY, False, True, " seconds"),
+    "peer_timeout": (1.0, DAY, True, True, " seconds"),
     "stages": (0, MAX_LAYERS, True, True, ""),
     "microbatches": (1, 1 << 16, True, True, ""),
 }
@@ -270,6 +272,7 @@ def _in_ranges(obj: object, ranges: Mapping[str, Range]) -> None:
 
 #: names in messages where a flag reads better than the key (and other modules' messages already use it)
 _LABELS = {"staleness": "--staleness", "local_steps": "local_steps (H)"}
+_SAY_POSITIVE = {"worker_timeout", "peer_timeout"}
 
 
 def _in_range(name: str, value: float, bounds: Range) -> None:
@@ -280,7 +283,9 @@ def _in_range(name: str, value: float, bounds: Range) -> None:
         return
     label = _LABELS.get(name, name)
     low, high = (f"{b:g}" if isinstance(b, float) else str(b) for b in (low, high))
-    if bounds[1] <= 1:  # probabilities and rates read best as an interval
+    if name in _SAY_POSITIVE:  # they were "> 0" before they had a minimum; messages keep saying so
+        span = f"> 0: at least {low} and at most {high}"
+    elif bounds[1] <= 1:  # probabilities and rates read best as an interval
         span = f"in {'[' if low_in else '('}{low}, {high}{']' if high_in else ')'}"
     else:
         span = f"{'>=' if low_in else '>'} {low} and {'<=' if high_in else '<'} {high}"

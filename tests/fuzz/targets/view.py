@@ -54,6 +54,7 @@ def setup(workdir: Path) -> dict[str, Any]:
     from trustgrad.attacks.view import load_view
 
     attack_inputs(load_view(honest))  # the honest view loads (and the imports and meta kernels are warm)
+    _warm_meta_kernels()
     return {"workdir": workdir, "raw": honest.read_bytes()}
 
 
@@ -255,3 +256,15 @@ def _check_faithful(mutant: bytes, view: Any, model: Any, gradients: list[Any]) 
             raise Finding("silent-accept", f"the victim model's {name} is not the view's state")
     if view.kind != "ciphertext" and len(gradients) != declared["num_gradients"]:
         raise Finding("silent-accept", f"{len(gradients)} gradients used, file declares {declared['num_gradients']}")
+
+
+def _warm_meta_kernels() -> None:
+    """Count every registry model once: torch's first meta forward of a layer type costs seconds on a loaded
+    machine, which would otherwise land in whichever case meets that type first."""
+    from trustgrad.config import ModelConfig
+    from trustgrad.models import MODELS
+    from trustgrad.resources import count_model
+
+    for name in MODELS.names():
+        shape = (1, 32, 32) if "lenet" in name else (1, 8, 8)
+        count_model(name, shape, 10, ModelConfig(name=name))
