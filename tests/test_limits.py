@@ -192,6 +192,8 @@ def test_other_subcommands_refuse_the_same_classes_of_value(tmp_path, capsys):
     _one_line_exit_2(capsys, ["attack", "idlg", "--view", "x", "--restarts", "100000"], "--restarts must be in")
     _one_line_exit_2(capsys, ["experiment", "staleness", "--prob", "nan"], "invalid finite number")
     _one_line_exit_2(capsys, ["bench", "he_raw", "--values", "1e400"], "invalid int value")
+    # a size the benchmark does not bound itself: numpy's refusal to allocate is still one line, exit 2
+    _one_line_exit_2(capsys, ["bench", "allreduce", "--sizes-mb", "1e7"], "out of memory: Unable to allocate")
 
 
 # --------------------------------------------------------------------------------------------------------------------

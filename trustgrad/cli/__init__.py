@@ -85,6 +85,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:  # an unwritable --out, a missing folder: the user's to fix, so one line, exit 2
         print(f"trustgrad: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
         return 2
+    except MemoryError as exc:  # a size the user asked for (a benchmark's --values 1e12): theirs to fix, one line
+        print(f"trustgrad: error: out of memory: {_line(exc)} (see docs/limits.md)", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("trustgrad: interrupted", file=sys.stderr)
         return 130
