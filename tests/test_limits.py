@@ -273,7 +273,7 @@ def test_view_memory_budget_names_the_figure(honest_view, tmp_path):
 
 
 def test_view_loader_stays_small_in_a_real_process(honest_view, tmp_path):
-    """The 17 GB model of the issue is refused by a real `trustgrad attack` process that stays under 1 GB."""
+    """The 17 GB model of the issue is refused by a real `trustgrad attack` process that stays under 2 GB."""
     path = _rewrite(honest_view, tmp_path / "huge.safetensors", lambda v: v["model_config"].update(hidden=65536))
     code = (
         "import resource, sys\n"
@@ -293,4 +293,4 @@ def test_view_loader_stays_small_in_a_real_process(honest_view, tmp_path):
     )
     assert out.returncode == 2, out.stderr
     assert len(out.stderr.strip().splitlines()) == 1 and "does not fit model 'mlp'" in out.stderr
-    assert int(out.stdout.strip()) < 1 << 30
+    assert int(out.stdout.strip()) < 2 << 30  # torch and its libraries: 0.6-1.2 GB resident; the model: 17 GB
