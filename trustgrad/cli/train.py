@@ -101,6 +101,12 @@ _GROUPS: list[tuple[str, list[tuple[str, str, Any, str]]]] = [
             ("--alpha", "pattern.alpha", float, "local-sgd --merge elastic: moving rate in (0, 1)"),
             ("--peer-timeout", "pattern.peer_timeout", float, "gossip, local-sgd: skip a silent peer after this (s)"),
             (
+                "--min-replicas",
+                "pattern.min_replicas",
+                int,
+                "gossip: fail the run if fewer replicas train to the end (default: a majority of --workers)",
+            ),
+            (
                 "--stages",
                 "pattern.stages",
                 int,
