@@ -187,14 +187,26 @@ def _replica_report(cfg: RunConfig, summary: dict[str, Any], ranks: list[dict[st
 
 
 def _first_seen(rank: int, events: list[dict[str, Any]], ranks: list[dict[str, Any] | None]) -> dict[str, Any]:
-    """The first time any peer saw ``rank`` lost (else late): the step, who saw it, why."""
-    mine = [e for e in events if e["peer"] == rank]
-    first = min(mine, key=lambda e: (e["event"] != "lost", e["round"]), default=None)
+    """When ``rank`` was lost: the step from which a peer stopped hearing it (``step``) and the step that peer gave
+    up on it (``lost_step``), the earliest over its peers; else the first step it was seen late."""
     entry: dict[str, Any] = {"rank": rank, "worker": rank, "died": rank < len(ranks) and ranks[rank] is None}
-    if first is not None:
-        entry.update(
-            step=first["round"], event=first["event"], observed_by=first["observed_by"], reason=first["reason"]
-        )
+    found = []
+    for observer in sorted({e["observed_by"] for e in events}):
+        silent = None
+        for e in (e for e in events if e["observed_by"] == observer and e["peer"] == rank):
+            if e["event"] == "caught-up":
+                silent = None
+            elif e["event"] == "late" and silent is None:
+                silent = e
+            elif e["event"] == "lost":
+                found.append(((silent or e)["round"], e["round"], observer, e["reason"]))
+                break
+        else:
+            if silent is not None:
+                found.append((silent["round"], None, observer, silent["reason"]))
+    if found:
+        step, lost_step, observer, reason = min(found, key=lambda f: (f[1] is None, f[0]))
+        entry.update(step=step, lost_step=lost_step, observed_by=observer, reason=reason)
     return entry
 
 

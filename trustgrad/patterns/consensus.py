@@ -93,7 +93,7 @@ class ConsensusMonitor:
             for peer in self.workers
             if peer != self.coordinator and peer not in self.links.lost
         }
-        wait = self.links.timeout + 5.0 if final else self.peer_timeout
+        wait = self.links.give_up + 1.0 if final else self.peer_timeout
         self.links.wait(list(ops.values()), time.monotonic() + wait)
         reports = {self.coordinator: msg}
         for peer, op in ops.items():

@@ -108,6 +108,7 @@ class PushSum:
         t = self.rounds
         waited = [op for op in current if op.peer not in self.late]
         self.links.wait(waited, time.monotonic() + self.peer_timeout)
+        self.links.expire()  # a late peer silent for --timeout is lost (no gloo wait ever expires: see links)
         for op in current:
             if op.state == PENDING and op.peer not in self.late:
                 self.late.add(op.peer)

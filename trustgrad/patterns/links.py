@@ -1,23 +1,22 @@
-"""Point-to-point messages with live peers that never close a pair on a slow peer.
+"""Point-to-point messages with peers that never time out a gloo wait, so a slow peer cannot cut a rank off.
 
-Why this exists (measured, torch 2.13 gloo): sends are rendezvous (an ``isend`` completes only once the peer has
-posted the matching receive), a wait that times out *closes the pair* for good ("Application timeout caused pair
-closure": every later message with that peer fails), and a killed peer fails every pending operation at once
-("Connection closed by peer"). So a short deadline on a gloo wait turns a slow peer into a lost one, and — because a
-rank blocked on one peer is late for the others — the loss cascades: a gossip peer frozen for 8 s with
-``--peer-timeout 3`` cut the coordinator off from every other rank.
+Why this exists (measured here, torch 2.13 gloo): sends are rendezvous (an ``isend`` completes only once the peer has
+posted the matching receive); a killed peer fails every pending operation with it at once ("Connection closed by
+peer"); and a wait that times out closes *every* connection of the waiting rank ("Application timeout caused pair
+closure" on the next message to any peer). That last one is how a gossip peer frozen for 8 s with
+``--peer-timeout 3`` left the coordinator alone on main: its neighbours timed out on it and cut themselves off.
 
-``PeerLinks`` separates the two clocks. Every operation is posted at once, then waited on by one thread per peer (in
-posting order) with the job's long ``--timeout``; the caller waits on the *outcome* with its own short deadline
-(``wait``), and an operation that misses it stays posted: its message is used when it lands (``pop_finished``).
-A peer is lost only when one of its operations fails (it died or closed the pair) or stays pending for the whole
-``--timeout``; then every later operation with it fails fast. ``evict`` closes a pair on purpose (a peer that sent an
-invalid message, or fell further behind than the memory budget allows), so that neither side waits for the other.
+So no gloo wait here ever expires. Every operation is posted at once and waited on by one thread per peer (in posting
+order) without a deadline that can pass; the caller waits on the *outcome* with its own deadline (``wait``), and an
+operation that misses it stays posted: its message is used when it lands. A peer is lost when one of its operations
+fails (it died or closed its side), when an operation with it stays pending for ``give_up`` seconds (the job's
+``--timeout``), or when the caller evicts it (an invalid message, too far behind). Losing a peer is local and
+logical: its pending operations count as failed at once, later ones are not posted, and whatever of it lands later
+is ignored. Its threads stay blocked on operations that may never complete; they are daemons and end with the rank.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import queue
 import re
@@ -35,6 +34,7 @@ __all__ = ["Op", "PeerLinks"]
 log = logging.getLogger(__name__)
 
 PENDING, DONE, FAILED = "pending", "done", "failed"
+FOREVER = 7 * 24 * 3600.0  # seconds: a gloo wait that cannot expire within any run
 
 
 @dataclass(eq=False)
@@ -53,8 +53,8 @@ class Op:
 class PeerLinks:
     """Posts point-to-point operations through ``comm`` and waits on them off the caller's thread, per peer."""
 
-    def __init__(self, comm: Comm, timeout: float):
-        self.comm, self.timeout = comm, timeout
+    def __init__(self, comm: Comm, give_up: float):
+        self.comm, self.give_up = comm, give_up
         self.lost: dict[int, str] = {}  # peer -> why
         self._cond = threading.Condition()
         self._queues: dict[int, queue.SimpleQueue] = {}
@@ -75,9 +75,14 @@ class PeerLinks:
         try:
             op.work = start()
         except RuntimeError as exc:  # gloo refuses to post on a pair that is already closed
-            self._fail(op, exc)
+            with self._cond:
+                self._lose_locked(op.peer, _reason(exc))
+            op.state = FAILED
             return op
         with self._cond:
+            if op.peer in self.lost:
+                op.state = FAILED
+                return op
             self._pending.setdefault(op.peer, []).append(op)
         self._queue(op.peer).put(op)
         return op
@@ -95,33 +100,30 @@ class PeerLinks:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
-                self._cond.wait(left)
+                self._cond.wait(min(left, 0.5))
+                self._expire_locked()
         return True
 
     def drain(self, deadline: float | None = None) -> bool:
-        """Wait for every pending operation with every peer (at the end of a run); True if none is left."""
+        """Wait for every pending operation with every peer not lost (at the end of a run); True if none is left."""
         with self._cond:
             ops = [op for ops in self._pending.values() for op in ops]
-        return self.wait(ops, deadline if deadline is not None else time.monotonic() + self.timeout + 5.0)
+        return self.wait(ops, deadline if deadline is not None else time.monotonic() + self.give_up + 1.0)
+
+    def expire(self) -> None:
+        """Lose every peer with an operation pending for longer than ``give_up`` seconds."""
+        with self._cond:
+            self._expire_locked()
 
     def evict(self, peer: int, reason: str) -> None:
-        """Stop talking to ``peer`` and close the pair, so that its pending operations (and ours) fail fast."""
-        if peer in self.lost:
-            return
-        self._mark_lost(peer, reason)
+        """Stop talking to ``peer``: its pending operations fail now, nothing more is posted, nothing of it is used."""
         with self._cond:
-            tail = next((op for op in reversed(self._pending.get(peer, [])) if op.state == PENDING), None)
-        if tail is not None:
-            # gloo has no "close": a wait that times out closes the pair, and every other operation on it fails
-            with contextlib.suppress(RuntimeError):
-                self.comm.wait(tail.work, 0.001)
+            self._lose_locked(peer, reason)
 
     def close(self) -> None:
-        """Stop the waiting threads once their queues are empty (call after ``drain``)."""
+        """Let the waiting threads end once their queues are empty (threads blocked on a lost peer stay, as daemons)."""
         for q in self._queues.values():
             q.put(None)
-        for thread in self._threads:
-            thread.join(timeout=self.timeout + 5.0)
 
     # ------------------------------------------------------------------ the per-peer threads
     def _queue(self, peer: int) -> queue.SimpleQueue:
@@ -136,28 +138,30 @@ class PeerLinks:
         q = self._queues[peer]
         while (op := q.get()) is not None:
             try:
-                self.comm.wait(op.work, self.timeout)
+                self.comm.wait(op.work, FOREVER)  # never expires: an expired gloo wait closes every connection
             except RuntimeError as exc:
-                self._fail(op, exc)
+                with self._cond:
+                    self._lose_locked(peer, _reason(exc))
                 continue
             with self._cond:
-                op.state = DONE
-                self._pending[peer].remove(op)
+                if op.state == PENDING:  # not already failed by a loss: a lost peer's late message is ignored
+                    op.state = DONE
+                    self._pending[peer].remove(op)
                 self._cond.notify_all()
 
-    def _fail(self, op: Op, exc: Exception) -> None:
-        self._mark_lost(op.peer, _reason(exc))
-        with self._cond:
-            op.state = FAILED
-            if op in self._pending.get(op.peer, []):
-                self._pending[op.peer].remove(op)
-            self._cond.notify_all()
+    def _expire_locked(self) -> None:
+        now = time.monotonic()
+        for peer, ops in list(self._pending.items()):
+            if ops and now - ops[0].posted > self.give_up:
+                self._lose_locked(peer, f"silent for {self.give_up:g} s (--timeout)")
 
-    def _mark_lost(self, peer: int, reason: str) -> None:
-        with self._cond:
-            if peer in self.lost:
-                return
-            self.lost[peer] = reason
+    def _lose_locked(self, peer: int, reason: str) -> None:
+        if peer in self.lost:
+            return
+        self.lost[peer] = reason
+        for op in self._pending.pop(peer, []):
+            op.state = FAILED
+        self._cond.notify_all()
         log.warning("rank %d: peer %d lost: %s", self.comm.rank, peer, reason)
 
 
