@@ -60,11 +60,12 @@ log = logging.getLogger(__name__)
 class PushSum:
     """One rank's side of push-sum gossip over ``Comm``; ``mix(z)`` is one round, ``start``/``finish`` split it.
 
-    Peers are in one of three states: *live* (waited for up to ``peer_timeout`` each round), *late* (missed a round's
-    deadline: no longer waited for, its messages are added whenever they land — push-sum conserves mass under delays,
-    so a late peer keeps mixing; it is live again once a message arrives in its own round) and *lost* (an operation
-    failed, stayed pending for the job's ``--timeout``, it sent an invalid message, or it fell more than ``max_lag``
-    rounds behind: the memory its backlog of posted messages would take). Every change is an event with its round.
+    Peers are in one of three states: *live*, *late* (its message of some round missed that round's deadline; its
+    messages are added whenever they land — push-sum conserves mass under delays, so a late peer keeps mixing; it is
+    live again once a message arrives in its own round) and *lost* (an operation failed, stayed pending for the job's
+    ``--timeout``, it sent an invalid message, or it fell more than ``max_lag`` rounds behind: the memory its backlog
+    of posted messages would take). Live and late peers alike are waited for up to ``peer_timeout`` each round.
+    Every change of state is an event with its round.
     """
 
     def __init__(self, comm: Comm, topology: str, seed: int, peer_timeout: float, link_timeout: float | None = None):
@@ -106,8 +107,10 @@ class PushSum:
         z, share, current = self._pending
         self._pending = None
         t = self.rounds
-        waited = [op for op in current if op.peer not in self.late]
-        self.links.wait(waited, time.monotonic() + self.peer_timeout)
+        # every live in-peer is waited for, the late ones too: a neighbour that stops waiting for a slow peer runs
+        # ahead without bound and push-sum's weights degenerate (measured: weights 0.02 against 1.97, accuracy 0.54
+        # against 0.85); waiting up to --peer-timeout per round keeps a frozen peer's lag to its freeze / timeout
+        self.links.wait(current, time.monotonic() + self.peer_timeout)
         self.links.expire()  # a late peer silent for --timeout is lost (no gloo wait ever expires: see links)
         for op in current:
             if op.state == PENDING and op.peer not in self.late:
