@@ -81,17 +81,21 @@ _SETUP_KILL = {
 
 @pytest.mark.slow
 @pytest.mark.parametrize("job", list(_SETUP_KILL))
-def test_peer_killed_during_setup_is_survived(job, monkeypatch):
+def test_peer_killed_during_setup_is_survived(job, monkeypatch, reference):
     monkeypatch.setenv(KILL_ENV, "2@setup")  # rank 2 SIGKILLs itself before it has any model
-    cfg = RunConfig(workers=4, epochs=2, progress=False, timeout=60).replace(pattern=_SETUP_KILL[job])
+    cfg = RunConfig(workers=4, epochs=3, progress=False, timeout=60).replace(pattern=_SETUP_KILL[job])
     result = run(cfg)
     s = result.summary
     assert result.ranks[2] is None and s["dropped_ranks"] == [2], s
     assert s["replicas_started"] == 4 and s["replicas_final"] == 3, s
     worker = 2 if job == "gossip" else 1  # ps: rank 0 serves, so rank 2 is worker 1
     assert [e["worker"] for e in s["replicas_lost"]] == [worker], s["replicas_lost"]
-    assert s["steps"] == 22  # the survivors trained to the end
-    assert s["final_loss"] < 1.5, s  # 2.30 at W0: they learned without it
+    assert s["steps"] == 33  # the survivors trained to the end
+    # the survivors' model against the plain computation (allreduce, all four workers, the same epochs)
+    assert s["test_accuracy"] >= reference["test_accuracy"] - 0.1, (s["test_accuracy"], reference["test_accuracy"])
+    assert s["final_loss"] < 1.2, s  # 2.30 at W0
+    if job == "gossip":  # and the three replicas on what is left of the ring agree
+        assert s["consensus_distance_rel"] < 0.05, s
 
 
 def _crafted(ctx, weight: float, value: float, honest: float) -> dict | None:
