@@ -183,3 +183,15 @@ def test_bad_min_replicas_is_one_line_and_exit_code_2(flags, message, capsys):
     assert main(["train", "--pattern", "gossip", *flags, "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err, err
+
+
+def test_the_human_summary_says_who_trained_to_the_end():
+    from trustgrad.cli.train import render_summary
+
+    base = {"pattern": "gossip", "schedule": "sync", "workers": 4, "dataset": "digits", "model": "mlp", "steps": 33}
+    base |= {"wall_seconds": 1.0, "final_loss": 1.0, "test_accuracy": 0.8, "bytes_sent": 1e6}
+    base |= {"encryption": "none", "proof": "none", "replicas_started": 4, "replicas_final": 3}
+    gossip = render_summary({**base, "replicas_lost": [{"rank": 2, "worker": 2, "step": 8, "died": True}]})
+    assert gossip.splitlines()[-1] == "  replicas: 3 of 4 trained to the end (lost: rank 2 at step 8)"
+    ps = render_summary({**base, "pattern": "ps", "replicas_lost": [{"worker": 1, "reason": "unreachable"}]})
+    assert ps.splitlines()[-1] == "  replicas: 3 of 4 trained to the end (lost: worker 1)"

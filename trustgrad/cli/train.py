@@ -244,4 +244,14 @@ def render_summary(s: dict[str, Any]) -> str:
     ]
     if s.get("dropped_ranks"):
         lines.append(f"  dropped ranks: {s['dropped_ranks']}")
+    if "replicas_final" in s:  # patterns that survive losses say who trained to the end
+        lost = ", ".join(
+            f"{'rank' if 'rank' in e else 'worker'} {e.get('rank', e.get('worker'))}"
+            + (f" at step {e['step']}" if e.get("step") is not None else "")
+            for e in s.get("replicas_lost", [])
+        )
+        lines.append(
+            f"  replicas: {s['replicas_final']} of {s['replicas_started']} trained to the end"
+            + (f" (lost: {lost})" if lost else "")
+        )
     return "\n".join(lines)
