@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import pathlib
+import time
 
 import pytest
 import torch
@@ -195,3 +197,31 @@ def test_the_human_summary_says_who_trained_to_the_end():
     assert gossip.splitlines()[-1] == "  replicas: 3 of 4 trained to the end (lost: rank 2 at step 8)"
     ps = render_summary({**base, "pattern": "ps", "replicas_lost": [{"worker": 1, "reason": "unreachable"}]})
     assert ps.splitlines()[-1] == "  replicas: 3 of 4 trained to the end (lost: worker 1)"
+
+
+def _silent_peer(ctx, flags: str) -> dict | None:
+    """Rank 2 posts nothing (alive but silent); ranks 0 and 1 mix 24 rounds under a backlog budget of 8 rounds."""
+    done = [pathlib.Path(flags) / f"done{r}" for r in (0, 1)]
+    if ctx.rank == 2:  # stay alive (a dead peer is a different loss) until both honest ranks are done
+        deadline = time.monotonic() + 120
+        while not all(f.exists() for f in done) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return None
+    mixer = PushSum(Comm(ctx, timeout=60), "ring", seed=0, peer_timeout=0.05, backlog_bytes=1)
+    z = torch.full((16,), float(ctx.rank + 1))
+    for _ in range(24):
+        z = mixer.mix(z)
+    done[ctx.rank].touch()
+    return {"z": z, "lost": dict(mixer.links.lost), "weight": mixer.weight, "events": mixer.events}
+
+
+def test_a_peer_further_behind_than_the_backlog_budget_is_evicted_and_the_mass_is_conserved(tmp_path):
+    results = run_ranks(_silent_peer, 3, str(tmp_path), job_timeout=180)
+    for rank in (0, 1):
+        r = results[rank]
+        assert set(r["lost"]) == {2} and "more than 8 rounds behind" in r["lost"][2], r["lost"]
+        lost = next(e for e in r["events"] if e["event"] == "lost")
+        assert 8 <= lost["round"] <= 10, r["events"]  # two operations a round with it: evicted past 16 pending
+        # nothing sent to the silent peer ever left: taken back on eviction, so the honest pair's mass is exact
+        assert r["weight"] == pytest.approx(1.0, abs=1e-6)
+        assert torch.allclose(torch.as_tensor(r["z"]), torch.full((16,), 1.5), atol=1e-6), r["z"]

@@ -56,6 +56,9 @@ __all__ = ["PushSum", "Gossip", "KILL_ENV", "min_replicas"]
 
 log = logging.getLogger(__name__)
 
+#: what a slow peer's backlog of posted messages may cost a rank before the peer is evicted
+BACKLOG_BYTES = 64 << 20
+
 
 class PushSum:
     """One rank's side of push-sum gossip over ``Comm``; ``mix(z)`` is one round, ``start``/``finish`` split it.
@@ -68,7 +71,15 @@ class PushSum:
     Every change of state is an event with its round.
     """
 
-    def __init__(self, comm: Comm, topology: str, seed: int, peer_timeout: float, link_timeout: float | None = None):
+    def __init__(
+        self,
+        comm: Comm,
+        topology: str,
+        seed: int,
+        peer_timeout: float,
+        link_timeout: float | None = None,
+        backlog_bytes: int = BACKLOG_BYTES,
+    ):
         self.comm, self.topology, self.seed, self.peer_timeout = comm, TOPOLOGIES.get(topology), seed, peer_timeout
         self.links = PeerLinks(comm, comm.timeout if link_timeout is None else link_timeout)
         self.weight = 1.0
@@ -78,6 +89,7 @@ class PushSum:
         self.last_heard: dict[int, int] = {}  # peer -> the round in which we last added a message of it
         self.messages_late = 0
         self.max_lag: int | None = None
+        self.backlog_bytes = backlog_bytes
         self._recvs: list[Op] = []  # posted receives of any round, not yet added
         self._sends: list[Op] = []  # posted sends not yet delivered: a failed one gives its share back
         self._pending: tuple | None = None
@@ -90,8 +102,8 @@ class PushSum:
     def start(self, z: torch.Tensor) -> None:
         t, rank, lost = self.rounds, self.comm.rank, self.links.lost
         peers = self.topology(rank, self.comm.world_size, t, self.seed)
-        if self.max_lag is None:  # the backlog a slow peer may cost us: 64 MiB of posted messages, in rounds
-            self.max_lag = max(8, (64 << 20) // (2 * 4 * (z.numel() + 1)))
+        if self.max_lag is None:  # the backlog a slow peer may cost us (posted messages both ways), in rounds
+            self.max_lag = max(8, self.backlog_bytes // (2 * z.element_size() * (z.numel() + 1)))
         outs = [p for p in peers.out if p not in lost]
         share = self.weight / (1 + len(outs))
         msg = torch.cat([z * share, z.new_tensor([share])])
@@ -179,7 +191,8 @@ class PushSum:
     def _check_lag(self, t: int) -> None:
         for peer in list(self.late):
             if self.links.backlog(peer) > 2 * self.max_lag:
-                self.links.evict(peer, f"more than {self.max_lag} rounds behind (the backlog budget of 64 MiB)")
+                budget = f"{self.backlog_bytes / 2**20:g} MiB"
+                self.links.evict(peer, f"more than {self.max_lag} rounds behind (the backlog budget of {budget})")
 
     def _event(self, peer: int, round_: int, event: str, reason: str) -> None:
         self.events.append({"peer": peer, "round": round_, "event": event, "reason": reason})
