@@ -99,7 +99,13 @@ _GROUPS: list[tuple[str, list[tuple[str, str, Any, str]]]] = [
             ("--local-steps", "pattern.local_steps", int, "local-sgd: local steps H between merges"),
             ("--merge", "pattern.merge", str, "local-sgd: average or elastic"),
             ("--alpha", "pattern.alpha", float, "local-sgd --merge elastic: moving rate in (0, 1)"),
-            ("--peer-timeout", "pattern.peer_timeout", float, "gossip, local-sgd: skip a silent peer after this (s)"),
+            (
+                "--peer-timeout",
+                "pattern.peer_timeout",
+                float,
+                "gossip, local-sgd: a round goes on without a late peer's message after this (s; added when it "
+                "lands); a peer silent for --timeout is lost",
+            ),
             (
                 "--min-replicas",
                 "pattern.min_replicas",
