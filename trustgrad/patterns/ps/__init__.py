@@ -27,6 +27,7 @@ import torch
 
 from ...config import RunConfig
 from ...errors import ConfigError, LaunchError
+from ...faults import SETUP, Faults
 from ...replica import Replica
 from ..base import PATTERNS, Pattern
 from .checkpoint import ServerCheckpoint
@@ -203,6 +204,7 @@ class ParameterServer(Pattern):
 
     # ------------------------------------------------------------------ worker side
     def attach(self, replica: Replica) -> None:
+        Faults.for_rank(self.comm.rank).at(SETUP)  # tests only: a worker that dies before its first model
         if self.cfg.proof.mode == "blind":
             from .blind import BlindWorker
 
