@@ -23,7 +23,7 @@ from typing import Any
 
 import openfhe
 
-from trustgrad.crypto import _wire
+from trustgrad.crypto import _wire, layout
 from trustgrad.crypto.params import CKKSParams
 from trustgrad.errors import CryptoError
 
@@ -42,7 +42,7 @@ class Context:
     512
     """
 
-    __slots__ = ("params", "_cc", "fingerprint")
+    __slots__ = ("params", "_cc", "fingerprint", "_layouts")
 
     def __init__(self, params: CKKSParams) -> None:
         self.params = params
@@ -51,6 +51,7 @@ class Context:
             for feature in _FEATURES:
                 cc.Enable(getattr(openfhe, feature))
         self._cc = cc
+        self._layouts: dict[Any, Any] = {}  # layouts of the OpenFHE objects this context receives (crypto.layout)
         self.fingerprint = hashlib.blake2b(openfhe.Serialize(cc, openfhe.BINARY), digest_size=16).hexdigest()
         if params.security == "none":
             log.warning("CKKS context built with security='none': NOT SECURE, for tests and toy runs only")
@@ -144,7 +145,7 @@ class PublicKey:
 
     def to_bytes(self) -> bytes:
         with _wire.openfhe_errors("serializing the public key"):
-            items = [openfhe.Serialize(self._pk, openfhe.BINARY)]
+            items = [layout.canonical(self._pk, layout.PUBLIC_KEY)]
             if self.eval_mult:
                 items.append(openfhe.SerializeEvalMultKeyString(openfhe.BINARY, self.tag))
             if self.rotations:
@@ -171,6 +172,7 @@ class PublicKey:
             raise CryptoError(f"{what}: malformed rotation index list")
         if len(items) != 1 + eval_mult + bool(rotations):
             raise CryptoError(f"{what}: {len(items)} items do not match the announced evaluation keys")
+        layout.check(context, layout.PUBLIC_KEY, (0, 0), items[0], tag, what)
         pk = context._parse(items[0], _deser_pk, what)
         if str(pk.GetKeyTag()) != tag:
             raise CryptoError(f"{what}: key tag does not match its header")
