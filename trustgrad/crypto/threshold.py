@@ -207,12 +207,14 @@ class PartialDecryption:
         length: int | None = None,
         parties: int | None = None,
         padded: bool | None = None,
+        dtype: str | None = None,
     ) -> PartialDecryption:
         """Parse and validate before OpenFHE sees a byte, like ``EncryptedVector.from_bytes``; ``length``,
-        ``parties`` and ``padded`` are what the receiver expects (checked against what the sender declares)."""
+        ``parties``, ``padded`` and ``dtype`` are what the receiver expects (checked against what the sender
+        declares)."""
         what = "partial decryption"
         meta, items = _wire.unpack(data, _wire.KIND_PARTIAL)
-        head = _read_vector_meta(context, meta, items, what, length, padded)
+        head = _read_vector_meta(context, meta, items, what, length, padded, dtype)
         index = _wire.field(meta, "index", int, what)
         count = _wire.field(meta, "parties", int, what)
         if not 1 <= index <= count <= _MAX_PARTIES or (parties is not None and count != parties):

@@ -137,13 +137,15 @@ class EncryptedVector:
         public_key: PublicKey | None = None,
         length: int | None = None,
         padded: bool | None = None,
+        dtype: str | None = None,
     ) -> EncryptedVector:
         """Parse and validate before OpenFHE sees a byte (``crypto._wire``, ``crypto.layout``); with
         ``public_key``, also require that the vector was encrypted under it; with ``length`` / ``padded``, that it
-        holds that many values / zero padding (what the receiver expects, not what the sender declares)."""
+        holds that many values / zero padding / decrypts to ``dtype`` (what the receiver expects, not what the sender
+        declares: a dtype lie would round the values silently)."""
         what = "encrypted vector"
         meta, items = _wire.unpack(data, _wire.KIND_VECTOR)
-        head = _read_vector_meta(context, meta, items, what, length, padded)
+        head = _read_vector_meta(context, meta, items, what, length, padded, dtype)
         if public_key is not None and head.tag != public_key.tag:
             raise CryptoError(
                 f"{what} was encrypted under key {head.tag[:8]}, not under the expected key {public_key.tag[:8]}"
@@ -278,6 +280,7 @@ def _read_vector_meta(
     what: str,
     length: int | None = None,
     padded: bool | None = None,
+    dtype: str | None = None,
 ) -> _Head:
     """The vector fields of a frame's metadata, each checked against the context and the receiver's expectations."""
     context._check_meta(meta, what)
@@ -306,6 +309,8 @@ def _read_vector_meta(
         raise CryptoError(f"{what}: metadata field 'shape' is not [level, noise-scale degree]")
     if length is not None and head.length != length:
         raise CryptoError(f"{what}: holds {head.length} values, expected {length}")
+    if dtype is not None and head.dtype != dtype:
+        raise CryptoError(f"{what}: declares dtype {head.dtype}, expected {dtype}")
     if padded is not None and head.padded != padded:
         raise CryptoError(f"{what}: {'not ' if padded else ''}zero-padded, expected the opposite")
     return head
