@@ -10,10 +10,12 @@ Protocol, synchronous schedule (one round per model version):
 3. The server validates each ciphertext before OpenFHE parses it (``EncryptedVector.from_bytes`` against the exact
    layout of a fresh encryption of the model's length under the job's key; docs/wire.md). A worker whose push is
    refused is named and excluded, and the run goes on: with shared keys the round's other ciphertexts are aggregated;
-   with threshold keys the excluded worker still holds a share every decryption needs, so the round's ciphertexts are
-   discarded and the survivors re-key (new threshold keys among them, as ``ps --proof blind`` does after an
-   exclusion). The server adds the round's ciphertexts (additive homomorphism: Enc(mean) = sum Enc(g_i / W), times
-   W / k when only k of the W workers count) and sends the encrypted mean back as the next "model version".
+   with threshold keys the excluded worker still holds a share every decryption needs, so the survivors re-key (new
+   threshold keys among them, as ``ps --proof blind`` does after an exclusion) and push the round's gradient again
+   under the new key. Either way the round is the mean of the survivors' gradients, as in a plaintext audit that
+   rejects the same worker. The server adds the round's ciphertexts (additive homomorphism: Enc(mean) =
+   sum Enc(g_i / W), times W / k when only k of the W workers count) and sends the encrypted mean back as the next
+   "model version".
 4. Workers decrypt the mean — alone (``shared``) or jointly (``threshold``: every worker's partial decryption goes to
    every other worker, never to the server, and each fuses) — and take the optimizer step locally. All replicas take
    the same step, so the trajectory is the ``allreduce`` one up to CKKS noise (~1e-9 relative). A partial decryption
@@ -47,6 +49,7 @@ __all__ = ["SecureWorker", "SecureServer", "RefusedPayload", "decode_fresh"]
 log = logging.getLogger(__name__)
 
 _TAG = 73  # worker <-> worker partial decryptions
+_REPUSH = 74  # worker -> server: the round's gradient again, under the keys made after an exclusion
 REKEY = 2  # SERVICE request: new threshold keys among the parties the server names (the value blind uses too)
 
 
@@ -91,9 +94,10 @@ class SecureWorker:
         self.stats = CryptoStats()
         self.keys = _setup(comm, cfg, self.stats)
         self.tamper = wire_tamper(cfg.malicious, comm.rank)  # --malicious ...,attack=crafted-*: this rank's bytes
+        self.values: np.ndarray | None = None  # the last pushed gradient / W, pushed again after a re-keying
 
     def encode(self, flat: torch.Tensor) -> bytes:
-        values = flat.detach().double().numpy() / self.cfg.workers
+        values = self.values = flat.detach().double().numpy() / self.cfg.workers
         with self.stats.timing("encrypt"):
             payload = encrypt(self.keys.public_key, values).to_bytes()
         if self.tamper is not None:
@@ -126,6 +130,10 @@ class SecureWorker:
         parties = [int(r) for r in json.loads(data)["parties"]]
         log.info("worker %d: re-keying among ranks %s", self.comm.rank - 1, parties)
         self.keys = setup_keys(self.comm, self.cfg.crypto, parties, [0], self.stats, context=self.keys.context)
+        with self.stats.timing("encrypt"):
+            payload = encrypt(self.keys.public_key, self.values).to_bytes()
+        self.stats.sent(len(payload), self.values.size)  # type: ignore[union-attr]
+        self.comm.send_bytes(payload, 0, _REPUSH)
 
     def max_payload(self, num_params: int) -> int:
         """The most ciphertext bytes an honest aggregate of ``num_params`` values takes (bounds what we allocate)."""
@@ -174,8 +182,9 @@ class SecureServer:
         self.report["refused_payloads"].append({"worker": rank - 1, "reason": reason})
         self.rekey_pending = self.keys.mode == "threshold"
 
-    def rekey(self, survivors: list[int]) -> None:
-        """New threshold keys among ``survivors``: the excluded worker's share no longer decrypts anything."""
+    def rekey(self, survivors: list[int], num_params: int) -> dict[int, EncryptedVector]:
+        """New threshold keys among ``survivors`` (the excluded worker's share no longer decrypts anything), and the
+        round's pushes again, under them."""
         import time
 
         started = time.perf_counter()
@@ -189,10 +198,15 @@ class SecureServer:
             self.comm.send(torch.tensor([SERVICE, REKEY, 1], dtype=torch.int64), rank, REPLY)
             self.comm.send_bytes(message, rank, REPLY)
         self.keys = setup_keys(self.comm, self.cfg.crypto, survivors, [0], self.stats, context=self.keys.context)
+        limit = self.max_payload(num_params)
+        again = {
+            r: decode_fresh(self.keys, self.comm.recv_bytes(r, _REPUSH, limit)[0], r, num_params) for r in survivors
+        }
         self.rekey_pending = False
         self.report["rekeys"] += 1
         self.report["rekey_seconds"] += time.perf_counter() - started
         log.info("ps: re-keyed among workers %s", [r - 1 for r in survivors])
+        return again
 
     def key_material(self) -> list[str]:
         """What key material this process holds (for the record: never a secret key or share)."""

@@ -208,12 +208,9 @@ class Server:
 
     def _complete_round(self) -> None:
         live = {r for r, w in self.workers.items() if not w.done and not w.dropped}
-        if getattr(self.secure, "rekey_pending", False) and live <= set(self.buffer):
-            # threshold keys: the round was encrypted under a key the excluded worker shares; drop it, re-key
-            self.buffer = {}
-            self.secure.rekey(sorted(live))  # type: ignore[union-attr]
-            self.secure.latest = b""  # type: ignore[union-attr]
-            return
+        if getattr(self.secure, "rekey_pending", False) and live and live <= set(self.buffer):
+            # threshold keys: the excluded worker shares the key of this round; the survivors re-key and push again
+            self.buffer = self.secure.rekey(sorted(live), self.replica.num_params)  # type: ignore[union-attr]
         if self.buffer and live <= set(self.buffer):
             buffer, self.buffer = self.buffer, {}
             if self.audit is not None:  # claims that fail their replay never reach the model
