@@ -108,6 +108,14 @@ class Context:
         with _wire.openfhe_errors(f"parsing {what}"):
             return parse(bytes(item))
 
+    def _parse_isolated(self, item: memoryview, parse: Callable[[bytes], Any], kind: str, what: str) -> Any:
+        """Bytes no exact layout covers (evaluation keys): parsed first in the isolated helper
+        (:mod:`trustgrad.crypto.sandbox`), then here only if that parse was clean."""
+        from trustgrad.crypto.sandbox import sandbox_for
+
+        sandbox_for(self).parse(kind, item, what)
+        return self._parse(item, parse, what)
+
 
 class PublicKey:
     """Encryption key plus public evaluation keys; safe to give to the aggregation server.
@@ -210,7 +218,7 @@ class SecretKey:
                 "refusing to serialize a secret key; pass include_secret=True to write it to trusted local storage"
             )
         meta = self.context._meta(tag=self.tag, secret=True, **self._extra_meta())
-        return _wire.pack(_wire.KIND_SECRET_KEY, meta, [openfhe.Serialize(self._sk, openfhe.BINARY)])
+        return _wire.pack(_wire.KIND_SECRET_KEY, meta, [layout.canonical(self._sk, layout.SECRET_KEY)])
 
     @classmethod
     def from_bytes(cls, context: Context, data: bytes) -> SecretKey:
@@ -224,6 +232,7 @@ class SecretKey:
         parties = _wire.field(meta, "parties", int, what)
         if len(items) != 1:
             raise CryptoError(f"{what}: expected 1 item, got {len(items)}")
+        layout.check(context, layout.SECRET_KEY, (0, 0), items[0], tag, what)
         sk = context._parse(items[0], _deser_sk, what)
         if str(sk.GetKeyTag()) != tag:
             raise CryptoError(f"{what}: key tag does not match its header")
@@ -282,4 +291,4 @@ def _install(
             return
     except Exception:  # OpenFHE raises when no key is stored for the tag: the normal case on a receiver
         pass
-    ctx._parse(item, deser, what)
+    ctx._parse_isolated(item, deser, what, f"public key: {what}")

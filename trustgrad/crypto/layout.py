@@ -38,12 +38,22 @@ import openfhe
 
 from trustgrad.errors import CryptoError
 
-__all__ = ["CIPHERTEXT", "PARTIAL", "PUBLIC_KEY", "Layout", "canonical", "check", "layouts_for", "shape_of"]
+__all__ = [
+    "CIPHERTEXT",
+    "PARTIAL",
+    "PUBLIC_KEY",
+    "SECRET_KEY",
+    "Layout",
+    "canonical",
+    "check",
+    "layouts_for",
+    "shape_of",
+]
 
 log = logging.getLogger(__name__)
 
-CIPHERTEXT, PARTIAL, PUBLIC_KEY = "ciphertext", "partial decryption", "public key"
-_ELEMENTS = {CIPHERTEXT: 2, PARTIAL: 1, PUBLIC_KEY: 2}
+CIPHERTEXT, PARTIAL, PUBLIC_KEY, SECRET_KEY = "ciphertext", "partial decryption", "public key", "secret key"
+_ELEMENTS = {CIPHERTEXT: 2, PARTIAL: 1, PUBLIC_KEY: 2, SECRET_KEY: 1}
 _SAMPLES = 3  # objects a layout is learnt from: a coefficient byte equal in all three is snapped to its array
 _TAG_LEN = 32  # OpenFHE key tags are 128-bit random identifiers written as 32 hex characters
 _MAX_LEVEL = 64
@@ -57,7 +67,13 @@ def _deser_pk(b: bytes) -> Any:
     return openfhe.DeserializePublicKeyString(b, openfhe.BINARY)
 
 
-_DESER: dict[str, Callable[[bytes], Any]] = {CIPHERTEXT: _deser_ct, PARTIAL: _deser_ct, PUBLIC_KEY: _deser_pk}
+def _deser_sk(b: bytes) -> Any:
+    return openfhe.DeserializePrivateKeyString(b, openfhe.BINARY)
+
+
+_DESER: dict[str, Callable[[bytes], Any]] = {
+    CIPHERTEXT: _deser_ct, PARTIAL: _deser_ct, PUBLIC_KEY: _deser_pk, SECRET_KEY: _deser_sk,
+}  # fmt: skip
 
 
 def canonical(obj: Any, kind: str) -> bytes:
@@ -139,7 +155,7 @@ def check(context: Any, kind: str, shape: tuple[int, int], item: bytes | memoryv
 def layouts_for(context: Any, kind: str, shape: tuple[int, int] = (0, 0)) -> tuple[Layout, ...]:
     """The layouts of a canonical ``kind`` in ``context`` (a :class:`~trustgrad.crypto.Context`) at ``shape`` =
     (level, noise-scale degree; ignored for public keys), learnt once per context and cached on it."""
-    if kind == PUBLIC_KEY:
+    if kind in (PUBLIC_KEY, SECRET_KEY):
         shape = (0, 0)
     level, deg = shape
     if not (0 <= level <= min(context.params.depth + 1, _MAX_LEVEL) and 0 <= deg <= 2):
@@ -277,8 +293,14 @@ def _public_keys(cc: Any, shape: tuple[int, int]) -> list[list[Any]]:
     return [[kp.publicKey for kp in singles], [_extend(cc, kp.publicKey).publicKey for kp in singles]]
 
 
+def _secret_keys(cc: Any, shape: tuple[int, int]) -> list[list[Any]]:
+    singles = [cc.KeyGen() for _ in range(_SAMPLES)]
+    return [[kp.secretKey for kp in singles], [_extend(cc, kp.publicKey).secretKey for kp in singles]]
+
+
 _SAMPLERS: dict[str, Callable[[Any, tuple[int, int]], list[list[Any]]]] = {
     CIPHERTEXT: _ciphertexts,
     PARTIAL: _partials,
     PUBLIC_KEY: _public_keys,
+    SECRET_KEY: _secret_keys,
 }

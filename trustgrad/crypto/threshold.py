@@ -112,7 +112,7 @@ def joint_eval_mult_round1(share: KeyShare, public_key: PublicKey, previous: byt
         contributors = _contributors(ctx, meta, items, public_key, what)
         if share.index in contributors:
             raise CryptoError(f"{what}: party {share.index} has already contributed")
-        prev = ctx._parse(items[0], _deser_evk, what)
+        prev = ctx._parse_isolated(items[0], _deser_evk, "eval key", what)
         with _wire.openfhe_errors("eval-mult key round 1"):
             mine = cc.MultiKeySwitchGen(share._sk, share._sk, prev)
             joint = cc.MultiAddEvalKeys(prev, mine, public_key.tag)
@@ -129,7 +129,7 @@ def joint_eval_mult_round2(share: KeyShare, public_key: PublicKey, round1: bytes
     contributors = _contributors(ctx, meta, items, public_key, what)
     if sorted(contributors) != list(range(1, share.parties + 1)):
         raise CryptoError(f"{what}: round 1 is incomplete (parties {sorted(contributors)} of {share.parties})")
-    joint = ctx._parse(items[0], _deser_evk, what)
+    joint = ctx._parse_isolated(items[0], _deser_evk, "eval key", what)
     with _wire.openfhe_errors("eval-mult key round 2"):
         part = cc.MultiMultEvalKey(share._sk, joint, public_key.tag)
     meta = ctx._meta(tag=public_key.tag, parties=share.parties, index=share.index)
@@ -147,7 +147,7 @@ def joint_eval_mult_finish(public_key: PublicKey, parts: Sequence[bytes]) -> Pub
         if _wire.field(meta, "tag", str, what) != public_key.tag or len(items) != 1:
             raise CryptoError(f"{what}: not for this joint public key")
         seen.append(_wire.field(meta, "index", int, what))
-        keys.append(ctx._parse(items[0], _deser_evk, what))
+        keys.append(ctx._parse_isolated(items[0], _deser_evk, "eval key", what))
     _require_all_parties(seen, public_key.parties, "eval-mult round 2 parts")
     with _wire.openfhe_errors("combining eval-mult keys"):
         final = functools.reduce(lambda a, b: cc.MultiAddEvalMultKeys(a, b, public_key.tag), keys)
