@@ -124,7 +124,7 @@ class PublicKey:
     contributed so far (the key is ``complete`` when all have).
     """
 
-    __slots__ = ("context", "_pk", "tag", "parties", "joined", "eval_mult", "rotations")
+    __slots__ = ("context", "_pk", "tag", "parties", "joined", "eval_mult", "rotations", "_enc")
 
     def __init__(
         self,
@@ -143,6 +143,15 @@ class PublicKey:
         self.joined = joined
         self.eval_mult = eval_mult
         self.rotations = tuple(sorted(set(rotations)))
+        self._enc: Any = None
+
+    def _encryption_key(self) -> Any:
+        """The key in its canonical (deserialized) form: what it encrypts serializes in the canonical layout as it
+        is, so senders skip the round trip that ``layout.canonical`` costs."""
+        if self._enc is None:
+            with _wire.openfhe_errors("preparing the public key"):
+                self._enc = _deser_pk(layout.canonical(self._pk, layout.PUBLIC_KEY))
+        return self._enc
 
     @property
     def complete(self) -> bool:
@@ -153,7 +162,7 @@ class PublicKey:
 
     def to_bytes(self) -> bytes:
         with _wire.openfhe_errors("serializing the public key"):
-            items = [layout.canonical(self._pk, layout.PUBLIC_KEY)]
+            items = [layout.serialize(self.context, self._pk, layout.PUBLIC_KEY, (0, 0), self.tag)]
             if self.eval_mult:
                 items.append(openfhe.SerializeEvalMultKeyString(openfhe.BINARY, self.tag))
             if self.rotations:

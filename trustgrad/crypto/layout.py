@@ -81,6 +81,18 @@ def canonical(obj: Any, kind: str) -> bytes:
     return openfhe.Serialize(_DESER[kind](openfhe.Serialize(obj, openfhe.BINARY)), openfhe.BINARY)
 
 
+def serialize(context: Any, obj: Any, kind: str, shape: tuple[int, int], tag: str) -> bytes:
+    """What a sender sends: the plain serialization when it already has the canonical layout (objects made from
+    deserialized keys and ciphertexts do: a ~1 ms check instead of a ~5 ms round trip per ciphertext at N = 8192),
+    else the canonical form."""
+    raw = openfhe.Serialize(obj, openfhe.BINARY)
+    try:
+        check(context, kind, shape, raw, tag, kind)
+        return raw
+    except CryptoError:
+        return canonical(obj, kind)
+
+
 def shape_of(obj: Any) -> tuple[int, int]:
     """(level, noise-scale degree) of a ciphertext: with the kind and the context, what fixes its layout."""
     return int(obj.GetLevel()), int(obj.GetNoiseScaleDeg())

@@ -196,7 +196,9 @@ class PartialDecryption:
             shape=list(_shape(self.ciphertexts)),
             padded=self.padded,
         )
-        return _wire.pack(_wire.KIND_PARTIAL, meta, _canonical(self.ciphertexts, layout.PARTIAL))
+        return _wire.pack(
+            _wire.KIND_PARTIAL, meta, _canonical(self.context, self.ciphertexts, layout.PARTIAL, self.tag)
+        )
 
     @classmethod
     def from_bytes(

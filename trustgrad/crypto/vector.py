@@ -119,7 +119,7 @@ class EncryptedVector:
 
     def to_bytes(self) -> bytes:
         """The canonical OpenFHE form of each ciphertext (``crypto.layout``), framed with the vector's metadata."""
-        items = _canonical(self.ciphertexts, layout.CIPHERTEXT)
+        items = _canonical(self.context, self.ciphertexts, layout.CIPHERTEXT, self.tag)
         return _wire.pack(_wire.KIND_VECTOR, self._meta(), items)
 
     def _meta(self) -> dict[str, Any]:
@@ -179,7 +179,7 @@ def encrypt(public_key: PublicKey, values: np.ndarray) -> EncryptedVector:
     peak = float(np.max(np.abs(x)))
     if not peak < bound:  # also catches NaN
         raise CryptoError(f"values must be finite with |x| < {bound:g} for these parameters; max |x| is {peak:g}")
-    cc, pk, s = ctx.cc, public_key._pk, ctx.slots
+    cc, pk, s = ctx.cc, public_key._encryption_key(), ctx.slots
     with _wire.openfhe_errors("encryption"):
         cts = [cc.Encrypt(pk, cc.MakeCKKSPackedPlaintext(x[i : i + s])) for i in range(0, x.size, s)]
     return EncryptedVector(ctx, cts, x.size, dtype, public_key.tag, padded=True)
@@ -330,9 +330,9 @@ def _shape(cts: list[Any]) -> tuple[int, int]:
     return shapes.pop()
 
 
-def _canonical(objs: list[Any], kind: str) -> list[bytes]:
+def _canonical(context: Context, objs: list[Any], kind: str, tag: str) -> list[bytes]:
     with _wire.openfhe_errors(f"serializing a {kind}"):
-        return [layout.canonical(obj, kind) for obj in objs]
+        return [layout.serialize(context, obj, kind, layout.shape_of(obj), tag) for obj in objs]
 
 
 def _check_tags(cts: list[Any], tag: str, what: str) -> None:
