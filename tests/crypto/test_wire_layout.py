@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 
 from trustgrad.crypto import (
+    CKKSParams,
+    Context,
     EncryptedVector,
     PartialDecryption,
     PublicKey,
@@ -17,6 +19,7 @@ from trustgrad.crypto import (
     encrypt,
     fuse,
     joint_eval_mult_round1,
+    keygen,
     layout,
     partial_decrypt,
 )
@@ -134,7 +137,12 @@ def test_metadata_lies_are_refused(job, edit, match):
     ctx, pk, _, _, v = job
     with pytest.raises(CryptoError, match=match) as err:
         EncryptedVector.from_bytes(
-            ctx, _reframe(v.to_bytes(), _wire.KIND_VECTOR, edit_meta=edit), length=1000, dtype="float64", padded=True
+            ctx,
+            _reframe(v.to_bytes(), _wire.KIND_VECTOR, edit_meta=edit),
+            length=1000,
+            dtype="float64",
+            padded=True,
+            exact=True,
         )
     assert len(str(err.value).splitlines()) == 1
 
@@ -187,3 +195,22 @@ def test_a_crashing_evaluation_key_kills_the_isolated_parser_not_the_receiver(sm
     assert any("killed by SIG" in o for o in outcomes), outcomes  # the helper died; this process did not
     assert sandbox_for(ctx).restarts >= 1
     joint_eval_mult_round1(shares[1], pk, honest)  # a new helper parses the honest message
+
+
+def test_a_rotated_ciphertext_is_parsed_in_isolation_unless_the_receiver_wants_exact_layouts():
+    """HYBRID key switching gives layouts that are not learnt: receivers of such ciphertexts (blind verdicts) get
+    them through the isolated parser and a comparison of their decryption fields; ps and ring receivers refuse them."""
+    small_ctx = Context(
+        CKKSParams(ring_dim=1024, depth=2, key_switching="hybrid", security="none", allow_insecure=True)
+    )
+    pk, sk = keygen(small_ctx, rotations=[1])
+    x = np.arange(small_ctx.slots, dtype=np.float64) / small_ctx.slots
+    v = encrypt(pk, x)
+    rotated = EncryptedVector(small_ctx, [small_ctx.cc.EvalRotate(v.ciphertexts[0], 1)], v.length, "float64", v.tag)
+    data = rotated.to_bytes()
+    with pytest.raises(layout.NoLayout):
+        EncryptedVector.from_bytes(small_ctx, data, exact=True)
+    np.testing.assert_allclose(decrypt(sk, EncryptedVector.from_bytes(small_ctx, data)), np.roll(x, -1), atol=1e-6)
+    lied = _reframe(data, _wire.KIND_VECTOR, edit_meta=lambda m: m.update(shape=[1, 2]))
+    with pytest.raises(CryptoError, match="not those of an honest ciphertext"):
+        EncryptedVector.from_bytes(small_ctx, lied)

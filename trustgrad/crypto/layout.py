@@ -39,16 +39,9 @@ import openfhe
 from trustgrad.errors import CryptoError
 
 __all__ = [
-    "CIPHERTEXT",
-    "PARTIAL",
-    "PUBLIC_KEY",
-    "SECRET_KEY",
-    "Layout",
-    "canonical",
-    "check",
-    "layouts_for",
-    "shape_of",
-]
+    "CIPHERTEXT", "PARTIAL", "PUBLIC_KEY", "SECRET_KEY", "Layout", "NoLayout", "canonical", "check", "describe",
+    "expected_meta", "fresh_shape", "layouts_for", "serialize", "shape_of",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +84,17 @@ def serialize(context: Any, obj: Any, kind: str, shape: tuple[int, int], tag: st
         return raw
     except CryptoError:
         return canonical(obj, kind)
+
+
+def fresh_shape(context: Any) -> tuple[int, int]:
+    """(level, noise-scale degree) of a fresh encryption in ``context`` ((0, 2) under FLEXIBLEAUTOEXT, (0, 1) under
+    FLEXIBLEAUTO): what a receiver that expects fresh encryptions requires."""
+    with _LOCK:
+        shape = context._layouts.get("fresh")
+        if shape is None:
+            cc = context.cc
+            shape = context._layouts["fresh"] = shape_of(cc.Encrypt(cc.KeyGen().publicKey, _values(cc)))
+    return shape
 
 
 def shape_of(obj: Any) -> tuple[int, int]:
@@ -143,6 +147,32 @@ class Layout:
 _LOCK = threading.Lock()
 
 
+class NoLayout(CryptoError):
+    """The item's size is none of the learnt layouts of its kind and shape. Ciphertexts that went through key
+    switching (rotations, relinearisation) have layouts of their own that are not learnt; receivers that accept them
+    parse them in isolation instead (``vector._parse_checked``)."""
+
+
+def expected_meta(context: Any, kind: str, shape: tuple[int, int]) -> dict[str, Any]:
+    """What the isolated parser must report for an honest ``kind`` of ``shape``: taken from a local sample."""
+    with _LOCK:
+        key = ("meta", kind, shape)
+        meta = context._layouts.get(key)
+        if meta is None:
+            sample = _SAMPLERS[kind](context.cc, shape)[0][0]
+            meta = context._layouts[key] = describe(sample)
+    return meta
+
+
+def describe(ct: Any) -> dict[str, Any]:
+    """The fields of a parsed ciphertext that decide what it decrypts to, besides its coefficients."""
+    return {
+        "level": int(ct.GetLevel()), "deg": int(ct.GetNoiseScaleDeg()), "scale": float(ct.GetScalingFactor()),
+        "slots": int(ct.GetSlots()), "elements": int(ct.NumberCiphertextElements()),
+        "encoding": str(ct.GetEncodingType()),
+    }  # fmt: skip
+
+
 def check(context: Any, kind: str, shape: tuple[int, int], item: bytes | memoryview, tag: str, what: str) -> None:
     """Refuse ``item`` unless it is a canonical ``kind`` of ``shape`` in ``context`` under key ``tag``. OpenFHE has
     two honest layouts per kind and shape: objects made from a single-party key, and objects made from a
@@ -152,7 +182,7 @@ def check(context: Any, kind: str, shape: tuple[int, int], item: bytes | memoryv
     fitting = [v for v in variants if v.size == size]
     if not fitting:
         sizes = " or ".join(str(v.size) for v in variants)
-        raise CryptoError(
+        raise NoLayout(
             f"{what}: an OpenFHE {kind} at level {shape[0]} of this context has exactly {sizes} bytes, got {size}"
         )
     for variant in fitting[:-1]:

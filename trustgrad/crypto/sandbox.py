@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 #: what the helper can parse: kind -> the name of the ``openfhe`` function
 PARSERS = {
+    "ciphertext": "DeserializeCiphertextString",
     "eval-mult key": "DeserializeEvalMultKeyString",
     "rotation keys": "DeserializeEvalAutomorphismKeyString",
     "eval key": "DeserializeEvalKeyString",
@@ -57,8 +58,9 @@ class Sandbox:
         self.lock = threading.Lock()
         self.parses = self.restarts = 0
 
-    def parse(self, kind: str, data: bytes | memoryview, what: str) -> None:
-        """Parse ``data`` as ``kind`` in the helper; a one-line ``CryptoError`` naming ``what`` unless it parsed."""
+    def parse(self, kind: str, data: bytes | memoryview, what: str) -> dict[str, Any]:
+        """Parse ``data`` as ``kind`` in the helper; a one-line ``CryptoError`` naming ``what`` unless it parsed.
+        For a ciphertext, returns what it decrypts under (``layout.describe``) and its key tag."""
         if kind not in PARSERS:
             raise CryptoError(f"{what}: the isolated parser knows no {kind!r}")
         seconds = BASE_SECONDS + len(data) / 1e6
@@ -77,6 +79,7 @@ class Sandbox:
         if not status.get("ok"):
             detail = str(status.get("error", "failed")).strip().splitlines()
             raise CryptoError(f"{what}: parsing it failed in the isolated parser: {(detail or ['?'])[-1][:300]}")
+        return dict(status.get("meta", {}))
 
     def close(self) -> None:
         with self.lock:
@@ -174,8 +177,12 @@ def _serve() -> None:  # pragma: no cover - runs in the helper process
             return
         _limit(request["memory"], request["seconds"])
         try:
-            getattr(openfhe, PARSERS[request["kind"]])(data, openfhe.BINARY)
-            reply = {"ok": True}
+            obj = getattr(openfhe, PARSERS[request["kind"]])(data, openfhe.BINARY)
+            reply: dict[str, Any] = {"ok": True}
+            if request["kind"] == "ciphertext":
+                from trustgrad.crypto.layout import describe
+
+                reply["meta"] = {**describe(obj), "tag": str(obj.GetKeyTag())}
         except Exception as exc:  # OpenFHE's C++ exceptions arrive as RuntimeError and friends
             reply = {"ok": False, "error": str(exc) or type(exc).__name__}
         _send(stdout, json.dumps(reply).encode())

@@ -210,10 +210,11 @@ class PartialDecryption:
         parties: int | None = None,
         padded: bool | None = None,
         dtype: str | None = None,
+        exact: bool = False,
     ) -> PartialDecryption:
         """Parse and validate before OpenFHE sees a byte, like ``EncryptedVector.from_bytes``; ``length``,
         ``parties``, ``padded`` and ``dtype`` are what the receiver expects (checked against what the sender
-        declares)."""
+        declares); ``exact`` as there."""
         what = "partial decryption"
         meta, items = _wire.unpack(data, _wire.KIND_PARTIAL)
         head = _read_vector_meta(context, meta, items, what, length, padded, dtype)
@@ -221,7 +222,7 @@ class PartialDecryption:
         count = _wire.field(meta, "parties", int, what)
         if not 1 <= index <= count <= _MAX_PARTIES or (parties is not None and count != parties):
             raise CryptoError(f"{what}: invalid party index {index}/{count}")
-        cts = _parse_checked(context, items, layout.PARTIAL, head, what)
+        cts = _parse_checked(context, items, layout.PARTIAL, head, what, exact)
         shell = EncryptedVector(context, [], head.length, head.dtype, head.tag, head.mults, head.padded)
         shell.id = head.id
         return cls(shell, cts, index, count)

@@ -138,11 +138,15 @@ class EncryptedVector:
         length: int | None = None,
         padded: bool | None = None,
         dtype: str | None = None,
+        exact: bool = False,
     ) -> EncryptedVector:
         """Parse and validate before OpenFHE sees a byte (``crypto._wire``, ``crypto.layout``); with
         ``public_key``, also require that the vector was encrypted under it; with ``length`` / ``padded``, that it
         holds that many values / zero padding / decrypts to ``dtype`` (what the receiver expects, not what the sender
-        declares: a dtype lie would round the values silently)."""
+        declares: a dtype lie would round the values silently). ``exact``: only ciphertexts of a learnt layout (fresh,
+        summed, scaled: all that ps and ring exchange); otherwise a ciphertext of another layout (after rotations or
+        relinearisation) is parsed in the isolated helper first and its level, degree, scaling factor, slots and
+        element count compared with an honest one's."""
         what = "encrypted vector"
         meta, items = _wire.unpack(data, _wire.KIND_VECTOR)
         head = _read_vector_meta(context, meta, items, what, length, padded, dtype)
@@ -150,7 +154,7 @@ class EncryptedVector:
             raise CryptoError(
                 f"{what} was encrypted under key {head.tag[:8]}, not under the expected key {public_key.tag[:8]}"
             )
-        cts = _parse_checked(context, items, layout.CIPHERTEXT, head, what)
+        cts = _parse_checked(context, items, layout.CIPHERTEXT, head, what, exact)
         vec = cls(context, cts, head.length, head.dtype, head.tag, head.mults, head.padded)
         vec.id = head.id
         return vec
@@ -316,11 +320,29 @@ def _read_vector_meta(
     return head
 
 
-def _parse_checked(context: Context, items: list[memoryview], kind: str, head: _Head, what: str) -> list[Any]:
-    """Each item against the exact layout of its kind and shape in this context, then OpenFHE's parse."""
+def _parse_checked(
+    context: Context, items: list[memoryview], kind: str, head: _Head, what: str, exact: bool = True
+) -> list[Any]:
+    """Each item against the exact layout of its kind and shape in this context (or, when ``exact`` is off and no
+    layout has its size, through the isolated parser and an honest sample's fields), then OpenFHE's parse."""
     for item in items:
-        layout.check(context, kind, head.shape, item, head.tag, what)  # type: ignore[arg-type]
+        try:
+            layout.check(context, kind, head.shape, item, head.tag, what)  # type: ignore[arg-type]
+        except layout.NoLayout:
+            if exact:
+                raise
+            _isolated(context, item, kind, head, what)
     return [context._parse(item, _deser_ct, what) for item in items]
+
+
+def _isolated(context: Context, item: memoryview, kind: str, head: _Head, what: str) -> None:
+    from trustgrad.crypto.sandbox import sandbox_for
+
+    got = sandbox_for(context).parse("ciphertext", item, what)
+    want = {**layout.expected_meta(context, kind, head.shape), "tag": head.tag}  # type: ignore[arg-type]
+    wrong = sorted(k for k in want if got.get(k) != want[k])
+    if wrong:
+        raise CryptoError(f"{what}: its OpenFHE fields {', '.join(wrong)} are not those of an honest {kind}")
 
 
 def _shape(cts: list[Any]) -> tuple[int, int]:

@@ -116,7 +116,7 @@ def _vector(keys: KeyRing, data: bytes, sender: int, length: int) -> EncryptedVe
     """A chunk from ``sender``: ``length`` zero-padded float64 values under the joint key, else named."""
     try:
         return EncryptedVector.from_bytes(
-            keys.context, data, public_key=keys.public_key, length=length, padded=True, dtype="float64"
+            keys.context, data, public_key=keys.public_key, length=length, padded=True, dtype="float64", exact=True
         )
     except CryptoError as exc:
         raise LaunchError(f"ring: rank {sender} sent an invalid ciphertext: {exc}", rank=sender) from None
@@ -126,7 +126,13 @@ def _partial(keys: KeyRing, data: bytes, sender: int, chunk: EncryptedVector) ->
     """``sender``'s share of the chunk this rank owns, else named."""
     try:
         partial = PartialDecryption.from_bytes(
-            keys.context, data, length=len(chunk), parties=len(keys.parties), padded=True, dtype=chunk.dtype
+            keys.context,
+            data,
+            length=len(chunk),
+            parties=len(keys.parties),
+            padded=True,
+            dtype=chunk.dtype,
+            exact=True,
         )
     except CryptoError as exc:
         raise LaunchError(f"ring: rank {sender} sent an invalid partial decryption: {exc}", rank=sender) from None

@@ -38,7 +38,7 @@ def case(state: dict[str, Any], rng: random.Random) -> str:
     family, data = cf.mutant(state["honest"], rng, state["layouts"], state["other"], coefficients=True)
     try:
         vector = EncryptedVector.from_bytes(
-            state["ctx"], data, public_key=state["pk"], length=LENGTH, padded=True, dtype="float64"
+            state["ctx"], data, public_key=state["pk"], length=LENGTH, padded=True, dtype="float64", exact=True
         )  # fmt: skip
         got = decrypt(state["sk"], vector)
     except TrustgradError as exc:

@@ -53,7 +53,7 @@ def case(state: dict[str, Any], rng: random.Random) -> str:
     first, _, third = state["partials"]
     try:
         got = PartialDecryption.from_bytes(
-            state["ctx"], data, length=LENGTH, parties=PARTIES, padded=True, dtype="float64"
+            state["ctx"], data, length=LENGTH, parties=PARTIES, padded=True, dtype="float64", exact=True
         )
         values = fuse([first, got, third])
     except TrustgradError as exc:

@@ -38,7 +38,7 @@ import torch
 
 from ...comm import Comm
 from ...config import RunConfig
-from ...crypto import EncryptedVector, aggregate, decrypt, encrypt, fuse, partial_decrypt
+from ...crypto import EncryptedVector, aggregate, decrypt, encrypt, fuse, layout, partial_decrypt
 from ...crypto.threshold import PartialDecryption
 from ...errors import CryptoError, LaunchError
 from ...secure import CryptoStats, KeyRing, setup_keys
@@ -71,10 +71,11 @@ def decode_fresh(keys: KeyRing, payload: bytes, rank: int, length: int, what: st
     ``RefusedPayload`` naming the worker."""
     try:
         vector = EncryptedVector.from_bytes(
-            keys.context, payload, public_key=keys.public_key, length=length, padded=True, dtype="float64"
+            keys.context, payload, public_key=keys.public_key, length=length, padded=True, dtype="float64", exact=True
         )
-        if vector.mults:
-            raise CryptoError(f"expected a fresh encryption, got one after {vector.mults} multiplication(s)")
+        shape = layout.shape_of(vector.ciphertexts[0])
+        if vector.mults or shape != layout.fresh_shape(keys.context):
+            raise CryptoError(f"expected a fresh encryption, got one at level {shape[0]} after {vector.mults} products")
         return vector
     except CryptoError as exc:
         raise RefusedPayload(
@@ -109,7 +110,7 @@ class SecureWorker:
         """The round's mean gradient from the server's encrypted sum (step 4)."""
         with self.stats.timing("decrypt"):
             vector = EncryptedVector.from_bytes(
-                self.keys.context, payload, length=num_params, padded=True, dtype="float64"
+                self.keys.context, payload, length=num_params, padded=True, dtype="float64", exact=True
             )
             shared = self.keys.mode == "shared"
             mean = decrypt(self.keys.secret, vector) if shared else self._joint_decrypt(vector)  # type: ignore[arg-type]
@@ -154,7 +155,7 @@ class SecureWorker:
                 partials.append(
                     PartialDecryption.from_bytes(
                         self.keys.context, data, length=len(vector), parties=len(workers), padded=vector.padded,
-                        dtype=vector.dtype,
+                        dtype=vector.dtype, exact=True,
                     )
                 )  # fmt: skip
             except CryptoError as exc:
