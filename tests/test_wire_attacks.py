@@ -69,3 +69,19 @@ def test_a_forger_that_all_parties_need_fails_the_job_fast_and_named(capsys, arg
     assert main(["train", *flags, *argv]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0], err
+
+
+def test_the_coordinator_cannot_be_the_forger(capsys):
+    flags = [
+        "--pattern",
+        "ps",
+        "--workers",
+        "3",
+        "--encrypt",
+        "ckks",
+        "--malicious",
+        "rank=1,attack=crafted-ciphertext",
+    ]
+    assert main(["train", *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "worker 0 (rank 1) evaluates the model" in err[0], err
