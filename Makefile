@@ -6,7 +6,7 @@ PY = $(shell tools/bootstrap.sh)
 export OMP_NUM_THREADS ?= 1
 export OMP_WAIT_POLICY ?= passive
 
-.PHONY: demo test lint format bench venv
+.PHONY: demo test fuzz lint format bench venv
 venv:
 	@tools/bootstrap.sh >/dev/null
 
@@ -15,6 +15,13 @@ demo:
 
 test:
 	@py=$$(tools/bootstrap.sh) && $$py -m ruff check trustgrad tests benchmarks && $$py -m ruff format --check trustgrad tests benchmarks && $$py -m pytest -q
+
+# The whole fuzz suite (tests/fuzz): every parser of bytes a peer or a file can send, FUZZ_CASES cases split over the
+# targets, each in a sacrificial process under a memory limit and a timeout; prints the outcome table, exit 1 on any
+# finding. `make test` runs a seeded subset.
+FUZZ_CASES ?= 10000
+fuzz:
+	@py=$$(tools/bootstrap.sh) && $$py -m tests.fuzz --cases $(FUZZ_CASES) --json runs/fuzz-report.json
 
 lint:
 	@py=$$(tools/bootstrap.sh) && $$py -m ruff check trustgrad tests benchmarks

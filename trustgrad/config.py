@@ -59,6 +59,7 @@ class PatternConfig:
     merge: str = "average"  # average | elastic
     alpha: float = 0.5
     peer_timeout: float = 10.0
+    min_replicas: int = 0  # gossip: fewer replicas at the end fail the run; 0: a majority of the workers
     # model parallel
     stages: int = 0  # 0: one stage per rank
     microbatches: int = 4
@@ -74,6 +75,8 @@ class PatternConfig:
             )
         if self.straggler is not None:
             _spec_numbers("--straggler", self.straggler, _STRAGGLER_RANGES)
+        if self.min_replicas < 0:
+            raise ConfigError(f"min_replicas must be >= 0 (0: a majority of the workers), got {self.min_replicas}")
 
 
 @dataclass(frozen=True)
@@ -230,6 +233,7 @@ _RUN_RANGES: dict[str, Range] = {
 _PATTERN_RANGES: dict[str, Range] = {
     "staleness": (0, MAX_COUNT, True, True, ""),
     "servers": (0, 64, True, True, ""),  # ps explains why it needs exactly 1
+    "min_replicas": (0, 4096, True, True, ""),  # 0: a majority of the workers
     # below a second a busy machine makes every peer look dead: ps async with 1e-9 dropped both workers and
     # "finished" with none (exit 0)
     "worker_timeout": (1.0, DAY, True, True, " seconds"),
