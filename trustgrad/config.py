@@ -132,6 +132,10 @@ class RunConfig:
     device: str = "cpu"  # cpu (gloo) | cuda (nccl)
     timeout: float = 120.0  # seconds for any one collective / point-to-point operation
     malicious: tuple[str, ...] = ()
+    # Byzantine robustness (docs/robustness.md): the ps sync round's rule, and how training data is split
+    aggregate: str = "mean"  # NAME[,key=value...]: mean | krum | multi-krum | median | trimmed-mean | bulyan | ...
+    partition: str = "iid"  # iid | dirichlet (label skew)
+    partition_alpha: float = 0.5  # Dirichlet concentration: small = each worker sees few classes
     record_server_view: bool = False
     out: str | None = None
     resume: str | None = None
@@ -159,6 +163,27 @@ class RunConfig:
             raise ConfigError("--record-server-view writes under the run's folder: give --out DIR")
         if self.device not in ("cpu", "cuda"):
             raise ConfigError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
+        self._check_robustness()
+
+    def _check_robustness(self) -> None:
+        _one_of(self, "partition", ("iid", "dirichlet"))
+        # below 0.01 numpy's Dirichlet draws underflow to all-zero rows; above 1000 it is IID in all but name
+        if not 0.01 <= self.partition_alpha <= 1000:
+            raise ConfigError(f"partition_alpha must be in [0.01, 1000], got {self.partition_alpha}")
+        if self.partition != "iid" and self.proof.mode in ("record", "blind"):
+            raise ConfigError(
+                f"--partition {self.partition} works with --proof none or audit: proofs and blind checks replay the "
+                "IID shards"
+            )
+        if self.aggregate != "mean":
+            from .robust import parse_aggregate
+
+            parse_aggregate(self.aggregate)  # a one-line ConfigError naming what is wrong
+            if self.pattern.name != "ps" or self.crypto.encrypt != "none":
+                raise ConfigError(
+                    "--aggregate is a parameter-server rule: it needs --pattern ps and plaintext updates (a robust "
+                    "rule compares updates, which --encrypt ckks hides from the server)"
+                )
 
     def replace(self, **changes: Any) -> RunConfig:
         """A copy with top-level fields or nested ones (``pattern={"name": "ring"}``) changed."""
