@@ -42,6 +42,9 @@ POISONINGS: dict[str, float] = {
     "random-batch": 1.0,
     "forged-proof": 10.0,
 }
+# the colluding omniscient attacks and the backdoor (attacks.colluding): strength = ALIE's z (0: the paper's z_max),
+# IPM's epsilon, the backdoor's boost
+POISONINGS.update({"alie": 0.0, "ipm": 0.1, "min-max": 1.0, "min-sum": 1.0, "backdoor": 1.0})
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,8 @@ def _noise(r: MaliciousReplica, g: torch.Tensor) -> torch.Tensor:
     return g + r.spec.strength * rms * torch.randn(g.shape, generator=r._gen, dtype=g.dtype)
 
 
+_COLLUDING_NAMES = ("alie", "ipm", "min-max", "min-sum", "backdoor")
+
 #: gradient rewrites of the model-poisoning attacks (label-flip and random-batch poison the data instead)
 _REWRITES = {
     "sign-flip": lambda r, g: -r.spec.strength * g,
@@ -130,12 +135,16 @@ _REWRITES = {
 
 
 def wrap_replica(
-    replica: Replica, specs: tuple[str, ...], rank: int, x: torch.Tensor, y: torch.Tensor, seed: int
+    replica: Replica, specs: tuple[str, ...], rank: int, x: torch.Tensor, y: torch.Tensor, seed: int, cfg=None
 ) -> Replica:
     """The replica rank ``rank`` trains with: the honest one, or a malicious wrapper if a spec names this rank."""
     for text in specs:
         spec = parse_malicious(text)
         if spec.rank == rank:
             log.warning("rank %d is malicious: %s from step %d", rank, spec.attack, spec.from_step)
+            if cfg is not None and spec.attack in _COLLUDING_NAMES:
+                from .colluding import colluding_replica
+
+                return colluding_replica(replica, spec, cfg, x, y)
             return MaliciousReplica(replica, spec, x, y, seed)
     return replica
