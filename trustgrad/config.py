@@ -175,6 +175,15 @@ class RunConfig:
                 f"--partition {self.partition} works with --proof none or audit: proofs and blind checks replay the "
                 "IID shards"
             )
+        if self.malicious:
+            from .attacks.poisoning import colluding_specs
+
+            colluding = colluding_specs(self.malicious)
+            if colluding and (self.pattern.name != "ps" or self.pattern.schedule != "sync" or self.resume):
+                raise ConfigError(
+                    f"--malicious attack={colluding[0].attack} colludes in the rounds of --pattern ps --schedule sync "
+                    "(without --resume): it recomputes the round's honest gradients"
+                )
         if self.aggregate != "mean":
             from .robust import parse_aggregate
 

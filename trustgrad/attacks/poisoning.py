@@ -28,7 +28,7 @@ from ..errors import ConfigError
 from ..replica import Replica
 from ..seeding import derive_seed
 
-__all__ = ["MaliciousSpec", "parse_malicious", "MaliciousReplica", "POISONINGS"]
+__all__ = ["MaliciousSpec", "parse_malicious", "colluding_specs", "MaliciousReplica", "POISONINGS"]
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +123,12 @@ def _noise(r: MaliciousReplica, g: torch.Tensor) -> torch.Tensor:
 
 
 _COLLUDING_NAMES = ("alie", "ipm", "min-max", "min-sum", "backdoor")
+
+
+def colluding_specs(specs: tuple[str, ...]) -> list[MaliciousSpec]:
+    """The ``--malicious`` specs that name a colluding attack (``attacks.colluding``), parsed (one-line errors)."""
+    return [spec for spec in map(parse_malicious, specs) if spec.attack in _COLLUDING_NAMES]
+
 
 #: gradient rewrites of the model-poisoning attacks (label-flip and random-batch poison the data instead)
 _REWRITES = {
