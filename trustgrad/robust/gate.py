@@ -16,7 +16,10 @@ The rules and their parameters (``--aggregate NAME[,key=value...]``):
 | ``median`` | | n >= 1 |
 | ``trimmed-mean`` | ``trim`` (ratio of n cut at each end, floor) | n > 2 floor(trim n) |
 | ``bulyan`` | ``f`` | n >= 4f + 3 |
-| ``centered-clipping`` | ``tau`` (radius), ``iters`` | n >= 1; also per gradient (async) |
+| ``centered-clipping`` | ``tau`` (radius), ``iters`` | n >= 1 |
+
+Every rule runs on the rounds of ``ps --schedule sync``. Centered clipping alone could run per push (n = 1 against
+its running center), but it is not wired into the asynchronous schedules yet: they are a config error for every rule.
 """
 
 from __future__ import annotations
@@ -56,7 +59,6 @@ class Mean:
     """No defence: the plain average (the sync ps default)."""
 
     name = "mean"
-    per_gradient = True
 
     def needs(self, n: int) -> str | None:
         return None
@@ -69,7 +71,6 @@ class Mean:
 class Krum:
     f: int = 1
     name = "krum"
-    per_gradient = False
 
     def needs(self, n: int) -> str | None:
         return None if n >= 2 * self.f + 3 else f"krum with f={self.f} needs n >= 2f + 3 = {2 * self.f + 3} updates"
@@ -95,7 +96,6 @@ class MultiKrum(Krum):
 @dataclass(frozen=True)
 class Median:
     name = "median"
-    per_gradient = False
 
     def needs(self, n: int) -> str | None:
         return None
@@ -108,7 +108,6 @@ class Median:
 class TrimmedMean:
     trim: float = 0.25
     name = "trimmed-mean"
-    per_gradient = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.trim < 0.5:
@@ -128,7 +127,6 @@ class TrimmedMean:
 class Bulyan:
     f: int = 1
     name = "bulyan"
-    per_gradient = False
 
     def needs(self, n: int) -> str | None:
         return None if n >= 4 * self.f + 3 else f"bulyan with f={self.f} needs n >= 4f + 3 = {4 * self.f + 3} updates"
@@ -142,8 +140,6 @@ class CenteredClipping:
     tau: float = 1.0
     iters: int = 1
     name = "centered-clipping"
-    # one gradient against the running center is Karimireddy et al.'s rule with n = 1: it works per push (async)
-    per_gradient = True
 
     def __post_init__(self) -> None:
         if not 0.0 < self.tau < math.inf:
