@@ -108,7 +108,7 @@ def run_experiment(argv: list[str]) -> ExperimentResult:
     for q in quiet:
         q.setLevel(logging.ERROR)
     try:
-        cells = _cells(args, base)
+        cells = _cells(args, base, out / "cells.jsonl")
     finally:
         for q, level in zip(quiet, levels):
             q.setLevel(level)
@@ -124,9 +124,11 @@ def run_experiment(argv: list[str]) -> ExperimentResult:
     return ExperimentResult("robustness", text, out, data)
 
 
-def _cells(args: Any, base: RunConfig) -> list[dict[str, Any]]:
+def _cells(args: Any, base: RunConfig, progress: Path) -> list[dict[str, Any]]:
+    """Every cell, each appended to ``progress`` as it completes (a long table keeps what it has if stopped)."""
     from .rounds import SyncRounds
 
+    progress.write_text("")
     cells: list[dict[str, Any]] = []
     seeds = list(range(args.seed, args.seed + args.seeds))
     for partition in args.partitions:
@@ -139,6 +141,8 @@ def _cells(args: Any, base: RunConfig) -> list[dict[str, Any]]:
                     runs.append(SyncRounds(cfg).run())
                     log.info("%s %s %s seed %d: %.3f", partition, attack, defence, seed, runs[-1]["test_accuracy"])
                 cells.append(_cell(partition, attack, defence, runs, args))
+                with progress.open("a") as fh:
+                    fh.write(json.dumps(cells[-1]) + "\n")
     return cells
 
 
