@@ -63,8 +63,10 @@ class SyncRounds:
         ]  # fmt: skip
         self.gate = None
         if cfg.aggregate != "mean":
+            from ...patterns.ps import ParameterServer
             from ...robust import Gate
 
+            ParameterServer._check_gate(cfg)  # the same one-line refusal as a real job (a rule too big for n)
             self.gate = Gate.from_spec(cfg.aggregate)
         self.audit = None
         if cfg.proof.mode == "audit":
