@@ -29,21 +29,21 @@ __all__ = ["DEFENCES", "ATTACKS", "cell_config", "run_experiment"]
 log = logging.getLogger(__name__)
 
 
-def _rule(spec: str):  # noqa: ANN202 - (n, f) -> config changes
-    return lambda n, f: {"aggregate": spec.format(f=f, trim=f / n, fb=min(f, max(0, (n - 3) // 4)))}
+def _rule(spec: str):  # noqa: ANN202 - (n, f, tau) -> config changes
+    return lambda n, f, tau=1.0: {"aggregate": spec.format(f=f, trim=f / n, fb=min(f, max(0, (n - 3) // 4)), tau=tau)}
 
 
 #: defence -> (n, f) -> the RunConfig fields it sets; every rule is told the true f (Bulyan: the largest f it allows)
 DEFENCES = {
-    "mean": lambda n, f: {},
+    "mean": lambda n, f, tau=1.0: {},
     "krum": _rule("krum,f={f}"),
     "multi-krum": _rule("multi-krum,f={f}"),
     "median": _rule("median"),
     "trimmed-mean": _rule("trimmed-mean,trim={trim}"),
     "bulyan": _rule("bulyan,f={fb}"),
-    "centered-clipping": _rule("centered-clipping,tau=1"),
-    "audit-1": lambda n, f: {"proof": ProofConfig(mode="audit", audit_rate=1.0)},
-    "audit-0.1": lambda n, f: {"proof": ProofConfig(mode="audit", audit_rate=0.1)},
+    "centered-clipping": _rule("centered-clipping,tau={tau}"),
+    "audit-1": lambda n, f, tau=1.0: {"proof": ProofConfig(mode="audit", audit_rate=1.0)},
+    "audit-0.1": lambda n, f, tau=1.0: {"proof": ProofConfig(mode="audit", audit_rate=0.1)},
 }
 #: attacks (``--malicious attack=``); ``none`` is the all-honest job
 ATTACKS = ("none", "alie", "ipm", "min-max", "min-sum", "backdoor", "sign-flip", "label-flip")
@@ -56,11 +56,13 @@ QUICK = {
 }
 
 
-def cell_config(base: RunConfig, attack: str, defence: str, partition: str, f: int, seed: int) -> RunConfig:
+def cell_config(
+    base: RunConfig, attack: str, defence: str, partition: str, f: int, seed: int, tau: float = 1.0
+) -> RunConfig:
     n = base.workers
     malicious = () if attack == "none" else tuple(f"rank={n - i},attack={attack}" for i in range(f))
     fields: dict[str, Any] = {"malicious": malicious, "partition": partition, "seed": seed}
-    fields.update(DEFENCES[defence](n, f))
+    fields.update(DEFENCES[defence](n, f, tau))
     return RunConfig(**{**{k: getattr(base, k) for k in base.__dataclass_fields__}, **fields})
 
 
@@ -74,6 +76,7 @@ def _parse(argv: list[str]) -> Any:
     parser.add_argument("--seeds", type=int, default=3, help="seeds seed..seed+S-1 per cell")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dirichlet-alpha", type=float, default=0.1)
+    parser.add_argument("--clip-radius", type=float, default=1.0, help="centered clipping's tau")
     parser.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=ATTACKS)
     parser.add_argument("--defences", nargs="+", default=list(DEFENCES), choices=list(DEFENCES))
     parser.add_argument("--partitions", nargs="+", default=["iid", "dirichlet"], choices=["iid", "dirichlet"])
@@ -137,7 +140,7 @@ def _cells(args: Any, base: RunConfig, progress: Path) -> list[dict[str, Any]]:
             for defence in args.defences:
                 runs = []
                 for seed in seeds:
-                    cfg = cell_config(base, attack, defence, partition, args.malicious, seed)
+                    cfg = cell_config(base, attack, defence, partition, args.malicious, seed, args.clip_radius)
                     runs.append(SyncRounds(cfg).run())
                     log.info("%s %s %s seed %d: %.3f", partition, attack, defence, seed, runs[-1]["test_accuracy"])
                 cells.append(_cell(partition, attack, defence, runs, args))
