@@ -157,7 +157,7 @@ def _cell(partition: str, attack: str, defence: str, runs: list[dict[str, Any]],
     for r in runs:
         counts = r["gate"].get("aggregate_admitted")
         if counts is not None and bad and r["gate"]["aggregate"] in ("krum", "multi-krum", "bulyan"):
-            admitted_bad.append(sum(counts.get(str(w), 0) for w in bad) / max(1, len(bad) * r["steps"]))
+            admitted_bad.append(sum(counts.get(str(w), 0) for w in bad) / max(1, r["steps"]))
     return {
         "partition": partition,
         "attack": attack,
@@ -169,7 +169,8 @@ def _cell(partition: str, attack: str, defence: str, runs: list[dict[str, Any]],
         "first_exclusion_step": [min((e[w] for w in bad if w in e), default=None) for e in excluded],
         "caught_at_first_push": bool(bad) and all(all(e.get(w) == 0 for w in bad) for e in excluded),
         "false_exclusions": sum(len([w for w in e if w not in bad]) for e in excluded),
-        "attacker_selected_share": statistics.mean(admitted_bad) if admitted_bad else None,
+        # colluders' vectors the rule kept whole, per round (Krum keeps one vector a round: 1.0 = every round)
+        "colluders_admitted_per_round": statistics.mean(admitted_bad) if admitted_bad else None,
         "defence_seconds_per_step": statistics.mean(r["defence_seconds_per_step"] for r in runs),
         "seconds_per_run": statistics.mean(r["seconds"] for r in runs),
     }
