@@ -191,3 +191,14 @@ def test_dirichlet_shards_are_equal_disjoint_seeded_and_skewed():
         return float(np.mean([np.bincount(y[s], minlength=10).max() / len(s) for s in ss]))
 
     assert top_share(shards) > 0.35 and top_share(dirichlet_shards(y, 8, seed=0, alpha=1000)) < 0.2
+
+
+def test_centered_clipping_with_momentum_clips_each_senders_momentum():
+    gen = torch.Generator().manual_seed(4)
+    g1, g2 = torch.randn(4, 3, generator=gen), torch.randn(4, 3, generator=gen)
+    gate = Gate.from_spec("centered-clipping,tau=100,beta=0.5")
+    # a radius nothing reaches: the rule returns the mean of the momenta, which start at the first gradient
+    assert torch.allclose(gate(g1, [3, 1, 2, 0]).update, g1.mean(0), atol=1e-6)
+    momenta = 0.5 * g1 + 0.5 * g2
+    assert torch.allclose(gate(g2, [3, 1, 2, 0]).update, momenta.mean(0), atol=1e-6)
+    assert torch.allclose(gate.momenta[3].float(), momenta[0], atol=1e-6)

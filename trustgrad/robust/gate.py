@@ -16,7 +16,7 @@ The rules and their parameters (``--aggregate NAME[,key=value...]``):
 | ``median`` | | n >= 1 |
 | ``trimmed-mean`` | ``trim`` (ratio of n cut at each end, floor) | n > 2 floor(trim n) |
 | ``bulyan`` | ``f`` | n >= 4f + 3 |
-| ``centered-clipping`` | ``tau`` (radius), ``iters`` | n >= 1 |
+| ``centered-clipping`` | ``tau`` (radius), ``iters``, ``beta`` (worker momentum) | n >= 1 |
 
 Every rule runs on the rounds of ``ps --schedule sync``. Centered clipping alone could run per push (n = 1 against
 its running center), but it is not wired into the asynchronous schedules yet: they are a config error for every rule.
@@ -139,6 +139,10 @@ class Bulyan:
 class CenteredClipping:
     tau: float = 1.0
     iters: int = 1
+    # worker momentum, kept per sender at the gate (Karimireddy et al. clip momenta, not raw gradients: the averaging
+    # over rounds shrinks honest variance so tau can be small); 0 clips the pushed gradients themselves. With beta > 0
+    # the server should step without momentum of its own (--momentum 0), as in the paper.
+    beta: float = 0.0
     name = "centered-clipping"
 
     def __post_init__(self) -> None:
@@ -146,6 +150,8 @@ class CenteredClipping:
             raise ConfigError(f"centered-clipping tau must be a finite number > 0, got {self.tau}")
         if not 1 <= self.iters <= 100:
             raise ConfigError(f"centered-clipping iters must be in [1, 100], got {self.iters}")
+        if not 0.0 <= self.beta < 1.0:
+            raise ConfigError(f"centered-clipping beta must be in [0, 1), got {self.beta}")
 
     def needs(self, n: int) -> str | None:
         return None
@@ -211,6 +217,7 @@ class Gate:
     def __init__(self, rule: Any):
         self.rule = rule
         self.center: torch.Tensor | None = None
+        self.momenta: dict[int, torch.Tensor] = {}  # centered clipping with beta > 0: each sender's momentum
         self.rounds = 0
         self.excluded_counts: dict[int, int] = {}
         self.admitted_counts: dict[int, int] = {}
@@ -235,11 +242,23 @@ class Gate:
             # too few usable updates for this f: the median of what is left is the most robust thing that still runs
             log.warning("robust gate: %s this round; falling back to the median of %d", problem, len(keep))
             rule = Median()
-        agg, chosen = rule(g[keep], self.center)
+        rows = self._momentum(g[keep], [senders[i] for i in keep], getattr(rule, "beta", 0.0))
+        agg, chosen = rule(rows, self.center)
         self.center = agg.clone()
         admitted = tuple(senders[keep[i]] for i in chosen)
         excluded = tuple(s for s in senders if s not in admitted)
         return self._record(Verdict(agg.float(), admitted, excluded, reasons))
+
+    def _momentum(self, rows: torch.Tensor, senders: list[int], beta: float) -> torch.Tensor:
+        """Rows replaced by each sender's momentum ``m = beta m + (1 - beta) g`` (unchanged when beta is 0)."""
+        if not beta:
+            return rows
+        out = []
+        for s, row in zip(senders, rows.double()):
+            m = self.momenta.get(s)
+            self.momenta[s] = row.clone() if m is None else beta * m + (1 - beta) * row
+            out.append(self.momenta[s])
+        return torch.stack(out)
 
     def _shrunk(self, refused: int) -> Any:
         """The rule with f reduced by the senders already refused (they were among the f Byzantine ones)."""

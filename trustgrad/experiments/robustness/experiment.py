@@ -42,6 +42,9 @@ DEFENCES = {
     "trimmed-mean": _rule("trimmed-mean,trim={trim}"),
     "bulyan": _rule("bulyan,f={fb}"),
     "centered-clipping": _rule("centered-clipping,tau={tau}"),
+    # Karimireddy et al.'s setting: momentum at the workers (the gate keeps it per sender), clipped; the server steps
+    # plain SGD at lr / (1 - momentum), the same steady-state step as the other cells' heavy ball
+    "cc-momentum": lambda n, f, tau=1.0: {"aggregate": f"centered-clipping,tau={tau},beta=0.9", "momentum": 0.0},
     "audit-1": lambda n, f, tau=1.0: {"proof": ProofConfig(mode="audit", audit_rate=1.0)},
     "audit-0.1": lambda n, f, tau=1.0: {"proof": ProofConfig(mode="audit", audit_rate=0.1)},
 }
@@ -63,6 +66,8 @@ def cell_config(
     malicious = () if attack == "none" else tuple(f"rank={n - i},attack={attack}" for i in range(f))
     fields: dict[str, Any] = {"malicious": malicious, "partition": partition, "seed": seed}
     fields.update(DEFENCES[defence](n, f, tau))
+    if fields.get("momentum") == 0.0 and base.momentum:
+        fields["lr"] = base.lr / (1 - base.momentum)
     return RunConfig(**{**{k: getattr(base, k) for k in base.__dataclass_fields__}, **fields})
 
 
