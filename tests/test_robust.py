@@ -202,3 +202,16 @@ def test_centered_clipping_with_momentum_clips_each_senders_momentum():
     momenta = 0.5 * g1 + 0.5 * g2
     assert torch.allclose(gate(g2, [3, 1, 2, 0]).update, momenta.mean(0), atol=1e-6)
     assert torch.allclose(gate.momenta[3].float(), momenta[0], atol=1e-6)
+
+
+@pytest.mark.parametrize("attack", ["alie", "ipm", "min-max", "min-sum", "backdoor"])
+def test_colluders_are_honest_before_from_step_and_audits_catch_their_first_poisoned_push(attack):
+    from trustgrad.config import PatternConfig, ProofConfig, RunConfig
+    from trustgrad.experiments.robustness.rounds import SyncRounds
+
+    cfg = RunConfig(
+        pattern=PatternConfig(name="ps"), proof=ProofConfig(mode="audit"), workers=4, max_steps=4, epochs=1,
+        malicious=(f"rank=4,attack={attack},from-step=2", f"rank=3,attack={attack},from-step=2"), progress=False,
+    )  # fmt: skip
+    out = SyncRounds(cfg).run()
+    assert out["excluded_at"] == {2: 2, 3: 2} and out["audit"]["audited_claims"] == 4 + 4 + 4 + 2

@@ -143,8 +143,9 @@ class ColludingReplica(Replica):
     """A malicious worker of a sync round: recomputes the honest workers' gradients of this step at the model it
     holds (their batches from the run's ``BatchPlan``) and leaves the colluders' vector in ``p.grad``."""
 
-    def __init__(self, honest: Replica, attack: str, strength: float, plan, x, y, honest_workers, n, f):  # noqa: ANN001
+    def __init__(self, honest: Replica, attack: str, strength: float, plan, x, y, honest_workers, n, f, from_step=0):  # noqa: ANN001, E501
         super().__init__(honest.model, honest.optimizer, honest.loss_fn)
+        self.from_step = from_step  # honest before this step (``--malicious ...,from-step=N``)
         self.attack, self.strength = attack, strength
         self.plan, self.x, self.y = plan, x, y
         self.honest_workers, self.n, self.f = list(honest_workers), n, f
@@ -153,6 +154,8 @@ class ColludingReplica(Replica):
 
     def compute_gradients(self, x: torch.Tensor, y: torch.Tensor) -> float:
         step, self.steps = self.steps, self.steps + 1
+        if step < self.from_step:
+            return super().compute_gradients(x, y)
         if self.attack == "backdoor":
             return self._backdoor(x, y)
         grads = []
@@ -190,4 +193,4 @@ def colluding_replica(replica: Replica, spec, cfg, x: torch.Tensor, y: torch.Ten
         raise ConfigError(f"--malicious attack={spec.attack} needs at least 2 honest workers to estimate from")
     plan = BatchPlan.for_run(cfg, load_dataset(cfg.dataset, cfg.data_dir), cfg.workers)
     strength = spec.strength
-    return ColludingReplica(replica, spec.attack, strength, plan, x, y, honest, cfg.workers, len(bad))
+    return ColludingReplica(replica, spec.attack, strength, plan, x, y, honest, cfg.workers, len(bad), spec.from_step)
