@@ -170,10 +170,10 @@ class RunConfig:
         # below 0.01 numpy's Dirichlet draws underflow to all-zero rows; above 1000 it is IID in all but name
         if not 0.01 <= self.partition_alpha <= 1000:
             raise ConfigError(f"partition_alpha must be in [0.01, 1000], got {self.partition_alpha}")
-        if self.partition != "iid" and self.proof.mode in ("record", "blind"):
+        if self.partition != "iid" and (self.proof.mode in ("record", "blind") or self.record_server_view):
             raise ConfigError(
-                f"--partition {self.partition} works with --proof none or audit: proofs and blind checks replay the "
-                "IID shards"
+                f"--partition {self.partition} works with --proof none or audit and without --record-server-view: "
+                "proofs, blind checks and recorded views name batches of the IID shards"
             )
         if self.malicious:
             from .attacks.poisoning import colluding_specs
