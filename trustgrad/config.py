@@ -58,11 +58,16 @@ class PatternConfig:
     merge: str = "average"  # average | elastic
     alpha: float = 0.5
     peer_timeout: float = 10.0
+    min_replicas: int = 0  # gossip: fewer replicas at the end fail the run; 0: a majority of the workers
     # model parallel
     stages: int = 0  # 0: one stage per rank
     microbatches: int = 4
     pipeline_schedule: str = "gpipe"  # gpipe | 1f1b
     split_points: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.min_replicas < 0:
+            raise ConfigError(f"min_replicas must be >= 0 (0: a majority of the workers), got {self.min_replicas}")
 
 
 @dataclass(frozen=True)

@@ -99,7 +99,19 @@ _GROUPS: list[tuple[str, list[tuple[str, str, Any, str]]]] = [
             ("--local-steps", "pattern.local_steps", int, "local-sgd: local steps H between merges"),
             ("--merge", "pattern.merge", str, "local-sgd: average or elastic"),
             ("--alpha", "pattern.alpha", float, "local-sgd --merge elastic: moving rate in (0, 1)"),
-            ("--peer-timeout", "pattern.peer_timeout", float, "gossip, local-sgd: skip a silent peer after this (s)"),
+            (
+                "--peer-timeout",
+                "pattern.peer_timeout",
+                float,
+                "gossip, local-sgd: a round goes on without a late peer's message after this (s; added when it "
+                "lands); a peer silent for --timeout is lost",
+            ),
+            (
+                "--min-replicas",
+                "pattern.min_replicas",
+                int,
+                "gossip: fail the run if fewer replicas train to the end (default: a majority of --workers)",
+            ),
             (
                 "--stages",
                 "pattern.stages",
@@ -247,4 +259,14 @@ def render_summary(s: dict[str, Any]) -> str:
     ]
     if s.get("dropped_ranks"):
         lines.append(f"  dropped ranks: {s['dropped_ranks']}")
+    if "replicas_final" in s:  # patterns that survive losses say who trained to the end
+        lost = ", ".join(
+            f"{'rank' if 'rank' in e else 'worker'} {e.get('rank', e.get('worker'))}"
+            + (f" at step {e['step']}" if e.get("step") is not None else "")
+            for e in s.get("replicas_lost", [])
+        )
+        lines.append(
+            f"  replicas: {s['replicas_final']} of {s['replicas_started']} trained to the end"
+            + (f" (lost: {lost})" if lost else "")
+        )
     return "\n".join(lines)

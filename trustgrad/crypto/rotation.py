@@ -119,5 +119,7 @@ def _unpack(kind: str, public_key: PublicKey, data: bytes, what: str) -> tuple[i
         raise CryptoError(f"{what}: invalid party index {index}")
     if not all(isinstance(i, int) and not isinstance(i, bool) for i in idx):
         raise CryptoError(f"{what}: malformed index list")
-    keys = ctx._parse(items[0], lambda b: openfhe.DeserializeEvalKeyMapString(b, openfhe.BINARY), what)
+    keys = ctx._parse_isolated(
+        items[0], lambda b: openfhe.DeserializeEvalKeyMapString(b, openfhe.BINARY), "eval key map", what
+    )
     return index, _indices(idx), keys

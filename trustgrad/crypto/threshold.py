@@ -39,9 +39,9 @@ from typing import Any
 import numpy as np
 import openfhe
 
-from trustgrad.crypto import _wire
+from trustgrad.crypto import _wire, layout
 from trustgrad.crypto.context import _MAX_PARTIES, Context, PublicKey, SecretKey
-from trustgrad.crypto.vector import EncryptedVector, _check_tags, _deser_ct, _read_vector_meta, _unpack
+from trustgrad.crypto.vector import EncryptedVector, _canonical, _parse_checked, _read_vector_meta, _shape, _unpack
 from trustgrad.errors import CryptoError
 
 __all__ = [
@@ -112,7 +112,7 @@ def joint_eval_mult_round1(share: KeyShare, public_key: PublicKey, previous: byt
         contributors = _contributors(ctx, meta, items, public_key, what)
         if share.index in contributors:
             raise CryptoError(f"{what}: party {share.index} has already contributed")
-        prev = ctx._parse(items[0], _deser_evk, what)
+        prev = ctx._parse_isolated(items[0], _deser_evk, "eval key", what)
         with _wire.openfhe_errors("eval-mult key round 1"):
             mine = cc.MultiKeySwitchGen(share._sk, share._sk, prev)
             joint = cc.MultiAddEvalKeys(prev, mine, public_key.tag)
@@ -129,7 +129,7 @@ def joint_eval_mult_round2(share: KeyShare, public_key: PublicKey, round1: bytes
     contributors = _contributors(ctx, meta, items, public_key, what)
     if sorted(contributors) != list(range(1, share.parties + 1)):
         raise CryptoError(f"{what}: round 1 is incomplete (parties {sorted(contributors)} of {share.parties})")
-    joint = ctx._parse(items[0], _deser_evk, what)
+    joint = ctx._parse_isolated(items[0], _deser_evk, "eval key", what)
     with _wire.openfhe_errors("eval-mult key round 2"):
         part = cc.MultiMultEvalKey(share._sk, joint, public_key.tag)
     meta = ctx._meta(tag=public_key.tag, parties=share.parties, index=share.index)
@@ -147,7 +147,7 @@ def joint_eval_mult_finish(public_key: PublicKey, parts: Sequence[bytes]) -> Pub
         if _wire.field(meta, "tag", str, what) != public_key.tag or len(items) != 1:
             raise CryptoError(f"{what}: not for this joint public key")
         seen.append(_wire.field(meta, "index", int, what))
-        keys.append(ctx._parse(items[0], _deser_evk, what))
+        keys.append(ctx._parse_isolated(items[0], _deser_evk, "eval key", what))
     _require_all_parties(seen, public_key.parties, "eval-mult round 2 parts")
     with _wire.openfhe_errors("combining eval-mult keys"):
         final = functools.reduce(lambda a, b: cc.MultiAddEvalMultKeys(a, b, public_key.tag), keys)
@@ -165,18 +165,19 @@ def joint_eval_mult_finish(public_key: PublicKey, parts: Sequence[bytes]) -> Pub
 class PartialDecryption:
     """Party ``index``'s decryption share of one encrypted vector; useless without all the others."""
 
-    __slots__ = ("context", "ciphertexts", "index", "parties", "length", "dtype", "tag", "mults", "id")
+    __slots__ = ("context", "ciphertexts", "index", "parties", "length", "dtype", "tag", "mults", "id", "padded")
 
     def __init__(self, vector: EncryptedVector, ciphertexts: list[Any], index: int, parties: int) -> None:
         self.context = vector.context
         self.ciphertexts = ciphertexts
         self.index, self.parties = index, parties
-        self.length, self.dtype, self.tag, self.mults, self.id = (
+        self.length, self.dtype, self.tag, self.mults, self.id, self.padded = (
             vector.length,
             vector.dtype,
             vector.tag,
             vector.mults,
             vector.id,
+            vector.padded,
         )
 
     def __repr__(self) -> str:
@@ -191,25 +192,40 @@ class PartialDecryption:
             id=self.id,
             index=self.index,
             parties=self.parties,
+            n=len(self.ciphertexts),
+            shape=list(_shape(self.ciphertexts)),
+            padded=self.padded,
         )
-        with _wire.openfhe_errors("serializing a partial decryption"):
-            items = [openfhe.Serialize(ct, openfhe.BINARY) for ct in self.ciphertexts]
-        return _wire.pack(_wire.KIND_PARTIAL, meta, items)
+        return _wire.pack(
+            _wire.KIND_PARTIAL, meta, _canonical(self.context, self.ciphertexts, layout.PARTIAL, self.tag)
+        )
 
     @classmethod
-    def from_bytes(cls, context: Context, data: bytes) -> PartialDecryption:
+    def from_bytes(
+        cls,
+        context: Context,
+        data: bytes,
+        *,
+        length: int | None = None,
+        parties: int | None = None,
+        padded: bool | None = None,
+        dtype: str | None = None,
+        exact: bool = False,
+    ) -> PartialDecryption:
+        """Parse and validate before OpenFHE sees a byte, like ``EncryptedVector.from_bytes``; ``length``,
+        ``parties``, ``padded`` and ``dtype`` are what the receiver expects (checked against what the sender
+        declares); ``exact`` as there."""
         what = "partial decryption"
         meta, items = _wire.unpack(data, _wire.KIND_PARTIAL)
-        length, dtype, tag, mults, vid = _read_vector_meta(context, meta, items, what)
+        head = _read_vector_meta(context, meta, items, what, length, padded, dtype)
         index = _wire.field(meta, "index", int, what)
-        parties = _wire.field(meta, "parties", int, what)
-        if not 1 <= index <= parties <= _MAX_PARTIES:
-            raise CryptoError(f"{what}: invalid party index {index}/{parties}")
-        cts = [context._parse(item, _deser_ct, what) for item in items]
-        _check_tags(cts, tag, what)
-        shell = EncryptedVector(context, [], length, dtype, tag, mults)
-        shell.id = vid
-        return cls(shell, cts, index, parties)
+        count = _wire.field(meta, "parties", int, what)
+        if not 1 <= index <= count <= _MAX_PARTIES or (parties is not None and count != parties):
+            raise CryptoError(f"{what}: invalid party index {index}/{count}")
+        cts = _parse_checked(context, items, layout.PARTIAL, head, what, exact)
+        shell = EncryptedVector(context, [], head.length, head.dtype, head.tag, head.mults, head.padded)
+        shell.id = head.id
+        return cls(shell, cts, index, count)
 
 
 def partial_decrypt(share: KeyShare, vector: EncryptedVector) -> PartialDecryption:
@@ -233,7 +249,7 @@ def fuse(partials: Sequence[PartialDecryption]) -> np.ndarray:
     for p in partials[1:]:
         if p.context.fingerprint != first.context.fingerprint:
             raise CryptoError("cannot fuse partial decryptions from different CKKS contexts")
-        if (p.id, p.tag, p.length, p.mults) != (first.id, first.tag, first.length, first.mults):
+        if (p.id, p.tag, p.length, p.mults, p.padded) != (first.id, first.tag, first.length, first.mults, first.padded):
             raise CryptoError("cannot fuse partial decryptions of different encrypted vectors")
         if p.parties != first.parties:
             raise CryptoError(f"partial decryptions disagree on the party count ({first.parties} vs {p.parties})")
@@ -242,7 +258,7 @@ def fuse(partials: Sequence[PartialDecryption]) -> np.ndarray:
     ordered = sorted(partials, key=lambda p: p.index)
     with _wire.openfhe_errors("fusing partial decryptions"):
         plaintexts = [cc.MultipartyDecryptFusion(list(group)) for group in zip(*(p.ciphertexts for p in ordered))]
-    return _unpack(plaintexts, first.length, first.dtype, first.context.slots)
+    return _unpack(plaintexts, first.length, first.dtype, first.context.slots, first.padded)
 
 
 # -- helpers ------------------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ import torch
 
 from ...config import RunConfig
 from ...errors import ConfigError, LaunchError
+from ...faults import SETUP, Faults
 from ...replica import Replica
 from ..base import PATTERNS, Pattern
 from .checkpoint import ServerCheckpoint
@@ -88,13 +89,16 @@ class ParameterServer(Pattern):
             from .blind import check_blind_config
 
             check_blind_config(cfg)
-        if cfg.crypto.encrypt != "none" and cfg.proof.mode != "none":
-            from ...attacks.poisoning import parse_malicious
+        if cfg.crypto.encrypt != "none":
+            from ...attacks.poisoning import WIRE_ATTACKS, parse_malicious
 
-            if any(parse_malicious(text).rank == 1 for text in cfg.malicious):
+            specs = [parse_malicious(text) for text in cfg.malicious]
+            excludable = cfg.proof.mode != "none" or any(s.attack in WIRE_ATTACKS for s in specs)
+            if excludable and any(s.rank == 1 for s in specs):
                 raise ConfigError(
-                    "--malicious rank=1 with --encrypt ckks and verification: worker 0 (rank 1) evaluates the model "
-                    "for the run's records, and once excluded its copy stops; make another rank malicious"
+                    "--malicious rank=1 with --encrypt ckks and verification or a crafted-* attack: worker 0 (rank 1) "
+                    "evaluates the model for the run's records, and once excluded its copy stops; make another rank "
+                    "malicious"
                 )
         encrypted_audit = cfg.proof.mode == "audit" and cfg.crypto.encrypt != "none"
         if encrypted_audit and (cfg.crypto.keys != "shared" or cfg.proof.audit_rate != 1.0):
@@ -227,6 +231,7 @@ class ParameterServer(Pattern):
 
     # ------------------------------------------------------------------ worker side
     def attach(self, replica: Replica) -> None:
+        Faults.for_rank(self.comm.rank).at(SETUP)  # tests only: a worker that dies before its first model
         if self.cfg.proof.mode == "blind":
             from .blind import BlindWorker
 

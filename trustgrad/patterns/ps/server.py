@@ -159,6 +159,7 @@ class Server:
             "dropped_workers": dropped,
             "dropped_reasons": {str(r - 1): w.dropped for r, w in self.workers.items() if w.dropped},
             **(self.audit.summary() if self.audit is not None else {}),
+            **getattr(self.secure, "report", {}),
         }
 
     # ------------------------------------------------------------------ messages
@@ -175,7 +176,13 @@ class Server:
                     f"ps: worker {w.rank - 1} pushed step {msg.step} on version {msg.version}, "
                     f"expected step {w.clock} on version {w.read_version}"
                 )
-            grad = self.pattern.decode(msg.payload, w.rank)
+            try:
+                grad = self.pattern.decode(msg.payload, w.rank)
+            except LaunchError as exc:  # a refused push: excluded where the codec can go on without the worker
+                if not getattr(self.secure, "excludes_refused", False) or getattr(exc, "rank", None) != w.rank:
+                    raise
+                self._refuse(w, str(exc))
+                return
             if self.cfg.record_server_view and not self.view_recorded and msg.version == self.version:
                 self._record_view(msg, grad)
             if self.audit is not None:
@@ -193,8 +200,17 @@ class Server:
             w.done, w.waiting, w.deadline = True, False, math.inf
             self._complete_round()
 
+    def _refuse(self, w: _Worker, reason: str) -> None:
+        """A worker's push failed validation (docs/wire.md): name it, exclude it, and finish the round without it."""
+        self.exclude(w, reason)
+        self.secure.refused(w.rank, reason)  # type: ignore[union-attr]
+        self._complete_round()
+
     def _complete_round(self) -> None:
         live = {r for r, w in self.workers.items() if not w.done and not w.dropped}
+        if getattr(self.secure, "rekey_pending", False) and live and live <= set(self.buffer):
+            # threshold keys: the excluded worker shares the key of this round; the survivors re-key and push again
+            self.buffer = self.secure.rekey(sorted(live), self.replica.num_params)  # type: ignore[union-attr]
         if self.buffer and live <= set(self.buffer):
             buffer, self.buffer = self.buffer, {}
             if self.audit is not None:  # claims that fail their replay never reach the model
