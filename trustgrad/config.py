@@ -149,6 +149,10 @@ class RunConfig:
     device: str = "cpu"  # cpu (gloo) | cuda (nccl)
     timeout: float = 120.0  # seconds for any one collective / point-to-point operation
     malicious: tuple[str, ...] = ()
+    # Byzantine robustness (docs/robustness.md): the ps sync round's rule, and how training data is split
+    aggregate: str = "mean"  # NAME[,key=value...]: mean | krum | multi-krum | median | trimmed-mean | bulyan | ...
+    partition: str = "iid"  # iid | dirichlet (label skew)
+    partition_alpha: float = 0.5  # Dirichlet concentration: small = each worker sees few classes
     record_server_view: bool = False
     out: str | None = None
     resume: str | None = None
@@ -169,6 +173,7 @@ class RunConfig:
         for spec in self.malicious:
             _spec_numbers("--malicious", spec, _MALICIOUS_RANGES)
         self._check_straggler_fits_timeout()
+        self._check_robustness()
 
     def _check_straggler_fits_timeout(self) -> None:
         """A straggling step must end inside one collective's deadline, or the job fails instead of straggling."""
@@ -181,6 +186,35 @@ class RunConfig:
                 f"--straggler {_short(self.pattern.straggler)}: a straggling step lasts {longest:g} s, not less than "
                 f"--timeout {self.timeout:g} s; lower step-ms or slowdown, or raise --timeout"
             )
+
+    def _check_robustness(self) -> None:
+        _one_of(self, "partition", ("iid", "dirichlet"))
+        # below 0.01 numpy's Dirichlet draws underflow to all-zero rows; above 1000 it is IID in all but name
+        if not 0.01 <= self.partition_alpha <= 1000:
+            raise ConfigError(f"partition_alpha must be in [0.01, 1000], got {self.partition_alpha}")
+        if self.partition != "iid" and (self.proof.mode in ("record", "blind") or self.record_server_view):
+            raise ConfigError(
+                f"--partition {self.partition} works with --proof none or audit and without --record-server-view: "
+                "proofs, blind checks and recorded views name batches of the IID shards"
+            )
+        if self.malicious:
+            from .attacks.poisoning import colluding_specs
+
+            colluding = colluding_specs(self.malicious)
+            if colluding and (self.pattern.name != "ps" or self.pattern.schedule != "sync" or self.resume):
+                raise ConfigError(
+                    f"--malicious attack={colluding[0].attack} colludes in the rounds of --pattern ps --schedule sync "
+                    "(without --resume): it recomputes the round's honest gradients"
+                )
+        if self.aggregate != "mean":
+            from .robust import parse_aggregate
+
+            parse_aggregate(self.aggregate)  # a one-line ConfigError naming what is wrong
+            if self.pattern.name != "ps" or self.crypto.encrypt != "none":
+                raise ConfigError(
+                    "--aggregate is a parameter-server rule: it needs --pattern ps and plaintext updates (a robust "
+                    "rule compares updates, which --encrypt ckks hides from the server)"
+                )
 
     def replace(self, **changes: Any) -> RunConfig:
         """A copy with top-level fields or nested ones (``pattern={"name": "ring"}``) changed."""

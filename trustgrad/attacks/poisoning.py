@@ -34,7 +34,15 @@ from ..errors import ConfigError
 from ..replica import Replica
 from ..seeding import derive_seed
 
-__all__ = ["MaliciousSpec", "parse_malicious", "MaliciousReplica", "POISONINGS", "WIRE_ATTACKS", "wire_tamper"]
+__all__ = [
+    "MaliciousSpec",
+    "parse_malicious",
+    "colluding_specs",
+    "MaliciousReplica",
+    "POISONINGS",
+    "WIRE_ATTACKS",
+    "wire_tamper",
+]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +58,9 @@ POISONINGS: dict[str, float] = {
     "crafted-ciphertext": 1.0,
     "crafted-partial": 1.0,
 }
+# the colluding omniscient attacks and the backdoor (attacks.colluding): strength = ALIE's z (0: the paper's z_max),
+# IPM's epsilon, the backdoor's boost
+POISONINGS.update({"alie": 0.0, "ipm": 0.1, "min-max": 1.0, "min-sum": 1.0, "backdoor": 1.0})
 #: attacks on the bytes a worker sends -> the payload kind they craft
 WIRE_ATTACKS = {"crafted-ciphertext": "ciphertext", "crafted-partial": "partial"}
 
@@ -129,6 +140,14 @@ def _noise(r: MaliciousReplica, g: torch.Tensor) -> torch.Tensor:
     return g + r.spec.strength * rms * torch.randn(g.shape, generator=r._gen, dtype=g.dtype)
 
 
+_COLLUDING_NAMES = ("alie", "ipm", "min-max", "min-sum", "backdoor")
+
+
+def colluding_specs(specs: tuple[str, ...]) -> list[MaliciousSpec]:
+    """The ``--malicious`` specs that name a colluding attack (``attacks.colluding``), parsed (one-line errors)."""
+    return [spec for spec in map(parse_malicious, specs) if spec.attack in _COLLUDING_NAMES]
+
+
 #: gradient rewrites of the model-poisoning attacks (label-flip and random-batch poison the data instead)
 _REWRITES = {
     "sign-flip": lambda r, g: -r.spec.strength * g,
@@ -140,13 +159,17 @@ _REWRITES = {
 
 
 def wrap_replica(
-    replica: Replica, specs: tuple[str, ...], rank: int, x: torch.Tensor, y: torch.Tensor, seed: int
+    replica: Replica, specs: tuple[str, ...], rank: int, x: torch.Tensor, y: torch.Tensor, seed: int, cfg=None
 ) -> Replica:
     """The replica rank ``rank`` trains with: the honest one, or a malicious wrapper if a spec names this rank."""
     for text in specs:
         spec = parse_malicious(text)
         if spec.rank == rank:
             log.warning("rank %d is malicious: %s from step %d", rank, spec.attack, spec.from_step)
+            if cfg is not None and spec.attack in _COLLUDING_NAMES:
+                from .colluding import colluding_replica
+
+                return colluding_replica(replica, spec, cfg, x, y)
             return MaliciousReplica(replica, spec, x, y, seed)
     return replica
 

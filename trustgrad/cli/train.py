@@ -147,6 +147,15 @@ _GROUPS: list[tuple[str, list[tuple[str, str, Any, str]]]] = [
             ),
             ("--proof-k", "proof.k", int, "steps between proof checkpoints (default 10)"),
             ("--audit-rate", "proof.audit_rate", float, "fraction of claims audited, in (0, 1]"),
+            (
+                "--aggregate",
+                "aggregate",
+                str,
+                "ps sync robust rule NAME[,key=value...]: mean (default), krum,f=F, multi-krum,f=F[,m=M], median, "
+                "trimmed-mean,trim=R, bulyan,f=F, centered-clipping,tau=T[,iters=L] (docs/robustness.md)",
+            ),
+            ("--partition", "partition", str, "training data split: iid (default) or dirichlet (label skew)"),
+            ("--dirichlet-alpha", "partition_alpha", float, "--partition dirichlet concentration (0.1: strong skew)"),
         ],
     ),
 ]

@@ -67,6 +67,7 @@ class ParameterServer(Pattern):
         self._server = None
         self._start = 0
         self.secure = None  # SecureWorker when --encrypt ckks (see .secure)
+        self.gate = None  # the robust rule of --aggregate, at the server
 
     # ------------------------------------------------------------------ job shape
     @classmethod
@@ -105,6 +106,8 @@ class ParameterServer(Pattern):
                 "--proof audit with --encrypt ckks needs --keys shared and --audit-rate 1: the auditor rank "
                 "decrypts claims with the shared key and every claim is checked before it is aggregated"
             )
+        if cfg.aggregate != "mean":
+            cls._check_gate(cfg)
         if p.straggler:
             Straggler.parse(p.straggler, cfg.workers)
         if not p.worker_timeout > 0:
@@ -120,6 +123,20 @@ class ParameterServer(Pattern):
             ds = load_dataset(cfg.dataset, cfg.data_dir)
             model = build_model(cfg.model.name, ds.input_shape, ds.num_classes, cfg.seed, cfg.model)
             cls.load_checkpoint_for(cfg, cfg.resume, sum(q.numel() for q in model.parameters()))
+
+    @staticmethod
+    def _check_gate(cfg: RunConfig) -> None:
+        from ...robust import parse_aggregate
+
+        rule = parse_aggregate(cfg.aggregate)
+        if cfg.pattern.schedule != "sync":
+            raise ConfigError(
+                f"--aggregate {rule.name} runs under --schedule sync: a robust rule compares the updates of one round, "
+                "which asynchronous schedules never hold together"
+            )
+        problem = rule.needs(cfg.workers)
+        if problem is not None:
+            raise ConfigError(f"--aggregate: {problem}, and this job has --workers {cfg.workers}")
 
     @classmethod
     def world_size(cls, cfg: RunConfig) -> int:
@@ -178,6 +195,10 @@ class ParameterServer(Pattern):
             return CiphertextAuditor(self).serve()
         from .server import Server
 
+        if self.cfg.aggregate != "mean":  # a robust rule gates every sync round (trustgrad.robust)
+            from ...robust import Gate
+
+            self.gate = Gate.from_spec(self.cfg.aggregate)
         self._server = Server(self)
         return self._server.serve()
 
@@ -191,10 +212,13 @@ class ParameterServer(Pattern):
             raise LaunchError(f"ps: worker {rank - 1} pushed {len(payload)} bytes, expected {4 * n} (float32 x {n})")
         return torch.frombuffer(bytearray(payload), dtype=torch.float32)
 
-    def aggregate(self, grads: list[torch.Tensor]) -> torch.Tensor:
-        """The update of a synchronous round: the mean of one gradient per worker (summed in worker order)."""
+    def aggregate(self, grads: list[torch.Tensor], senders: list[int] | None = None) -> torch.Tensor:
+        """The update of a synchronous round: the mean of one gradient per worker (summed in worker order), or what
+        the ``--aggregate`` gate's verdict says (``senders``: the worker index of each gradient)."""
         if self._server.secure is not None:  # type: ignore[union-attr]
             return self._server.secure.aggregate(grads)  # type: ignore[union-attr, return-value]
+        if self.gate is not None:
+            return self.gate(grads, senders).update
         total = grads[0].clone()
         for g in grads[1:]:
             total.add_(g)
@@ -202,7 +226,7 @@ class ParameterServer(Pattern):
 
     def stats(self) -> dict[str, Any]:
         if self._server is not None:
-            return self._server.stats()
+            return {**self._server.stats(), **(self.gate.summary() if self.gate is not None else {})}
         return self.secure.stats.summary() if self.secure is not None else {}
 
     # ------------------------------------------------------------------ worker side

@@ -221,7 +221,7 @@ class Server:
                     self.audit.published(b"")  # the auditor's model stays where it is
             if buffer:
                 grads = [buffer[r] for r in sorted(buffer)]
-                self._update(self.pattern.aggregate(grads), len(grads))
+                self._update(self.pattern.aggregate(grads, [r - 1 for r in sorted(buffer)]), len(grads))
 
     def _update(self, grad: torch.Tensor, gradients: int, rank: int = 0) -> None:
         before = self._applied() - gradients
