@@ -189,7 +189,6 @@ def case(state: dict[str, Any], rng: random.Random) -> str:
 
 def _check_accepted(state: dict[str, Any], prepared: Any, given: dict[str, str]) -> None:
     from tests.fuzz.harness import Finding
-
     from trustgrad.config import config_to_dict
     from trustgrad.resources import memory_budget, process_cap
 

@@ -235,6 +235,7 @@ def case(state: dict[str, Any], rng: random.Random) -> str:
 def _check_faithful(mutant: bytes, view: Any, model: Any, gradients: list[Any]) -> None:
     """What was accepted is exactly what the file says; anything else is a silent reinterpretation."""
     import torch
+
     from tests.fuzz.harness import Finding
 
     header, data = _split(mutant)
