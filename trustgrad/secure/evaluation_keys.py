@@ -1,15 +1,18 @@
 """Joint evaluation keys (relinearisation and rotations) for threshold CKKS, made by the key parties over ``Comm``.
 
 What the server needs to *compute* on ciphertexts (blind verification multiplies and rotates) beyond the public key.
-Under threshold keys no party can make these alone; the rounds of :mod:`trustgrad.crypto.threshold` (eval-mult) and
-:mod:`trustgrad.crypto.rotation` (rotations) run here over point-to-point messages:
+Under threshold keys no party can make these alone, and no party may decide them either: they are built like the
+joint public key (:mod:`.keys`, :mod:`trustgrad.crypto.keyset`), on common elements derived from the seed the parties
+flipped at key set-up:
 
-1. eval-mult round 1 passes along the parties in order; the last party hands the complete round-1 key to the others;
-2. party 1 sends its rotation keys (the common reference) to the others;
-3. every party sends its eval-mult round-2 part and (parties >= 2) its rotation part to the last party, the combiner,
-   which finishes both keys and sends the public key with them to the receivers (the server).
+1. every party makes its relinearisation round-1 key and its rotation keys on the common elements, commits to both,
+   and reveals them once every commitment is in; each party checks every reveal against its commitment and the
+   common elements (naming a party that fails) and sums them itself;
+2. every party makes its round-2 part from the joint round-1 key, commits, reveals; each sums the parts itself;
+3. the parties compare the digests of the resulting key (and their views of who sent what) and every party sends it
+   to the receivers (the server), which take it only if all parties sent the same bytes.
 
-Only public evaluation material travels; the key parties keep the plain public key (they encrypt, never evaluate).
+Only public evaluation material travels.
 """
 
 from __future__ import annotations
@@ -18,57 +21,59 @@ from collections.abc import Sequence
 
 from ..comm import Comm
 from ..crypto import KeyShare, PublicKey
-from ..crypto.rotation import joint_rotation_base, joint_rotation_finish, joint_rotation_part
-from ..crypto.threshold import joint_eval_mult_finish, joint_eval_mult_round1, joint_eval_mult_round2
-from .keys import KeyRing
+from ..crypto import keyset as ks
+from ..errors import CryptoError
+from .keys import KeyRing, all_to_all, check_openings, compare_views, hand_out
 from .stats import CryptoStats
 
 __all__ = ["joint_evaluation_keys"]
 
-_TAG = 72
+_MAX_KEYS = 1 << 30  # one party's rotation keys at N = 16384 are ~100 MB; refuse a peer that announces more
 
 
 def joint_evaluation_keys(
     comm: Comm, ring: KeyRing, rotations: Sequence[int], receivers: Sequence[int], stats: CryptoStats
 ) -> PublicKey:
-    """Run on every key party of ``ring`` and every receiver; receivers get (and return) the public key with the
-    joint eval-mult and rotation keys installed, key parties return theirs unchanged."""
-    parties, me, pk = ring.parties, comm.rank, ring.public_key
-    first, last = parties[0], parties[-1]
+    """Run on every key party of ``ring`` and every receiver; everyone returns the public key with the joint
+    eval-mult and rotation keys installed in its process."""
+    parties, me = ring.parties, comm.rank
     with stats.timing("keygen"):
         if me not in parties:
-            data, _ = comm.recv_bytes(last, _TAG)
-            return PublicKey.from_bytes(ring.context, data)
+            return hand_out(comm, ring.context, parties, receivers, None, "public key with evaluation keys")
         share = ring.secret
-        assert isinstance(share, KeyShare), "evaluation keys need threshold key shares"
-        pos = parties.index(me)
-        previous = comm.recv_bytes(parties[pos - 1], _TAG)[0] if pos else None
-        round1 = joint_eval_mult_round1(share, pk, previous)
-        if me != last:
-            comm.send_bytes(round1, parties[pos + 1], _TAG)
-            round1 = comm.recv_bytes(last, _TAG)[0]
-        else:
-            for rank in parties[:-1]:
-                comm.send_bytes(round1, rank, _TAG)
-        round2 = joint_eval_mult_round2(share, pk, round1)
-        if me == first:
-            base = joint_rotation_base(share, pk, rotations)
-            for rank in parties[1:]:
-                comm.send_bytes(base, rank, _TAG)
-        else:
-            base = comm.recv_bytes(first, _TAG)[0]
-        part = joint_rotation_part(share, pk, base) if me != first else b""
-        if me != last:
-            comm.send_bytes(round2, last, _TAG)
-            comm.send_bytes(part, last, _TAG)
-            return pk
-        rounds2, parts = [round2], [part]
-        for rank in parties[:-1]:
-            rounds2.append(comm.recv_bytes(rank, _TAG)[0])
-            parts.append(comm.recv_bytes(rank, _TAG)[0])
-        full = joint_rotation_finish(joint_eval_mult_finish(pk, rounds2), base, [p for p in parts if p])
-        blob = full.to_bytes()
-        for rank in receivers:
-            comm.send_bytes(blob, rank, _TAG)
-            stats.sent(len(blob), 0)
-        return pk
+        if not isinstance(share, KeyShare) or not ring.seed:
+            raise CryptoError("joint evaluation keys need threshold key shares from the joint key set-up")
+        full = _make(comm, ring, share, rotations)
+        stats.sent(len(full.to_bytes()) * len(receivers), 0)
+        return hand_out(comm, ring.context, parties, receivers, full, "public key with evaluation keys")
+
+
+def _make(comm: Comm, ring: KeyRing, share: KeyShare, rotations: Sequence[int]) -> PublicKey:
+    parties, me, pk, n = ring.parties, comm.rank, ring.public_key, len(ring.parties)
+    peers = [r for r in parties if r != me]
+    party = {r: parties.index(r) + 1 for r in parties}
+    names = {party[r]: f"party {party[r]} (rank {r})" for r in parties}
+    ctx, tag = ring.context, pk.tag
+
+    common_mult = ks.common_eval_mult(ctx, ring.seed)  # 1. round 1 and rotations, on common elements
+    common_rot = ks.common_rotations(ctx, ring.seed, rotations)
+    r1, rot = ks.eval_mult_round1(share, common_mult), ks.rotation_contribution(share, common_rot, tag)
+    c1 = all_to_all(comm, peers, lambda p, seen: ks.commitment(r1) + ks.commitment(rot), 1 << 16)
+    got_r1 = all_to_all(comm, peers, lambda p, seen: r1, _MAX_KEYS)
+    got_rot = all_to_all(comm, peers, lambda p, seen: rot, _MAX_KEYS)
+    check_openings({p: c[:32] for p, c in c1.items()}, got_r1, party, names, "relinearisation round-1 key")
+    check_openings({p: c[32:] for p, c in c1.items()}, got_rot, party, names, "rotation key set")
+    joint1 = ks.joint_eval_round1(common_mult, {**{party[p]: got_r1[p] for p in peers}, party[me]: r1}, n, tag, names)
+    joint_rot = ks.joint_rotations(common_rot, {**{party[p]: got_rot[p] for p in peers}, party[me]: rot}, n, tag, names)
+
+    r2 = ks.eval_mult_round2(share, joint1, tag)  # 2. round 2 on the joint round-1 key
+    c2 = all_to_all(comm, peers, lambda p, seen: ks.commitment(r2), 1 << 16)
+    got_r2 = all_to_all(comm, peers, lambda p, seen: r2, _MAX_KEYS)
+    check_openings(c2, got_r2, party, names, "relinearisation round-2 part")
+    mult = ks.joint_eval_mult(ctx, {**{party[p]: got_r2[p] for p in peers}, party[me]: r2}, n, tag)
+    full = ks.install(pk, mult, joint_rot, common_rot.indices)
+
+    sent = {p: c1[p] + c2[p] for p in peers}  # 3. the same key everywhere
+    own = ks.commitment(r1) + ks.commitment(rot) + ks.commitment(r2)
+    compare_views(comm, peers, party, names, ks.key_digest(full), {**sent, me: own})
+    return full
