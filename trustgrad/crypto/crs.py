@@ -91,7 +91,10 @@ class CommonElement:
         label: str,
         pair: Callable[[], tuple[Any, Any]],
         parse: Callable[[bytes], Any],
+        template: Callable[[], Any] | None = None,
     ) -> None:
+        """``template`` (optional): the full key to draw into, when ``pair`` makes a smaller key of the same kind
+        whose tower pattern repeats in it (rotation keys: one index to find the pattern, every index to fill)."""
         self.context, self.label, self._parse = context, label, parse
         self.tag = ""  # the joint key's tag, for the public key's element (set by ``keyset``)
         self.indices: list[int] = []  # rotation indices, for the rotation keys' element
@@ -102,12 +105,18 @@ class CommonElement:
         tx, ty = towers(bx, n), towers(by, n)
         if not tx.offsets or tx.moduli != ty.moduli:
             raise CryptoError(f"common element ({label}): cannot locate the RNS towers of this OpenFHE version's keys")
-        self.layout = tx.moduli
-        self.shared = tuple(
-            k for k, (ox, oy) in enumerate(zip(tx.offsets, ty.offsets)) if bx[ox : ox + 8 * n] == by[oy : oy + 8 * n]
-        )
-        if not self.shared or len(self.shared) == len(tx.offsets):
+        shared = [bx[ox : ox + 8 * n] == by[oy : oy + 8 * n] for ox, oy in zip(tx.offsets, ty.offsets)]
+        if not any(shared) or all(shared):
             raise CryptoError(f"common element ({label}): cannot tell the public element from the key part")
+        if template is not None:
+            with _wire.openfhe_errors(f"common element ({label})"):
+                bx = openfhe.Serialize(template(), openfhe.BINARY)
+            period, tx = len(shared), towers(bx, n)
+            if len(tx.offsets) % period or tx.moduli != ty.moduli * (len(tx.offsets) // period):
+                raise CryptoError(f"common element ({label}): the key's towers do not repeat the pattern of one key")
+            shared = shared * (len(tx.offsets) // period)
+        self.layout = tx.moduli
+        self.shared = tuple(k for k, is_a in enumerate(shared) if is_a)
         data = bytearray(bx)
         self._a: list[bytes] = []
         for k in self.shared:

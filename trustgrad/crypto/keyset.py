@@ -41,6 +41,7 @@ __all__ = [
     "commitment",
     "joint_seed",
     "key_digest",
+    "digest",
     "common_public_key",
     "threshold_share",
     "joint_public_key",
@@ -77,7 +78,12 @@ def joint_seed(revealed: Mapping[int, bytes]) -> bytes:
 
 def key_digest(public_key: PublicKey) -> bytes:
     """What the parties compare at the end: BLAKE2b-256 of the joint key's bytes (with its evaluation keys)."""
-    return hashlib.blake2b(public_key.to_bytes(), digest_size=32, person=b"tg-joint-key").digest()
+    return digest(public_key.to_bytes())
+
+
+def digest(key_bytes: bytes) -> bytes:
+    """:func:`key_digest` of an already serialized key."""
+    return hashlib.blake2b(key_bytes, digest_size=32, person=b"tg-joint-key").digest()
 
 
 def _tag(seed: bytes) -> str:
@@ -185,13 +191,21 @@ def common_rotations(context: Context, seed: bytes, indices: Sequence[int]) -> C
     if not idx or 0 in idx:
         raise CryptoError("rotation indices must be non-zero integers")
 
-    def pair() -> tuple[Any, Any]:
-        k1, k2 = cc.KeyGen(), cc.KeyGen()
-        cc.EvalAtIndexKeyGen(k1.secretKey, idx)  # installs under k1's throwaway tag; only its a's are used
-        base = cc.GetEvalAutomorphismKeyMap(k1.secretKey.GetKeyTag())
-        return base, cc.MultiEvalAtIndexKeyGen(k2.secretKey, base, idx, k1.secretKey.GetKeyTag())
+    def installed(indices: list[int]) -> tuple[Any, Any]:
+        # throwaway keys, installed under their own tag (OpenFHE's free-standing EvalAutomorphismKeyGen maps do not
+        # serialize to maps MultiEvalAtIndexKeyGen can use); only their layout is used
+        k = cc.KeyGen()
+        cc.EvalAtIndexKeyGen(k.secretKey, indices)
+        return k, cc.GetEvalAutomorphismKeyMap(k.secretKey.GetKeyTag())
 
-    common = CommonElement(context, seed, "rotation keys", pair, _deser_map)
+    def pair() -> tuple[Any, Any]:  # one index shows which towers are a's; the pattern repeats per index
+        k, base = installed(idx[:1])
+        return base, cc.MultiEvalAtIndexKeyGen(cc.KeyGen().secretKey, base, idx[:1], k.secretKey.GetKeyTag())
+
+    def template() -> Any:
+        return installed(idx)[1]
+
+    common = CommonElement(context, seed, "rotation keys", pair, _deser_map, template)
     common.indices = idx
     return common
 

@@ -43,12 +43,12 @@ def joint_evaluation_keys(
         share = ring.secret
         if not isinstance(share, KeyShare) or not ring.seed:
             raise CryptoError("joint evaluation keys need threshold key shares from the joint key set-up")
-        full = _make(comm, ring, share, rotations)
-        stats.sent(len(full.to_bytes()) * len(receivers), 0)
-        return hand_out(comm, ring.context, parties, receivers, full, "public key with evaluation keys")
+        full, blob = _make(comm, ring, share, rotations)
+        stats.sent(len(blob) * len(receivers), 0)
+        return hand_out(comm, ring.context, parties, receivers, full, "public key with evaluation keys", blob)
 
 
-def _make(comm: Comm, ring: KeyRing, share: KeyShare, rotations: Sequence[int]) -> PublicKey:
+def _make(comm: Comm, ring: KeyRing, share: KeyShare, rotations: Sequence[int]) -> tuple[PublicKey, bytes]:
     parties, me, pk, n = ring.parties, comm.rank, ring.public_key, len(ring.parties)
     peers = [r for r in parties if r != me]
     party = {r: parties.index(r) + 1 for r in parties}
@@ -75,5 +75,6 @@ def _make(comm: Comm, ring: KeyRing, share: KeyShare, rotations: Sequence[int]) 
 
     sent = {p: c1[p] + c2[p] for p in peers}  # 3. the same key everywhere
     own = ks.commitment(r1) + ks.commitment(rot) + ks.commitment(r2)
-    compare_views(comm, peers, party, names, ks.key_digest(full), {**sent, me: own})
-    return full
+    blob = full.to_bytes()  # serialized once: hundreds of MB with the rotation keys
+    compare_views(comm, peers, party, names, ks.digest(blob), {**sent, me: own})
+    return full, blob

@@ -264,18 +264,37 @@ def hand_out(
     others: Sequence[int],
     public: PublicKey | None,
     what: str,
+    payload: bytes | None = None,
 ) -> PublicKey:
-    """Every party sends the agreed key to every non-party; a non-party takes it only if all parties sent the same."""
+    """Every party sends the agreed key (``payload``: its bytes, if already serialized) to every non-party; a
+    non-party takes it only if all parties sent the same."""
     if comm.rank in parties:
-        payload = public.to_bytes()  # type: ignore[union-attr]
+        payload = payload if payload is not None else public.to_bytes()  # type: ignore[union-attr]
         for rank in others:
             comm.send_bytes(payload, rank, _TAG)
         return public  # type: ignore[return-value]
     return receive_agreed(comm, context, parties, what)
 
 
+# A receiver waits while the parties run the whole set-up (rotation keys at N = 16384: 1-2 minutes on a loaded
+# 2-core machine, most of it generating keys); every party's own steps stay under the ordinary timeout.
+_PATIENCE = 5
+
+
+def _recv_patient(comm: Comm, src: int) -> bytes:
+    header = torch.zeros(1, dtype=torch.int64)
+    comm.wait(comm.irecv(header, src, _TAG), comm.timeout * _PATIENCE)
+    size = int(header.item())
+    if not 0 <= size <= 1 << 31:
+        raise CryptoError(f"key set-up: rank {src} announced a key of {size} bytes")
+    body = torch.empty(size, dtype=torch.uint8)
+    if size:
+        comm.wait(comm.irecv(body, src, _TAG))
+    return body.numpy().tobytes()
+
+
 def receive_agreed(comm: Comm, context: Context, parties: Sequence[int], what: str) -> PublicKey:
-    got = {rank: comm.recv_bytes(rank, _TAG)[0] for rank in parties}
+    got = {rank: _recv_patient(comm, rank) for rank in parties}
     counts: dict[bytes, list[int]] = {}
     for rank, data in got.items():
         counts.setdefault(data, []).append(rank)
