@@ -74,7 +74,7 @@ def test_the_common_element_is_the_seed_s_and_nobody_else_s(ctx):
     b = ks.common_public_key(ctx, b"\x02" * 32)
     c = ks.common_public_key(ctx, b"\x03" * 32)
     assert a._a == b._a and a._a != c._a  # same seed -> same element at every party; another seed -> another
-    assert len(a.shared) == len(towers(a.bytes, ctx.ring_dim).offsets) // 2  # the a half of (b, a)
+    assert len(a.shared) == len(a.layout) // 2  # the a half of (b, a)
 
 
 def test_own_chain_works_against_the_old_set_up_and_is_refused_by_the_new(ctx, rng):

@@ -123,8 +123,8 @@ class CommonElement:
             values = _uniform(seed, label, k, tx.moduli[k], n).astype("<u8").tobytes()
             data[tx.offsets[k] : tx.offsets[k] + 8 * n] = values
             self._a.append(values)
-        self.bytes = bytes(data)
-        self.value = context._parse(memoryview(self.bytes), parse, f"common element ({label})")
+        self.size = len(data)  # the bytes themselves are not kept: rotation keys run to hundreds of MB
+        self.value = context._parse(memoryview(data), parse, f"common element ({label})")
 
     def a_towers(self, data: bytes) -> list[bytes] | None:
         """The ``a`` towers of a serialized contribution, or ``None`` if its tower layout is not this kind's."""

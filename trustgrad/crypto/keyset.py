@@ -25,7 +25,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import openfhe
@@ -122,14 +122,8 @@ def joint_public_key(
     common: CommonElement, contributions: Mapping[int, bytes], parties: int, names: Mapping[int, str] | None = None
 ) -> PublicKey:
     """Check every party's contribution is on ``common`` (naming the first that is not) and sum them."""
-    _all_parties(contributions, parties)
-    keys = []
-    for index in sorted(contributions):
-        common.check(contributions[index], (names or {}).get(index, f"party {index}"))
-        keys.append(common.context._parse(memoryview(contributions[index]), _deser_pk, f"party {index}'s share"))
     cc, tag = common.context.cc, common.tag
-    with _wire.openfhe_errors("summing the public key shares"):
-        joint = functools.reduce(lambda x, y: cc.MultiAddPubKeys(x, y, tag), keys)
+    joint = _fold(common, contributions, parties, names or {}, _deser_pk, lambda x, y: cc.MultiAddPubKeys(x, y, tag))
     return PublicKey(common.context, joint, parties=parties, joined=parties)
 
 
@@ -156,14 +150,8 @@ def eval_mult_round1(share: KeyShare, common: CommonElement) -> bytes:
 def joint_eval_round1(
     common: CommonElement, contributions: Mapping[int, bytes], parties: int, tag: str, names: Mapping[int, str] = {}
 ) -> Any:
-    _all_parties(contributions, parties)
-    keys = []
-    for index in sorted(contributions):
-        common.check(contributions[index], names.get(index, f"party {index}"))
-        keys.append(common.context._parse(memoryview(contributions[index]), _deser_evk, f"party {index}'s round 1"))
     cc = common.context.cc
-    with _wire.openfhe_errors("summing relinearisation round 1"):
-        return functools.reduce(lambda x, y: cc.MultiAddEvalKeys(x, y, tag), keys)
+    return _fold(common, contributions, parties, names, _deser_evk, lambda x, y: cc.MultiAddEvalKeys(x, y, tag))
 
 
 def eval_mult_round2(share: KeyShare, round1: Any, tag: str) -> bytes:
@@ -220,14 +208,10 @@ def rotation_contribution(share: KeyShare, common: CommonElement, tag: str) -> b
 def joint_rotations(
     common: CommonElement, contributions: Mapping[int, bytes], parties: int, tag: str, names: Mapping[int, str] = {}
 ) -> Any:
-    _all_parties(contributions, parties)
-    keys = []
-    for index in sorted(contributions):
-        common.check(contributions[index], names.get(index, f"party {index}"))
-        keys.append(common.context._parse(memoryview(contributions[index]), _deser_map, f"party {index}'s rotations"))
     cc = common.context.cc
-    with _wire.openfhe_errors("summing rotation keys"):
-        return functools.reduce(lambda x, y: cc.MultiAddEvalAutomorphismKeys(x, y, tag), keys)
+    return _fold(
+        common, contributions, parties, names, _deser_map, lambda x, y: cc.MultiAddEvalAutomorphismKeys(x, y, tag)
+    )
 
 
 def install(
@@ -269,6 +253,27 @@ def threshold_keys(context: Context, parties: int, seed: bytes | None = None) ->
     made = [threshold_share(common, index=i, parties=parties) for i in range(1, parties + 1)]
     pk = joint_public_key(common, {s.index: c for c, s in made}, parties)
     return pk, [s for _, s in made]
+
+
+def _fold(
+    common: CommonElement,
+    contributions: Mapping[int, bytes],
+    parties: int,
+    names: Mapping[int, str],
+    parse: Callable[[bytes], Any],
+    add: Callable[[Any, Any], Any],
+) -> Any:
+    """Check each contribution against ``common`` and add it to the running sum, one at a time (rotation key
+    sets are hundreds of MB each: holding all n parsed at once is what exhausts memory)."""
+    _all_parties(contributions, parties)
+    total = None
+    for index in sorted(contributions):
+        who = names.get(index, f"party {index}")
+        common.check(contributions[index], who)
+        key = common.context._parse(memoryview(contributions[index]), parse, f"{who}'s {common.label}")
+        with _wire.openfhe_errors(f"summing the {common.label}"):
+            total = key if total is None else add(total, key)
+    return total
 
 
 def _all_parties(contributions: Mapping[int, bytes], parties: int) -> None:

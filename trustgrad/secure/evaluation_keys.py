@@ -45,7 +45,10 @@ def joint_evaluation_keys(
             raise CryptoError("joint evaluation keys need threshold key shares from the joint key set-up")
         full, blob = _make(comm, ring, share, rotations)
         stats.sent(len(blob) * len(receivers), 0)
-        return hand_out(comm, ring.context, parties, receivers, full, "public key with evaluation keys", blob)
+        hand_out(comm, ring.context, parties, receivers, full, "public key with evaluation keys", blob)
+        # a party encrypts and decrypts, never evaluates: drop the evaluation keys from its OpenFHE key store
+        ring.context.cc.ClearEvalAutomorphismKeys()
+        return ring.public_key
 
 
 def _make(comm: Comm, ring: KeyRing, share: KeyShare, rotations: Sequence[int]) -> tuple[PublicKey, bytes]:
@@ -57,14 +60,18 @@ def _make(comm: Comm, ring: KeyRing, share: KeyShare, rotations: Sequence[int]) 
 
     common_mult = ks.common_eval_mult(ctx, ring.seed)  # 1. round 1 and rotations, on common elements
     common_rot = ks.common_rotations(ctx, ring.seed, rotations)
+    ctx.cc.ClearEvalAutomorphismKeys()  # the throwaway templates' keys (a party holds no rotation keys of its own)
     r1, rot = ks.eval_mult_round1(share, common_mult), ks.rotation_contribution(share, common_rot, tag)
-    c1 = all_to_all(comm, peers, lambda p, seen: ks.commitment(r1) + ks.commitment(rot), 1 << 16)
+    c_own = ks.commitment(r1) + ks.commitment(rot)
+    c1 = all_to_all(comm, peers, lambda p, seen: c_own, 1 << 16)
     got_r1 = all_to_all(comm, peers, lambda p, seen: r1, _MAX_KEYS)
     got_rot = all_to_all(comm, peers, lambda p, seen: rot, _MAX_KEYS)
     check_openings({p: c[:32] for p, c in c1.items()}, got_r1, party, names, "relinearisation round-1 key")
     check_openings({p: c[32:] for p, c in c1.items()}, got_rot, party, names, "rotation key set")
     joint1 = ks.joint_eval_round1(common_mult, {**{party[p]: got_r1[p] for p in peers}, party[me]: r1}, n, tag, names)
-    joint_rot = ks.joint_rotations(common_rot, {**{party[p]: got_rot[p] for p in peers}, party[me]: rot}, n, tag, names)
+    rots = {**{party[p]: got_rot.pop(p) for p in peers}, party[me]: rot}
+    joint_rot = ks.joint_rotations(common_rot, rots, n, tag, names)
+    del rots, common_rot.value  # hundreds of MB each; the joint key is what is left
 
     r2 = ks.eval_mult_round2(share, joint1, tag)  # 2. round 2 on the joint round-1 key
     c2 = all_to_all(comm, peers, lambda p, seen: ks.commitment(r2), 1 << 16)
@@ -72,9 +79,10 @@ def _make(comm: Comm, ring: KeyRing, share: KeyShare, rotations: Sequence[int]) 
     check_openings(c2, got_r2, party, names, "relinearisation round-2 part")
     mult = ks.joint_eval_mult(ctx, {**{party[p]: got_r2[p] for p in peers}, party[me]: r2}, n, tag)
     full = ks.install(pk, mult, joint_rot, common_rot.indices)
+    del joint_rot
 
     sent = {p: c1[p] + c2[p] for p in peers}  # 3. the same key everywhere
-    own = ks.commitment(r1) + ks.commitment(rot) + ks.commitment(r2)
+    own = c_own + ks.commitment(r2)
     blob = full.to_bytes()  # serialized once: hundreds of MB with the rotation keys
     compare_views(comm, peers, party, names, ks.digest(blob), {**sent, me: own})
     return full, blob

@@ -154,7 +154,7 @@ def _threshold(
     mine, share = threshold_share(common, index=index, parties=n)
     data = rogue.contribution(mine, common, share)
     c2 = all_to_all(comm, peers, lambda p, seen: commitment(rogue.for_peer(data, p)), _SMALL)
-    limit = 2 * len(common.bytes) + _SMALL
+    limit = 2 * common.size + _SMALL
     o2 = all_to_all(comm, peers, lambda p, seen: rogue.reveal(data, p, seen, common), limit, rogue.sees_first)
     check_openings(c2, o2, party, names, "public key share")
     contributions = {**{party[p]: o2[p] for p in peers}, index: data}
@@ -294,14 +294,15 @@ def _recv_patient(comm: Comm, src: int) -> bytes:
 
 
 def receive_agreed(comm: Comm, context: Context, parties: Sequence[int], what: str) -> PublicKey:
-    got = {rank: _recv_patient(comm, rank) for rank in parties}
-    counts: dict[bytes, list[int]] = {}
-    for rank, data in got.items():
-        counts.setdefault(data, []).append(rank)
+    first, counts = b"", {}  # digest -> ranks; one copy of the key is kept (with rotation keys: hundreds of MB)
+    for rank in parties:
+        data = _recv_patient(comm, rank)
+        counts.setdefault(hashlib.blake2b(data, digest_size=32).digest(), []).append(rank)
+        first = first or data
     if len(counts) > 1:
         majority = max(counts.values(), key=len)
         off = sorted(r for ranks in counts.values() if ranks is not majority for r in ranks)
         raise CryptoError(
             f"key set-up: ranks {off} sent a {what} different from ranks {sorted(majority)}'s; refusing both"
         )
-    return PublicKey.from_bytes(context, next(iter(counts)))
+    return PublicKey.from_bytes(context, first)
