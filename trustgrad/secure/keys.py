@@ -191,12 +191,14 @@ def all_to_all(
 
 
 def _post(comm: Comm, messages: Mapping[int, bytes]) -> list:
-    works = []
+    works, bodies = [], {}  # one buffer per distinct payload: an honest party sends the same bytes to everyone
     for peer, data in messages.items():
         header = torch.tensor([len(data)], dtype=torch.int64)
         works.append((comm.isend(header, peer, _TAG), header))  # keep the tensors alive until sent
         if data:
-            body = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            if id(data) not in bodies:
+                bodies[id(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            body = bodies[id(data)]
             works.append((comm.isend(body, peer, _TAG), body))
     return works
 
