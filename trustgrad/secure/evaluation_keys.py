@@ -1,88 +1,100 @@
 """Joint evaluation keys (relinearisation and rotations) for threshold CKKS, made by the key parties over ``Comm``.
 
 What the server needs to *compute* on ciphertexts (blind verification multiplies and rotates) beyond the public key.
-Under threshold keys no party can make these alone, and no party may decide them either: they are built like the
-joint public key (:mod:`.keys`, :mod:`trustgrad.crypto.keyset`), on common elements derived from the seed the parties
-flipped at key set-up:
+Under threshold keys no party can make these alone, and no party may decide them either: every party's keys sit on
+common elements derived from the seed the parties flipped at key set-up (:mod:`.keys`,
+:mod:`trustgrad.crypto.keyset`), and the server -- the one rank that uses these keys -- combines them:
 
-1. every party makes its relinearisation round-1 key and its rotation keys on the common elements, commits to both,
-   and reveals them once every commitment is in; each party checks every reveal against its commitment and the
-   common elements (naming a party that fails) and sums them itself;
-2. every party makes its round-2 part from the joint round-1 key, commits, reveals; each sums the parts itself;
-3. the parties compare the digests of the resulting key (and their views of who sent what) and every party sends it
-   to the receivers (the server), which take it only if all parties sent the same bytes.
+1. every key party sends the server the seed it holds; the server takes it only if all sent the same one and derives
+   the common elements itself;
+2. every party makes its relinearisation round-1 key and its rotation keys on the common elements and sends them to
+   the server only (no party sees another's, so none can choose its own as a function of the others'); the server
+   checks each is on the common elements (naming a party whose is not) and sums them, one at a time;
+3. the server sends the joint round-1 key to every party (the same bytes to all); each party sends its round-2 part
+   ``s_i * joint_round1``; the server sums them and installs both keys.
 
-Only public evaluation material travels.
+Why not every party summing, as for the public key: rotation key sets are ~245 MB each at N = 16384; n of them at
+every party exhausted this 2-core, 24 GB machine's memory with 3 parties (OOM-killed), and the server, which runs the
+protocol (DESIGN: honest-but-curious) and alone uses these keys, is the natural combiner. What a party could still do
+is in docs/threshold-keys.md (residual risks).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import openfhe
+
 from ..comm import Comm
 from ..crypto import KeyShare, PublicKey
 from ..crypto import keyset as ks
 from ..errors import CryptoError
-from .keys import KeyRing, all_to_all, check_openings, compare_views, hand_out
+from .keys import KeyRing
 from .stats import CryptoStats
 
 __all__ = ["joint_evaluation_keys"]
 
-_MAX_KEYS = 1 << 30  # one party's rotation keys at N = 16384 are ~100 MB; refuse a peer that announces more
+_TAG = 72
+_MAX_KEYS = 1 << 30  # one party's rotation keys at N = 16384 are ~245 MB; refuse a peer that announces more
 
 
 def joint_evaluation_keys(
     comm: Comm, ring: KeyRing, rotations: Sequence[int], receivers: Sequence[int], stats: CryptoStats
 ) -> PublicKey:
-    """Run on every key party of ``ring`` and every receiver; everyone returns the public key with the joint
-    eval-mult and rotation keys installed in its process."""
-    parties, me = ring.parties, comm.rank
+    """Run on every key party of ``ring`` and on the one receiver (the server, which combines); the receiver returns
+    the public key with the joint eval-mult and rotation keys installed, the parties their plain public key."""
+    if len(receivers) != 1:
+        raise CryptoError("joint evaluation keys are combined by exactly one receiver (the server)")
+    server = receivers[0]
     with stats.timing("keygen"):
-        if me not in parties:
-            return hand_out(comm, ring.context, parties, receivers, None, "public key with evaluation keys")
+        if comm.rank == server:
+            return _combine(comm, ring, rotations)
         share = ring.secret
         if not isinstance(share, KeyShare) or not ring.seed:
             raise CryptoError("joint evaluation keys need threshold key shares from the joint key set-up")
-        full, blob = _make(comm, ring, share, rotations)
-        stats.sent(len(blob) * len(receivers), 0)
-        hand_out(comm, ring.context, parties, receivers, full, "public key with evaluation keys", blob)
-        # a party encrypts and decrypts, never evaluates: drop the evaluation keys from its OpenFHE key store
-        ring.context.cc.ClearEvalAutomorphismKeys()
+        _contribute(comm, ring, share, rotations, server, stats)
         return ring.public_key
 
 
-def _make(comm: Comm, ring: KeyRing, share: KeyShare, rotations: Sequence[int]) -> tuple[PublicKey, bytes]:
-    parties, me, pk, n = ring.parties, comm.rank, ring.public_key, len(ring.parties)
-    peers = [r for r in parties if r != me]
-    party = {r: parties.index(r) + 1 for r in parties}
-    names = {party[r]: f"party {party[r]} (rank {r})" for r in parties}
-    ctx, tag = ring.context, pk.tag
+def _contribute(
+    comm: Comm, ring: KeyRing, share: KeyShare, rotations: Sequence[int], server: int, stats: CryptoStats
+) -> None:
+    ctx, tag = ring.context, ring.public_key.tag
+    comm.send_bytes(ring.seed, server, _TAG)
+    r1 = ks.eval_mult_round1(share, ks.common_eval_mult(ctx, ring.seed))
+    comm.send_bytes(r1, server, _TAG)
+    rot = ks.rotation_contribution(share, ks.common_rotations(ctx, ring.seed, rotations), tag)
+    ctx.cc.ClearEvalAutomorphismKeys()  # the throwaway templates' keys: a party evaluates nothing
+    comm.send_bytes(rot, server, _TAG)
+    stats.sent(len(r1) + len(rot), 0)
+    del rot
+    joint1, _ = comm.recv_bytes(server, _TAG, max_bytes=_MAX_KEYS)
+    round1 = ctx._parse(memoryview(joint1), lambda b: openfhe.DeserializeEvalKeyString(b, openfhe.BINARY), "round 1")
+    comm.send_bytes(ks.eval_mult_round2(share, round1, tag), server, _TAG)
 
-    common_mult = ks.common_eval_mult(ctx, ring.seed)  # 1. round 1 and rotations, on common elements
-    common_rot = ks.common_rotations(ctx, ring.seed, rotations)
-    ctx.cc.ClearEvalAutomorphismKeys()  # the throwaway templates' keys (a party holds no rotation keys of its own)
-    r1, rot = ks.eval_mult_round1(share, common_mult), ks.rotation_contribution(share, common_rot, tag)
-    c_own = ks.commitment(r1) + ks.commitment(rot)
-    c1 = all_to_all(comm, peers, lambda p, seen: c_own, 1 << 16)
-    got_r1 = all_to_all(comm, peers, lambda p, seen: r1, _MAX_KEYS)
-    got_rot = all_to_all(comm, peers, lambda p, seen: rot, _MAX_KEYS)
-    check_openings({p: c[:32] for p, c in c1.items()}, got_r1, party, names, "relinearisation round-1 key")
-    check_openings({p: c[32:] for p, c in c1.items()}, got_rot, party, names, "rotation key set")
-    joint1 = ks.joint_eval_round1(common_mult, {**{party[p]: got_r1[p] for p in peers}, party[me]: r1}, n, tag, names)
-    rots = {**{party[p]: got_rot.pop(p) for p in peers}, party[me]: rot}
-    joint_rot = ks.joint_rotations(common_rot, rots, n, tag, names)
-    del rots, common_rot.value  # hundreds of MB each; the joint key is what is left
 
-    r2 = ks.eval_mult_round2(share, joint1, tag)  # 2. round 2 on the joint round-1 key
-    c2 = all_to_all(comm, peers, lambda p, seen: ks.commitment(r2), 1 << 16)
-    got_r2 = all_to_all(comm, peers, lambda p, seen: r2, _MAX_KEYS)
-    check_openings(c2, got_r2, party, names, "relinearisation round-2 part")
-    mult = ks.joint_eval_mult(ctx, {**{party[p]: got_r2[p] for p in peers}, party[me]: r2}, n, tag)
-    full = ks.install(pk, mult, joint_rot, common_rot.indices)
-    del joint_rot
-
-    sent = {p: c1[p] + c2[p] for p in peers}  # 3. the same key everywhere
-    own = c_own + ks.commitment(r2)
-    blob = full.to_bytes()  # serialized once: hundreds of MB with the rotation keys
-    compare_views(comm, peers, party, names, ks.digest(blob), {**sent, me: own})
-    return full, blob
+def _combine(comm: Comm, ring: KeyRing, rotations: Sequence[int]) -> PublicKey:
+    parties, ctx, pk = ring.parties, ring.context, ring.public_key
+    n, tag = len(parties), pk.tag
+    names = {i + 1: f"party {i + 1} (rank {r})" for i, r in enumerate(parties)}
+    seeds = {r: comm.recv_bytes(r, _TAG, max_bytes=64)[0] for r in parties}
+    if len(set(seeds.values())) != 1:
+        raise CryptoError(f"key set-up: the parties hold different seeds ({sorted(seeds)}); the set-up was not joint")
+    seed = seeds[parties[0]]
+    common_mult, common_rot = ks.common_eval_mult(ctx, seed), ks.common_rotations(ctx, seed, rotations)
+    ctx.cc.ClearEvalAutomorphismKeys()  # the templates' throwaway keys; the joint ones are installed below
+    round1, joint_rot = None, None
+    for i, rank in enumerate(parties, start=1):  # one party's keys at a time: ~245 MB each
+        r1 = comm.recv_bytes(rank, _TAG, max_bytes=_MAX_KEYS)[0]
+        one = ks.joint_eval_round1(common_mult, {1: r1}, 1, tag, {1: names[i]})
+        round1 = one if round1 is None else ctx.cc.MultiAddEvalKeys(round1, one, tag)
+        rot = comm.recv_bytes(rank, _TAG, max_bytes=_MAX_KEYS)[0]
+        one = ks.joint_rotations(common_rot, {1: rot}, 1, tag, {1: names[i]})
+        joint_rot = one if joint_rot is None else ctx.cc.MultiAddEvalAutomorphismKeys(joint_rot, one, tag)
+        del rot, one
+    blob = openfhe.Serialize(round1, openfhe.BINARY)
+    for rank in parties:
+        comm.send_bytes(blob, rank, _TAG)
+    parts = {i: comm.recv_bytes(r, _TAG, max_bytes=_MAX_KEYS)[0] for i, r in enumerate(parties, start=1)}
+    mult = ks.joint_eval_mult(ctx, parts, n, tag)
+    return ks.install(pk, mult, joint_rot, common_rot.indices)
