@@ -52,7 +52,8 @@ def test_a_lying_worker_is_caught_before_its_update_lands_and_the_survivors_reke
     assert s["excluded_workers"] == [1] and s["dropped_workers"] == [1]
     (rejection,) = s["rejections"]
     assert rejection["worker"] == 1 and rejection["step"] == 1
-    assert rejection["distance"] > 1e6 * s["bound"]  # the weighted distance of a 10x gradient
+    # the weighted distance of a 10x gradient (measured 172) against the bound with the verdicts' flooding (0.0237)
+    assert rejection["distance"] > 1000 * rejection["bound"]
     assert s["rekeys"] == 1 and s["discarded_claims"] == 2  # workers 0 and 2's honest claims of that round
     assert s["audited_claims"] == 3 + 3 + 2  # round 2 ran under the new 2-party keys
     assert s["worst_accepted_distance"] <= s["bound"]
