@@ -126,7 +126,7 @@ def test_joint_eval_mult_key_two_rounds(small_threshold, rng):
     from trustgrad.crypto import EncryptedVector
 
     sq = EncryptedVector(ctx, [ctx.cc.EvalMult(ct.ciphertexts[0], ct.ciphertexts[0])], ctx.slots, "float64", pk.tag, 1)
-    out = fuse([partial_decrypt(s, sq, NO_FLOODING) for s in shares])  # CKKS's precision; flooding: test_key_setup
+    out = fuse([partial_decrypt(s, sq, NO_FLOODING) for s in shares])  # CKKS's precision; flooding: test_keyset
     np.testing.assert_allclose(out, x**2, atol=1e-7)
 
 

@@ -14,7 +14,7 @@ a key is a sequence of RNS towers, each ``[ring_dim as uint64][ring_dim uint64 v
 towers are ``a`` is found by difference, not by assuming a layout: a template key and a key that OpenFHE generated
 *on the template's* ``a`` share exactly the ``a`` towers. Those towers are then overwritten with SHAKE-256 output
 reduced by rejection sampling (uniform mod q; uniform in the NTT domain is uniform in the coefficient domain, the
-NTT being a bijection). ``tests/crypto/test_key_setup.py`` checks that keys made this way decrypt with all shares
+NTT being a bijection). ``tests/crypto/test_keyset.py`` checks that keys made this way decrypt with all shares
 and not with fewer, and that a contribution on another ``a`` is refused.
 """
 
