@@ -87,11 +87,14 @@ def parse_malicious(text: str) -> MaliciousSpec:
     if "rank" not in fields or "attack" not in fields:
         raise ConfigError(f"malformed --malicious {text!r}: rank= and attack= are required")
     attack = fields["attack"]
-    if attack not in POISONINGS:
-        raise ConfigError(f"unknown malicious attack {attack!r} (known: {', '.join(sorted(POISONINGS))})")
+    from ..secure.rogue import KEY_ATTACKS  # key-party attacks (threshold key set-up); the gradient stays honest
+
+    known = {**POISONINGS, **dict.fromkeys(KEY_ATTACKS, 1.0)}
+    if attack not in known:
+        raise ConfigError(f"unknown malicious attack {attack!r} (known: {', '.join(sorted(known))})")
     try:
         rank, from_step = int(fields["rank"]), int(fields.get("from-step", "0"))
-        strength = float(fields.get("strength", POISONINGS[attack]))
+        strength = float(fields.get("strength", known[attack]))
     except ValueError:
         raise ConfigError(
             f"malformed --malicious {text!r}: rank and from-step are integers, strength a number"

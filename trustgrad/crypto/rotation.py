@@ -14,6 +14,11 @@ errors", rotation-key generation). One round, bytes in and bytes out:
 
 The keys are public evaluation material (like the joint eval-mult key); fusing fewer than all n parties' key sets
 gives keys for a partial secret, with which rotations decrypt to noise.
+
+In-process and legacy only: here party 1's own keys are the common element, so party 1 chooses the ``a``'s every
+other party's keys sit on (a rogue party 1 could choose them with a trapdoor). The distributed set-up
+(:mod:`trustgrad.secure.evaluation_keys`) derives them from the jointly flipped seed instead
+(:func:`trustgrad.crypto.keyset.common_rotations`) and commits every contribution before any is revealed.
 """
 
 from __future__ import annotations

@@ -3,23 +3,36 @@
 Each function is one party's step, bytes in and bytes out, so the protocol runs over any transport
 (OpenFHE threshold FHE, after Asharov et al. 2012 / Mouchet et al. 2021):
 
-Key generation (sequential, each party in turn):
-  1. party 1: ``pk1, share1 = threshold_keygen(ctx, parties=n)``; sends ``pk1.to_bytes()`` to party 2;
-  2. party i: ``pk_i, share_i = threshold_keygen(ctx, parties=n, previous=PublicKey.from_bytes(ctx, pk_{i-1}))``;
-     the public key of party n is the joint key ``pk`` (``pk.complete``), published to everyone.
-Joint relinearisation key (only for ciphertext x ciphertext products; aggregation does not need it):
-  3. round 1, sequential: ``r = joint_eval_mult_round1(share_i, pk, r)`` starting from ``r=None``;
-  4. round 2, any order: each party sends ``joint_eval_mult_round2(share_i, pk, r)`` to a combiner, who calls
+Key generation (:mod:`trustgrad.crypto.keyset`; every party on one common element, no party decides the joint key;
+``secure.keys`` runs it over the network):
+  1. the parties flip a seed together: each commits to 32 random bytes (``commitment``), then reveals them;
+     ``seed = joint_seed(revealed)``;
+  2. every party derives the same public element ``pk_common = common_public_key(ctx, seed)`` (``crypto.crs``:
+     SHAKE-256 of the seed, so no party chose it) and makes its share on it:
+     ``contribution_i, share_i = threshold_share(ctx, pk_common, index=i, parties=n)``;
+  3. each party commits to ``contribution_i`` (BLAKE2b of its bytes) and sends the commitment to all; only when it
+     holds every commitment does it reveal ``contribution_i``;
+  4. every party checks each revealed contribution against its commitment and the common element, and sums them
+     itself: ``pk = joint_public_key(pk_common, contributions)`` (OpenFHE ``MultiAddPubKeys``);
+  5. the parties exchange ``key_digest(pk)``; equal everywhere, or the set-up stops naming who differs.
+  A contribution chosen after seeing the others' (to cancel them) breaks its commitment; a contribution made on
+  another element (a chain of one's own) fails the common-element check; different contributions to different
+  parties give different joint keys, caught at step 5. ``threshold_keygen`` (OpenFHE's chain, in which the last
+  party's key is the joint key) is kept for in-process use and to demonstrate that attack; nothing distributed uses it.
+Joint evaluation keys (relinearisation, rotations) follow the same commit / reveal / sum-by-everyone pattern on
+common elements of the same seed (``keyset``; run by ``trustgrad.secure.evaluation_keys``).
+Legacy in-process rounds of the relinearisation key (each party in turn):
+  3'. round 1, sequential: ``r = joint_eval_mult_round1(share_i, pk, r)`` starting from ``r=None``;
+  4'. round 2, any order: each party sends ``joint_eval_mult_round2(share_i, pk, r)`` to a combiner, who calls
      ``pk = joint_eval_mult_finish(pk, parts)``.
 Decryption of an aggregate ``v``:
   5. every party i sends ``partial_decrypt(share_i, v).to_bytes()`` (party 1 computes the "lead" share);
   6. anyone holding all n partials calls ``fuse(partials)``. Fusing fewer than n raises ``CryptoError``
      (checked by party index before OpenFHE runs; OpenFHE itself would fail with "approximation error is too high").
 
-Each partial decryption adds OpenFHE's multiparty smudging noise. CKKS supports only ``FIXED_NOISE_MULTIPARTY`` (a
-fixed ~20-bit noise that raises the cost of key-recovery attacks on published partials but is not a proof against
-them); the threshold preset's Delta = 2**50 leaves room for more (see ``params.py``). Partial decryptions should
-therefore go only to the party that fuses them, not be broadcast.
+Each partial decryption carries OpenFHE's fixed multiparty smudging noise (~20 bits, the only mode OpenFHE offers
+for CKKS) plus flooding noise the party adds itself (:mod:`trustgrad.crypto.flooding`, on by default, sized for a
+stated IND-CPA^D security target; docs/threshold-keys.md has the parameter choice and the measured precision).
 
 t-of-n recovery (``ShareKeys`` / ``RecoverSharedKey``) is not offered. In the 1.6.1 bindings the calls exist and work
 inside one process (tested in ``tests/crypto/test_threshold.py``: a recovered share decrypts correctly), but
@@ -41,7 +54,15 @@ import openfhe
 
 from trustgrad.crypto import _wire, layout
 from trustgrad.crypto.context import _MAX_PARTIES, Context, PublicKey, SecretKey
-from trustgrad.crypto.vector import EncryptedVector, _canonical, _parse_checked, _read_vector_meta, _shape, _unpack
+from trustgrad.crypto.flooding import FLOODING, Flooding, flood
+from trustgrad.crypto.vector import (
+    EncryptedVector,
+    _canonical,
+    _parse_checked,
+    _read_vector_meta,
+    _shape,
+    _unpack,
+)
 from trustgrad.errors import CryptoError
 
 __all__ = [
@@ -228,8 +249,9 @@ class PartialDecryption:
         return cls(shell, cts, index, count)
 
 
-def partial_decrypt(share: KeyShare, vector: EncryptedVector) -> PartialDecryption:
-    """This party's decryption share of ``vector`` (party 1 computes the lead share)."""
+def partial_decrypt(share: KeyShare, vector: EncryptedVector, flooding: Flooding = FLOODING) -> PartialDecryption:
+    """This party's decryption share of ``vector`` (party 1 computes the lead share), flooded with fresh noise
+    (:mod:`trustgrad.crypto.flooding`; on by default: every partial leaves the party that makes it)."""
     if not isinstance(share, KeyShare):
         raise CryptoError("partial_decrypt() needs a threshold KeyShare; use decrypt() with a shared SecretKey")
     if vector.context.fingerprint != share.context.fingerprint:
@@ -238,7 +260,9 @@ def partial_decrypt(share: KeyShare, vector: EncryptedVector) -> PartialDecrypti
     with _wire.openfhe_errors("partial decryption"):
         step = cc.MultipartyDecryptLead if share.index == 1 else cc.MultipartyDecryptMain
         cts = step(vector.ciphertexts, share._sk)
-    return PartialDecryption(vector, list(cts), share.index, share.parties)
+        sigma = flooding.sigma(share.context.params.scale_bits)
+        cts = [flood(cc, ct, sigma, share.context.slots) for ct in cts]
+    return PartialDecryption(vector, cts, share.index, share.parties)
 
 
 def fuse(partials: Sequence[PartialDecryption]) -> np.ndarray:

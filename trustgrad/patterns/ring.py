@@ -90,10 +90,14 @@ class Ring(GradientAveraging):
         if self.cfg.crypto.encrypt == "ckks":
             from ..attacks.poisoning import wire_tamper
             from ..secure import CryptoStats, setup_keys
+            from ..secure.rogue import behaviour
 
             self.crypto = CryptoStats()
             self.tamper = wire_tamper(self.cfg.malicious, self.comm.rank)  # --malicious ...,attack=crafted-*
-            self.keys = setup_keys(self.comm, self.cfg.crypto, range(self.comm.world_size), (), self.crypto)
+            conduct = behaviour(self.cfg.malicious, self.comm.rank)  # a rogue key party, in tests of the set-up
+            self.keys = setup_keys(
+                self.comm, self.cfg.crypto, range(self.comm.world_size), (), self.crypto, None, conduct
+            )
 
     def sum(self, flat: torch.Tensor) -> torch.Tensor:
         if self.keys is not None:

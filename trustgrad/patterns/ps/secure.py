@@ -42,6 +42,7 @@ from ...crypto import EncryptedVector, aggregate, decrypt, encrypt, fuse, layout
 from ...crypto.threshold import PartialDecryption
 from ...errors import CryptoError, LaunchError
 from ...secure import CryptoStats, KeyRing, setup_keys
+from ...secure.rogue import behaviour
 from .protocol import REPLY, SERVICE
 
 __all__ = ["SecureWorker", "SecureServer", "RefusedPayload", "decode_fresh"]
@@ -63,7 +64,8 @@ def _setup(comm: Comm, cfg: RunConfig, stats: CryptoStats) -> KeyRing:
 
     parties = list(range(1, cfg.workers + 1))  # the workers, and the auditor rank when it audits ciphertexts
     auditor = auditor_rank(cfg)
-    return setup_keys(comm, cfg.crypto, parties + ([auditor] if auditor is not None else []), [0], stats)
+    parties += [auditor] if auditor is not None else []
+    return setup_keys(comm, cfg.crypto, parties, [0], stats, behaviour=behaviour(cfg.malicious, comm.rank))
 
 
 def decode_fresh(keys: KeyRing, payload: bytes, rank: int, length: int, what: str = "ciphertext") -> EncryptedVector:
