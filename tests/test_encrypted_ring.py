@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-from harness import run_ranks
+from harness import flooding_tolerance, run_ranks
 
 from trustgrad.cli import main
 from trustgrad.comm import Comm
@@ -37,21 +37,13 @@ def test_encrypted_ring_equals_engine_all_reduce(world):
         assert r["encrypted_bytes"] > 10 * r["plaintext_equivalent_bytes"] > 0
 
 
-def _flooding_tolerance(cfg: RunConfig) -> float:
-    """How far flooding moves a run's weights: each step's mean carries noise of sigma * sqrt(W) / W per weight,
-    momentum m sums it 1 / (1 - m) times, the steps add up as a random walk; 6 such standard deviations (the max over
-    every weight). Measured: 5.2e-4 (ring, 8 steps) and 5.3e-4 (ps, 6 steps) against 1.5e-3 and 1.3e-3."""
-    per_step = cfg.lr / (1 - cfg.momentum) * FLOODING.sigma(50) * cfg.workers**-0.5
-    return 6 * per_step * cfg.max_steps**0.5
-
-
 def test_encrypted_ring_training_follows_the_plaintext_run():
     cfg = RunConfig(workers=2, epochs=1, max_steps=8, seed=3, progress=False).replace(pattern={"name": "ring"})
     plain = run(cfg)
     secret = run(cfg.replace(crypto={"encrypt": "ckks", "keys": "threshold"}))
     assert secret.summary["encryption"] == "ckks" and secret.summary["he_encrypt_seconds"] > 0
     for name, ref in plain.state.items():
-        torch.testing.assert_close(secret.state[name], ref, atol=_flooding_tolerance(cfg), rtol=0)
+        torch.testing.assert_close(secret.state[name], ref, atol=flooding_tolerance(cfg), rtol=0)
 
 
 @pytest.mark.parametrize(
@@ -74,7 +66,7 @@ def test_encrypted_parameter_server_follows_the_plaintext_run(keys):
     cfg = RunConfig(workers=2, epochs=1, max_steps=6, seed=4, progress=False).replace(pattern={"name": "ps"})
     plain = run(cfg)
     secret = run(cfg.replace(crypto={"encrypt": "ckks", "keys": keys}))
-    tolerance = _flooding_tolerance(cfg) if keys == "threshold" else 1e-5  # shared keys: one holder, no flooding
+    tolerance = flooding_tolerance(cfg) if keys == "threshold" else 1e-5  # shared keys: one holder, no flooding
     for name, ref in plain.state.items():
         torch.testing.assert_close(secret.state[name], ref, atol=tolerance, rtol=0)
     s = secret.summary

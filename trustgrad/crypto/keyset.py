@@ -87,8 +87,9 @@ def digest(key_bytes: bytes) -> bytes:
 
 
 def _tag(seed: bytes) -> str:
-    """The joint key's tag: the same at every party (OpenFHE otherwise tags a sum like its first operand)."""
-    return "joint-" + hashlib.blake2b(seed, digest_size=16, person=b"tg-key-tag").hexdigest()
+    """The joint key's tag: the same at every party (OpenFHE otherwise tags a sum like its first operand). 32 hex
+    characters, as OpenFHE's own tags: the wire's exact layouts (crypto/layout.py) fix the tag's length."""
+    return hashlib.blake2b(seed, digest_size=16, person=b"tg-key-tag").hexdigest()
 
 
 # -- the public key -------------------------------------------------------------------------------------------------

@@ -282,7 +282,10 @@ def fuse(partials: Sequence[PartialDecryption]) -> np.ndarray:
     ordered = sorted(partials, key=lambda p: p.index)
     with _wire.openfhe_errors("fusing partial decryptions"):
         plaintexts = [cc.MultipartyDecryptFusion(list(group)) for group in zip(*(p.ciphertexts for p in ordered))]
-    return _unpack(plaintexts, first.length, first.dtype, first.context.slots, first.padded)
+    # every party floods its partial (FLOODING): padding slots hold that noise, up to 8 sigma of the sum (~1e-15
+    # per slot to exceed), and a cut length must stand out above it
+    noise = 8.0 * np.sqrt(first.parties) * FLOODING.sigma(first.context.params.scale_bits)
+    return _unpack(plaintexts, first.length, first.dtype, first.context.slots, first.padded, noise)
 
 
 # -- helpers ------------------------------------------------------------------------------------------------------

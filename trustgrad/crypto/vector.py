@@ -229,7 +229,10 @@ def aggregate(vectors: Sequence[EncryptedVector], scale: float | None = None) ->
 # -- helpers shared with threshold.py -----------------------------------------------------------------------------
 
 
-def _unpack(plaintexts: list[Any], length: int, dtype: str, slots: int, padded: bool = False) -> np.ndarray:
+def _unpack(
+    plaintexts: list[Any], length: int, dtype: str, slots: int, padded: bool = False, noise: float = 0.0
+) -> np.ndarray:
+    """The decrypted values; ``noise`` bounds what honest decryption noise (flooding) may leave in padding slots."""
     out = np.empty(len(plaintexts) * slots, dtype=np.float64)
     for i, pt in enumerate(plaintexts):
         bits = pt.GetLogPrecision()
@@ -243,7 +246,7 @@ def _unpack(plaintexts: list[Any], length: int, dtype: str, slots: int, padded: 
     values = out[:length]
     if padded and length < out.size:
         pad = float(np.max(np.abs(out[length:])))
-        if pad > PAD_TOLERANCE * max(1.0, float(np.max(np.abs(values)))):
+        if pad > max(noise, PAD_TOLERANCE * max(1.0, float(np.max(np.abs(values))))):
             raise CryptoError(
                 f"the slots past the declared length {length} hold data (|x| up to {pad:.3g}): a cut length"
             )
