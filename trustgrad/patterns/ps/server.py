@@ -1,6 +1,6 @@
 """The server rank of ``ps``: holds the model, applies pushed gradients under a schedule, answers with the model.
 
-Scheduler loop (one thread; messages come from the ``Inbox`` thread in arrival order):
+Scheduler loop (one thread; messages come from the ``Inbox``'s per-worker threads in arrival order):
 
 1. Send every worker the model (version, and its clock: non-zero after ``--resume``).
 2. On a gradient from worker w at clock c computed on version v: record its staleness, advance w's clock to c+1, then
@@ -9,7 +9,8 @@ Scheduler loop (one thread; messages come from the ``Inbox`` thread in arrival o
 3. Answer every waiting worker whose next clock is within the schedule's bound of the slowest live worker's clock
    (SSP, Ho et al. 2013), with the current model.
 4. A worker that sends nothing for ``--worker-timeout`` seconds while it owes a gradient, or cannot be reached, is
-   dropped (async, ssp: it stops counting for SSP's slowest clock) or fails the run, named (sync).
+   dropped (async, ssp: it stops counting for SSP's slowest clock) or fails the run, named (sync). A dropped worker
+   that speaks again (its link came back) is told ``DROPPED`` and answers with its last message, ``ACK``.
 5. When every live worker is done: goodbye (BYE -> ACK), final evaluation, records.
 
 Staleness of a gradient is counted in clocks, as in SSP: ``c - m`` where m is the slowest live worker's clock when w
@@ -33,7 +34,7 @@ from ...errors import LaunchError
 from ...models import build_model
 from ...replica import Replica, make_optimizer
 from .checkpoint import ServerCheckpoint
-from .protocol import ACK, BYE, DONE, DROPPED, GRADIENT, OK, REPLY, Inbox, Message
+from .protocol import ACK, BYE, DONE, DROPPED, GRADIENT, LOST, OK, REPLY, Inbox, Message
 
 if TYPE_CHECKING:
     from . import ParameterServer
@@ -53,6 +54,7 @@ class _Worker:
     deadline: float = math.inf
     done: bool = False
     dropped: str | None = None
+    acked: bool = False  # sent its last message (ACK): its receive thread has ended
 
 
 class Server:
@@ -113,7 +115,7 @@ class Server:
         limit = 64 * 4 * self.replica.num_params + 4096
         if self.secure is not None:  # ciphertexts: ~0.4 MB per 4096 slots, generously bounded
             limit += self.secure.max_payload(self.replica.num_params)
-        self.inbox = Inbox(self.comm, max_payload=limit, survive_peer_loss=self.schedule.tolerates_loss)
+        self.inbox = Inbox(self.pattern.links, max_payload=limit)
         self._release()
         while any(not w.done and not w.dropped for w in self.workers.values()):
             msg = self.inbox.get(timeout=self._next_deadline() - time.perf_counter())
@@ -166,16 +168,26 @@ class Server:
         w = self.workers.get(msg.src)
         if w is None:
             raise LaunchError(f"ps: message from rank {msg.src}, which is not a worker")
+        if msg.kind == ACK:  # its last message (after DROPPED): its receive thread has ended
+            w.acked = True
+            return
+        if msg.kind == LOST:
+            if not w.dropped and not w.acked:
+                self._lost(w, f"unreachable ({msg.reason})")
+            return
+        if w.dropped and msg.kind in (GRADIENT, DONE):  # one we gave up on speaks again: tell it, ignore what it sent
+            self._send(w, DROPPED)
+            return
         if msg.kind == GRADIENT:
-            if w.dropped:  # a straggler we gave up on: tell it, and ignore its gradient
-                self._send(w, DROPPED)
-                return
             if w.waiting or msg.step != w.clock or msg.version != w.read_version:
-                raise LaunchError(
-                    f"ps: worker {w.rank - 1} pushed step {msg.step} on version {msg.version}, "
-                    f"expected step {w.clock} on version {w.read_version}"
-                )
-            grad = self.pattern.decode(msg.payload, w.rank)
+                self._refuse(w, f"pushed step {msg.step} on version {msg.version}, expected step {w.clock} on version "
+                             f"{w.read_version}")  # fmt: skip
+                return
+            try:
+                grad = self.pattern.decode(msg.payload, w.rank)
+            except LaunchError as exc:
+                self._refuse(w, str(exc))
+                return
             if self.cfg.record_server_view and not self.view_recorded and msg.version == self.version:
                 self._record_view(msg, grad)
             if self.audit is not None:
@@ -248,15 +260,16 @@ class Server:
                     again = True
 
     def _send(self, w: _Worker, status: int) -> bool:
+        link = self.pattern.links[w.rank]
         try:
-            self.comm.send(torch.tensor([status, self.version, w.clock], dtype=torch.int64), w.rank, REPLY)
+            link.send(torch.tensor([status, self.version, w.clock], dtype=torch.int64), w.rank, REPLY)
             if status == OK and self.secure is not None:
-                self.comm.send_bytes(self.secure.latest, w.rank, REPLY)
+                link.send_bytes(self.secure.latest, w.rank, REPLY)
             elif status == OK:
                 outgoing = self._outgoing()
                 if self.audit is not None and self.velocity is not None:
                     self.audit.remember(self.version, outgoing)
-                self.comm.send(outgoing, w.rank, REPLY)
+                link.send(outgoing, w.rank, REPLY)
         except RuntimeError as exc:  # gloo: connection closed by a dead peer
             self._lost(w, f"unreachable ({str(exc).splitlines()[0][:120]})")
             return False
@@ -277,6 +290,12 @@ class Server:
         self._send(w, DROPPED)
         w.dropped, w.waiting, w.deadline = reason, False, math.inf
 
+    def _refuse(self, w: _Worker, reason: str) -> None:
+        """A push that breaks the protocol: asynchronous schedules exclude its sender, sync fails the run, named."""
+        if not self.schedule.tolerates_loss:
+            raise LaunchError(f"ps {self.schedule.name}: worker {w.rank - 1} (rank {w.rank}) {reason}", rank=w.rank)
+        self.exclude(w, reason)
+
     def _lost(self, w: _Worker, reason: str) -> None:
         if not self.schedule.tolerates_loss:
             raise LaunchError(
@@ -288,19 +307,24 @@ class Server:
         w.dropped, w.waiting, w.deadline = reason, False, math.inf
 
     def _goodbye(self) -> None:
-        finished = [w for w in self.workers.values() if w.done and not w.dropped]
-        self.inbox.expect_acks(len(finished))
-        for w in finished:
-            self._send(w, BYE)
-        acks, deadline = 0, time.perf_counter() + self.cfg.pattern.worker_timeout
-        while acks < len(finished) and time.perf_counter() < deadline:
+        """BYE to every finished worker, then wait (``--worker-timeout``) for their ACKs, answering stragglers we
+        dropped; the receive threads of dropped workers that never speak again are left to the process's end."""
+        finished = {w.rank for w in self.workers.values() if w.done and not w.dropped}
+        for rank in sorted(finished):
+            self._send(self.workers[rank], BYE)
+        deadline = time.perf_counter() + self.cfg.pattern.worker_timeout
+        while any(not self.workers[r].acked for r in finished) and time.perf_counter() < deadline:
             msg = self.inbox.get(timeout=deadline - time.perf_counter())
             if msg is not None and msg.kind == ACK:
-                acks += 1
-            elif msg is not None and msg.kind == GRADIENT:
+                self.workers[msg.src].acked = True
+            elif msg is not None and msg.kind in (GRADIENT, DONE) and self.workers[msg.src].dropped:
                 self._send(self.workers[msg.src], DROPPED)
-        if not self.inbox.join(timeout=5.0):
-            log.warning("ps: %d of %d workers did not answer the goodbye", len(finished) - acks, len(finished))
+            elif msg is not None and msg.kind == LOST and msg.src in finished:
+                log.warning("ps: worker %d finished but missed the goodbye: %s", msg.src - 1, msg.reason)
+                finished.discard(msg.src)
+        missing = [r - 1 for r in finished if not self.workers[r].acked]
+        if missing:
+            log.warning("ps: workers %s did not answer the goodbye", missing)
 
     def _outgoing(self) -> torch.Tensor:
         """The parameters a worker computes its next gradient on: the model (sync), or DANA's look-ahead
