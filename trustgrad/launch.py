@@ -33,7 +33,7 @@ from typing import Any
 
 from .errors import LaunchError, TrustgradError
 
-__all__ = ["RankContext", "spawn", "under_torchrun", "run_torchrun_rank"]
+__all__ = ["RankContext", "spawn", "under_torchrun", "run_torchrun_rank", "describe_failure", "engine_message"]
 
 log = logging.getLogger(__name__)
 
@@ -276,9 +276,7 @@ _PEER_NAMES = {"recv": ("src", "prv", "peer", "dst", "nxt"), "send": ("dst", "nx
 
 def describe_failure(exc: BaseException, rank: int, timeout: float) -> str:
     """One line for a rank whose engine call failed: the rank, the peer it was talking to, the timeout, the cause."""
-    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    for noise in _GLOO_NOISE:
-        text = noise.sub("", text)
+    text = engine_message(exc)
     op = "send" if "send" in text.lower() else "recv"
     peer = _peer_in_traceback(exc, _PEER_NAMES[op])
     if "timed out" in text.lower() or "timeout" in text.lower():
@@ -290,6 +288,14 @@ def describe_failure(exc: BaseException, rank: int, timeout: float) -> str:
     else:
         what = f"a call with {peer} failed (--timeout {timeout:g} s)"
     return f"rank {rank}: {what}: {text[:200]}"
+
+
+def engine_message(exc: BaseException) -> str:
+    """The first line of an engine error without gloo's source location and advice."""
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    for noise in _GLOO_NOISE:
+        text = noise.sub("", text)
+    return text[:240]
 
 
 def _peer_in_traceback(exc: BaseException, names: tuple[str, ...]) -> str:

@@ -311,4 +311,6 @@ class ParameterServer(Pattern):
 
 
 def _first_line(exc: BaseException) -> str:
-    return (str(exc).splitlines() or [type(exc).__name__])[0][:160]
+    from ...launch import engine_message
+
+    return engine_message(exc)

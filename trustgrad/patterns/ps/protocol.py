@@ -44,7 +44,7 @@ import torch.distributed as dist
 
 from ...comm import Comm
 from ...errors import LaunchError
-from ...launch import RankContext
+from ...launch import RankContext, engine_message
 
 __all__ = [
     "Inbox", "Message", "PUSH", "PAYLOAD", "REPLY", "GRADIENT", "DONE", "ACK", "LOST", "OK", "DROPPED", "BYE",
@@ -169,7 +169,7 @@ class Inbox:
             try:
                 message = self._receive(src, link)
             except (RuntimeError, LaunchError) as exc:  # gloo: reset, closed or timed out; or a malformed header
-                reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+                reason = engine_message(exc)
                 self._queue.put(Message(src, LOST, 0, 0, math.nan, reason=reason))
                 return
             self._queue.put(message)
