@@ -269,7 +269,7 @@ def run_torchrun_rank(
 
 
 #: gloo prefixes messages with its source location and appends advice; the one line keeps what happened
-_GLOO_NOISE = (re.compile(r"^\[[^\]]*\.(?:cc|cpp|h):\d+\]\s*"), re.compile(r"\.?\s*This is typically caused.*$"))
+_GLOO_NOISE = (re.compile(r"\[[^\]]*\.(?:cc|cpp|h):\d+\]\s*"), re.compile(r"\.?\s*This is typically caused.*$"))
 #: argument names of the call that failed, innermost first: trustgrad's Comm (src, dst) and the ring's neighbours
 _PEER_NAMES = {"recv": ("src", "prv", "peer", "dst", "nxt"), "send": ("dst", "nxt", "peer", "src", "prv")}
 
@@ -279,7 +279,12 @@ def describe_failure(exc: BaseException, rank: int, timeout: float) -> str:
     text = engine_message(exc)
     op = "send" if "send" in text.lower() else "recv"
     peer = _peer_in_traceback(exc, _PEER_NAMES[op])
-    if "timed out" in text.lower() or "timeout" in text.lower():
+    if "connectfullmesh" in text.lower():  # measured: gloo advertises the hostname's address, here 127.0.0.1
+        what = (
+            f"joining the process group failed within --timeout {timeout:g} s (gloo could not connect to every rank; "
+            "across machines set GLOO_SOCKET_IFNAME to the interface that reaches them)"
+        )
+    elif "timed out" in text.lower() or "timeout" in text.lower():
         what = f"{'sending to' if op == 'send' else 'waiting for'} {peer} timed out after --timeout {timeout:g} s"
     elif "closed" in text.lower() or "reset" in text.lower():
         what = (
