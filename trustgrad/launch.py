@@ -279,7 +279,14 @@ def describe_failure(exc: BaseException, rank: int, timeout: float) -> str:
     text = engine_message(exc)
     op = "send" if "send" in text.lower() else "recv"
     peer = _peer_in_traceback(exc, _PEER_NAMES[op])
-    if "connectfullmesh" in text.lower():  # measured: gloo advertises the hostname's address, here 127.0.0.1
+    store_wait = re.search(r"wait timeout after \d+ms, keys: \S*?/(\d+)$", text)
+    if store_wait:  # measured: ranks on a machine whose torchrun had no --local-addr never reach the store
+        master = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+        what = (
+            f"rank {store_wait.group(1)} never joined the process group within --timeout {timeout:g} s (it could not "
+            f"reach the job's store at {master}? across machines give each torchrun --local-addr ADDR)"
+        )
+    elif "connectfullmesh" in text.lower():  # measured: gloo advertises the hostname's address, here 127.0.0.1
         what = (
             f"joining the process group failed within --timeout {timeout:g} s (gloo could not connect to every rank; "
             "across machines set GLOO_SOCKET_IFNAME to the interface that reaches them)"
