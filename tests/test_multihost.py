@@ -140,7 +140,21 @@ def test_readme_command_on_two_hosts_matches_a_local_run(hosts, tmp_path):
 
 @pytest.mark.parametrize("schedule", [["--schedule", "async"], ["--schedule", "ssp", "--staleness", "2"]])
 def test_ps_survives_a_cut_of_the_other_hosts_link(hosts, tmp_path, schedule):
-    args = ["--pattern", "ps", *schedule, "--workers", "3", "--worker-timeout", "5", "--timeout", "60"]
+    # --hidden 256: a 336 KB model, larger than a socket buffer, so a reply to a cut-off worker is likely to be in
+    # flight when the link goes down (a blocking send there once held the whole server for the cut)
+    args = [
+        "--pattern",
+        "ps",
+        *schedule,
+        "--workers",
+        "3",
+        "--worker-timeout",
+        "5",
+        "--timeout",
+        "60",
+        "--hidden",
+        "256",
+    ]
     job = launch(hosts, tmp_path, [*args, "--epochs", "30"])
     try:
         wait_for(job, 0, "ps epoch 0")

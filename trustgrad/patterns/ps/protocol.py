@@ -36,7 +36,6 @@ import logging
 import math
 import queue
 import threading
-import time
 from dataclasses import dataclass
 
 import torch
@@ -145,13 +144,6 @@ class Inbox:
             return self._queue.get(timeout=max(0.0, timeout))
         except queue.Empty:
             return None
-
-    def join(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` s in all for every thread; whether all have ended."""
-        end = time.monotonic() + timeout
-        for t in self._threads:
-            t.join(max(0.0, end - time.monotonic()))
-        return not any(t.is_alive() for t in self._threads)
 
     def _receive(self, src: int, link: Comm) -> Message:
         header = torch.zeros(HEADER, dtype=torch.float64)

@@ -273,7 +273,11 @@ class Server:
                 self.audit.remember(self.version, outgoing)
             parts.append(outgoing)
         try:
-            self._post(w.rank, parts)
+            if self.schedule.tolerates_loss:
+                self._post(w.rank, parts)
+            else:  # sync waits for every worker anyway: a plain send, as the blind server's own requests are
+                for part in parts:
+                    self.pattern.links[w.rank].send(part, w.rank, REPLY)
         except RuntimeError as exc:  # gloo: connection closed by a dead peer
             self._lost(w, f"unreachable ({engine_message(exc)})")
             return False
@@ -283,11 +287,12 @@ class Server:
         return True
 
     def _post(self, rank: int, parts: list[torch.Tensor]) -> None:
-        """Send a reply without waiting for the wire. Measured across two hosts: with a worker's link down, a blocking
-        send of the model (36 KB) waited for the link as long as the cut lasted, and with it the scheduler thread,
-        every other worker's reply and every deadline. The previous reply to this worker has long been delivered by
-        the time we answer it again (it has pushed since), so waiting for it here costs nothing and bounds what is in
-        flight to one reply per worker; a reply to a cut-off worker just stays in flight, its tensors kept alive."""
+        """Send a reply without waiting for the wire (async, ssp). Measured across two hosts: with a worker's link
+        down, a blocking send of the model (36 KB) waited for the link as long as the cut lasted, and with it the
+        scheduler thread, every other worker's reply and every deadline. The previous reply to this worker has long
+        been delivered by the time we answer it again (it has pushed since), so waiting for it here costs nothing and
+        bounds what is in flight to one reply per worker; a reply to a cut-off worker just stays in flight, its
+        tensors kept alive."""
         link = self.pattern.links[rank]
         for work, _ in self.in_flight.pop(rank, []):
             link.wait(work)
