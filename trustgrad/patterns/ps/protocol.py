@@ -25,9 +25,10 @@ a timeout there closes that worker's connection only (measured: the other pairs 
 ``sync`` (and everything encrypted, which runs sync) stays on the job's group: there a lost worker fails the run
 anyway, and the blind server's service requests share the reply channel.
 
-Every thread ends with its worker's last message (``ACK``: after ``BYE``, or after ``DROPPED``), so at the end no
-receive the server posted is left waiting on a live peer; a worker that cannot be reached ends its thread with
-``LOST``. Headers are untrusted: ``parse_push_header`` checks them before anything is allocated.
+Every thread ends with its worker's last message (``ACK``: after ``BYE``, or after ``DROPPED``) or, for a worker that
+cannot be reached, with ``LOST``; at the end the server closes the groups of dropped workers that never said goodbye
+(``Server._close_dropped``), so no receive it posted is left waiting for a peer that may still speak. Headers are
+untrusted: ``parse_push_header`` checks them before anything is allocated.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 PUSH, PAYLOAD, REPLY = 11, 12, 13  # tags
+CLOSE = 14  # never sent: the server's deliberately timed-out receive that closes a dropped worker's own group
 GRADIENT, DONE, ACK = 1, 2, 3  # worker message kinds
 LOST = -1  # never on the wire: the inbox's note that a worker's connection failed (``Message.reason`` says how)
 OK, DROPPED, BYE = 0, 1, 2  # server reply statuses
@@ -131,11 +133,11 @@ class Inbox:
     def __init__(self, links: dict[int, Comm], max_payload: int):
         self.max_payload = max_payload
         self._queue: queue.Queue[Message] = queue.Queue()
-        self._threads = [
-            threading.Thread(target=self._run, args=(src, link), name=f"ps-inbox-{src}", daemon=True)
+        self.threads = {
+            src: threading.Thread(target=self._run, args=(src, link), name=f"ps-inbox-{src}", daemon=True)
             for src, link in sorted(links.items())
-        ]
-        for t in self._threads:
+        }
+        for t in self.threads.values():
             t.start()
 
     def get(self, timeout: float) -> Message | None:

@@ -20,6 +20,7 @@ updates applied between that read and this gradient's arrival (Hogwild-style sta
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -35,7 +36,7 @@ from ...launch import engine_message
 from ...models import build_model
 from ...replica import Replica, make_optimizer
 from .checkpoint import ServerCheckpoint
-from .protocol import ACK, BYE, DONE, DROPPED, GRADIENT, LOST, OK, REPLY, Inbox, Message
+from .protocol import ACK, BYE, CLOSE, DONE, DROPPED, GRADIENT, LOST, OK, REPLY, Inbox, Message
 
 if TYPE_CHECKING:
     from . import ParameterServer
@@ -131,6 +132,7 @@ class Server:
         if self.audit is not None:
             self.audit.close()
         self._goodbye()
+        self._close_dropped()
         if self.secure is not None:  # nothing to evaluate here: worker 0 coordinates
             stats = {**self.secure.stats.summary(), "server_key_material": self.secure.key_material()}
             return {"steps": max(w.clock for w in self.workers.values()), "stats": stats}
@@ -345,6 +347,26 @@ class Server:
         missing = [r - 1 for r in finished if not self.workers[r].acked]
         if missing:
             log.warning("ps: workers %s did not answer the goodbye", missing)
+
+    def _close_dropped(self) -> None:
+        """Close the channel of every dropped worker that did not say goodbye (async, ssp: a group of its own each).
+
+        Its receive thread still waits, and the worker may speak again when its link returns: measured across two
+        hosts, a message landing after the process group was destroyed aborted the server at exit ("terminate called
+        without an active exception") after the records were written. A gloo wait that times out closes its group's
+        connections and fails that group's pending operations, so a deliberately tiny wait on a worker's own group
+        ends its receive thread (``LOST``) and its in-flight reply, and the worker, when it is back, finds the
+        connection closed and goes on alone.
+        """
+        if not self.schedule.tolerates_loss:
+            return
+        closing = [w.rank for w in self.workers.values() if w.dropped and not w.acked]
+        for rank in closing:
+            link = self.pattern.links[rank]
+            with contextlib.suppress(RuntimeError):  # the timeout is the point
+                link.wait(link.irecv(torch.zeros(1), rank, CLOSE), timeout=0.001)
+        for rank in closing:
+            self.inbox.threads[rank].join(timeout=2.0)
 
     def _outgoing(self) -> torch.Tensor:
         """The parameters a worker computes its next gradient on: the model (sync), or DANA's look-ahead
