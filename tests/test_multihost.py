@@ -84,14 +84,29 @@ def launch(hosts, tmp_path: Path, args: list[str], verbose: bool = True) -> Job:
         job.logs.append(folder / "log.txt")
         job.dirs.append(folder / "runs" / "job")
         job.procs.append(host.run(argv, env, str(folder), str(job.logs[-1])))
+        if i == 0:  # B's agent gives up on a store that is not listening within 60 s: start A's first
+            _wait_listening(first, 29500, job)
     return job
+
+
+def _wait_listening(host, port: int, job: Job, limit: float = JOB_LIMIT) -> None:
+    import subprocess
+
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline and job.procs[0].poll() is None:
+        ss = subprocess.run(["ip", "netns", "exec", host.ns, "ss", "-Hltn", f"sport = :{port}"], capture_output=True)
+        if ss.stdout.strip():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"host A's rendezvous store never listened on {port}:\n{job.log(0)[-3000:]}")
 
 
 def wait_for(job: Job, host: int, needle: str, limit: float = JOB_LIMIT, ready=None) -> None:
     deadline = time.monotonic() + limit
     while not (ready() if ready else needle in job.log(host)):
         if time.monotonic() > deadline or any(p.poll() is not None for p in job.procs):
-            raise AssertionError(f"{needle!r} never appeared on host {host}:\n{job.log(host)[-3000:]}")
+            tails = "\n".join(f"--- host {i} ---\n{job.log(i)[-2000:]}" for i in range(len(job.logs)))
+            raise AssertionError(f"{needle!r} never appeared on host {host}:\n{tails}")
         time.sleep(0.1)
 
 
