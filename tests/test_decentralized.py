@@ -135,5 +135,7 @@ def test_bad_input_is_one_line_and_exit_code_2(flags, message, capsys):
 def test_poisoning_reaches_patterns_that_step_locally():
     """A malicious wrapper rewrites p.grad itself, so gossip and local SGD train on the poisoned gradient too."""
     for name in ("gossip", "local-sgd"):
-        cfg = _cfg(name=name).replace(epochs=2, malicious=("rank=1,attack=scale,strength=-50",))
+        # the poisoned gossip replicas diverge and their peers refuse non-finite messages: allow the run to end
+        # with the coordinator alone (by default fewer than a majority of replicas fails it, see test_faults.py)
+        cfg = _cfg(name=name, min_replicas=1).replace(epochs=2, malicious=("rank=1,attack=scale,strength=-50",))
         assert run(cfg).summary["test_accuracy"] < 0.5

@@ -10,6 +10,7 @@ from harness import run_ranks
 from trustgrad.cli import main
 from trustgrad.comm import Comm
 from trustgrad.config import CryptoConfig, RunConfig
+from trustgrad.crypto import FLOODING
 from trustgrad.run import run
 from trustgrad.secure import CryptoStats, setup_keys
 from trustgrad.secure.ring import encrypted_ring_all_reduce
@@ -30,9 +31,18 @@ def _encrypted_vs_builtin(ctx, n):
 def test_encrypted_ring_equals_engine_all_reduce(world):
     out = run_ranks(_encrypted_vs_builtin, world, 5003)
     for r in out:
-        # CKKS at 2^50 under threshold decryption is ~1e-11 off; float32 rounding of the sum dominates (~1e-7 rel)
-        assert r["err"] <= 1e-6 * max(1.0, r["scale"]), r
+        # CKKS at 2^50 is ~1e-11 off and float32 rounding ~1e-7 relative; every rank's flooding noise (sigma each,
+        # docs/threshold-keys.md) dominates: within 7 standard deviations of their sum
+        assert r["err"] <= 1e-6 * max(1.0, r["scale"]) + 7 * FLOODING.sigma(50) * world**0.5, r
         assert r["encrypted_bytes"] > 10 * r["plaintext_equivalent_bytes"] > 0
+
+
+def _flooding_tolerance(cfg: RunConfig) -> float:
+    """How far flooding moves a run's weights: each step's mean carries noise of sigma * sqrt(W) / W per weight,
+    momentum m sums it 1 / (1 - m) times, the steps add up as a random walk; 6 such standard deviations (the max over
+    every weight). Measured: 5.2e-4 (ring, 8 steps) and 5.3e-4 (ps, 6 steps) against 1.5e-3 and 1.3e-3."""
+    per_step = cfg.lr / (1 - cfg.momentum) * FLOODING.sigma(50) * cfg.workers**-0.5
+    return 6 * per_step * cfg.max_steps**0.5
 
 
 def test_encrypted_ring_training_follows_the_plaintext_run():
@@ -41,7 +51,7 @@ def test_encrypted_ring_training_follows_the_plaintext_run():
     secret = run(cfg.replace(crypto={"encrypt": "ckks", "keys": "threshold"}))
     assert secret.summary["encryption"] == "ckks" and secret.summary["he_encrypt_seconds"] > 0
     for name, ref in plain.state.items():
-        torch.testing.assert_close(secret.state[name], ref, atol=1e-5, rtol=0)
+        torch.testing.assert_close(secret.state[name], ref, atol=_flooding_tolerance(cfg), rtol=0)
 
 
 @pytest.mark.parametrize(
@@ -64,8 +74,9 @@ def test_encrypted_parameter_server_follows_the_plaintext_run(keys):
     cfg = RunConfig(workers=2, epochs=1, max_steps=6, seed=4, progress=False).replace(pattern={"name": "ps"})
     plain = run(cfg)
     secret = run(cfg.replace(crypto={"encrypt": "ckks", "keys": keys}))
+    tolerance = _flooding_tolerance(cfg) if keys == "threshold" else 1e-5  # shared keys: one holder, no flooding
     for name, ref in plain.state.items():
-        torch.testing.assert_close(secret.state[name], ref, atol=1e-5, rtol=0)
+        torch.testing.assert_close(secret.state[name], ref, atol=tolerance, rtol=0)
     s = secret.summary
     assert s["encrypted_bytes"] > 10 * s["plaintext_equivalent_bytes"] > 0 and s["he_encrypt_seconds"] > 0
 

@@ -74,7 +74,8 @@ def test_blind_part_catches_the_liar_on_ciphertexts(quick):
     (row,) = b["rows"]
     assert row["attack"] == "sign-flip" and row["detected"] == row["runs"] == 1 and row["errors"] == 0
     assert row["detection_step_max"] == 0 and row["false_exclusions"] == 0
-    assert row["min_distance"] > 1e6 * row["bound"] and row["worst_honest_distance"] <= row["bound"]
+    # the bound includes 7 sigma of the verdicts' flooding noise (~2.4e-2, docs/threshold-keys.md; 2.3e-10 before)
+    assert row["min_distance"] > 100 * row["bound"] and row["worst_honest_distance"] <= row["bound"]
     assert b["honest"]["false_rejections"] == 0 and b["honest"]["claims"] == 3 and b["honest"]["errors"] == 0
     assert b["cost"]["check_seconds_per_claim"] > 0 and "SECRET KEY" not in b["cost"]["server_key_material"]
     assert "blind verification" in data["answer"]["text"]

@@ -21,6 +21,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,7 +30,15 @@ from .errors import DataError
 from .registry import Registry
 from .seeding import epoch_permutation, rng
 
-__all__ = ["Dataset", "DATASETS", "load_dataset", "shard_indices", "sample_hashes", "BatchPlan"]
+__all__ = [
+    "Dataset",
+    "DATASETS",
+    "load_dataset",
+    "shard_indices",
+    "dirichlet_shards",
+    "sample_hashes",
+    "BatchPlan",
+]
 
 
 @dataclass(frozen=True)
@@ -83,6 +92,36 @@ def shard_indices(n: int, worker: int, workers: int, seed: int) -> np.ndarray:
     return np.sort(perm[worker * size : (worker + 1) * size])
 
 
+def dirichlet_shards(labels: np.ndarray, workers: int, seed: int, alpha: float) -> list[np.ndarray]:
+    """Label-skewed shards of equal size (Hsu et al. 2019's Dirichlet split, the non-IID benchmark of the robustness
+    literature): worker w draws its class mix ``p_w ~ Dir(alpha)``; the shards are filled one sample per worker in
+    turn, each worker taking a class by ``p_w`` among those not yet used up. Equal sizes keep every worker of a
+    synchronous job on the same number of steps; small ``alpha`` gives each worker few classes.
+
+    >>> y = np.repeat(np.arange(4), 25)
+    >>> [len(s) for s in dirichlet_shards(y, 4, seed=0, alpha=0.1)]
+    [25, 25, 25, 25]
+    """
+    size = len(labels) // workers
+    if size == 0:
+        raise DataError(f"{len(labels)} training samples cannot be sharded across {workers} workers")
+    r = rng(seed, "dirichlet", workers)
+    classes = np.unique(labels)
+    mix = r.dirichlet(np.full(len(classes), alpha), size=workers)
+    pools = [list(r.permutation(np.flatnonzero(labels == c))) for c in classes]
+    left = np.array([len(p) for p in pools], dtype=np.float64)
+    shards: list[list[int]] = [[] for _ in range(workers)]
+    for _ in range(size):
+        for w in range(workers):
+            p = mix[w] * (left > 0)
+            # a worker whose classes are all used up takes from what is left, in proportion to what is left
+            p = p / p.sum() if p.sum() > 0 else left / left.sum()
+            c = int(r.choice(len(classes), p=p))
+            shards[w].append(int(pools[c].pop()))
+            left[c] -= 1
+    return [np.sort(np.array(s, dtype=np.int64)) for s in shards]
+
+
 @dataclass(frozen=True)
 class BatchPlan:
     """Which samples every worker trains on at every step: its shard and the PRF batch order of the run's seed.
@@ -95,9 +134,23 @@ class BatchPlan:
     workers: int
     seed: int
     batch_size: int
+    partition: str = "iid"  # iid | dirichlet
+    alpha: float = 0.5  # dirichlet concentration
+    labels: bytes = b""  # the training labels (int64 bytes) a label-skewed partition reads; hashable, unlike arrays
+
+    @classmethod
+    def for_run(cls, cfg: Any, dataset: Dataset, workers: int) -> BatchPlan:
+        """The plan of a run: its partition (``cfg.partition``), shards and PRF batch order."""
+        partition = getattr(cfg, "partition", "iid")
+        labels = dataset.y_train.numpy().astype(np.int64).tobytes() if partition != "iid" else b""
+        alpha = getattr(cfg, "partition_alpha", 0.5)
+        return cls(len(dataset.x_train), workers, cfg.seed, cfg.batch_size, partition, alpha, labels)
 
     @functools.cached_property
     def shards(self) -> list[np.ndarray]:
+        if self.partition == "dirichlet":
+            labels = np.frombuffer(self.labels, dtype=np.int64)
+            return dirichlet_shards(labels, self.workers, self.seed, self.alpha)
         return [shard_indices(self.n, w, self.workers, self.seed) for w in range(self.workers)]
 
     @property

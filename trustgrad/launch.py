@@ -2,7 +2,8 @@
 
 Local jobs rendezvous through a file in a fresh temporary folder (never a fixed port) and every collective carries the
 run's timeout. The parent watches every child: the first rank that raises makes the whole job fail fast with that
-rank's traceback (``LaunchError``), the others are terminated, and no child outlives the call. Patterns that survive
+rank's traceback (``LaunchError``), the others are terminated, and no child outlives the call. A launch of more
+processes than the machine's cap (``trustgrad.resources``) is refused before anything forks. Patterns that survive
 worker loss (asynchronous parameter server, gossip) say which ranks may die silently.
 
 Under ``torchrun`` (``RANK``/``WORLD_SIZE`` set by the agent) the same rank function runs in-process; the c10d store
@@ -120,6 +121,9 @@ def spawn(
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
+    from .resources import check_processes
+
+    check_processes(world_size)  # before anything forks: a job of 1000 ranks is refused, not started (docs/limits.md)
     ctx = _context()
     results: mp.Queue = ctx.Queue()
     with tempfile.TemporaryDirectory(prefix="trustgrad-rdzv-") as tmp:

@@ -174,11 +174,66 @@ def _finish(cfg: RunConfig, ranks: list[dict[str, Any] | None], wall: float) -> 
     dropped = {i for i, r in enumerate(ranks) if r is None} | _named_dropped(coord.get("stats", {}))
     if dropped:
         summary["dropped_ranks"] = sorted(set(summary.get("dropped_ranks", [])) | dropped)
+    failure = _replica_report(cfg, summary, ranks)
     state = {k: torch.as_tensor(v) for k, v in coord["state"].items()}
     result = RunResult(summary, coord["metrics"], state, ranks, Path(cfg.out) if cfg.out else None)
     if cfg.out:
         write_records(cfg, result)
+    if failure:  # after the records: they say why the run failed
+        raise LaunchError(failure)
     return result
+
+
+def _replica_report(cfg: RunConfig, summary: dict[str, Any], ranks: list[dict[str, Any] | None]) -> str | None:
+    """Who trained to the end, in the summary of every pattern that survives losses; the failure, if too few did.
+
+    Gossip's coordinator counts the replicas connected to it at the end; when each lost one was first seen late or
+    lost comes from every rank's ``peer_events``. The parameter server's replicas are its workers not dropped.
+    """
+    summary.pop("peer_events", None)  # per rank, in ``RunResult.ranks``; merged below
+    if "replicas_final" not in summary:
+        if not PATTERNS.get(cfg.pattern.name).tolerates_worker_loss and "dropped_reasons" not in summary:
+            return None
+        reasons = summary.get("dropped_reasons", {})
+        summary["replicas_started"] = cfg.workers
+        summary["replicas_final"] = cfg.workers - len(reasons)
+        summary["replicas_lost"] = [{"worker": int(w), "reason": why} for w, why in sorted(reasons.items())]
+        return None
+    lost = sorted(set(range(summary["replicas_started"])) - set(summary["replica_ranks_final"]))
+    events = [dict(e, observed_by=r["rank"]) for r in ranks if r for e in r.get("stats", {}).get("peer_events", [])]
+    summary["replicas_lost"] = [_first_seen(rank, events, ranks) for rank in lost]
+    if summary["replicas_final"] >= summary["min_replicas"]:
+        return None
+    where = ", ".join(f"rank {e['rank']} at step {e.get('step', '?')}" for e in summary["replicas_lost"])
+    summary["failed"] = (
+        f"{cfg.pattern.name}: {summary['replicas_final']} of {summary['replicas_started']} replicas trained to the "
+        f"end, fewer than --min-replicas {summary['min_replicas']} (lost: {where})"
+    )
+    return summary["failed"] + (f"; records in {cfg.out}" if cfg.out else "")
+
+
+def _first_seen(rank: int, events: list[dict[str, Any]], ranks: list[dict[str, Any] | None]) -> dict[str, Any]:
+    """When ``rank`` was lost: the step from which a peer stopped hearing it (``step``) and the step that peer gave
+    up on it (``lost_step``), the earliest over its peers; else the first step it was seen late."""
+    entry: dict[str, Any] = {"rank": rank, "worker": rank, "died": rank < len(ranks) and ranks[rank] is None}
+    found = []
+    for observer in sorted({e["observed_by"] for e in events}):
+        silent = None
+        for e in (e for e in events if e["observed_by"] == observer and e["peer"] == rank):
+            if e["event"] == "caught-up":
+                silent = None
+            elif e["event"] == "late" and silent is None:
+                silent = e
+            elif e["event"] == "lost":
+                found.append(((silent or e)["round"], e["round"], observer, e["reason"]))
+                break
+        else:
+            if silent is not None:
+                found.append((silent["round"], None, observer, silent["reason"]))
+    if found:
+        step, lost_step, observer, reason = min(found, key=lambda f: (f[1] is None, f[0]))
+        entry.update(step=step, lost_step=lost_step, observed_by=observer, reason=reason)
+    return entry
 
 
 def _encryption_label(cfg: RunConfig) -> str:

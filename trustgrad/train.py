@@ -131,8 +131,8 @@ def _train_worker(ctx: RankContext, cfg: RunConfig, comm: Comm, pattern: Pattern
     if cfg.malicious:
         from .attacks.poisoning import wrap_replica
 
-        replica = wrap_replica(replica, cfg.malicious, ctx.rank, x_train, y_train, cfg.seed)
-    plan = BatchPlan(len(ds.x_train), pattern.num_workers, cfg.seed, cfg.batch_size)
+        replica = wrap_replica(replica, cfg.malicious, ctx.rank, x_train, y_train, cfg.seed, cfg)
+    plan = BatchPlan.for_run(cfg, ds, pattern.num_workers)
     shard, steps_per_epoch = plan.shards[worker], plan.steps_per_epoch
     if steps_per_epoch == 0:
         raise ConfigError(

@@ -104,7 +104,7 @@ def test_quick_experiment_writes_table_json_and_pngs(tmp_path, capsys):
         (["--images", "0"], "--images must be in [1, 100]"),
         (["--steps", "0"], "--steps must be >= 1"),
         (["--prune", "1.5"], "--prune fractions must be in [0, 1]"),
-        (["--noise", "nan"], "--noise levels must be finite"),
+        (["--noise", "nan"], "argument --noise: invalid finite number"),  # refused by the parser (options.py)
         (["--images", "three"], "invalid int value"),
         (["--bogus"], "unrecognized arguments"),
     ],

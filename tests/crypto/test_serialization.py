@@ -60,7 +60,7 @@ def test_oversized_and_garbage_are_rejected(small_ctx, wire):
         EncryptedVector.from_bytes(small_ctx, np.random.default_rng(0).bytes(100_000))
     with pytest.raises(CryptoError, match="expected bytes"):
         EncryptedVector.from_bytes(small_ctx, "text")  # type: ignore[arg-type]
-    huge = struct.pack("<4sBBHII", b"TGHE", 1, 4, 0, 10, 1 << 30)
+    huge = struct.pack("<4sBBHII", b"TGHE", 2, 4, 0, 10, 1 << 30)
     with pytest.raises(CryptoError, match="limits"):
         EncryptedVector.from_bytes(small_ctx, huge + bytes(64))
 
@@ -80,12 +80,8 @@ def _reframe(data: bytes, mutate) -> bytes:
     mutate(meta)
     meta_b = json.dumps(meta).encode()
     body = meta_b + data[pos + meta_len :]
-    return (
-        struct.pack("<4sBBHII", magic, version, kind, res, len(meta_b), n)
-        + data[16 : 16 + 8 * n]
-        + (struct.pack("<I", zlib.crc32(body)))
-        + body
-    )
+    head = struct.pack("<4sBBHII", magic, version, kind, res, len(meta_b), n) + data[16 : 16 + 8 * n]
+    return head + struct.pack("<I", zlib.crc32(body, zlib.crc32(head))) + body
 
 
 @pytest.mark.parametrize(
@@ -104,10 +100,10 @@ def test_inconsistent_metadata_is_rejected(small_ctx, wire, mutate, match):
 
 
 def test_garbage_payload_with_valid_frame_is_a_crypto_error(small_ctx, wire):
-    """A well-framed item that is not an OpenFHE ciphertext: OpenFHE's exception becomes a CryptoError."""
+    """A well-framed item that is not an OpenFHE ciphertext never reaches OpenFHE: its layout is refused."""
     from trustgrad.crypto import _wire
 
-    with pytest.raises(CryptoError, match="parsing encrypted vector failed"):
+    with pytest.raises(CryptoError, match="has exactly|isolated parser"):
         EncryptedVector.from_bytes(small_ctx, _wire.pack(4, _wire_meta(wire), [b"\x00" * 64, b"\x01" * 10]))
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from trustgrad.crypto import (
+    NO_FLOODING,
     Context,
     KeyShare,
     PartialDecryption,
@@ -48,7 +49,9 @@ def test_each_party_holds_only_its_own_share(small_threshold, rng):
     grads = [rng.standard_normal(700) for _ in range(4)]
     mean = aggregate([EncryptedVector_from(server, encrypt(joint, g).to_bytes()) for g in grads], scale=0.25)
     wire_mean = mean.to_bytes()
-    partials = [partial_decrypt(p["share"], EncryptedVector_from(p["ctx"], wire_mean)).to_bytes() for p in parties]
+    partials = [
+        partial_decrypt(p["share"], EncryptedVector_from(p["ctx"], wire_mean), NO_FLOODING).to_bytes() for p in parties
+    ]
     out = fuse([PartialDecryption.from_bytes(server, b) for b in partials])
     np.testing.assert_allclose(out, np.mean(grads, axis=0), atol=1e-9)
 
@@ -123,7 +126,7 @@ def test_joint_eval_mult_key_two_rounds(small_threshold, rng):
     from trustgrad.crypto import EncryptedVector
 
     sq = EncryptedVector(ctx, [ctx.cc.EvalMult(ct.ciphertexts[0], ct.ciphertexts[0])], ctx.slots, "float64", pk.tag, 1)
-    out = fuse([partial_decrypt(s, sq) for s in shares])
+    out = fuse([partial_decrypt(s, sq, NO_FLOODING) for s in shares])  # CKKS's precision; flooding: test_keyset
     np.testing.assert_allclose(out, x**2, atol=1e-7)
 
 

@@ -12,6 +12,11 @@ wrapper changes only what the attack changes; the pattern, codec and prover arou
 | ``free-rider`` | pushes its previous update again (a stale copy; zeros at first) without computing | Lin et al. 2019 |
 | ``random-batch`` | an honest gradient on a batch other than the one the PRF assigns | PoL data order |
 | ``forged-proof`` | pushes ``noise`` but claims (commits to) the honest gradient of its assigned batch | PoL spoofing |
+| ``crafted-ciphertext`` | ``--encrypt ckks``: its ciphertexts carry a crafted OpenFHE modulus, valid CRC | wire.md |
+| ``crafted-partial`` | ``--encrypt ckks --keys threshold``: likewise its partial decryptions | docs/wire.md |
+
+The two ``crafted-*`` attacks act on bytes, not gradients (``wire_tamper``): the modulus is the field that, on
+OpenFHE 1.6.1, aborted a receiver that parsed it (``std::terminate`` from a ``noexcept`` path).
 
 >>> parse_malicious("rank=2,attack=scale,from-step=5")
 MaliciousSpec(rank=2, attack='scale', from_step=5, strength=10.0)
@@ -20,6 +25,7 @@ MaliciousSpec(rank=2, attack='scale', from_step=5, strength=10.0)
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +34,15 @@ from ..errors import ConfigError
 from ..replica import Replica
 from ..seeding import derive_seed
 
-__all__ = ["MaliciousSpec", "parse_malicious", "MaliciousReplica", "POISONINGS"]
+__all__ = [
+    "MaliciousSpec",
+    "parse_malicious",
+    "colluding_specs",
+    "MaliciousReplica",
+    "POISONINGS",
+    "WIRE_ATTACKS",
+    "wire_tamper",
+]
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +55,14 @@ POISONINGS: dict[str, float] = {
     "free-rider": 1.0,
     "random-batch": 1.0,
     "forged-proof": 10.0,
+    "crafted-ciphertext": 1.0,
+    "crafted-partial": 1.0,
 }
+# the colluding omniscient attacks and the backdoor (attacks.colluding): strength = ALIE's z (0: the paper's z_max),
+# IPM's epsilon, the backdoor's boost
+POISONINGS.update({"alie": 0.0, "ipm": 0.1, "min-max": 1.0, "min-sum": 1.0, "backdoor": 1.0})
+#: attacks on the bytes a worker sends -> the payload kind they craft
+WIRE_ATTACKS = {"crafted-ciphertext": "ciphertext", "crafted-partial": "partial"}
 
 
 @dataclass(frozen=True)
@@ -66,11 +87,14 @@ def parse_malicious(text: str) -> MaliciousSpec:
     if "rank" not in fields or "attack" not in fields:
         raise ConfigError(f"malformed --malicious {text!r}: rank= and attack= are required")
     attack = fields["attack"]
-    if attack not in POISONINGS:
-        raise ConfigError(f"unknown malicious attack {attack!r} (known: {', '.join(sorted(POISONINGS))})")
+    from ..secure.rogue import KEY_ATTACKS  # key-party attacks (threshold key set-up); the gradient stays honest
+
+    known = {**POISONINGS, **dict.fromkeys(KEY_ATTACKS, 1.0)}
+    if attack not in known:
+        raise ConfigError(f"unknown malicious attack {attack!r} (known: {', '.join(sorted(known))})")
     try:
         rank, from_step = int(fields["rank"]), int(fields.get("from-step", "0"))
-        strength = float(fields.get("strength", POISONINGS[attack]))
+        strength = float(fields.get("strength", known[attack]))
     except ValueError:
         raise ConfigError(
             f"malformed --malicious {text!r}: rank and from-step are integers, strength a number"
@@ -119,6 +143,14 @@ def _noise(r: MaliciousReplica, g: torch.Tensor) -> torch.Tensor:
     return g + r.spec.strength * rms * torch.randn(g.shape, generator=r._gen, dtype=g.dtype)
 
 
+_COLLUDING_NAMES = ("alie", "ipm", "min-max", "min-sum", "backdoor")
+
+
+def colluding_specs(specs: tuple[str, ...]) -> list[MaliciousSpec]:
+    """The ``--malicious`` specs that name a colluding attack (``attacks.colluding``), parsed (one-line errors)."""
+    return [spec for spec in map(parse_malicious, specs) if spec.attack in _COLLUDING_NAMES]
+
+
 #: gradient rewrites of the model-poisoning attacks (label-flip and random-batch poison the data instead)
 _REWRITES = {
     "sign-flip": lambda r, g: -r.spec.strength * g,
@@ -130,12 +162,55 @@ _REWRITES = {
 
 
 def wrap_replica(
-    replica: Replica, specs: tuple[str, ...], rank: int, x: torch.Tensor, y: torch.Tensor, seed: int
+    replica: Replica, specs: tuple[str, ...], rank: int, x: torch.Tensor, y: torch.Tensor, seed: int, cfg=None
 ) -> Replica:
     """The replica rank ``rank`` trains with: the honest one, or a malicious wrapper if a spec names this rank."""
     for text in specs:
         spec = parse_malicious(text)
         if spec.rank == rank:
             log.warning("rank %d is malicious: %s from step %d", rank, spec.attack, spec.from_step)
+            if cfg is not None and spec.attack in _COLLUDING_NAMES:
+                from .colluding import colluding_replica
+
+                return colluding_replica(replica, spec, cfg, x, y)
             return MaliciousReplica(replica, spec, x, y, seed)
     return replica
+
+
+def wire_tamper(specs: tuple[str, ...], rank: int) -> Callable[[str, bytes], bytes] | None:
+    """For a rank with a ``crafted-*`` attack: ``tamper(kind, payload)`` -> the payload it sends instead (from its
+    ``from-step``-th payload of that kind on); ``None`` for every other rank."""
+    for text in specs:
+        spec = parse_malicious(text)
+        if spec.rank == rank and spec.attack in WIRE_ATTACKS:
+            log.warning("rank %d is malicious: %s from payload %d", rank, spec.attack, spec.from_step)
+            return _Tamper(WIRE_ATTACKS[spec.attack], spec.from_step)
+    return None
+
+
+class _Tamper:
+    def __init__(self, kind: str, from_step: int) -> None:
+        self.kind, self.from_step, self.seen = kind, from_step, 0
+
+    def __call__(self, kind: str, payload: bytes) -> bytes:
+        if kind != self.kind:
+            return payload
+        self.seen += 1
+        return craft_modulus(payload) if self.seen > self.from_step else payload
+
+
+def craft_modulus(payload: bytes) -> bytes:
+    """A trustgrad crypto frame whose first OpenFHE item names another first modulus, re-framed with a valid CRC:
+    what a worker holding valid keys can send, and no checksum can stop."""
+    from ..crypto import _wire
+
+    kind = payload[5]
+    meta, items = _wire.unpack(payload, kind)
+    item = bytearray(items[0])
+    # the first tower modulus is the first 60-bit NTT prime word after the embedded parameter block's header
+    for at in range(0, len(item) - 8):
+        q = int.from_bytes(item[at : at + 8], "little")
+        if q.bit_length() in range(50, 61) and q & 1 and q % 1024 == 1:
+            item[at : at + 8] = (q ^ (1 << 33)).to_bytes(8, "little")
+            break
+    return _wire.pack(kind, meta, [bytes(item), *items[1:]])

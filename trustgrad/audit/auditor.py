@@ -78,7 +78,7 @@ class Auditor:
         self.cfg, self.ds = cfg, dataset
         model = build_model(cfg.model.name, dataset.input_shape, dataset.num_classes, cfg.seed, cfg.model)
         self.replica = Replica(model, make_optimizer(model, cfg.lr))
-        self.plan = BatchPlan(len(dataset.x_train), num_workers, cfg.seed, cfg.batch_size)
+        self.plan = BatchPlan.for_run(cfg, dataset, num_workers)  # the run's partition: IID or label-skewed
         self.rate = cfg.proof.audit_rate
         self.nonce, self.nonce_commitment = new_nonce()
         self.report = AuditReport()

@@ -11,8 +11,10 @@ import importlib
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any
 
-from ..errors import LaunchError, TrustgradError
+from ..errors import ConfigError, LaunchError, TrustgradError
+from ..options import bounded_type
 
 __all__ = ["main"]
 
@@ -21,10 +23,20 @@ COMMANDS = ("train", "verify", "attack", "experiment", "bench", "demo")
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but usage errors are one line (the usage block is noise for a typo)."""
+    """argparse, but usage errors are one-line ``ConfigError`` s (the usage block is noise for a typo), and every
+    ``int`` / ``float`` option of every subcommand is range-checked where it is parsed (:mod:`trustgrad.options`)."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        raise ConfigError(f"{self.prog}: {message}")
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
+        return super().add_argument(*args, **bounded_type(kwargs))
+
+    def add_argument_group(self, *args: Any, **kwargs: Any) -> Any:
+        group = super().add_argument_group(*args, **kwargs)
+        plain = group.add_argument
+        group.add_argument = lambda *a, **kw: plain(*a, **bounded_type(kw))  # type: ignore[method-assign]
+        return group
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,8 +62,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-    except SystemExit as exc:  # argparse: --help (0) or a usage error (2); callers get a code, not an exit
-        return int(exc.code or 0)
+    except SystemExit as exc:  # argparse: --help or --version; callers get a code, not an exit
+        return int(exc.code or 0) if isinstance(exc.code, int) else 2
+    except ConfigError as exc:  # a usage error: one line, exit 2
+        print(f"trustgrad: error: {_line(exc)}", file=sys.stderr)
+        return exc.exit_code
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
@@ -62,17 +77,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LaunchError as exc:
         if exc.remote_traceback and logging.getLogger().isEnabledFor(logging.INFO):
             sys.stderr.write(exc.remote_traceback)
-        print(f"trustgrad: error: {exc}", file=sys.stderr)
+        print(f"trustgrad: error: {_line(exc)}", file=sys.stderr)
         return exc.exit_code
     except TrustgradError as exc:
-        print(f"trustgrad: error: {exc}", file=sys.stderr)
+        print(f"trustgrad: error: {_line(exc)}", file=sys.stderr)
         return exc.exit_code
     except OSError as exc:  # an unwritable --out, a missing folder: the user's to fix, so one line, exit 2
         print(f"trustgrad: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
         return 2
+    except MemoryError as exc:  # a size the user asked for (a benchmark's --values 1e12): theirs to fix, one line
+        print(f"trustgrad: error: out of memory: {_line(exc)} (see docs/limits.md)", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("trustgrad: interrupted", file=sys.stderr)
         return 130
+
+
+def _line(exc: BaseException, limit: int = 1000) -> str:
+    """One line, whatever the message holds: a value an attacker chose may carry newlines or a C++ stack trace."""
+    lines = str(exc).strip().splitlines() or [type(exc).__name__]
+    text = lines[0] + (" [...]" if len(lines) > 1 else "")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 if __name__ == "__main__":  # pragma: no cover

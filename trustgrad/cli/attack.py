@@ -24,6 +24,25 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=_main)
 
 
+#: ranges of the attack's numeric options: an L-BFGS run of 1e6 steps is hours, not a useful attack
+_RANGES = {"restarts": (1, 1000), "steps": (1, 1_000_000), "iterations": (1, 1_000_000), "seed": (0, (1 << 63) - 1)}
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Every option in range and the --png folder writable, before the view is read (one-line ``ConfigError``)."""
+    from ..errors import ConfigError
+    from ..resources import check_output_folder
+
+    for name, (low, high) in _RANGES.items():
+        value = getattr(args, name)
+        if value is not None and not low <= value <= high:
+            raise ConfigError(f"--{name} must be in [{low}, {high}], got {value}")
+    if args.png:
+        from pathlib import Path
+
+        check_output_folder(Path(args.png).parent, "--png")
+
+
 def _main(args: argparse.Namespace) -> int:
     import torch
 
@@ -32,6 +51,7 @@ def _main(args: argparse.Namespace) -> int:
     from ..attacks.view import load_view
 
     ATTACKS.get(args.name)  # unknown names fail before the file is read
+    check_args(args)
     torch.set_num_threads(1)  # L-BFGS on small models: threads only add contention
     view = load_view(args.view)
     result = attack_view(

@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 from ..config import RunConfig, config_from_dict, load_toml
 from ..errors import ConfigError
 
-__all__ = ["add_parser", "config_from_args", "add_run_arguments", "render_summary"]
+__all__ = ["add_parser", "config_from_args", "add_run_arguments", "render_summary", "prepare", "Prepared"]
 
 
 def _csv_ints(text: str) -> list[int]:
@@ -99,7 +100,19 @@ _GROUPS: list[tuple[str, list[tuple[str, str, Any, str]]]] = [
             ("--local-steps", "pattern.local_steps", int, "local-sgd: local steps H between merges"),
             ("--merge", "pattern.merge", str, "local-sgd: average or elastic"),
             ("--alpha", "pattern.alpha", float, "local-sgd --merge elastic: moving rate in (0, 1)"),
-            ("--peer-timeout", "pattern.peer_timeout", float, "gossip, local-sgd: skip a silent peer after this (s)"),
+            (
+                "--peer-timeout",
+                "pattern.peer_timeout",
+                float,
+                "gossip, local-sgd: a round goes on without a late peer's message after this (s; added when it "
+                "lands); a peer silent for --timeout is lost",
+            ),
+            (
+                "--min-replicas",
+                "pattern.min_replicas",
+                int,
+                "gossip: fail the run if fewer replicas train to the end (default: a majority of --workers)",
+            ),
             (
                 "--stages",
                 "pattern.stages",
@@ -134,6 +147,15 @@ _GROUPS: list[tuple[str, list[tuple[str, str, Any, str]]]] = [
             ),
             ("--proof-k", "proof.k", int, "steps between proof checkpoints (default 10)"),
             ("--audit-rate", "proof.audit_rate", float, "fraction of claims audited, in (0, 1]"),
+            (
+                "--aggregate",
+                "aggregate",
+                str,
+                "ps sync robust rule NAME[,key=value...]: mean (default), krum,f=F, multi-krum,f=F[,m=M], median, "
+                "trimmed-mean,trim=R, bulyan,f=F, centered-clipping,tau=T[,iters=L] (docs/robustness.md)",
+            ),
+            ("--partition", "partition", str, "training data split: iid (default) or dirichlet (label skew)"),
+            ("--dirichlet-alpha", "partition_alpha", float, "--partition dirichlet concentration (0.1: strong skew)"),
         ],
     ),
 ]
@@ -182,6 +204,11 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--no-progress", dest="cfg:progress", action="store_false", default=argparse.SUPPRESS, help="no progress bar"
     )
+    parser.add_argument(
+        "--oversubscribe",
+        action="store_true",
+        help="start more processes than the machine's cap (4 per core, at least 8); see docs/limits.md",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -212,11 +239,45 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=_main)
 
 
-def _main(args: argparse.Namespace) -> int:
-    from ..run import run
+@dataclass(frozen=True)
+class Prepared:
+    """A job that passed every check before launch: its config and the memory estimate it was held to."""
+
+    cfg: RunConfig
+    oversubscribe: bool
+    estimate: object  # trustgrad.resources.JobEstimate (imported on use: it pulls in torch)
+
+
+def prepare_args(args: argparse.Namespace, machine: object = None) -> Prepared:
+    """Everything ``trustgrad train`` does before it starts a process: the TOML file and flags into a validated
+    config, the pattern's own checks, then what the job asks of the machine (``trustgrad.resources``)."""
+    from ..patterns import PATTERNS
+    from ..resources import check_launch
 
     cfg = config_from_args(args)
-    result = run(cfg)
+    oversubscribe = bool(getattr(args, "oversubscribe", False))
+    # resources first: a pattern's checks may build the model (ps --resume), which must fit the budget
+    estimate = check_launch(cfg, machine, oversubscribe)  # type: ignore[arg-type]
+    PATTERNS.get(cfg.pattern.name).check(cfg)
+    return Prepared(cfg, oversubscribe, estimate)
+
+
+def prepare(argv: list[str], machine: object = None) -> Prepared:
+    """``trustgrad train ARGV`` up to, not including, the launch: a ``ConfigError`` (one line) for anything the
+    user must fix. Nothing is started and nothing is written (the fuzz target drives this)."""
+    from . import build_parser
+
+    args = build_parser().parse_args(["train", *argv])
+    return prepare_args(args, machine)
+
+
+def _main(args: argparse.Namespace) -> int:
+    from ..resources import oversubscription
+    from ..run import run
+
+    prepared = prepare_args(args)
+    with oversubscription(prepared.oversubscribe):
+        result = run(prepared.cfg)
     if not result.summary:  # a non-coordinating torchrun rank
         return 0
     if not args.json:
@@ -238,4 +299,14 @@ def render_summary(s: dict[str, Any]) -> str:
     ]
     if s.get("dropped_ranks"):
         lines.append(f"  dropped ranks: {s['dropped_ranks']}")
+    if "replicas_final" in s:  # patterns that survive losses say who trained to the end
+        lost = ", ".join(
+            f"{'rank' if 'rank' in e else 'worker'} {e.get('rank', e.get('worker'))}"
+            + (f" at step {e['step']}" if e.get("step") is not None else "")
+            for e in s.get("replicas_lost", [])
+        )
+        lines.append(
+            f"  replicas: {s['replicas_final']} of {s['replicas_started']} trained to the end"
+            + (f" (lost: {lost})" if lost else "")
+        )
     return "\n".join(lines)

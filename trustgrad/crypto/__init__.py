@@ -6,12 +6,16 @@ Shared key (one key pair, every worker holds the secret key; the server gets con
     pk, sk = keygen(ctx)
     mean = decrypt(sk, aggregate([encrypt(pk, g) for g in grads], scale=1 / len(grads)))
 
-Threshold keys (n-of-n; see :mod:`trustgrad.crypto.threshold` for the protocol): ``threshold_keygen`` per party,
-``partial_decrypt`` per party, ``fuse``. Everything that crosses a process boundary has ``to_bytes`` /
+Threshold keys (n-of-n; see :mod:`trustgrad.crypto.threshold` for the protocol): shares on a common element,
+committed and summed by every party (:mod:`trustgrad.crypto.keyset`; ``threshold_keys`` runs every party in one
+process), ``partial_decrypt`` per party (flooded, :mod:`trustgrad.crypto.flooding`), ``fuse``.
+Everything that crosses a process boundary has ``to_bytes`` /
 ``from_bytes``, validated before OpenFHE parses it (:mod:`trustgrad.crypto._wire`).
 """
 
 from trustgrad.crypto.context import Context, PublicKey, SecretKey, keygen
+from trustgrad.crypto.flooding import FLOODING, NO_FLOODING, Flooding
+from trustgrad.crypto.keyset import threshold_keys
 from trustgrad.crypto.params import CKKSParams
 from trustgrad.crypto.threshold import (
     KeyShare,
@@ -38,6 +42,10 @@ __all__ = [
     "decrypt",
     "aggregate",
     "threshold_keygen",
+    "threshold_keys",
+    "Flooding",
+    "FLOODING",
+    "NO_FLOODING",
     "joint_eval_mult_round1",
     "joint_eval_mult_round2",
     "joint_eval_mult_finish",

@@ -148,8 +148,10 @@ class CKKSParams:
             if not isinstance(fields, dict) or set(fields) != {f.name for f in dataclasses.fields(cls)}:
                 raise ValueError("unexpected fields")
             return cls(**fields)
+        except RecursionError:  # json recurses on nesting: refuse, never a traceback
+            raise CryptoError("context parameters are malformed: nested too deeply") from None
         except (ValueError, TypeError) as exc:
-            raise CryptoError(f"context parameters are malformed: {exc}") from None
+            raise CryptoError(f"context parameters are malformed: {str(exc).splitlines()[0][:200]}") from None
 
     def _key_switch(self) -> Any:
         if self.key_switching == "bv" or (self.key_switching == "auto" and self.depth <= _AUTO_BV_MAX_DEPTH):

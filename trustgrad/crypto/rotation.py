@@ -14,6 +14,11 @@ errors", rotation-key generation). One round, bytes in and bytes out:
 
 The keys are public evaluation material (like the joint eval-mult key); fusing fewer than all n parties' key sets
 gives keys for a partial secret, with which rotations decrypt to noise.
+
+In-process and legacy only: here party 1's own keys are the common element, so party 1 chooses the ``a``'s every
+other party's keys sit on (a rogue party 1 could choose them with a trapdoor). The distributed set-up
+(:mod:`trustgrad.secure.evaluation_keys`) derives them from the jointly flipped seed instead
+(:func:`trustgrad.crypto.keyset.common_rotations`) and commits every contribution before any is revealed.
 """
 
 from __future__ import annotations
@@ -119,5 +124,7 @@ def _unpack(kind: str, public_key: PublicKey, data: bytes, what: str) -> tuple[i
         raise CryptoError(f"{what}: invalid party index {index}")
     if not all(isinstance(i, int) and not isinstance(i, bool) for i in idx):
         raise CryptoError(f"{what}: malformed index list")
-    keys = ctx._parse(items[0], lambda b: openfhe.DeserializeEvalKeyMapString(b, openfhe.BINARY), what)
+    keys = ctx._parse_isolated(
+        items[0], lambda b: openfhe.DeserializeEvalKeyMapString(b, openfhe.BINARY), "eval key map", what
+    )
     return index, _indices(idx), keys

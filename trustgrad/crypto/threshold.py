@@ -3,23 +3,36 @@
 Each function is one party's step, bytes in and bytes out, so the protocol runs over any transport
 (OpenFHE threshold FHE, after Asharov et al. 2012 / Mouchet et al. 2021):
 
-Key generation (sequential, each party in turn):
-  1. party 1: ``pk1, share1 = threshold_keygen(ctx, parties=n)``; sends ``pk1.to_bytes()`` to party 2;
-  2. party i: ``pk_i, share_i = threshold_keygen(ctx, parties=n, previous=PublicKey.from_bytes(ctx, pk_{i-1}))``;
-     the public key of party n is the joint key ``pk`` (``pk.complete``), published to everyone.
-Joint relinearisation key (only for ciphertext x ciphertext products; aggregation does not need it):
-  3. round 1, sequential: ``r = joint_eval_mult_round1(share_i, pk, r)`` starting from ``r=None``;
-  4. round 2, any order: each party sends ``joint_eval_mult_round2(share_i, pk, r)`` to a combiner, who calls
+Key generation (:mod:`trustgrad.crypto.keyset`; every party on one common element, no party decides the joint key;
+``secure.keys`` runs it over the network):
+  1. the parties flip a seed together: each commits to 32 random bytes (``commitment``), then reveals them;
+     ``seed = joint_seed(revealed)``;
+  2. every party derives the same public element ``pk_common = common_public_key(ctx, seed)`` (``crypto.crs``:
+     SHAKE-256 of the seed, so no party chose it) and makes its share on it:
+     ``contribution_i, share_i = threshold_share(ctx, pk_common, index=i, parties=n)``;
+  3. each party commits to ``contribution_i`` (BLAKE2b of its bytes) and sends the commitment to all; only when it
+     holds every commitment does it reveal ``contribution_i``;
+  4. every party checks each revealed contribution against its commitment and the common element, and sums them
+     itself: ``pk = joint_public_key(pk_common, contributions)`` (OpenFHE ``MultiAddPubKeys``);
+  5. the parties exchange ``key_digest(pk)``; equal everywhere, or the set-up stops naming who differs.
+  A contribution chosen after seeing the others' (to cancel them) breaks its commitment; a contribution made on
+  another element (a chain of one's own) fails the common-element check; different contributions to different
+  parties give different joint keys, caught at step 5. ``threshold_keygen`` (OpenFHE's chain, in which the last
+  party's key is the joint key) is kept for in-process use and to demonstrate that attack; nothing distributed uses it.
+Joint evaluation keys (relinearisation, rotations) follow the same commit / reveal / sum-by-everyone pattern on
+common elements of the same seed (``keyset``; run by ``trustgrad.secure.evaluation_keys``).
+Legacy in-process rounds of the relinearisation key (each party in turn):
+  3'. round 1, sequential: ``r = joint_eval_mult_round1(share_i, pk, r)`` starting from ``r=None``;
+  4'. round 2, any order: each party sends ``joint_eval_mult_round2(share_i, pk, r)`` to a combiner, who calls
      ``pk = joint_eval_mult_finish(pk, parts)``.
 Decryption of an aggregate ``v``:
   5. every party i sends ``partial_decrypt(share_i, v).to_bytes()`` (party 1 computes the "lead" share);
   6. anyone holding all n partials calls ``fuse(partials)``. Fusing fewer than n raises ``CryptoError``
      (checked by party index before OpenFHE runs; OpenFHE itself would fail with "approximation error is too high").
 
-Each partial decryption adds OpenFHE's multiparty smudging noise. CKKS supports only ``FIXED_NOISE_MULTIPARTY`` (a
-fixed ~20-bit noise that raises the cost of key-recovery attacks on published partials but is not a proof against
-them); the threshold preset's Delta = 2**50 leaves room for more (see ``params.py``). Partial decryptions should
-therefore go only to the party that fuses them, not be broadcast.
+Each partial decryption carries OpenFHE's fixed multiparty smudging noise (~20 bits, the only mode OpenFHE offers
+for CKKS) plus flooding noise the party adds itself (:mod:`trustgrad.crypto.flooding`, on by default, sized for a
+stated IND-CPA^D security target; docs/threshold-keys.md has the parameter choice and the measured precision).
 
 t-of-n recovery (``ShareKeys`` / ``RecoverSharedKey``) is not offered. In the 1.6.1 bindings the calls exist and work
 inside one process (tested in ``tests/crypto/test_threshold.py``: a recovered share decrypts correctly), but
@@ -39,9 +52,17 @@ from typing import Any
 import numpy as np
 import openfhe
 
-from trustgrad.crypto import _wire
+from trustgrad.crypto import _wire, layout
 from trustgrad.crypto.context import _MAX_PARTIES, Context, PublicKey, SecretKey
-from trustgrad.crypto.vector import EncryptedVector, _check_tags, _deser_ct, _read_vector_meta, _unpack
+from trustgrad.crypto.flooding import FLOODING, Flooding, flood
+from trustgrad.crypto.vector import (
+    EncryptedVector,
+    _canonical,
+    _parse_checked,
+    _read_vector_meta,
+    _shape,
+    _unpack,
+)
 from trustgrad.errors import CryptoError
 
 __all__ = [
@@ -112,7 +133,7 @@ def joint_eval_mult_round1(share: KeyShare, public_key: PublicKey, previous: byt
         contributors = _contributors(ctx, meta, items, public_key, what)
         if share.index in contributors:
             raise CryptoError(f"{what}: party {share.index} has already contributed")
-        prev = ctx._parse(items[0], _deser_evk, what)
+        prev = ctx._parse_isolated(items[0], _deser_evk, "eval key", what)
         with _wire.openfhe_errors("eval-mult key round 1"):
             mine = cc.MultiKeySwitchGen(share._sk, share._sk, prev)
             joint = cc.MultiAddEvalKeys(prev, mine, public_key.tag)
@@ -129,7 +150,7 @@ def joint_eval_mult_round2(share: KeyShare, public_key: PublicKey, round1: bytes
     contributors = _contributors(ctx, meta, items, public_key, what)
     if sorted(contributors) != list(range(1, share.parties + 1)):
         raise CryptoError(f"{what}: round 1 is incomplete (parties {sorted(contributors)} of {share.parties})")
-    joint = ctx._parse(items[0], _deser_evk, what)
+    joint = ctx._parse_isolated(items[0], _deser_evk, "eval key", what)
     with _wire.openfhe_errors("eval-mult key round 2"):
         part = cc.MultiMultEvalKey(share._sk, joint, public_key.tag)
     meta = ctx._meta(tag=public_key.tag, parties=share.parties, index=share.index)
@@ -147,7 +168,7 @@ def joint_eval_mult_finish(public_key: PublicKey, parts: Sequence[bytes]) -> Pub
         if _wire.field(meta, "tag", str, what) != public_key.tag or len(items) != 1:
             raise CryptoError(f"{what}: not for this joint public key")
         seen.append(_wire.field(meta, "index", int, what))
-        keys.append(ctx._parse(items[0], _deser_evk, what))
+        keys.append(ctx._parse_isolated(items[0], _deser_evk, "eval key", what))
     _require_all_parties(seen, public_key.parties, "eval-mult round 2 parts")
     with _wire.openfhe_errors("combining eval-mult keys"):
         final = functools.reduce(lambda a, b: cc.MultiAddEvalMultKeys(a, b, public_key.tag), keys)
@@ -165,18 +186,19 @@ def joint_eval_mult_finish(public_key: PublicKey, parts: Sequence[bytes]) -> Pub
 class PartialDecryption:
     """Party ``index``'s decryption share of one encrypted vector; useless without all the others."""
 
-    __slots__ = ("context", "ciphertexts", "index", "parties", "length", "dtype", "tag", "mults", "id")
+    __slots__ = ("context", "ciphertexts", "index", "parties", "length", "dtype", "tag", "mults", "id", "padded")
 
     def __init__(self, vector: EncryptedVector, ciphertexts: list[Any], index: int, parties: int) -> None:
         self.context = vector.context
         self.ciphertexts = ciphertexts
         self.index, self.parties = index, parties
-        self.length, self.dtype, self.tag, self.mults, self.id = (
+        self.length, self.dtype, self.tag, self.mults, self.id, self.padded = (
             vector.length,
             vector.dtype,
             vector.tag,
             vector.mults,
             vector.id,
+            vector.padded,
         )
 
     def __repr__(self) -> str:
@@ -191,29 +213,45 @@ class PartialDecryption:
             id=self.id,
             index=self.index,
             parties=self.parties,
+            n=len(self.ciphertexts),
+            shape=list(_shape(self.ciphertexts)),
+            padded=self.padded,
         )
-        with _wire.openfhe_errors("serializing a partial decryption"):
-            items = [openfhe.Serialize(ct, openfhe.BINARY) for ct in self.ciphertexts]
-        return _wire.pack(_wire.KIND_PARTIAL, meta, items)
+        return _wire.pack(
+            _wire.KIND_PARTIAL, meta, _canonical(self.context, self.ciphertexts, layout.PARTIAL, self.tag)
+        )
 
     @classmethod
-    def from_bytes(cls, context: Context, data: bytes) -> PartialDecryption:
+    def from_bytes(
+        cls,
+        context: Context,
+        data: bytes,
+        *,
+        length: int | None = None,
+        parties: int | None = None,
+        padded: bool | None = None,
+        dtype: str | None = None,
+        exact: bool = False,
+    ) -> PartialDecryption:
+        """Parse and validate before OpenFHE sees a byte, like ``EncryptedVector.from_bytes``; ``length``,
+        ``parties``, ``padded`` and ``dtype`` are what the receiver expects (checked against what the sender
+        declares); ``exact`` as there."""
         what = "partial decryption"
         meta, items = _wire.unpack(data, _wire.KIND_PARTIAL)
-        length, dtype, tag, mults, vid = _read_vector_meta(context, meta, items, what)
+        head = _read_vector_meta(context, meta, items, what, length, padded, dtype)
         index = _wire.field(meta, "index", int, what)
-        parties = _wire.field(meta, "parties", int, what)
-        if not 1 <= index <= parties <= _MAX_PARTIES:
-            raise CryptoError(f"{what}: invalid party index {index}/{parties}")
-        cts = [context._parse(item, _deser_ct, what) for item in items]
-        _check_tags(cts, tag, what)
-        shell = EncryptedVector(context, [], length, dtype, tag, mults)
-        shell.id = vid
-        return cls(shell, cts, index, parties)
+        count = _wire.field(meta, "parties", int, what)
+        if not 1 <= index <= count <= _MAX_PARTIES or (parties is not None and count != parties):
+            raise CryptoError(f"{what}: invalid party index {index}/{count}")
+        cts = _parse_checked(context, items, layout.PARTIAL, head, what, exact)
+        shell = EncryptedVector(context, [], head.length, head.dtype, head.tag, head.mults, head.padded)
+        shell.id = head.id
+        return cls(shell, cts, index, count)
 
 
-def partial_decrypt(share: KeyShare, vector: EncryptedVector) -> PartialDecryption:
-    """This party's decryption share of ``vector`` (party 1 computes the lead share)."""
+def partial_decrypt(share: KeyShare, vector: EncryptedVector, flooding: Flooding = FLOODING) -> PartialDecryption:
+    """This party's decryption share of ``vector`` (party 1 computes the lead share), flooded with fresh noise
+    (:mod:`trustgrad.crypto.flooding`; on by default: every partial leaves the party that makes it)."""
     if not isinstance(share, KeyShare):
         raise CryptoError("partial_decrypt() needs a threshold KeyShare; use decrypt() with a shared SecretKey")
     if vector.context.fingerprint != share.context.fingerprint:
@@ -222,7 +260,9 @@ def partial_decrypt(share: KeyShare, vector: EncryptedVector) -> PartialDecrypti
     with _wire.openfhe_errors("partial decryption"):
         step = cc.MultipartyDecryptLead if share.index == 1 else cc.MultipartyDecryptMain
         cts = step(vector.ciphertexts, share._sk)
-    return PartialDecryption(vector, list(cts), share.index, share.parties)
+        sigma = flooding.sigma(share.context.params.scale_bits)
+        cts = [flood(cc, ct, sigma, share.context.slots) for ct in cts]
+    return PartialDecryption(vector, cts, share.index, share.parties)
 
 
 def fuse(partials: Sequence[PartialDecryption]) -> np.ndarray:
@@ -233,7 +273,7 @@ def fuse(partials: Sequence[PartialDecryption]) -> np.ndarray:
     for p in partials[1:]:
         if p.context.fingerprint != first.context.fingerprint:
             raise CryptoError("cannot fuse partial decryptions from different CKKS contexts")
-        if (p.id, p.tag, p.length, p.mults) != (first.id, first.tag, first.length, first.mults):
+        if (p.id, p.tag, p.length, p.mults, p.padded) != (first.id, first.tag, first.length, first.mults, first.padded):
             raise CryptoError("cannot fuse partial decryptions of different encrypted vectors")
         if p.parties != first.parties:
             raise CryptoError(f"partial decryptions disagree on the party count ({first.parties} vs {p.parties})")
@@ -242,7 +282,7 @@ def fuse(partials: Sequence[PartialDecryption]) -> np.ndarray:
     ordered = sorted(partials, key=lambda p: p.index)
     with _wire.openfhe_errors("fusing partial decryptions"):
         plaintexts = [cc.MultipartyDecryptFusion(list(group)) for group in zip(*(p.ciphertexts for p in ordered))]
-    return _unpack(plaintexts, first.length, first.dtype, first.context.slots)
+    return _unpack(plaintexts, first.length, first.dtype, first.context.slots, first.padded)
 
 
 # -- helpers ------------------------------------------------------------------------------------------------------

@@ -22,12 +22,12 @@ import logging
 import math
 import secrets
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import openfhe
 
-from trustgrad.crypto import _wire
+from trustgrad.crypto import _wire, layout
 from trustgrad.crypto.context import Context, PublicKey, SecretKey
 from trustgrad.errors import CryptoError
 
@@ -39,25 +39,39 @@ _DTYPES = ("float16", "float32", "float64")
 # A decryption whose estimated precision is below this many bits is noise, not data (wrong key, tampered
 # coefficients or overflow); fresh aggregates measure 29+ bits at Delta = 2**40.
 MIN_PRECISION_BITS = 8.0
+# The slots past a zero-padded vector's length decrypt to CKKS noise (below 1e-6 in every preset, threshold smudging
+# included); a declared length cut short leaves data there. Relative to the vector's largest value, floor 1.
+PAD_TOLERANCE = 2.0**-10
+_ID_HEX = 16
 
 
 class EncryptedVector:
     """A flat float vector of ``length`` values packed into ``ceil(length / slots)`` CKKS ciphertexts.
 
     Supports ``a + b``, ``a - b``, ``a * scalar`` (one multiplicative level each); ``len(v)`` is the plaintext length.
+    ``padded``: the slots past ``length`` hold zeros (true of :func:`encrypt` and of sums and scalings of its
+    results), which decryption then checks: a declared length cut short is refused, not silently truncated.
     """
 
-    __slots__ = ("context", "ciphertexts", "length", "dtype", "tag", "mults", "id")
+    __slots__ = ("context", "ciphertexts", "length", "dtype", "tag", "mults", "id", "padded")
 
     def __init__(
-        self, context: Context, ciphertexts: list[Any], length: int, dtype: str, tag: str, mults: int = 0
+        self,
+        context: Context,
+        ciphertexts: list[Any],
+        length: int,
+        dtype: str,
+        tag: str,
+        mults: int = 0,
+        padded: bool = False,
     ) -> None:
         self.context = context
         self.ciphertexts = ciphertexts
         self.length = length
         self.dtype = dtype
         self.tag = tag
-        self.mults = mults  # scalar multiplications applied: the level, which fixes the byte layout
+        self.mults = mults  # scalar multiplications applied (the depth budget spent)
+        self.padded = padded
         # a fresh random identifier per result, so partial decryptions of different vectors are never fused
         self.id = secrets.token_hex(8)
 
@@ -77,7 +91,7 @@ class EncryptedVector:
         cc = self.context.cc
         with _wire.openfhe_errors("homomorphic subtraction"):
             cts = [cc.EvalSub(a, b) for a, b in zip(self.ciphertexts, other.ciphertexts, strict=True)]
-        return self._derive(cts, _result_dtype([self, other]), self.mults)
+        return self._derive(cts, _result_dtype([self, other]), self.mults, self.padded and other.padded)
 
     def __mul__(self, scalar: float) -> EncryptedVector:
         if not isinstance(scalar, (int, float, np.floating, np.integer)) or isinstance(scalar, bool):
@@ -97,35 +111,52 @@ class EncryptedVector:
 
     __rmul__ = __mul__
 
-    def _derive(self, cts: list[Any], dtype: str, mults: int) -> EncryptedVector:
-        return EncryptedVector(self.context, cts, self.length, dtype, self.tag, mults)
+    def _derive(self, cts: list[Any], dtype: str, mults: int, padded: bool | None = None) -> EncryptedVector:
+        padded = self.padded if padded is None else padded
+        return EncryptedVector(self.context, cts, self.length, dtype, self.tag, mults, padded)
 
     # -- bytes --------------------------------------------------------------------------------------------------
 
     def to_bytes(self) -> bytes:
-        with _wire.openfhe_errors("serializing ciphertexts"):
-            items = [openfhe.Serialize(ct, openfhe.BINARY) for ct in self.ciphertexts]
+        """The canonical OpenFHE form of each ciphertext (``crypto.layout``), framed with the vector's metadata."""
+        items = _canonical(self.context, self.ciphertexts, layout.CIPHERTEXT, self.tag)
         return _wire.pack(_wire.KIND_VECTOR, self._meta(), items)
 
     def _meta(self) -> dict[str, Any]:
         return self.context._meta(
-            tag=self.tag, length=self.length, dtype=self.dtype, mults=self.mults, id=self.id, n=len(self.ciphertexts)
-        )
+            tag=self.tag, length=self.length, dtype=self.dtype, mults=self.mults, id=self.id,
+            n=len(self.ciphertexts), shape=list(_shape(self.ciphertexts)), padded=self.padded,
+        )  # fmt: skip
 
     @classmethod
-    def from_bytes(cls, context: Context, data: bytes, *, public_key: PublicKey | None = None) -> EncryptedVector:
-        """Parse and validate; with ``public_key``, also require that the vector was encrypted under it."""
+    def from_bytes(
+        cls,
+        context: Context,
+        data: bytes,
+        *,
+        public_key: PublicKey | None = None,
+        length: int | None = None,
+        padded: bool | None = None,
+        dtype: str | None = None,
+        exact: bool = False,
+    ) -> EncryptedVector:
+        """Parse and validate before OpenFHE sees a byte (``crypto._wire``, ``crypto.layout``); with
+        ``public_key``, also require that the vector was encrypted under it; with ``length`` / ``padded``, that it
+        holds that many values / zero padding / decrypts to ``dtype`` (what the receiver expects, not what the sender
+        declares: a dtype lie would round the values silently). ``exact``: only ciphertexts of a learnt layout (fresh,
+        summed, scaled: all that ps and ring exchange); otherwise a ciphertext of another layout (after rotations or
+        relinearisation) is parsed in the isolated helper first and its level, degree, scaling factor, slots and
+        element count compared with an honest one's."""
         what = "encrypted vector"
         meta, items = _wire.unpack(data, _wire.KIND_VECTOR)
-        length, dtype, tag, mults, vid = _read_vector_meta(context, meta, items, what)
-        if public_key is not None and tag != public_key.tag:
+        head = _read_vector_meta(context, meta, items, what, length, padded, dtype)
+        if public_key is not None and head.tag != public_key.tag:
             raise CryptoError(
-                f"{what} was encrypted under key {tag[:8]}, not under the expected key {public_key.tag[:8]}"
+                f"{what} was encrypted under key {head.tag[:8]}, not under the expected key {public_key.tag[:8]}"
             )
-        cts = [context._parse(item, _deser_ct, what) for item in items]
-        _check_tags(cts, tag, what)
-        vec = cls(context, cts, length, dtype, tag, mults)
-        vec.id = vid
+        cts = _parse_checked(context, items, layout.CIPHERTEXT, head, what, exact)
+        vec = cls(context, cts, head.length, head.dtype, head.tag, head.mults, head.padded)
+        vec.id = head.id
         return vec
 
 
@@ -152,10 +183,10 @@ def encrypt(public_key: PublicKey, values: np.ndarray) -> EncryptedVector:
     peak = float(np.max(np.abs(x)))
     if not peak < bound:  # also catches NaN
         raise CryptoError(f"values must be finite with |x| < {bound:g} for these parameters; max |x| is {peak:g}")
-    cc, pk, s = ctx.cc, public_key._pk, ctx.slots
+    cc, pk, s = ctx.cc, public_key._encryption_key(), ctx.slots
     with _wire.openfhe_errors("encryption"):
         cts = [cc.Encrypt(pk, cc.MakeCKKSPackedPlaintext(x[i : i + s])) for i in range(0, x.size, s)]
-    return EncryptedVector(ctx, cts, x.size, dtype, public_key.tag)
+    return EncryptedVector(ctx, cts, x.size, dtype, public_key.tag, padded=True)
 
 
 def decrypt(secret_key: SecretKey, vector: EncryptedVector) -> np.ndarray:
@@ -173,7 +204,7 @@ def decrypt(secret_key: SecretKey, vector: EncryptedVector) -> np.ndarray:
     cc, sk = vector.context.cc, secret_key._sk
     with _wire.openfhe_errors("decryption"):
         plaintexts = [cc.Decrypt(sk, ct) for ct in vector.ciphertexts]
-    return _unpack(plaintexts, vector.length, vector.dtype, vector.context.slots)
+    return _unpack(plaintexts, vector.length, vector.dtype, vector.context.slots, vector.padded)
 
 
 def aggregate(vectors: Sequence[EncryptedVector], scale: float | None = None) -> EncryptedVector:
@@ -191,14 +222,14 @@ def aggregate(vectors: Sequence[EncryptedVector], scale: float | None = None) ->
             cts = list(first.ciphertexts)
         else:
             cts = [cc.EvalAddMany(list(group)) for group in zip(*(v.ciphertexts for v in vectors), strict=True)]
-    out = first._derive(cts, _result_dtype(vectors), first.mults)
+    out = first._derive(cts, _result_dtype(vectors), first.mults, all(v.padded for v in vectors))
     return out if scale is None else out * scale
 
 
 # -- helpers shared with threshold.py -----------------------------------------------------------------------------
 
 
-def _unpack(plaintexts: list[Any], length: int, dtype: str, slots: int) -> np.ndarray:
+def _unpack(plaintexts: list[Any], length: int, dtype: str, slots: int, padded: bool = False) -> np.ndarray:
     out = np.empty(len(plaintexts) * slots, dtype=np.float64)
     for i, pt in enumerate(plaintexts):
         bits = pt.GetLogPrecision()
@@ -207,9 +238,15 @@ def _unpack(plaintexts: list[Any], length: int, dtype: str, slots: int) -> np.nd
                 f"decryption is noise ({bits:.1f} bits of precision): wrong key, tampered ciphertext or overflow"
             )
         out[i * slots : (i + 1) * slots] = pt.GetRealPackedValueArray()[:slots]
-    values = out[:length]
-    if not np.isfinite(values).all():
+    if not np.isfinite(out).all():
         raise CryptoError("decryption produced non-finite values: wrong key, tampered ciphertext or overflow")
+    values = out[:length]
+    if padded and length < out.size:
+        pad = float(np.max(np.abs(out[length:])))
+        if pad > PAD_TOLERANCE * max(1.0, float(np.max(np.abs(values)))):
+            raise CryptoError(
+                f"the slots past the declared length {length} hold data (|x| up to {pad:.3g}): a cut length"
+            )
     return values.astype(dtype, copy=False)
 
 
@@ -230,22 +267,94 @@ def _result_dtype(vectors: Sequence[EncryptedVector]) -> str:
     return np.result_type(*(np.dtype(v.dtype) for v in vectors)).name
 
 
+class _Head(NamedTuple):
+    length: int
+    dtype: str
+    tag: str
+    mults: int
+    id: str
+    shape: tuple[int, int]
+    padded: bool
+
+
 def _read_vector_meta(
-    context: Context, meta: dict[str, Any], items: list[memoryview], what: str
-) -> tuple[int, str, str, int, str]:
+    context: Context,
+    meta: dict[str, Any],
+    items: list[memoryview],
+    what: str,
+    length: int | None = None,
+    padded: bool | None = None,
+    dtype: str | None = None,
+) -> _Head:
+    """The vector fields of a frame's metadata, each checked against the context and the receiver's expectations."""
     context._check_meta(meta, what)
-    length = _wire.field(meta, "length", int, what)
-    dtype = _wire.field(meta, "dtype", str, what)
-    tag = _wire.field(meta, "tag", str, what)
-    mults = _wire.field(meta, "mults", int, what)
-    vid = _wire.field(meta, "id", str, what)
-    if dtype not in _DTYPES:
-        raise CryptoError(f"{what}: unsupported dtype {dtype!r}")
-    if not 0 <= mults <= context.params.depth:
-        raise CryptoError(f"{what}: level {mults} is outside this context's depth {context.params.depth}")
-    if length < 1 or len(items) != -(-length // context.slots):
-        raise CryptoError(f"{what}: {len(items)} ciphertexts cannot hold {length} values at {context.slots} slots each")
-    return length, dtype, tag, mults, vid
+    head = _Head(
+        _wire.field(meta, "length", int, what),
+        _wire.field(meta, "dtype", str, what),
+        _wire.field(meta, "tag", str, what),
+        _wire.field(meta, "mults", int, what),
+        _wire.field(meta, "id", str, what),
+        tuple(_wire.field(meta, "shape", list, what)),  # type: ignore[arg-type]
+        _wire.field(meta, "padded", bool, what),
+    )
+    if head.dtype not in _DTYPES:
+        raise CryptoError(f"{what}: unsupported dtype {head.dtype!r}")
+    if not 0 <= head.mults <= context.params.depth:
+        raise CryptoError(f"{what}: level {head.mults} is outside this context's depth {context.params.depth}")
+    if head.length < 1 or len(items) != -(-head.length // context.slots):
+        raise CryptoError(
+            f"{what}: {len(items)} ciphertexts cannot hold {head.length} values at {context.slots} slots each"
+        )
+    if _wire.field(meta, "n", int, what) != len(items):
+        raise CryptoError(f"{what}: the header announces {meta['n']} ciphertexts, the frame holds {len(items)}")
+    if len(head.id) != _ID_HEX or not all(c in "0123456789abcdef" for c in head.id):
+        raise CryptoError(f"{what}: the vector id is not {_ID_HEX} lowercase hex digits")
+    if len(head.shape) != 2:
+        raise CryptoError(f"{what}: metadata field 'shape' is not [level, noise-scale degree]")
+    if length is not None and head.length != length:
+        raise CryptoError(f"{what}: holds {head.length} values, expected {length}")
+    if dtype is not None and head.dtype != dtype:
+        raise CryptoError(f"{what}: declares dtype {head.dtype}, expected {dtype}")
+    if padded is not None and head.padded != padded:
+        raise CryptoError(f"{what}: {'not ' if padded else ''}zero-padded, expected the opposite")
+    return head
+
+
+def _parse_checked(
+    context: Context, items: list[memoryview], kind: str, head: _Head, what: str, exact: bool = True
+) -> list[Any]:
+    """Each item against the exact layout of its kind and shape in this context (or, when ``exact`` is off and no
+    layout has its size, through the isolated parser and an honest sample's fields), then OpenFHE's parse."""
+    for item in items:
+        try:
+            layout.check(context, kind, head.shape, item, head.tag, what)  # type: ignore[arg-type]
+        except layout.NoLayout:
+            if exact:
+                raise
+            _isolated(context, item, kind, head, what)
+    return [context._parse(item, _deser_ct, what) for item in items]
+
+
+def _isolated(context: Context, item: memoryview, kind: str, head: _Head, what: str) -> None:
+    from trustgrad.crypto.sandbox import sandbox_for
+
+    got = sandbox_for(context).parse("ciphertext", item, what)
+    want = {**layout.expected_meta(context, kind, head.shape), "tag": head.tag}  # type: ignore[arg-type]
+    wrong = sorted(k for k in want if got.get(k) != want[k])
+    if wrong:
+        raise CryptoError(f"{what}: its OpenFHE fields {', '.join(wrong)} are not those of an honest {kind}")
+
+
+def _shape(cts: list[Any]) -> tuple[int, int]:
+    shapes = {layout.shape_of(ct) for ct in cts}
+    if len(shapes) != 1:
+        raise CryptoError(f"the ciphertexts of one vector are at different levels {sorted(shapes)}")
+    return shapes.pop()
+
+
+def _canonical(context: Context, objs: list[Any], kind: str, tag: str) -> list[bytes]:
+    with _wire.openfhe_errors(f"serializing a {kind}"):
+        return [layout.serialize(context, obj, kind, layout.shape_of(obj), tag) for obj in objs]
 
 
 def _check_tags(cts: list[Any], tag: str, what: str) -> None:

@@ -132,7 +132,9 @@ class LocalSGD(Pattern):
     def finish(self, replica: Replica) -> None:
         if self.steps % self.cfg.pattern.local_steps:  # the last exploration phase is merged too
             self._merge(replica)
-        self.monitor.gather(replica.flat_params())  # final consensus distance, before rank 0 takes the center
+        self.monitor.gather(
+            replica.flat_params(), final=True
+        )  # final consensus distance, before rank 0 takes the center
         if self.comm.rank == self.coordinator:
             replica.set_flat_params(self.merge.final(replica.flat_params()))
 

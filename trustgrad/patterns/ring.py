@@ -88,16 +88,22 @@ class Ring(GradientAveraging):
         super().attach(replica)
         self.keys, self.crypto = None, None
         if self.cfg.crypto.encrypt == "ckks":
+            from ..attacks.poisoning import wire_tamper
             from ..secure import CryptoStats, setup_keys
+            from ..secure.rogue import behaviour
 
             self.crypto = CryptoStats()
-            self.keys = setup_keys(self.comm, self.cfg.crypto, range(self.comm.world_size), (), self.crypto)
+            self.tamper = wire_tamper(self.cfg.malicious, self.comm.rank)  # --malicious ...,attack=crafted-*
+            conduct = behaviour(self.cfg.malicious, self.comm.rank)  # a rogue key party, in tests of the set-up
+            self.keys = setup_keys(
+                self.comm, self.cfg.crypto, range(self.comm.world_size), (), self.crypto, None, conduct
+            )
 
     def sum(self, flat: torch.Tensor) -> torch.Tensor:
         if self.keys is not None:
             from ..secure.ring import encrypted_ring_all_reduce
 
-            return encrypted_ring_all_reduce(self.comm, flat, self.keys, self.crypto, self.tap)
+            return encrypted_ring_all_reduce(self.comm, flat, self.keys, self.crypto, self.tap, self.tamper)
         return ring_all_reduce(self.comm, flat, self.cfg.pattern.segment_kb * 1024)
 
     def stats(self) -> dict[str, Any]:

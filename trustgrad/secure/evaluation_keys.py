@@ -10,6 +10,13 @@ Under threshold keys no party can make these alone; the rounds of :mod:`trustgra
    which finishes both keys and sends the public key with them to the receivers (the server).
 
 Only public evaluation material travels; the key parties keep the plain public key (they encrypt, never evaluate).
+
+Not yet the joint set-up of the public key (:mod:`.keys`): here party 1's keys are the common element of the
+rotation keys and round 1 is a chain, so a rogue party 1 chooses the ``a``'s and the last party combines. The
+commit-reveal version on the seed's common elements is built and unit-tested (:mod:`trustgrad.crypto.keyset`,
+``common_eval_mult`` / ``common_rotations``); run over the network it was OOM-killed with every party summing
+~245 MB rotation key sets, and the server-combined variant did not finish its one trial run in time
+(docs/threshold-keys.md).
 """
 
 from __future__ import annotations

@@ -15,6 +15,11 @@ W chunks (chunk j is *owned* by rank j-1, the rank that finishes reducing it in 
 
 What is revealed: the sum (as with any all-reduce). What each peer sees of others: ciphertexts and decryption shares
 of sums. Steps 3-6 exchange with every peer by cyclic shifts, so no ordering can deadlock.
+
+Every ciphertext and partial decryption a rank receives is validated before OpenFHE parses it, against what the
+receiver knows: the chunk's length, the joint key, the layout of a fresh (step 2) or summed (step 3) encryption
+(docs/wire.md). A refused payload ends the all-reduce with a one-line ``LaunchError`` naming its sender: an
+all-reduce needs every rank's share, so there is no one to go on without.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import torch
 from ..comm import Comm
 from ..crypto import EncryptedVector, encrypt, fuse, partial_decrypt
 from ..crypto.threshold import PartialDecryption
+from ..errors import CryptoError, LaunchError
 from .keys import KeyRing
 from .stats import CryptoStats
 
@@ -37,18 +43,24 @@ _TAG = 72
 
 
 def encrypted_ring_all_reduce(
-    comm: Comm, flat: torch.Tensor, keys: KeyRing, stats: CryptoStats, observe: Callable[[str, Any], None] | None = None
+    comm: Comm,
+    flat: torch.Tensor,
+    keys: KeyRing,
+    stats: CryptoStats,
+    observe: Callable[[str, Any], None] | None = None,
+    tamper: Callable[[str, bytes], bytes] | None = None,
 ) -> torch.Tensor:
     """Sum ``flat`` over all ranks in place; only ciphertexts, decryption shares and the final sum travel.
 
-    ``observe("ciphertext", (bytes, sender))`` is shown the first ciphertext received from the previous rank.
+    ``observe("ciphertext", (bytes, sender))`` is shown the first ciphertext received from the previous rank;
+    ``tamper(kind, bytes)`` rewrites what this rank sends (``--malicious ...,attack=crafted-*``).
     """
+    tamper = tamper or (lambda kind, payload: payload)
     world, rank = comm.world_size, comm.rank
     if world == 1:
         return flat
     values = flat.detach().cpu().numpy().astype(np.float64)
     bounds = [len(values) * i // world for i in range(world + 1)]
-    ctx = keys.context
 
     with stats.timing("encrypt"):
         chunks = [encrypt(keys.public_key, values[bounds[j] : bounds[j + 1]]) for j in range(world)]
@@ -56,31 +68,32 @@ def encrypted_ring_all_reduce(
     nxt, prv = (rank + 1) % world, (rank - 1) % world
     for s in range(world - 1):  # 2. reduce-scatter on ciphertexts
         send_j, recv_j = (rank - s) % world, (rank - s - 1) % world
-        payload = chunks[send_j].to_bytes()
+        payload = tamper("ciphertext", chunks[send_j].to_bytes())
         stats.sent(len(payload), bounds[send_j + 1] - bounds[send_j])
         received = comm.exchange_bytes(payload, nxt, prv, _TAG)
         if observe is not None and s == 0:  # what a peer sees of its neighbour: ciphertext bytes
             observe("ciphertext", (received, prv))
-        incoming = EncryptedVector.from_bytes(ctx, received)
+        incoming = _vector(keys, received, prv, bounds[recv_j + 1] - bounds[recv_j])
         with stats.timing("aggregate"):
             chunks[recv_j] = chunks[recv_j] + incoming
 
     mine = (rank + 1) % world  # the chunk this rank owns, fully reduced
     reduced = {mine: chunks[mine]}
-    blob = chunks[mine].to_bytes()
+    blob = tamper("ciphertext", chunks[mine].to_bytes())
     for shift in range(1, world):  # 3. every rank gets every reduced chunk
         dst, src = (rank + shift) % world, (rank - shift) % world
         stats.sent(len(blob), bounds[mine + 1] - bounds[mine])
-        reduced[(src + 1) % world] = EncryptedVector.from_bytes(ctx, comm.exchange_bytes(blob, dst, src, _TAG))
+        j = (src + 1) % world
+        reduced[j] = _vector(keys, comm.exchange_bytes(blob, dst, src, _TAG), src, bounds[j + 1] - bounds[j])
 
     with stats.timing("decrypt"):  # 4. shares of chunk j go to its owner
         shares = {j: partial_decrypt(keys.secret, reduced[j]) for j in range(world)}  # type: ignore[arg-type]
     collected = [shares[mine]]
     for shift in range(1, world):
         dst, src = (rank + shift) % world, (rank - shift) % world
-        payload = shares[(dst + 1) % world].to_bytes()
+        payload = tamper("partial", shares[(dst + 1) % world].to_bytes())
         stats.sent(len(payload), 0)
-        collected.append(PartialDecryption.from_bytes(ctx, comm.exchange_bytes(payload, dst, src, _TAG)))
+        collected.append(_partial(keys, comm.exchange_bytes(payload, dst, src, _TAG), src, reduced[mine]))
     with stats.timing("decrypt"):  # 5. fuse
         total = np.asarray(fuse(collected), dtype=np.float32)
 
@@ -97,3 +110,32 @@ def encrypted_ring_all_reduce(
         out[bounds[theirs] : bounds[theirs + 1]] = got
     flat.copy_(torch.from_numpy(out).to(flat.dtype))
     return flat
+
+
+def _vector(keys: KeyRing, data: bytes, sender: int, length: int) -> EncryptedVector:
+    """A chunk from ``sender``: ``length`` zero-padded float64 values under the joint key, else named."""
+    try:
+        return EncryptedVector.from_bytes(
+            keys.context, data, public_key=keys.public_key, length=length, padded=True, dtype="float64", exact=True
+        )
+    except CryptoError as exc:
+        raise LaunchError(f"ring: rank {sender} sent an invalid ciphertext: {exc}", rank=sender) from None
+
+
+def _partial(keys: KeyRing, data: bytes, sender: int, chunk: EncryptedVector) -> PartialDecryption:
+    """``sender``'s share of the chunk this rank owns, else named."""
+    try:
+        partial = PartialDecryption.from_bytes(
+            keys.context,
+            data,
+            length=len(chunk),
+            parties=len(keys.parties),
+            padded=True,
+            dtype=chunk.dtype,
+            exact=True,
+        )
+    except CryptoError as exc:
+        raise LaunchError(f"ring: rank {sender} sent an invalid partial decryption: {exc}", rank=sender) from None
+    if partial.tag != chunk.tag:
+        raise LaunchError(f"ring: rank {sender} sent a partial decryption under another key", rank=sender)
+    return partial

@@ -29,6 +29,7 @@ import torch
 
 from ...config import RunConfig
 from ...errors import ConfigError, LaunchError
+from ...faults import SETUP, Faults
 from ...replica import Replica
 from ..base import PATTERNS, Pattern
 from .checkpoint import ServerCheckpoint
@@ -68,6 +69,7 @@ class ParameterServer(Pattern):
         self._server = None
         self._start = 0
         self.secure = None  # SecureWorker when --encrypt ckks (see .secure)
+        self.gate = None  # the robust rule of --aggregate, at the server
         #: this rank's ps channels (server: one per worker; worker: to the server), made first on every rank because
         #: under async/ssp they are process groups of their own (``protocol.open_links``)
         self.links = open_links(comm, cfg.workers, separate=self.schedule.tolerates_loss) if comm.world_size > 1 else {}
@@ -92,13 +94,16 @@ class ParameterServer(Pattern):
             from .blind import check_blind_config
 
             check_blind_config(cfg)
-        if cfg.crypto.encrypt != "none" and cfg.proof.mode != "none":
-            from ...attacks.poisoning import parse_malicious
+        if cfg.crypto.encrypt != "none":
+            from ...attacks.poisoning import WIRE_ATTACKS, parse_malicious
 
-            if any(parse_malicious(text).rank == 1 for text in cfg.malicious):
+            specs = [parse_malicious(text) for text in cfg.malicious]
+            excludable = cfg.proof.mode != "none" or any(s.attack in WIRE_ATTACKS for s in specs)
+            if excludable and any(s.rank == 1 for s in specs):
                 raise ConfigError(
-                    "--malicious rank=1 with --encrypt ckks and verification: worker 0 (rank 1) evaluates the model "
-                    "for the run's records, and once excluded its copy stops; make another rank malicious"
+                    "--malicious rank=1 with --encrypt ckks and verification or a crafted-* attack: worker 0 (rank 1) "
+                    "evaluates the model for the run's records, and once excluded its copy stops; make another rank "
+                    "malicious"
                 )
         encrypted_audit = cfg.proof.mode == "audit" and cfg.crypto.encrypt != "none"
         if encrypted_audit and (cfg.crypto.keys != "shared" or cfg.proof.audit_rate != 1.0):
@@ -106,6 +111,8 @@ class ParameterServer(Pattern):
                 "--proof audit with --encrypt ckks needs --keys shared and --audit-rate 1: the auditor rank "
                 "decrypts claims with the shared key and every claim is checked before it is aggregated"
             )
+        if cfg.aggregate != "mean":
+            cls._check_gate(cfg)
         if p.straggler:
             Straggler.parse(p.straggler, cfg.workers)
         if not p.worker_timeout > 0:
@@ -121,6 +128,20 @@ class ParameterServer(Pattern):
             ds = load_dataset(cfg.dataset, cfg.data_dir)
             model = build_model(cfg.model.name, ds.input_shape, ds.num_classes, cfg.seed, cfg.model)
             cls.load_checkpoint_for(cfg, cfg.resume, sum(q.numel() for q in model.parameters()))
+
+    @staticmethod
+    def _check_gate(cfg: RunConfig) -> None:
+        from ...robust import parse_aggregate
+
+        rule = parse_aggregate(cfg.aggregate)
+        if cfg.pattern.schedule != "sync":
+            raise ConfigError(
+                f"--aggregate {rule.name} runs under --schedule sync: a robust rule compares the updates of one round, "
+                "which asynchronous schedules never hold together"
+            )
+        problem = rule.needs(cfg.workers)
+        if problem is not None:
+            raise ConfigError(f"--aggregate: {problem}, and this job has --workers {cfg.workers}")
 
     @classmethod
     def world_size(cls, cfg: RunConfig) -> int:
@@ -179,6 +200,10 @@ class ParameterServer(Pattern):
             return CiphertextAuditor(self).serve()
         from .server import Server
 
+        if self.cfg.aggregate != "mean":  # a robust rule gates every sync round (trustgrad.robust)
+            from ...robust import Gate
+
+            self.gate = Gate.from_spec(self.cfg.aggregate)
         self._server = Server(self)
         return self._server.serve()
 
@@ -192,10 +217,13 @@ class ParameterServer(Pattern):
             raise LaunchError(f"ps: worker {rank - 1} pushed {len(payload)} bytes, expected {4 * n} (float32 x {n})")
         return torch.frombuffer(bytearray(payload), dtype=torch.float32)
 
-    def aggregate(self, grads: list[torch.Tensor]) -> torch.Tensor:
-        """The update of a synchronous round: the mean of one gradient per worker (summed in worker order)."""
+    def aggregate(self, grads: list[torch.Tensor], senders: list[int] | None = None) -> torch.Tensor:
+        """The update of a synchronous round: the mean of one gradient per worker (summed in worker order), or what
+        the ``--aggregate`` gate's verdict says (``senders``: the worker index of each gradient)."""
         if self._server.secure is not None:  # type: ignore[union-attr]
             return self._server.secure.aggregate(grads)  # type: ignore[union-attr, return-value]
+        if self.gate is not None:
+            return self.gate(grads, senders).update
         total = grads[0].clone()
         for g in grads[1:]:
             total.add_(g)
@@ -203,11 +231,12 @@ class ParameterServer(Pattern):
 
     def stats(self) -> dict[str, Any]:
         if self._server is not None:
-            return self._server.stats()
+            return {**self._server.stats(), **(self.gate.summary() if self.gate is not None else {})}
         return self.secure.stats.summary() if self.secure is not None else {}
 
     # ------------------------------------------------------------------ worker side
     def attach(self, replica: Replica) -> None:
+        Faults.for_rank(self.comm.rank).at(SETUP)  # tests only: a worker that dies before its first model
         if self.cfg.proof.mode == "blind":
             from .blind import BlindWorker
 

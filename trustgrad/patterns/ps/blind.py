@@ -65,6 +65,7 @@ from ...data import BatchPlan, load_dataset
 from ...errors import ConfigError, CryptoError, LaunchError
 from ...secure import CryptoStats, KeyRing, setup_keys
 from ...secure.evaluation_keys import joint_evaluation_keys
+from ...secure.rogue import behaviour
 from .protocol import REPLY
 from .secure import SecureWorker
 
@@ -160,7 +161,8 @@ class BlindWorker(SecureWorker):
         self.keys = self._make_keys(key_parties(cfg), context)
 
     def _make_keys(self, parties: list[int], context: Context) -> KeyRing:
-        ring = setup_keys(self.comm, self.cfg.crypto, parties, [0], self.stats, context=context)
+        conduct = behaviour(self.cfg.malicious, self.comm.rank)
+        ring = setup_keys(self.comm, self.cfg.crypto, parties, [0], self.stats, context=context, behaviour=conduct)
         joint_evaluation_keys(self.comm, ring, self.layout.rotations, [0], self.stats)
         with self.stats.timing("encrypt"):
             samples = encrypt_samples(ring.public_key, self.layout, self.x, self.y, self.shard).to_bytes()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import secrets
 import time
 from typing import TYPE_CHECKING, Any
@@ -18,6 +19,7 @@ from ...blind import BlindVerifier, EncryptedGradient, EncryptedSamples, SampleS
 from ...comm import Comm
 from ...config import RunConfig
 from ...crypto import Context, EncryptedVector, fuse
+from ...crypto.flooding import FLOODING
 from ...crypto.threshold import PartialDecryption
 from ...data import BatchPlan, load_dataset
 from ...errors import ConfigError, CryptoError, LaunchError
@@ -128,7 +130,7 @@ class BlindAudit:
         self.report["audited_claims"] += len(ranks)
         rejected = []
         for rank, distance in zip(ranks, distances):
-            verdict = judge(distance, self.codec.verifier.bound)
+            verdict = judge(distance, self.bound())
             if verdict.accepted:
                 self.report["worst_accepted_distance"] = max(self.report["worst_accepted_distance"], abs(distance))
                 continue
@@ -167,12 +169,25 @@ class BlindAudit:
             **self.report,
             "proof": "blind",
             "audit_rate": 1.0,
-            "bound": self.codec.verifier.bound,
+            "bound": self.bound(),
+            "flooding_sigma": self.flooding_sigma(),
             "check_seconds_per_claim": self.report["check_seconds"] / n,
             "verdict_seconds_per_claim": self.report["verdict_seconds"] / n,
             "setup_seconds": self.codec.setup_seconds,
             "claims": self.report["audited_claims"],
         }
+
+    def flooding_sigma(self) -> float:
+        """Standard deviation of the flooding noise on a fused verdict (distance units): every key party adds
+        ``FLOODING.sigma`` to slot 0, which holds ``gain**2`` times the distance."""
+        v = self.codec.verifier
+        per_party = FLOODING.sigma(v.context.params.scale_bits)
+        return per_party * math.sqrt(len(self.codec.keys.parties)) / v.gain**2
+
+    def bound(self) -> float:
+        """The honest bound: CKKS error (``BlindVerifier.bound``) plus 7 standard deviations of the flooding noise
+        (a Gaussian beyond 7 sigma: 2.6e-12 per verdict, so flooding adds no measurable false rejection)."""
+        return self.codec.verifier.bound + 7.0 * self.flooding_sigma()
 
     # -- steps 3, 4, 6 ------------------------------------------------------------------------------------------
 
@@ -238,7 +253,7 @@ class BlindAudit:
         reference = EncryptedGradient(*models[0].ciphertexts, 1)  # at least 2 survivors: checked above
         checks = [codec.verifier.distance_to(reference, other, weights=self._weights()) for other in models[1:]]
         distances = self._decrypt(checks)
-        off = [r - 1 for r, d in zip(survivors[1:], distances) if not judge(d, codec.verifier.bound).accepted]
+        off = [r - 1 for r, d in zip(survivors[1:], distances) if not judge(d, self.bound()).accepted]
         if off:
             raise LaunchError(
                 f"ps --proof blind: after re-keying, workers {off} hold another model than worker "

@@ -165,6 +165,7 @@ class Server:
             "dropped_workers": dropped,
             "dropped_reasons": {str(r - 1): w.dropped for r, w in self.workers.items() if w.dropped},
             **(self.audit.summary() if self.audit is not None else {}),
+            **getattr(self.secure, "report", {}),
         }
 
     # ------------------------------------------------------------------ messages
@@ -184,12 +185,15 @@ class Server:
             return
         if msg.kind == GRADIENT:
             if w.waiting or msg.step != w.clock or msg.version != w.read_version:
-                self._refuse(w, f"pushed step {msg.step} on version {msg.version}, expected step {w.clock} on version "
-                             f"{w.read_version}")  # fmt: skip
+                self._violation(w, f"pushed step {msg.step} on version {msg.version}, expected step {w.clock} on "
+                                f"version {w.read_version}")  # fmt: skip
                 return
             try:
                 grad = self.pattern.decode(msg.payload, w.rank)
-            except LaunchError as exc:
+            except LaunchError as exc:  # a refused push: excluded where the codec can go on without the worker
+                if not getattr(self.secure, "excludes_refused", False) or getattr(exc, "rank", None) != w.rank:
+                    self._violation(w, str(exc))
+                    return
                 self._refuse(w, str(exc))
                 return
             if self.cfg.record_server_view and not self.view_recorded and msg.version == self.version:
@@ -209,8 +213,17 @@ class Server:
             w.done, w.waiting, w.deadline = True, False, math.inf
             self._complete_round()
 
+    def _refuse(self, w: _Worker, reason: str) -> None:
+        """A worker's push failed validation (docs/wire.md): name it, exclude it, and finish the round without it."""
+        self.exclude(w, reason)
+        self.secure.refused(w.rank, reason)  # type: ignore[union-attr]
+        self._complete_round()
+
     def _complete_round(self) -> None:
         live = {r for r, w in self.workers.items() if not w.done and not w.dropped}
+        if getattr(self.secure, "rekey_pending", False) and live and live <= set(self.buffer):
+            # threshold keys: the excluded worker shares the key of this round; the survivors re-key and push again
+            self.buffer = self.secure.rekey(sorted(live), self.replica.num_params)  # type: ignore[union-attr]
         if self.buffer and live <= set(self.buffer):
             buffer, self.buffer = self.buffer, {}
             if self.audit is not None:  # claims that fail their replay never reach the model
@@ -221,7 +234,7 @@ class Server:
                     self.audit.published(b"")  # the auditor's model stays where it is
             if buffer:
                 grads = [buffer[r] for r in sorted(buffer)]
-                self._update(self.pattern.aggregate(grads), len(grads))
+                self._update(self.pattern.aggregate(grads, [r - 1 for r in sorted(buffer)]), len(grads))
 
     def _update(self, grad: torch.Tensor, gradients: int, rank: int = 0) -> None:
         before = self._applied() - gradients
@@ -312,7 +325,7 @@ class Server:
         self._send(w, DROPPED)
         w.dropped, w.waiting, w.deadline = reason, False, math.inf
 
-    def _refuse(self, w: _Worker, reason: str) -> None:
+    def _violation(self, w: _Worker, reason: str) -> None:
         """A push that breaks the protocol: asynchronous schedules exclude its sender, sync fails the run, named."""
         if not self.schedule.tolerates_loss:
             raise LaunchError(f"ps {self.schedule.name}: worker {w.rank - 1} (rank {w.rank}) {reason}", rank=w.rank)

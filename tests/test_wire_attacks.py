@@ -1,0 +1,87 @@
+"""A malicious worker that sends crafted ciphertexts or partial decryptions (valid CRC) is refused and named; in ps the
+honest workers finish the run (docs/wire.md). Real processes, real crafted payloads (``attack=crafted-*``)."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+import torch
+
+from trustgrad.attacks.poisoning import craft_modulus
+from trustgrad.cli import main
+from trustgrad.config import RunConfig
+from trustgrad.crypto import CKKSParams, Context, EncryptedVector, encrypt, keygen
+from trustgrad.errors import CryptoError
+from trustgrad.run import run
+
+
+def _ps(keys: str, malicious: tuple[str, ...], proof: str = "none") -> RunConfig:
+    cfg = RunConfig(workers=3, epochs=1, max_steps=4, seed=1, progress=False, malicious=malicious)
+    cfg = cfg.replace(pattern={"name": "ps"}, proof={"mode": proof, "audit_rate": 1.0})
+    return cfg if proof != "none" else cfg.replace(crypto={"encrypt": "ckks", "keys": keys})
+
+
+def test_the_crafted_payload_is_what_a_forger_sends():
+    """Valid frame and CRC, one OpenFHE modulus changed: only the layout check stands between it and OpenFHE."""
+    ctx = Context(CKKSParams.for_aggregation("shared", ring_dim=1024, security="none", allow_insecure=True))
+    pk, _ = keygen(ctx)
+    honest = encrypt(pk, np.ones(10)).to_bytes()
+    crafted = craft_modulus(honest)
+    assert len(crafted) == len(honest) and sum(a != b for a, b in zip(crafted, honest)) <= 6  # 1 bit + the CRC
+    with pytest.raises(CryptoError, match="differs from this context's layout") as err:
+        EncryptedVector.from_bytes(ctx, crafted)
+    assert len(str(err.value).splitlines()) == 1
+
+
+@pytest.mark.parametrize("keys", ["shared", "threshold"])
+def test_ps_excludes_the_forger_and_follows_the_plaintext_audit(keys):
+    """The round is the mean of the survivors' gradients, exactly as in a plaintext audit that rejects the same worker
+    at the same step (shared keys: the round's other pushes; threshold keys: the survivors re-key and push again, the
+    forger keeping a share of the old key only); the models agree within CKKS noise."""
+    s = run(_ps(keys, ("rank=2,attack=crafted-ciphertext,from-step=2",)))
+    assert s.summary["dropped_workers"] == [1] and s.summary["rekeys"] == (keys == "threshold")
+    refused = s.summary["refused_payloads"]
+    assert [r["worker"] for r in refused] == [1] and "worker 1 (rank 2) pushed an invalid ciphertext" in refused[0][
+        "reason"
+    ]
+    for name, ref in _plain_audit().state.items():
+        torch.testing.assert_close(s.state[name], ref, atol=1e-5, rtol=0)
+
+
+@functools.cache
+def _plain_audit():
+    return run(_ps("shared", ("rank=2,attack=noise,from-step=2",), proof="audit"))
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--pattern", "ring", "--malicious", "rank=1,attack=crafted-ciphertext"], "ring: rank 1 sent an invalid "),
+        (["--pattern", "ring", "--malicious", "rank=2,attack=crafted-partial"], "ring: rank 2 sent an invalid partial"),
+        (["--pattern", "ps", "--malicious", "rank=2,attack=crafted-partial"], "worker 1 (rank 2) sent an invalid part"),
+    ],
+)
+def test_a_forger_that_all_parties_need_fails_the_job_fast_and_named(capsys, argv, needle):
+    """Ring all-reduce needs every rank, and ps partials travel between workers: one line, the sender named."""
+    flags = ["--workers", "3", "--encrypt", "ckks", "--keys", "threshold", "--max-steps", "2", "--no-progress"]
+    assert main(["train", *flags, *argv]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err
+
+
+def test_the_coordinator_cannot_be_the_forger(capsys):
+    flags = [
+        "--pattern",
+        "ps",
+        "--workers",
+        "3",
+        "--encrypt",
+        "ckks",
+        "--malicious",
+        "rank=1,attack=crafted-ciphertext",
+    ]
+    assert main(["train", *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "worker 0 (rank 1) evaluates the model" in err[0], err

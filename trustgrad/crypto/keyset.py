@@ -1,0 +1,293 @@
+"""Threshold key set-up that no single party controls: shares on a common element, committed, summed by everyone.
+
+The steps are in :mod:`trustgrad.crypto.threshold`'s docstring; this module is one party's computations, bytes in
+and bytes out (the transport, commitments exchange and naming of deviators: :mod:`trustgrad.secure.keys`).
+
+Why each piece (a rogue party reads this code and controls every byte it sends):
+
+- **Common element from a joint seed** (:mod:`trustgrad.crypto.crs`): whoever picks ``a`` can pick one with a
+  trapdoor; derived from a seed every party contributed to (committed first), nobody picked it.
+- **Commit before reveal**: a contribution ``b_r = b_own - sum(b_honest)`` would cancel the honest shares and leave a
+  joint key whose secret is the rogue's alone; it needs the honest contributions first, and they are revealed only
+  after every commitment is in. Commitments are BLAKE2b-256 of the contribution's bytes (binding under collision
+  resistance; contributions are RLWE samples, so the digest hides them).
+- **Every party sums itself**, including its own contribution, so an honest party's key always contains its share;
+  the digests of the joint keys are compared before anyone encrypts.
+
+Evaluation keys: relinearisation round 1 contributions sit on a common element like the public key (OpenFHE
+``MultiKeySwitchGen`` on it, summed with ``MultiAddEvalKeys``); round 2 contributions are ``s_i`` times the joint
+round-1 key (``MultiMultEvalKey``, summed with ``MultiAddEvalMultKeys``, which adds both halves); rotation keys sit
+on a common element per index (``MultiEvalAtIndexKeyGen``, summed with ``MultiAddEvalAutomorphismKeys``).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import openfhe
+
+from trustgrad.crypto import _wire
+from trustgrad.crypto.context import _MAX_PARTIES, Context, PublicKey
+from trustgrad.crypto.crs import CommonElement
+from trustgrad.crypto.threshold import KeyShare
+from trustgrad.errors import CryptoError
+
+__all__ = [
+    "SEED_BYTES",
+    "commitment",
+    "joint_seed",
+    "key_digest",
+    "digest",
+    "common_public_key",
+    "threshold_share",
+    "joint_public_key",
+    "common_eval_mult",
+    "eval_mult_round1",
+    "joint_eval_round1",
+    "eval_mult_round2",
+    "joint_eval_mult",
+    "common_rotations",
+    "rotation_contribution",
+    "joint_rotations",
+    "threshold_keys",
+]
+
+log = logging.getLogger(__name__)
+
+SEED_BYTES = 32
+
+
+def commitment(data: bytes) -> bytes:
+    """BLAKE2b-256 commitment to ``data`` (domain-separated from every other digest in trustgrad)."""
+    return hashlib.blake2b(data, digest_size=32, person=b"tg-key-commit").digest()
+
+
+def joint_seed(revealed: Mapping[int, bytes]) -> bytes:
+    """The seed of the common elements from every party's revealed random bytes (party order, fixed length)."""
+    if any(len(r) != SEED_BYTES for r in revealed.values()):
+        raise CryptoError(f"seed contributions must be {SEED_BYTES} bytes each")
+    h = hashlib.blake2b(digest_size=32, person=b"tg-key-seed")
+    for index in sorted(revealed):
+        h.update(index.to_bytes(4, "little") + revealed[index])
+    return h.digest()
+
+
+def key_digest(public_key: PublicKey) -> bytes:
+    """What the parties compare at the end: BLAKE2b-256 of the joint key's bytes (with its evaluation keys)."""
+    return digest(public_key.to_bytes())
+
+
+def digest(key_bytes: bytes) -> bytes:
+    """:func:`key_digest` of an already serialized key."""
+    return hashlib.blake2b(key_bytes, digest_size=32, person=b"tg-joint-key").digest()
+
+
+def _tag(seed: bytes) -> str:
+    """The joint key's tag: the same at every party (OpenFHE otherwise tags a sum like its first operand)."""
+    return "joint-" + hashlib.blake2b(seed, digest_size=16, person=b"tg-key-tag").hexdigest()
+
+
+# -- the public key -------------------------------------------------------------------------------------------------
+
+
+def common_public_key(context: Context, seed: bytes) -> CommonElement:
+    """The public key element every party makes its share on (same bytes at every party for the same seed)."""
+    cc = context.cc
+
+    def pair() -> tuple[Any, Any]:
+        kp = cc.KeyGen()
+        return kp.publicKey, cc.MultipartyKeyGen(kp.publicKey, False, True).publicKey
+
+    common = CommonElement(context, seed, "public key", pair, _deser_pk)
+    common.tag = _tag(seed)
+    return common
+
+
+def threshold_share(common: CommonElement, *, index: int, parties: int) -> tuple[bytes, KeyShare]:
+    """Party ``index``'s contribution (its public key part, bytes) and its secret share, on ``common``."""
+    if not 2 <= parties <= _MAX_PARTIES or not 1 <= index <= parties:
+        raise CryptoError(f"threshold keys need 2 to {_MAX_PARTIES} parties and 1 <= index <= parties")
+    cc = common.context.cc
+    with _wire.openfhe_errors("threshold key share"):
+        kp = cc.MultipartyKeyGen(common.value, False, True)  # fresh: b_i = -a s_i + e_i, not added to anything
+        data = openfhe.Serialize(kp.publicKey, openfhe.BINARY)
+    return data, KeyShare(common.context, kp.secretKey, index=index, parties=parties)
+
+
+def joint_public_key(
+    common: CommonElement, contributions: Mapping[int, bytes], parties: int, names: Mapping[int, str] | None = None
+) -> PublicKey:
+    """Check every party's contribution is on ``common`` (naming the first that is not) and sum them."""
+    cc, tag = common.context.cc, common.tag
+    joint = _fold(common, contributions, parties, names or {}, _deser_pk, lambda x, y: cc.MultiAddPubKeys(x, y, tag))
+    return PublicKey(common.context, joint, parties=parties, joined=parties)
+
+
+# -- relinearisation key --------------------------------------------------------------------------------------------
+
+
+def common_eval_mult(context: Context, seed: bytes) -> CommonElement:
+    cc = context.cc
+
+    def pair() -> tuple[Any, Any]:
+        k1, k2 = cc.KeyGen(), cc.KeyGen()
+        base = cc.KeySwitchGen(k1.secretKey, k1.secretKey)
+        return base, cc.MultiKeySwitchGen(k2.secretKey, k2.secretKey, base)
+
+    return CommonElement(context, seed, "relinearisation key", pair, _deser_evk)
+
+
+def eval_mult_round1(share: KeyShare, common: CommonElement) -> bytes:
+    """Round 1: this party's key-switching key from ``s_i`` to ``s_i`` on the common element."""
+    with _wire.openfhe_errors("relinearisation key round 1"):
+        return openfhe.Serialize(share.context.cc.MultiKeySwitchGen(share._sk, share._sk, common.value), openfhe.BINARY)
+
+
+def joint_eval_round1(
+    common: CommonElement, contributions: Mapping[int, bytes], parties: int, tag: str, names: Mapping[int, str] = {}
+) -> Any:
+    cc = common.context.cc
+    return _fold(common, contributions, parties, names, _deser_evk, lambda x, y: cc.MultiAddEvalKeys(x, y, tag))
+
+
+def eval_mult_round2(share: KeyShare, round1: Any, tag: str) -> bytes:
+    """Round 2: ``s_i`` times the joint round-1 key."""
+    with _wire.openfhe_errors("relinearisation key round 2"):
+        return openfhe.Serialize(share.context.cc.MultiMultEvalKey(share._sk, round1, tag), openfhe.BINARY)
+
+
+def joint_eval_mult(context: Context, contributions: Mapping[int, bytes], parties: int, tag: str) -> Any:
+    """The joint relinearisation key from every party's round-2 part (not installed)."""
+    _all_parties(contributions, parties)
+    keys = [
+        context._parse(memoryview(contributions[i]), _deser_evk, f"party {i}'s round 2") for i in sorted(contributions)
+    ]
+    cc = context.cc
+    with _wire.openfhe_errors("summing relinearisation round 2"):
+        return functools.reduce(lambda x, y: cc.MultiAddEvalMultKeys(x, y, tag), keys)
+
+
+# -- rotation keys --------------------------------------------------------------------------------------------------
+
+
+def common_rotations(context: Context, seed: bytes, indices: Sequence[int]) -> CommonElement:
+    cc, idx = context.cc, sorted({int(i) for i in indices})
+    if not idx or 0 in idx:
+        raise CryptoError("rotation indices must be non-zero integers")
+
+    def installed(indices: list[int]) -> tuple[Any, Any]:
+        # throwaway keys, installed under their own tag (OpenFHE's free-standing EvalAutomorphismKeyGen maps do not
+        # serialize to maps MultiEvalAtIndexKeyGen can use); only their layout is used
+        k = cc.KeyGen()
+        cc.EvalAtIndexKeyGen(k.secretKey, indices)
+        return k, cc.GetEvalAutomorphismKeyMap(k.secretKey.GetKeyTag())
+
+    def pair() -> tuple[Any, Any]:  # one index shows which towers are a's; the pattern repeats per index
+        k, base = installed(idx[:1])
+        return base, cc.MultiEvalAtIndexKeyGen(cc.KeyGen().secretKey, base, idx[:1], k.secretKey.GetKeyTag())
+
+    def template() -> Any:
+        return installed(idx)[1]
+
+    common = CommonElement(context, seed, "rotation keys", pair, _deser_map, template)
+    common.indices = idx
+    return common
+
+
+def rotation_contribution(share: KeyShare, common: CommonElement, tag: str) -> bytes:
+    idx = common.indices
+    with _wire.openfhe_errors("rotation key contribution"):
+        mine = share.context.cc.MultiEvalAtIndexKeyGen(share._sk, common.value, idx, tag)
+        return openfhe.Serialize(mine, openfhe.BINARY)
+
+
+def joint_rotations(
+    common: CommonElement, contributions: Mapping[int, bytes], parties: int, tag: str, names: Mapping[int, str] = {}
+) -> Any:
+    cc = common.context.cc
+    return _fold(
+        common, contributions, parties, names, _deser_map, lambda x, y: cc.MultiAddEvalAutomorphismKeys(x, y, tag)
+    )
+
+
+def install(
+    public_key: PublicKey, eval_mult: Any = None, rotations: Any = None, indices: Sequence[int] = ()
+) -> PublicKey:
+    """Install joint evaluation keys under the joint key's tag; returns the public key that carries them."""
+    cc = public_key.context.cc
+    with _wire.openfhe_errors("installing the joint evaluation keys"):
+        if eval_mult is not None:
+            cc.InsertEvalMultKey([eval_mult])
+        if rotations is not None:
+            cc.InsertEvalAutomorphismKey(rotations, public_key.tag)
+    return PublicKey(
+        public_key.context,
+        public_key._pk,
+        parties=public_key.parties,
+        joined=public_key.joined,
+        eval_mult=public_key.eval_mult or eval_mult is not None,
+        rotations=sorted(set(public_key.rotations) | set(indices)),
+    )
+
+
+# -- in one process -------------------------------------------------------------------------------------------------
+
+
+def threshold_keys(context: Context, parties: int, seed: bytes | None = None) -> tuple[PublicKey, list[KeyShare]]:
+    """All parties' steps in one process (tests, experiments): the joint key and every share.
+
+    >>> from trustgrad.crypto import CKKSParams
+    >>> ctx = Context(CKKSParams.for_aggregation("threshold", ring_dim=1024, security="none", allow_insecure=True))
+    >>> pk, shares = threshold_keys(ctx, 3)
+    >>> pk.complete, [s.index for s in shares]
+    (True, [1, 2, 3])
+    """
+    import secrets
+
+    seed = seed if seed is not None else joint_seed({i: secrets.token_bytes(SEED_BYTES) for i in range(1, parties + 1)})
+    common = common_public_key(context, seed)
+    made = [threshold_share(common, index=i, parties=parties) for i in range(1, parties + 1)]
+    pk = joint_public_key(common, {s.index: c for c, s in made}, parties)
+    return pk, [s for _, s in made]
+
+
+def _fold(
+    common: CommonElement,
+    contributions: Mapping[int, bytes],
+    parties: int,
+    names: Mapping[int, str],
+    parse: Callable[[bytes], Any],
+    add: Callable[[Any, Any], Any],
+) -> Any:
+    """Check each contribution against ``common`` and add it to the running sum, one at a time (rotation key
+    sets are hundreds of MB each: holding all n parsed at once is what exhausts memory)."""
+    _all_parties(contributions, parties)
+    total = None
+    for index in sorted(contributions):
+        who = names.get(index, f"party {index}")
+        common.check(contributions[index], who)
+        key = common.context._parse(memoryview(contributions[index]), parse, f"{who}'s {common.label}")
+        with _wire.openfhe_errors(f"summing the {common.label}"):
+            total = key if total is None else add(total, key)
+    return total
+
+
+def _all_parties(contributions: Mapping[int, bytes], parties: int) -> None:
+    if sorted(contributions) != list(range(1, parties + 1)):
+        raise CryptoError(f"contributions of parties {sorted(contributions)}; all of 1..{parties} are required")
+
+
+def _deser_pk(b: bytes) -> Any:
+    return openfhe.DeserializePublicKeyString(b, openfhe.BINARY)
+
+
+def _deser_evk(b: bytes) -> Any:
+    return openfhe.DeserializeEvalKeyString(b, openfhe.BINARY)
+
+
+def _deser_map(b: bytes) -> Any:
+    return openfhe.DeserializeEvalKeyMapString(b, openfhe.BINARY)

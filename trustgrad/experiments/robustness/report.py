@@ -1,0 +1,126 @@
+"""Markdown tables and a heat map of the robustness experiment's cells."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+__all__ = ["table", "plot", "claims"]
+
+
+def _acc(c: dict[str, Any]) -> str:
+    return f"{c['accuracy_mean']:.3f} ({-c['drop_points']:+.1f})" if c["drop_points"] is not None else "-"
+
+
+def table(data: dict[str, Any]) -> str:
+    s, cells = data["settings"], data["cells"]
+    defences = list(dict.fromkeys(c["defence"] for c in cells))
+    lines = [
+        f"digits/mlp, ps sync, {s['workers']} workers of which the last {s['malicious']} are malicious and collude; "
+        f"{s['epochs']} epochs, batch {s['batch_size']} per worker; seeds {data['seeds']}; Dirichlet alpha "
+        f"{s['dirichlet_alpha']}. Test accuracy, mean over seeds (points against the all-honest plain mean of the same "
+        f"partition and seed). Wall time {data['wall_seconds']:.0f} s.",
+    ]
+    for partition in dict.fromkeys(c["partition"] for c in cells):
+        lines += [
+            "",
+            f"**{partition}**",
+            "",
+            "| attack | " + " | ".join(defences) + " |",
+            "|---" * (len(defences) + 1) + "|",
+        ]
+        for attack in dict.fromkeys(c["attack"] for c in cells if c["partition"] == partition):
+            row = {c["defence"]: c for c in cells if c["partition"] == partition and c["attack"] == attack}
+            lines.append(f"| {attack} | " + " | ".join(_acc(row[d]) if d in row else "-" for d in defences) + " |")
+    lines += [
+        "",
+        "| partition | attack | defence | backdoor success | attackers excluded per seed (first step) | false "
+        "exclusions | colluders' vectors kept whole per round (Krum: 1 = every round) | defence time per step |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for c in cells:
+        if c["attack"] == "none" and not c["false_exclusions"] and c["defence"] not in ("audit-1", "audit-0.1"):
+            continue
+        bd = "-" if c["backdoor_success"] is None else f"{sum(c['backdoor_success']) / len(c['backdoor_success']):.3f}"
+        caught = ", ".join(
+            f"{len(a)} ({s})" if a else "0" for a, s in zip(c["attackers_excluded"], c["first_exclusion_step"])
+        )
+        share = "-" if _per_round(c, data) is None else f"{_per_round(c, data):.2f}"
+        lines.append(
+            f"| {c['partition']} | {c['attack']} | {c['defence']} | {bd} | {caught} | {c['false_exclusions']} "
+            f"| {share} | {c['defence_seconds_per_step'] * 1e3:.2f} ms |"
+        )
+    return "\n".join([*lines, "", claims(data)])
+
+
+def _per_round(c: dict[str, Any], data: dict[str, Any]) -> float | None:
+    if "colluders_admitted_per_round" in c:
+        return c["colluders_admitted_per_round"]
+    old = c.get("attacker_selected_share")  # results written before the per-round count: a share of f x rounds
+    return None if old is None else old * data["settings"]["malicious"]
+
+
+def plot(data: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    cells = data["cells"]
+    partitions = list(dict.fromkeys(c["partition"] for c in cells))
+    defences = list(dict.fromkeys(c["defence"] for c in cells))
+    fig, axes = plt.subplots(1, len(partitions), figsize=(6 * len(partitions), 4.5), squeeze=False)
+    for ax, partition in zip(axes[0], partitions):
+        attacks = list(dict.fromkeys(c["attack"] for c in cells if c["partition"] == partition))
+        grid = np.full((len(attacks), len(defences)), np.nan)
+        for c in cells:
+            if c["partition"] == partition:
+                grid[attacks.index(c["attack"]), defences.index(c["defence"])] = c["accuracy_mean"]
+        im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis")
+        ax.set_xticks(range(len(defences)), defences, rotation=45, ha="right")
+        ax.set_yticks(range(len(attacks)), attacks)
+        for (i, j), v in np.ndenumerate(grid):
+            if np.isfinite(v):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="w" if v < 0.6 else "k")
+        ax.set_title(f"test accuracy, {partition}")
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def claims(data: dict[str, Any]) -> str:
+    """The issue's acceptance claims, each read off the measured cells (with the seeds it rests on)."""
+    cells = {(c["partition"], c["attack"], c["defence"]): c for c in data["cells"]}
+    honest = {p: cells[(p, "none", "mean")]["accuracy"] for p in ("iid", "dirichlet") if (p, "none", "mean") in cells}
+    lines = [f"Seeds {data['seeds']}; drops in points against the all-honest plain mean of the same seed, per seed."]
+
+    def drops(key: tuple[str, str, str]) -> str:
+        c = cells.get(key)
+        if c is None or key[0] not in honest:
+            return "not run"
+        d = ", ".join(f"{100 * (h - a):+.1f}" for h, a in zip(honest[key[0]], c["accuracy"]))
+        share = _per_round(c, data)
+        whole = "" if share is None else f"; colluders' vectors kept whole per round {share:.2f}"
+        return f"{c['accuracy_mean']:.3f} (drops {d}{whole}; {1e3 * c['defence_seconds_per_step']:.1f} ms/step)"
+
+    for attack in ("alie", "ipm"):
+        for rule in ("krum", "median"):
+            lines.append(f"- {attack} vs {rule} (iid): {drops(('iid', attack, rule))}")
+    for partition in honest:
+        audited = [c for (p, a, d), c in cells.items() if p == partition and a != "none" and d == "audit-1"]
+        if audited:
+            first = all(c["caught_at_first_push"] for c in audited)
+            false = sum(c["false_exclusions"] for c in cells.values() if c["partition"] == partition and
+                        c["defence"] == "audit-1")  # fmt: skip
+            gaps = [100 * abs(h - a) for c in audited for h, a in zip(honest[partition], c["accuracy"])]
+            lines.append(
+                f"- audits at rate 1 ({partition}): {len(audited)} attacks, every attacker excluded at its first "
+                f"poisoned push: {first}; false exclusions {false}; largest gap to the all-honest run "
+                f"{max(gaps):.1f} points"
+            )
+    if "dirichlet" in honest:
+        for d in ("krum", "multi-krum", "median", "trimmed-mean", "bulyan", "centered-clipping", "audit-1"):
+            lines.append(f"- no attacker, Dirichlet {data['settings']['dirichlet_alpha']}, {d}: "
+                         f"{drops(('dirichlet', 'none', d))}")  # fmt: skip
+    return "\n".join(lines)

@@ -1,0 +1,340 @@
+"""What a job may ask of the machine: checked before any process starts (docs/limits.md).
+
+Two limits, both one-line ``ConfigError`` s (exit 2) naming the figures:
+
+- **processes**: a local job starts at most ``max(8, 4 x cores)`` processes (8 on a 2-core machine, enough for the
+  4-5 process demo and tests). ``--oversubscribe`` (or :func:`oversubscription`) lifts this cap; nothing lifts the
+  config's absolute ceiling of 4096 workers.
+- **memory**: the estimated peak of every process of the job plus the launching process must fit the *memory
+  budget*, 80% of what the machine has available now (``MemAvailable``, the cgroup's limit or ``RLIMIT_AS``, whichever
+  is least). The estimate counts, per process: the runtime (torch, trustgrad, gloo: 150 MB private memory measured per
+  forked rank), the weights, their gradients, the optimizer's momentum, two flat copies the patterns communicate
+  through, the activations of one batch (forward and backward), and the dataset each rank holds; a parameter server
+  adds one parameter-sized vector per worker. It does not count OpenFHE's keys and ciphertexts.
+
+Parameters and activations are counted on torch's ``meta`` device: the model is built and run without allocating, so
+a model of 17 GB per layer is refused in milliseconds.
+
+>>> machine = Machine(cores=2, memory_available=8 << 30)
+>>> process_cap(machine)
+8
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+import math
+import os
+import resource
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import ModelConfig, RunConfig
+from .errors import ConfigError
+
+__all__ = [
+    "Machine",
+    "JobEstimate",
+    "process_cap",
+    "memory_budget",
+    "check_processes",
+    "count_model",
+    "estimate_job",
+    "check_launch",
+    "check_output_folder",
+    "oversubscription",
+    "human_bytes",
+]
+
+log = logging.getLogger(__name__)
+
+PROCESSES_PER_CORE = 4  # beyond this each rank gets under a quarter of a core and default deadlines start to fail
+MIN_PROCESS_CAP = 8  # small machines still run the documented 4-worker jobs (5-6 processes with servers/auditors)
+BUDGET_FRACTION = 0.8  # leave a fifth of what is available to the OS and to other users of the machine
+RUNTIME_BYTES = 150 << 20  # private memory of a forked rank with torch + gloo up (measured: 120 MB)
+FLOAT_BYTES = 4  # every model trains in float32
+
+_oversubscribe: contextvars.ContextVar[bool] = contextvars.ContextVar("trustgrad_oversubscribe", default=False)
+
+
+@dataclass(frozen=True)
+class Machine:
+    """What this machine offers a job now."""
+
+    cores: int
+    memory_available: int  # bytes
+    memory_source: str = "given"
+    cuda_devices: int = 0
+
+    @classmethod
+    def detect(cls) -> Machine:
+        memory, source = _available_memory()
+        return cls(cores=_cores(), memory_available=memory, memory_source=source, cuda_devices=_cuda_devices())
+
+
+def _cores() -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    quota = _read("/sys/fs/cgroup/cpu.max")  # cgroup v2: "QUOTA PERIOD" or "max PERIOD"
+    if quota and not quota.startswith("max"):
+        with contextlib.suppress(ValueError, ZeroDivisionError):
+            q, period = (int(t) for t in quota.split()[:2])
+            cores = min(cores, max(1, math.ceil(q / period)))
+    return max(1, cores)
+
+
+def _available_memory() -> tuple[int, str]:
+    """The least of: MemAvailable, the cgroup's limit minus its use, and this process's address-space limit."""
+    candidates: list[tuple[int, str]] = []
+    for line in (_read("/proc/meminfo") or "").splitlines():
+        if line.startswith("MemAvailable:"):
+            candidates.append((int(line.split()[1]) * 1024, "MemAvailable"))
+    limit, used = _read("/sys/fs/cgroup/memory.max"), _read("/sys/fs/cgroup/memory.current")
+    if limit and used and limit.strip().isdigit() and used.strip().isdigit():
+        candidates.append((int(limit) - int(used), "the cgroup's memory.max"))
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY:  # what this process may still map (torch alone maps over 3 GB)
+        candidates.append((soft - _mapped_bytes(), "RLIMIT_AS less what is mapped"))
+    if not candidates:  # no /proc (not Linux): physical memory is the best we know
+        pages = os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
+        candidates.append((pages * os.sysconf("SC_PAGE_SIZE") if pages else 8 << 30, "physical memory"))
+    memory, source = min(candidates)
+    return max(0, memory), source
+
+
+def _mapped_bytes() -> int:
+    for line in (_read("/proc/self/status") or "").splitlines():
+        if line.startswith("VmSize:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _cuda_devices() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:  # a broken driver is "no GPU" here; --device cuda then says so  # noqa: BLE001
+        return 0
+
+
+def _read(path: str) -> str | None:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return None
+
+
+def process_cap(machine: Machine) -> int:
+    """Processes a local job may start without ``--oversubscribe``."""
+    return max(MIN_PROCESS_CAP, PROCESSES_PER_CORE * machine.cores)
+
+
+def memory_budget(machine: Machine) -> int:
+    """Bytes a job (or one verifier or attack process) may plan to use."""
+    return int(BUDGET_FRACTION * machine.memory_available)
+
+
+def budget_text(machine: Machine) -> str:
+    return (
+        f"the memory budget of {human_bytes(memory_budget(machine))} ({BUDGET_FRACTION:.0%} of the "
+        f"{human_bytes(machine.memory_available)} available: {machine.memory_source})"
+    )
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} PB"  # pragma: no cover
+
+
+@contextlib.contextmanager
+def oversubscription(allowed: bool = True) -> Iterator[None]:
+    """Within this block local launches may exceed :func:`process_cap` (``trustgrad train --oversubscribe``)."""
+    token = _oversubscribe.set(allowed)
+    try:
+        yield
+    finally:
+        _oversubscribe.reset(token)
+
+
+def check_processes(world_size: int, machine: Machine | None = None, oversubscribe: bool = False) -> None:
+    """Refuse a local launch of more processes than the cap, unless oversubscription was asked for."""
+    if oversubscribe or _oversubscribe.get():
+        return
+    machine = machine or Machine(cores=_cores(), memory_available=0, memory_source="not read")
+    cap = process_cap(machine)
+    if world_size > cap:
+        raise ConfigError(
+            f"the job needs {world_size} processes but this machine has {machine.cores} cores: at most {cap} "
+            f"({PROCESSES_PER_CORE} per core, at least {MIN_PROCESS_CAP}) start without --oversubscribe"
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the memory estimate
+
+
+@dataclass(frozen=True)
+class ModelCount:
+    parameters: int
+    activations_per_sample: int  # values every layer outputs for one sample
+
+
+def count_model(
+    name: str, input_shape: tuple[int, ...], num_classes: int, config: ModelConfig, max_parameters: int | None = None
+) -> ModelCount:
+    """Parameters and per-sample activations of a registry model, counted on the ``meta`` device (no allocation).
+
+    Above ``max_parameters`` the activations are not counted (0): the caller refuses the model on its parameters,
+    and a meta forward pass of hundreds of wide layers still takes seconds. Any failure to build or run the model
+    is a one-line ``ConfigError`` (a model the zoo cannot make for this shape).
+    """
+    import torch
+
+    from .models import build_model
+
+    outputs: list[int] = []
+
+    def hook(module: Any, inputs: Any, output: Any) -> None:
+        if isinstance(output, torch.Tensor):
+            outputs.append(output.numel())
+
+    try:
+        with torch.device("meta"):
+            model = build_model(name, input_shape, num_classes, seed=0, config=config)
+            parameters = sum(p.numel() for p in model.parameters())
+            if max_parameters is not None and parameters > max_parameters:
+                return ModelCount(parameters, 0)
+            for m in model.modules():
+                if m is not model:
+                    m.register_forward_hook(hook)
+            model(torch.empty((1, *input_shape)))
+    except ConfigError:
+        raise
+    except (RuntimeError, ValueError, TypeError, OverflowError, MemoryError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise ConfigError(f"model {name!r} cannot be built for inputs {input_shape}: {first}") from None
+    return ModelCount(parameters, sum(outputs))
+
+
+@dataclass(frozen=True)
+class JobEstimate:
+    """Estimated peak memory of a job, in bytes, by what it counts."""
+
+    processes: int
+    parameters: int
+    per_process: dict[str, int]
+    server_extra: int = 0  # a parameter server's per-worker vectors
+    parent: int = 0  # the launching process: runtime and the model it builds to check the config
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def process_bytes(self) -> int:
+        return sum(self.per_process.values())
+
+    @property
+    def total(self) -> int:
+        return self.processes * self.process_bytes + self.server_extra + self.parent
+
+    def describe(self) -> str:
+        parts = ", ".join(f"{k} {human_bytes(v)}" for k, v in self.per_process.items() if v)
+        extra = f" + server {human_bytes(self.server_extra)}" if self.server_extra else ""
+        return (
+            f"{self.processes} processes x {human_bytes(self.process_bytes)} ({parts}){extra} + launcher "
+            f"{human_bytes(self.parent)} = {human_bytes(self.total)}"
+        )
+
+
+def estimate_job(cfg: RunConfig, world_size: int, machine: Machine | None = None) -> JobEstimate:
+    """Peak memory of ``cfg`` on ``world_size`` processes (see the module doc for what is counted)."""
+    from .data import load_dataset
+
+    ds = load_dataset(cfg.dataset, cfg.data_dir)
+    # no process holds a model above the budget: counting its activations would only cost time
+    most = memory_budget(machine) // FLOAT_BYTES if machine is not None else None
+    count = count_model(cfg.model.name, ds.input_shape, ds.num_classes, cfg.model, most)
+    weights = count.parameters * FLOAT_BYTES
+    data = sum(t.numel() * t.element_size() for t in (ds.x_train, ds.y_train, ds.x_test, ds.y_test))
+    per_process = {
+        "runtime": RUNTIME_BYTES,
+        "weights": weights,
+        "gradients": weights,
+        "momentum": weights if cfg.momentum > 0 else 0,
+        "buffers": 2 * weights,
+        "activations": 2 * cfg.batch_size * count.activations_per_sample * FLOAT_BYTES,
+        "data": data,
+    }
+    server_extra = cfg.workers * weights if cfg.pattern.name == "ps" else 0
+    return JobEstimate(world_size, count.parameters, per_process, server_extra, parent=RUNTIME_BYTES + weights + data)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# everything a job is checked for before launch
+
+
+def check_device(cfg: RunConfig, machine: Machine, local_processes: int) -> None:
+    if cfg.device != "cuda":
+        return
+    if machine.cuda_devices < 1:
+        raise ConfigError("--device cuda: no CUDA device is visible on this machine; use --device cpu")
+    if local_processes > machine.cuda_devices:
+        raise ConfigError(
+            f"--device cuda: the job starts {local_processes} processes here but {machine.cuda_devices} GPU(s) are "
+            "visible (NCCL needs one GPU per rank); use fewer --workers or --device cpu"
+        )
+
+
+def check_output_folder(out: str | os.PathLike[str], flag: str = "--out") -> None:
+    """The folder ``out`` exists as a writable folder or can be created: probed with a temporary file, not trusted
+    to permission bits (root passes ``os.access`` on a read-only file system)."""
+    path = Path(out)
+    probe_in = path
+    try:
+        while not probe_in.exists():  # the nearest existing ancestor is where creating the folder starts
+            if probe_in.parent == probe_in:
+                break
+            probe_in = probe_in.parent
+        if not probe_in.is_dir():
+            raise ConfigError(f"{flag} {str(out)!r}: {str(probe_in)!r} is not a folder, so the run cannot write there")
+        with tempfile.NamedTemporaryFile(dir=probe_in, prefix=".trustgrad-probe-"):
+            pass
+    except ConfigError:
+        raise
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise ConfigError(f"{flag} {str(out)!r}: cannot write in {str(probe_in)!r} ({reason})") from None
+
+
+def check_launch(cfg: RunConfig, machine: Machine | None = None, oversubscribe: bool = False) -> JobEstimate:
+    """Every check of what ``cfg`` asks of this machine: device, processes, memory, the output folder.
+
+    Runs before any process starts and before the launcher builds the model (so before anything large is
+    allocated); returns the estimate it compared against the budget.
+    """
+    from .launch import under_torchrun
+    from .patterns import PATTERNS
+
+    machine = machine or Machine.detect()
+    world = PATTERNS.get(cfg.pattern.name).world_size(cfg)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if under_torchrun() else world
+    check_device(cfg, machine, local)
+    if not under_torchrun():  # under torchrun the agent started the processes: its --nproc-per-node decides
+        check_processes(world, machine, oversubscribe)
+    estimate = estimate_job(cfg, local, machine)
+    if estimate.total > memory_budget(machine):
+        raise ConfigError(
+            f"the job needs an estimated {human_bytes(estimate.total)} ({estimate.describe()}), above "
+            f"{budget_text(machine)}; use a smaller model, batch or fewer --workers"
+        )
+    for flag, folder in (("--out", cfg.out),):
+        if folder:
+            check_output_folder(folder, flag)
+    log.info("resources: %s within %s", estimate.describe(), budget_text(machine))
+    return estimate
