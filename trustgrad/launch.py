@@ -8,7 +8,11 @@ worker loss (asynchronous parameter server, gossip) say which ranks may die sile
 
 Under ``torchrun`` (``RANK``/``WORLD_SIZE`` set by the agent) the same rank function runs in-process; the c10d store
 is namespaced per restart attempt because after ``--max-restarts`` gloo would otherwise read the peer addresses left
-by the failed attempt (torch 2.13 pitfall, FIELD-NOTES).
+by the failed attempt (a torch 2.13 pitfall). There is no parent to ship a traceback to: a rank that fails in the
+engine raises ``LaunchError`` with one line naming the rank, the peer it was waiting on (read from the failing
+call's arguments) and the timeout, so every machine's log says who failed waiting for whom. What happens after the
+rank's work (reporting to the coordinator, ``trustgrad.reports``) is the caller's ``then``, run once the process
+group is gone so no collective can block it.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import logging
 import multiprocessing as mp
 import os
 import queue as queue_module
+import re
 import tempfile
 import time
 import traceback
@@ -27,9 +32,9 @@ from datetime import timedelta
 from multiprocessing.connection import wait
 from typing import Any
 
-from .errors import LaunchError
+from .errors import LaunchError, TrustgradError
 
-__all__ = ["RankContext", "spawn", "under_torchrun", "run_torchrun_rank"]
+__all__ = ["RankContext", "spawn", "under_torchrun", "run_torchrun_rank", "describe_failure", "engine_message"]
 
 log = logging.getLogger(__name__)
 
@@ -48,18 +53,20 @@ def under_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
 
 
-def _init_process_group(backend: str, timeout: float, rank: int, world: int, init_file: str | None) -> None:
+def _init_process_group(backend: str, timeout: float, rank: int, world: int, init_file: str | None) -> Any:
+    """Join the job's process group; under torchrun return the job's store (namespaced for this attempt)."""
     import torch.distributed as dist
 
     if init_file is not None:
         dist.init_process_group(
             backend, init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timedelta(seconds=timeout)
         )
-        return
+        return None
     store, rank, world = next(dist.rendezvous("env://", timeout=timedelta(seconds=timeout)))
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     store = dist.PrefixStore(f"trustgrad/attempt{attempt}", store)
     dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timedelta(seconds=timeout))
+    return store
 
 
 def _child(
@@ -230,14 +237,95 @@ def _reap(procs: list[mp.Process]) -> None:
 
 
 def run_torchrun_rank(
-    fn: Callable[..., Any], args: Sequence[Any] = (), *, backend: str = "gloo", timeout: float = 120.0
+    fn: Callable[..., Any],
+    args: Sequence[Any] = (),
+    *,
+    backend: str = "gloo",
+    timeout: float = 120.0,
+    then: Callable[[RankContext, Any, Any], Any] | None = None,
 ) -> Any:
-    """Run ``fn`` as this process's rank of a ``torchrun`` job (one process per rank, started by the agent)."""
+    """Run ``fn`` as this process's rank of a ``torchrun`` job (one process per rank, started by the agent).
+
+    Returns ``then(ctx, store, fn's value)`` (``fn``'s value without ``then``), called after the process group is
+    destroyed; ``store`` is the job's rendezvous store. An engine failure becomes a one-line ``LaunchError``.
+    """
     import torch.distributed as dist
 
-    _init_process_group(backend, timeout, -1, -1, None)
+    rank = int(os.environ.get("RANK", "-1"))
     try:
+        store = _init_process_group(backend, timeout, -1, -1, None)
         ctx = RankContext(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), "torchrun")
-        return fn(ctx, *args)
+        out = fn(ctx, *args)
+    except LaunchError as exc:
+        named = str(exc) if str(exc).startswith("rank ") else f"rank {rank}: {exc}"
+        raise LaunchError(named, rank=exc.rank, remote_traceback=exc.remote_traceback) from None
+    except TrustgradError:
+        raise
+    except RuntimeError as exc:  # gloo and the store (DistBackendError, DistStoreError are RuntimeErrors)
+        raise LaunchError(
+            describe_failure(exc, rank, timeout), rank=rank, remote_traceback=traceback.format_exc()
+        ) from None
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            with contextlib.suppress(Exception):  # a group whose peers are gone must not mask the result
+                dist.destroy_process_group()
+    return then(ctx, store, out) if then is not None else out
+
+
+#: gloo prefixes messages with its source location and appends advice; the one line keeps what happened
+_GLOO_NOISE = (re.compile(r"\[[^\]]*\.(?:cc|cpp|h):\d+\]\s*"), re.compile(r"\.?\s*This is typically caused.*$"))
+#: argument names of the call that failed, innermost first: trustgrad's Comm (src, dst) and the ring's neighbours
+_PEER_NAMES = {"recv": ("src", "prv", "peer", "dst", "nxt"), "send": ("dst", "nxt", "peer", "src", "prv")}
+
+
+def describe_failure(exc: BaseException, rank: int, timeout: float) -> str:
+    """One line for a rank whose engine call failed: the rank, the peer it was talking to, the timeout, the cause."""
+    text = engine_message(exc)
+    op = "send" if "send" in text.lower() else "recv"
+    peer = _peer_in_traceback(exc, _PEER_NAMES[op])
+    store_wait = re.search(r"wait timeout after \d+ms, keys: \S*?/(\d+)$", text)
+    if store_wait:  # measured: ranks on a machine whose torchrun had no --local-addr never reach the store
+        master = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+        what = (
+            f"rank {store_wait.group(1)} never joined the process group within --timeout {timeout:g} s (it could not "
+            f"reach the job's store at {master}? across machines give each torchrun --local-addr ADDR)"
+        )
+    elif "connectfullmesh" in text.lower():  # measured: gloo advertises the hostname's address, here 127.0.0.1
+        what = (
+            f"joining the process group failed within --timeout {timeout:g} s (gloo could not connect to every rank; "
+            "across machines set GLOO_SOCKET_IFNAME to the interface that reaches them)"
+        )
+    elif "timed out" in text.lower() or "timeout" in text.lower():
+        what = f"{'sending to' if op == 'send' else 'waiting for'} {peer} timed out after --timeout {timeout:g} s"
+    elif "closed" in text.lower() or "reset" in text.lower():
+        what = (
+            f"the connection with {peer} broke (that rank failed or its host is unreachable; --timeout {timeout:g} s)"
+        )
+    else:
+        what = f"a call with {peer} failed (--timeout {timeout:g} s)"
+    return f"rank {rank}: {what}: {text[:200]}"
+
+
+def engine_message(exc: BaseException) -> str:
+    """The first line of an engine error without gloo's source location and advice."""
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    for noise in _GLOO_NOISE:
+        text = noise.sub("", text)
+    return text[:240]
+
+
+def _peer_in_traceback(exc: BaseException, names: tuple[str, ...]) -> str:
+    """The peer rank of the innermost trustgrad frame that has one among ``names``, e.g. ``rank 3``."""
+    tb, frames = exc.__traceback__, []
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    here = os.path.dirname(os.path.abspath(__file__))
+    for frame in reversed(frames):
+        if not os.path.abspath(frame.f_code.co_filename).startswith(here):
+            continue
+        for name in names:
+            value = frame.f_locals.get(name)
+            if isinstance(value, int) and not isinstance(value, bool):
+                return f"rank {value}"
+    return "a peer"

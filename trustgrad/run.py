@@ -1,12 +1,15 @@
 """Run a job end to end and return its result as a value: ``run(RunConfig) -> RunResult``.
 
-Locally, ``run`` spawns the job's processes; under ``torchrun`` it runs this process's rank and the coordinator
-gathers the others' results. Either way the coordinator's side writes the run records to ``cfg.out``:
-``summary.json`` (one object), ``metrics.jsonl`` (one line per epoch), ``config.json`` and ``model.safetensors``.
+Locally, ``run`` spawns the job's processes; under ``torchrun`` it runs this process's rank, and the coordinator
+collects what the other ranks reported through the job's store (``trustgrad.reports``: no collective at the end, so a
+dead or cut-off rank cannot block it). Either way the coordinator's side writes the run records to ``cfg.out``:
+``summary.json`` (one object), ``metrics.jsonl`` (one line per epoch), ``config.json`` and ``model.safetensors``; ranks
+that died, were dropped or never reported are named in ``dropped_ranks``.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -23,6 +26,7 @@ from .errors import ConfigError, LaunchError
 from .launch import RankContext, run_torchrun_rank, spawn, under_torchrun
 from .models import build_model
 from .patterns import PATTERNS
+from .reports import collect, publish
 from .train import train_rank
 
 __all__ = ["run", "RunResult"]
@@ -52,7 +56,8 @@ def run(cfg: RunConfig) -> RunResult:
                 f"pattern {cfg.pattern.name!r} with --workers {cfg.workers} needs {pattern.world_size(cfg)} processes, "
                 f"but torchrun started {world}"
             )
-        ranks = run_torchrun_rank(_torchrun_entry, (cfg,), backend=_backend(cfg), timeout=cfg.timeout)
+        exchange = functools.partial(_exchange_reports, cfg)
+        ranks = run_torchrun_rank(train_rank, (cfg,), backend=_backend(cfg), timeout=cfg.timeout, then=exchange)
         if ranks is None:  # not the coordinator: it writes the records
             return RunResult({}, [], {}, [])
     else:
@@ -102,14 +107,34 @@ def _backend(cfg: RunConfig) -> str:
     return "nccl" if cfg.device == "cuda" else "gloo"
 
 
-def _torchrun_entry(ctx: RankContext, cfg: RunConfig) -> list[dict[str, Any]] | None:
-    import torch.distributed as dist
+#: seconds the coordinator waits for the report of a rank its own records already name as dropped (it may still be
+#: reachable, finishing alone); every other rank gets the job's --timeout
+DROPPED_RANK_GRACE = 5.0
 
-    mine = train_rank(ctx, cfg)
-    gathered: list[Any] = [None] * ctx.world_size
-    dist.all_gather_object(gathered, mine)
-    coordinator = next((r for r in gathered if r and r.get("coordinator")), None)
-    return gathered if coordinator is not None and coordinator["rank"] == ctx.rank else None
+
+def _exchange_reports(cfg: RunConfig, ctx: RankContext, store: Any, mine: dict[str, Any]) -> list[Any] | None:
+    """Under torchrun: a rank reports to the coordinator; the coordinator returns every rank's result (None: none)."""
+    if not mine.get("coordinator"):
+        publish(store, ctx.rank, mine)
+        return None
+    pattern = PATTERNS.get(cfg.pattern.name)
+    named = _named_dropped(mine.get("stats", {}))
+    ranks, refused = collect(store, ctx.world_size, mine, lambda r: DROPPED_RANK_GRACE if r in named else cfg.timeout)
+    missing = [r for r, out in enumerate(ranks) if out is None and not pattern.may_lose(cfg, r)]
+    if missing:
+        why = "; ".join(refused[r] for r in missing if r in refused) or f"none within --timeout {cfg.timeout:g} s"
+        raise LaunchError(f"rank {ctx.rank} (coordinator): no usable result from ranks {missing} ({why})")
+    for r, out in enumerate(ranks):
+        if out is None:
+            log.warning("rank %d did not report%s; the records name it", r, f" ({refused[r]})" if r in refused else "")
+    return ranks
+
+
+def _named_dropped(stats: dict[str, Any]) -> set[int]:
+    """Ranks the coordinator's own statistics say the run went on without (ps: ``dropped_workers`` are worker
+    indices, rank = index + 1; gossip's consensus monitor: ``peers_lost``, global ranks)."""
+    ranks = {int(w) + 1 for w in stats.get("dropped_workers", [])}
+    return ranks | {int(r) for r in stats.get("peers_lost", [])}
 
 
 def _finish(cfg: RunConfig, ranks: list[dict[str, Any] | None], wall: float) -> RunResult:
@@ -145,9 +170,10 @@ def _finish(cfg: RunConfig, ranks: list[dict[str, Any] | None], wall: float) -> 
             for key, value in r.get("stats", {}).items():
                 summary.setdefault(key, value)
     _sum_crypto_costs(summary, [r for r in ranks if r])
-    dead = [i for i, r in enumerate(ranks) if r is None]
-    if dead:
-        summary["dropped_ranks"] = sorted(set(summary.get("dropped_ranks", [])) | set(dead))
+    # dead (no result) or dropped by the pattern though alive: named alike, locally and under torchrun
+    dropped = {i for i, r in enumerate(ranks) if r is None} | _named_dropped(coord.get("stats", {}))
+    if dropped:
+        summary["dropped_ranks"] = sorted(set(summary.get("dropped_ranks", [])) | dropped)
     failure = _replica_report(cfg, summary, ranks)
     state = {k: torch.as_tensor(v) for k, v in coord["state"].items()}
     result = RunResult(summary, coord["metrics"], state, ranks, Path(cfg.out) if cfg.out else None)

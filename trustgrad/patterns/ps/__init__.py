@@ -18,8 +18,10 @@ every claim (worker, step, model version, bytes) — the batch indices of that s
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +33,7 @@ from ...faults import SETUP, Faults
 from ...replica import Replica
 from ..base import PATTERNS, Pattern
 from .checkpoint import ServerCheckpoint
-from .protocol import ACK, BYE, DONE, DROPPED, GRADIENT, OK, PAYLOAD, PUSH, REPLY, SERVICE, push_header
+from .protocol import ACK, BYE, DONE, DROPPED, GRADIENT, OK, PAYLOAD, PUSH, REPLY, SERVICE, open_links, push_header
 from .schedules import SCHEDULES, Schedule, schedule_for
 from .straggler import Straggler
 
@@ -68,6 +70,9 @@ class ParameterServer(Pattern):
         self._start = 0
         self.secure = None  # SecureWorker when --encrypt ckks (see .secure)
         self.gate = None  # the robust rule of --aggregate, at the server
+        #: this rank's ps channels (server: one per worker; worker: to the server), made first on every rank because
+        #: under async/ssp they are process groups of their own (``protocol.open_links``)
+        self.links = open_links(comm, cfg.workers, separate=self.schedule.tolerates_loss) if comm.world_size > 1 else {}
 
     # ------------------------------------------------------------------ job shape
     @classmethod
@@ -256,11 +261,28 @@ class ParameterServer(Pattern):
         payload = self.encode(flat)
         self.last_claim = PushClaim(self.comm.rank - 1, self.clock, self.version, len(payload))
         self.observe_push(self.last_claim)
-        self.comm.send(push_header(GRADIENT, self.clock, self.version, len(payload), loss), 0, PUSH)
-        self.comm.send(torch.frombuffer(bytearray(payload), dtype=torch.uint8), 0, PAYLOAD)
-        self.clock += 1
-        self._pull(replica)
+        with self._server_may_vanish():
+            self.link.send(push_header(GRADIENT, self.clock, self.version, len(payload), loss), 0, PUSH)
+            self.link.send(torch.frombuffer(bytearray(payload), dtype=torch.uint8), 0, PAYLOAD)
+            self.clock += 1
+            self._pull(replica)
         return loss
+
+    @property
+    def link(self) -> Any:
+        return self.links[0]
+
+    @contextlib.contextmanager
+    def _server_may_vanish(self) -> Iterator[None]:
+        """Under async/ssp a worker whose server connection fails (a cut link, a timeout: the server has dropped it
+        by then) goes on alone, as a dropped worker does, instead of failing its machine's whole torchrun group."""
+        try:
+            yield
+        except RuntimeError as exc:
+            if not self.schedule.tolerates_loss:
+                raise
+            log.warning("ps: worker %d lost the server (%s); it stops pushing", self.comm.rank - 1, _first_line(exc))
+            self.detached = True
 
     def encode(self, flat: torch.Tensor) -> bytes:
         """A flat float32 gradient -> the bytes pushed to the server (ciphertext bytes with encryption)."""
@@ -274,15 +296,25 @@ class ParameterServer(Pattern):
     def finish(self, replica: Replica) -> None:
         if self.detached:
             return
-        self.comm.send(push_header(DONE, self.clock, self.version), 0, PUSH)
-        status, _, _ = self._reply_header()
-        if status != BYE:
-            raise LaunchError(f"ps: worker {self.comm.rank - 1} expected the server's goodbye, got status {status}")
-        self.comm.send(push_header(ACK), 0, PUSH)
+        with self._server_may_vanish():
+            self.link.send(push_header(DONE, self.clock, self.version), 0, PUSH)
+            status, _, _ = self._reply_header()
+            if status == DROPPED:  # dropped while it sent its last gradients: the goodbye of a dropped worker
+                self._detach()
+                return
+            if status != BYE:
+                raise LaunchError(f"ps: worker {self.comm.rank - 1} expected the server's goodbye, got status {status}")
+            self.link.send(push_header(ACK), 0, PUSH)
+
+    def _detach(self) -> None:
+        """The server dropped us: stop pushing, and answer with our last message so its receive thread ends."""
+        log.warning("ps: the server dropped worker %d; it stops pushing", self.comm.rank - 1)
+        self.detached = True
+        self.link.send(push_header(ACK), 0, PUSH)
 
     def _reply_header(self) -> tuple[int, int, int]:
         header = torch.zeros(3, dtype=torch.int64)
-        self.comm.recv(header, 0, REPLY)
+        self.link.recv(header, 0, REPLY)
         status, version, clock = (int(v) for v in header.tolist())
         return status, version, clock
 
@@ -292,17 +324,22 @@ class ParameterServer(Pattern):
             self.secure.serve(version, clock, replica)  # the header's fields carry (request, count)
             status, version, clock = self._reply_header()
         if status == DROPPED:
-            log.warning("ps: the server dropped worker %d; it stops pushing", self.comm.rank - 1)
-            self.detached = True
+            self._detach()
             return
         if status != OK:
             raise LaunchError(f"ps: worker {self.comm.rank - 1} got unexpected status {status} from the server")
         if self.secure is not None:  # the encrypted mean of the last round: decrypt and step locally
-            payload, _ = self.comm.recv_bytes(0, REPLY, max_bytes=self.secure.max_payload(replica.num_params))
+            payload, _ = self.link.recv_bytes(0, REPLY, max_bytes=self.secure.max_payload(replica.num_params))
             if payload:
                 self.secure.apply(replica, payload)
         else:
             flat = torch.empty(replica.num_params, dtype=torch.float32)
-            self.comm.recv(flat, 0, REPLY)
+            self.link.recv(flat, 0, REPLY)
             replica.set_flat_params(flat)
         self.version, self.clock = version, clock
+
+
+def _first_line(exc: BaseException) -> str:
+    from ...launch import engine_message
+
+    return engine_message(exc)

@@ -1,6 +1,6 @@
 """The server rank of ``ps``: holds the model, applies pushed gradients under a schedule, answers with the model.
 
-Scheduler loop (one thread; messages come from the ``Inbox`` thread in arrival order):
+Scheduler loop (one thread; messages come from the ``Inbox``'s per-worker threads in arrival order):
 
 1. Send every worker the model (version, and its clock: non-zero after ``--resume``).
 2. On a gradient from worker w at clock c computed on version v: record its staleness, advance w's clock to c+1, then
@@ -9,7 +9,8 @@ Scheduler loop (one thread; messages come from the ``Inbox`` thread in arrival o
 3. Answer every waiting worker whose next clock is within the schedule's bound of the slowest live worker's clock
    (SSP, Ho et al. 2013), with the current model.
 4. A worker that sends nothing for ``--worker-timeout`` seconds while it owes a gradient, or cannot be reached, is
-   dropped (async, ssp: it stops counting for SSP's slowest clock) or fails the run, named (sync).
+   dropped (async, ssp: it stops counting for SSP's slowest clock) or fails the run, named (sync). A dropped worker
+   that speaks again (its link came back) is told ``DROPPED`` and answers with its last message, ``ACK``.
 5. When every live worker is done: goodbye (BYE -> ACK), final evaluation, records.
 
 Staleness of a gradient is counted in clocks, as in SSP: ``c - m`` where m is the slowest live worker's clock when w
@@ -19,6 +20,7 @@ updates applied between that read and this gradient's arrival (Hogwild-style sta
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -30,10 +32,11 @@ import torch
 
 from ...data import BatchPlan, load_dataset
 from ...errors import LaunchError
+from ...launch import engine_message
 from ...models import build_model
 from ...replica import Replica, make_optimizer
 from .checkpoint import ServerCheckpoint
-from .protocol import ACK, BYE, DONE, DROPPED, GRADIENT, OK, REPLY, Inbox, Message
+from .protocol import ACK, BYE, CLOSE, DONE, DROPPED, GRADIENT, LOST, OK, REPLY, Inbox, Message
 
 if TYPE_CHECKING:
     from . import ParameterServer
@@ -53,6 +56,7 @@ class _Worker:
     deadline: float = math.inf
     done: bool = False
     dropped: str | None = None
+    acked: bool = False  # sent its last message (ACK): its receive thread has ended
 
 
 class Server:
@@ -82,6 +86,7 @@ class Server:
             self._restore(pattern.load_checkpoint(cfg.resume, self.replica.num_params))
         self.epochs_logged = self._floor(include_done=True) // max(1, self.steps_per_epoch)
         self.view_recorded = False
+        self.in_flight: dict[int, list[tuple[Any, torch.Tensor]]] = {}  # rank -> the last reply's sends and tensors
         self.buffer_steps: dict[int, int] = {}
         self.secure = None  # SecureServer with --encrypt ckks: no plaintext update ever reaches this process
         self.audit = None  # ServerAudit with --proof audit
@@ -113,7 +118,7 @@ class Server:
         limit = 64 * 4 * self.replica.num_params + 4096
         if self.secure is not None:  # ciphertexts: ~0.4 MB per 4096 slots, generously bounded
             limit += self.secure.max_payload(self.replica.num_params)
-        self.inbox = Inbox(self.comm, max_payload=limit, survive_peer_loss=self.schedule.tolerates_loss)
+        self.inbox = Inbox(self.pattern.links, max_payload=limit)
         self._release()
         while any(not w.done and not w.dropped for w in self.workers.values()):
             msg = self.inbox.get(timeout=self._next_deadline() - time.perf_counter())
@@ -127,6 +132,7 @@ class Server:
         if self.audit is not None:
             self.audit.close()
         self._goodbye()
+        self._close_dropped()
         if self.secure is not None:  # nothing to evaluate here: worker 0 coordinates
             stats = {**self.secure.stats.summary(), "server_key_material": self.secure.key_material()}
             return {"steps": max(w.clock for w in self.workers.values()), "stats": stats}
@@ -167,20 +173,27 @@ class Server:
         w = self.workers.get(msg.src)
         if w is None:
             raise LaunchError(f"ps: message from rank {msg.src}, which is not a worker")
+        if msg.kind == ACK:  # its last message (after DROPPED): its receive thread has ended
+            w.acked = True
+            return
+        if msg.kind == LOST:
+            if not w.dropped and not w.acked:
+                self._lost(w, f"unreachable ({msg.reason})")
+            return
+        if w.dropped and msg.kind in (GRADIENT, DONE):  # one we gave up on speaks again: tell it, ignore what it sent
+            self._send(w, DROPPED)
+            return
         if msg.kind == GRADIENT:
-            if w.dropped:  # a straggler we gave up on: tell it, and ignore its gradient
-                self._send(w, DROPPED)
-                return
             if w.waiting or msg.step != w.clock or msg.version != w.read_version:
-                raise LaunchError(
-                    f"ps: worker {w.rank - 1} pushed step {msg.step} on version {msg.version}, "
-                    f"expected step {w.clock} on version {w.read_version}"
-                )
+                self._violation(w, f"pushed step {msg.step} on version {msg.version}, expected step {w.clock} on "
+                                f"version {w.read_version}")  # fmt: skip
+                return
             try:
                 grad = self.pattern.decode(msg.payload, w.rank)
             except LaunchError as exc:  # a refused push: excluded where the codec can go on without the worker
                 if not getattr(self.secure, "excludes_refused", False) or getattr(exc, "rank", None) != w.rank:
-                    raise
+                    self._violation(w, str(exc))
+                    return
                 self._refuse(w, str(exc))
                 return
             if self.cfg.record_server_view and not self.view_recorded and msg.version == self.version:
@@ -264,22 +277,41 @@ class Server:
                     again = True
 
     def _send(self, w: _Worker, status: int) -> bool:
+        parts = [torch.tensor([status, self.version, w.clock], dtype=torch.int64)]
+        if status == OK and self.secure is not None:  # Comm.send_bytes' framing: a length, then the bytes
+            latest = self.secure.latest
+            parts.append(torch.tensor([len(latest)], dtype=torch.int64))
+            parts += [torch.frombuffer(bytearray(latest), dtype=torch.uint8)] if latest else []
+        elif status == OK:
+            outgoing = self._outgoing()
+            if self.audit is not None and self.velocity is not None:
+                self.audit.remember(self.version, outgoing)
+            parts.append(outgoing)
         try:
-            self.comm.send(torch.tensor([status, self.version, w.clock], dtype=torch.int64), w.rank, REPLY)
-            if status == OK and self.secure is not None:
-                self.comm.send_bytes(self.secure.latest, w.rank, REPLY)
-            elif status == OK:
-                outgoing = self._outgoing()
-                if self.audit is not None and self.velocity is not None:
-                    self.audit.remember(self.version, outgoing)
-                self.comm.send(outgoing, w.rank, REPLY)
+            if self.schedule.tolerates_loss:
+                self._post(w.rank, parts)
+            else:  # sync waits for every worker anyway: a plain send, as the blind server's own requests are
+                for part in parts:
+                    self.pattern.links[w.rank].send(part, w.rank, REPLY)
         except RuntimeError as exc:  # gloo: connection closed by a dead peer
-            self._lost(w, f"unreachable ({str(exc).splitlines()[0][:120]})")
+            self._lost(w, f"unreachable ({engine_message(exc)})")
             return False
         if status == OK:
             w.waiting, w.read_version, w.read_floor = False, self.version, self._floor()
             w.deadline = time.perf_counter() + self.cfg.pattern.worker_timeout
         return True
+
+    def _post(self, rank: int, parts: list[torch.Tensor]) -> None:
+        """Send a reply without waiting for the wire (async, ssp). Measured across two hosts: with a worker's link
+        down, a blocking send of the model (36 KB) waited for the link as long as the cut lasted, and with it the
+        scheduler thread, every other worker's reply and every deadline. The previous reply to this worker has long
+        been delivered by the time we answer it again (it has pushed since), so waiting for it here costs nothing and
+        bounds what is in flight to one reply per worker; a reply to a cut-off worker just stays in flight, its
+        tensors kept alive."""
+        link = self.pattern.links[rank]
+        for work, _ in self.in_flight.pop(rank, []):
+            link.wait(work)
+        self.in_flight[rank] = [(link.isend(t, rank, REPLY), t) for t in parts]
 
     def _expire(self) -> None:
         now = time.perf_counter()
@@ -293,6 +325,12 @@ class Server:
         self._send(w, DROPPED)
         w.dropped, w.waiting, w.deadline = reason, False, math.inf
 
+    def _violation(self, w: _Worker, reason: str) -> None:
+        """A push that breaks the protocol: asynchronous schedules exclude its sender, sync fails the run, named."""
+        if not self.schedule.tolerates_loss:
+            raise LaunchError(f"ps {self.schedule.name}: worker {w.rank - 1} (rank {w.rank}) {reason}", rank=w.rank)
+        self.exclude(w, reason)
+
     def _lost(self, w: _Worker, reason: str) -> None:
         if not self.schedule.tolerates_loss:
             raise LaunchError(
@@ -304,19 +342,44 @@ class Server:
         w.dropped, w.waiting, w.deadline = reason, False, math.inf
 
     def _goodbye(self) -> None:
-        finished = [w for w in self.workers.values() if w.done and not w.dropped]
-        self.inbox.expect_acks(len(finished))
-        for w in finished:
-            self._send(w, BYE)
-        acks, deadline = 0, time.perf_counter() + self.cfg.pattern.worker_timeout
-        while acks < len(finished) and time.perf_counter() < deadline:
+        """BYE to every finished worker, then wait (``--worker-timeout``) for their ACKs, answering stragglers we
+        dropped; the receive threads of dropped workers that never speak again are left to the process's end."""
+        finished = {w.rank for w in self.workers.values() if w.done and not w.dropped}
+        for rank in sorted(finished):
+            self._send(self.workers[rank], BYE)
+        deadline = time.perf_counter() + self.cfg.pattern.worker_timeout
+        while any(not self.workers[r].acked for r in finished) and time.perf_counter() < deadline:
             msg = self.inbox.get(timeout=deadline - time.perf_counter())
             if msg is not None and msg.kind == ACK:
-                acks += 1
-            elif msg is not None and msg.kind == GRADIENT:
+                self.workers[msg.src].acked = True
+            elif msg is not None and msg.kind in (GRADIENT, DONE) and self.workers[msg.src].dropped:
                 self._send(self.workers[msg.src], DROPPED)
-        if not self.inbox.join(timeout=5.0):
-            log.warning("ps: %d of %d workers did not answer the goodbye", len(finished) - acks, len(finished))
+            elif msg is not None and msg.kind == LOST and msg.src in finished:
+                log.warning("ps: worker %d finished but missed the goodbye: %s", msg.src - 1, msg.reason)
+                finished.discard(msg.src)
+        missing = [r - 1 for r in finished if not self.workers[r].acked]
+        if missing:
+            log.warning("ps: workers %s did not answer the goodbye", missing)
+
+    def _close_dropped(self) -> None:
+        """Close the channel of every dropped worker that did not say goodbye (async, ssp: a group of its own each).
+
+        Its receive thread still waits, and the worker may speak again when its link returns: measured across two
+        hosts, a message landing after the process group was destroyed aborted the server at exit ("terminate called
+        without an active exception") after the records were written. A gloo wait that times out closes its group's
+        connections and fails that group's pending operations, so a deliberately tiny wait on a worker's own group
+        ends its receive thread (``LOST``) and its in-flight reply, and the worker, when it is back, finds the
+        connection closed and goes on alone.
+        """
+        if not self.schedule.tolerates_loss:
+            return
+        closing = [w.rank for w in self.workers.values() if w.dropped and not w.acked]
+        for rank in closing:
+            link = self.pattern.links[rank]
+            with contextlib.suppress(RuntimeError):  # the timeout is the point
+                link.wait(link.irecv(torch.zeros(1), rank, CLOSE), timeout=0.001)
+        for rank in closing:
+            self.inbox.threads[rank].join(timeout=2.0)
 
     def _outgoing(self) -> torch.Tensor:
         """The parameters a worker computes its next gradient on: the model (sync), or DANA's look-ahead
