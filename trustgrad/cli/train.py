@@ -134,6 +134,13 @@ _GROUPS: list[tuple[str, list[tuple[str, str, Any, str]]]] = [
             ),
             ("--proof-k", "proof.k", int, "steps between proof checkpoints (default 10)"),
             ("--audit-rate", "proof.audit_rate", float, "fraction of claims audited, in (0, 1]"),
+            (
+                "--audit-threshold",
+                "proof.audit_threshold",
+                str,
+                "audit rule: calibrated (default: 10x the honest replay noise measured at start, exact where replay is "
+                "bit-exact), cross-thread (workers on other thread counts), or an explicit relative l2",
+            ),
         ],
     ),
 ]

@@ -43,9 +43,10 @@ def answer(data: dict[str, Any]) -> dict[str, Any]:
             preset = 40 if mode == "shared" else 50
             worst = f"; worst honest rel_l2 at 2^{preset}: {_g(at.get(preset))}" if preset in at else ""
             lines.append(
-                f"{mode}: every honest claim and aggregate accepted at the default threshold from 2^{sc} up{worst}"
+                f"{mode}: every honest claim and aggregate accepted at the reference threshold 3e-4 "
+                f"from 2^{sc} up{worst}"
                 if sc is not None
-                else f"{mode}: no measured scale had every honest claim accepted at the default threshold"
+                else f"{mode}: no measured scale had every honest claim accepted at the reference threshold 3e-4"
             )
     if "detection" in data:
         det = data["detection"]
@@ -128,7 +129,8 @@ def _acceptance_table(acc: dict[str, Any]) -> list[str]:
         )
     out += [
         "",
-        f"Default threshold {acc['default_threshold']:g} (relative l2) plus the auditor's cosine rule "
+        f"Reference threshold {acc['default_threshold']:g} (relative l2; the fixed rule before calibration, see "
+        "docs/audits.md: a calibrated encrypted audit uses 10x the measured CKKS floor) plus the cosine rule "
         f"(<= {acc['cos_rule']:g}). Claims: one worker's ciphertext decrypted, times W, replayed by "
         "`Auditor.check`; aggregates: the server's sum of W ciphertexts (each pre-scaled by 1/W) decrypted to float32.",
     ]

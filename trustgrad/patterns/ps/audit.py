@@ -124,6 +124,7 @@ class ServerAudit:
     def summary(self) -> dict[str, Any]:
         return {
             **self.auditor.report.summary(),
+            **self.auditor.calibration.summary(),
             "audit_rate": self.auditor.rate,
             "audit_nonce_commitment": self.auditor.nonce_commitment,
         }
