@@ -112,3 +112,100 @@ def test_encrypted_audit_needs_shared_keys_and_full_rate(capsys):
     argv = ["train", "--pattern", "ps", "--encrypt", "ckks", "--proof", "audit", "--keys", "threshold"]
     assert main(argv) == 2
     assert "needs --keys shared and --audit-rate 1" in capsys.readouterr().err
+
+
+def _sync_rounds(cfg, auditor, rounds, lie_from, log=None, caught_at=None):
+    """A synchronous ps in one process: worker ranks 1..3, rank 2 pushes half its gradient from ``lie_from`` on.
+
+    With ``log`` the rounds are logged unverified (audit rate ~0) and the liar is caught at ``caught_at``; without,
+    the liar is dropped at its first lie (a rate-1 audit). Returns the final parameters and momentum."""
+    from trustgrad.audit.repair import Round
+    from trustgrad.data import load_dataset
+    from trustgrad.models import build_model
+    from trustgrad.replica import Replica, make_optimizer
+
+    ds = load_dataset(cfg.dataset)
+    model = build_model(cfg.model.name, ds.input_shape, ds.num_classes, cfg.seed, cfg.model)
+    server = Replica(model, make_optimizer(model, cfg.lr, cfg.momentum))
+    worker_model = build_model(cfg.model.name, ds.input_shape, ds.num_classes, cfg.seed, cfg.model)
+    worker = Replica(worker_model, make_optimizer(worker_model, cfg.lr))  # the workers' own code path
+    live = {1, 2, 3}
+
+    def push(rank, step, params):
+        idx = torch.from_numpy(auditor.plan.at(rank - 1, step))
+        worker.set_flat_params(params)
+        worker.compute_gradients(ds.x_train[idx], ds.y_train[idx])
+        g = worker.flat_grad().clone()
+        return 0.5 * g if rank == 2 and step >= lie_from else g
+
+    def mean(grads):
+        return torch.stack(grads).sum(0) / len(grads)
+
+    for step in range(rounds):
+        params = server.flat_params()
+        grads = {r: push(r, step, params) for r in sorted(live)}
+        if log is None and step >= lie_from:
+            grads.pop(2, None)
+            live.discard(2)
+        if log is not None and step == caught_at:
+            current = Round(step, params, server.flat_momentum(), {r: (step, g) for r, g in grads.items()})
+            judge = lambda r, s, v, p, g: auditor.check(r - 1, s, v, p, g).ok  # noqa: E731
+            recompute = lambda r, s, p: auditor.replay(r - 1, s, p)  # noqa: E731
+            repaired = log.repair({2}, current, server, mean, judge, recompute)
+            assert repaired.liars == {2} and repaired.rounds == caught_at  # nothing verified: the window opened at 0
+            grads, live = repaired.contributions, live - {2}
+        elif log is not None:
+            log.record(Round(step, params, server.flat_momentum(), {r: (step, g) for r, g in grads.items()}))
+        server.set_flat_grad(mean([grads[r] for r in sorted(grads)]))
+        server.step()
+    return server.flat_params(), server.flat_momentum()
+
+
+def test_a_late_catch_is_repaired_to_the_run_that_caught_the_liar_at_its_first_lie():
+    from trustgrad.audit import Auditor
+    from trustgrad.audit.repair import RepairLog
+    from trustgrad.data import load_dataset
+
+    cfg = RunConfig(workers=3, seed=4, progress=False)
+    auditor = Auditor(cfg, load_dataset(cfg.dataset), 3)
+    at_once = _sync_rounds(cfg, auditor, rounds=10, lie_from=2)
+    log = RepairLog()
+    late = _sync_rounds(cfg, auditor, rounds=10, lie_from=2, log=log, caught_at=7)
+    unrepaired = _sync_rounds(cfg, auditor, rounds=10, lie_from=99)  # never lies: a different trajectory
+    # replayed from round 0: the liar's honest rounds 0-1 are kept (they reproduce), its lies 2-6 dropped, the
+    # honest gradients of rounds 2-7 recomputed at the repaired parameters: bit-exact, as a rate-1 audit would run
+    assert torch.equal(late[0], at_once[0]) and torch.equal(late[1], at_once[1])
+    assert not torch.equal(late[0], unrepaired[0])
+    # everything up to the catch is audited or recomputed: only the (unverified) rounds 8-9 after it are logged
+    assert log.window == {1: 8, 3: 8} and [r.version for r in log.rounds] == [8, 9]
+
+
+def test_the_repair_log_stays_within_its_bound():
+    from trustgrad.audit.repair import RepairLog, Round
+
+    log = RepairLog(max_rounds=3)
+    for v in range(5):
+        log.record(Round(v, torch.zeros(2), None, {1: (v, torch.ones(2)), 2: (v, torch.ones(2))}, verified={2}))
+    stale = log.stale(now=5)
+    assert [(r.version, rank) for r, rank in stale] == [(0, 1), (1, 1), (2, 1)]  # only rank 1's, >= 3 rounds old
+    for rnd, rank in stale:
+        log.verified(rank, rnd)
+    assert log.window == {1: 3} and [r.version for r in log.rounds] == [3, 4]
+
+
+def test_a_late_caught_ps_run_ends_bit_exactly_where_the_run_caught_at_once_ends(tmp_path):
+    from safetensors.torch import load_file
+
+    def job(rate, folder):
+        cfg = RunConfig(
+            workers=3, epochs=100, max_steps=12, seed=5, progress=False, out=str(tmp_path / folder),
+            malicious=("rank=2,attack=scale,strength=0.5",),  # half its gradient: never the round's largest
+        )  # fmt: skip
+        cfg = cfg.replace(pattern={"name": "ps"}, proof={"mode": "audit", "audit_rate": rate})
+        return run(cfg).summary, load_file(str(tmp_path / folder / "model.safetensors"))
+
+    (s1, m1), (s2, m2) = job(1.0, "at-once"), job(0.5, "sampled")
+    assert s1["excluded_workers"] == [1] and s1["rejections"][0]["step"] == 0
+    assert s2["excluded_workers"] == [1] and s2["audit_repairs"][0]["workers"] == [1]  # P(never caught) = 2^-12
+    assert s2["rolled_back_steps"] == s2["audit_repairs"][0]["caught_at_version"]  # every round since step 0
+    assert all(torch.equal(m1[k], m2[k]) for k in m1) and s1["test_accuracy"] == s2["test_accuracy"]

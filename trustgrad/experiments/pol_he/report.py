@@ -142,16 +142,18 @@ def _detection_table(det: dict[str, Any]) -> list[str]:
         f"## 2. Detection per attack vs audit rate (ps, {det['workers']} workers, {det['steps']} steps, worker 1 "
         f"malicious from step {det['from_step']})",
         "",
-        "| schedule | attack | audit rate | detected | steps to detection | rolled back | honest excluded "
-        "| accuracy (audited) | accuracy (unverified) | honest accuracy | max gap to same-seed honest "
-        "| smallest rejected rel_l2 | errors |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| schedule | attack | audit rate | detected | steps to detection | caught late | rounds repaired "
+        "| honest excluded | accuracy (audited) | max gap to rate 1, same seed | accuracy (unverified) "
+        "| honest accuracy | max gap to same-seed honest | smallest rejected rel_l2 | errors |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in det["rows"]:
         out.append(
             f"| {r['schedule']} | {r['attack']} | {r['audit_rate']:g} | {r['detected']}/{r['runs'] - r['errors']} | "
-            f"{_g(r['steps_to_detection_mean'], '.1f')} | {_g(r['rolled_back_mean'], '.1f')} | {r['false_exclusions']} "
-            f"| {_g(r['accuracy_mean'], '.3f')} | {_g(r['unverified_accuracy'], '.3f')} "
+            f"{_g(r['steps_to_detection_mean'], '.1f')} | {r.get('caught_late', '-')} "
+            f"| {_g(r['rolled_back_mean'], '.1f')} "
+            f"| {r['false_exclusions']} | {_g(r['accuracy_mean'], '.3f')} | {_g(r.get('gap_to_rate_1_max'), '.3f')} "
+            f"| {_g(r['unverified_accuracy'], '.3f')} "
             f"| {_g(r['honest_accuracy'], '.3f')} | {_g(r.get('accuracy_gap_max'), '.3f')} "
             f"| {_g(r['min_rejected_rel_l2'])} | {r['errors']} |"
         )
