@@ -12,6 +12,8 @@ wrapper changes only what the attack changes; the pattern, codec and prover arou
 | ``free-rider`` | pushes its previous update again (a stale copy; zeros at first) without computing | Lin et al. 2019 |
 | ``random-batch`` | an honest gradient on a batch other than the one the PRF assigns | PoL data order |
 | ``forged-proof`` | pushes ``noise`` but claims (commits to) the honest gradient of its assigned batch | PoL spoofing |
+| ``owner-poison`` | shifts its own labels ``y -> (y + S) mod C`` before training and encrypting them | data owner |
+| ``steer`` | pushes ``g + S |g| u``, ``u`` toward a patch backdoor (S = 2.9e-4) | BadNets; :mod:`.backdoor` |
 
 >>> parse_malicious("rank=2,attack=scale,from-step=5")
 MaliciousSpec(rank=2, attack='scale', from_step=5, strength=10.0)
@@ -28,7 +30,7 @@ from ..errors import ConfigError
 from ..replica import Replica
 from ..seeding import derive_seed
 
-__all__ = ["MaliciousSpec", "parse_malicious", "MaliciousReplica", "POISONINGS"]
+__all__ = ["MaliciousSpec", "parse_malicious", "MaliciousReplica", "POISONINGS", "owner_labels"]
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,8 @@ POISONINGS: dict[str, float] = {
     "free-rider": 1.0,
     "random-batch": 1.0,
     "forged-proof": 10.0,
+    "steer": 2.9e-4,
+    "owner-poison": 1.0,
 }
 
 
@@ -100,8 +104,11 @@ class MaliciousReplica(Replica):
         """The honest computation (on flipped labels or a foreign batch for the data attacks), then the gradient the
         attack wants in ``p.grad``: every pattern (gradient pushers and local steppers alike) uses the poisoned one."""
         self._calls += 1
+        self._batch = x
         if self.active and self.spec.attack == "label-flip":
             y = self.num_classes - 1 - y
+        elif self.active and self.spec.attack == "owner-poison":
+            y = (y + int(self.spec.strength)) % self.num_classes
         elif self.active and self.spec.attack == "random-batch":
             idx = torch.randint(0, len(self._x_pool), (len(x),), generator=self._gen)
             x, y = self._x_pool[idx], self._y_pool[idx]
@@ -126,7 +133,24 @@ _REWRITES = {
     "noise": _noise,
     "forged-proof": _noise,  # what it pushes; its claim says "honest gradient of my batch", which replay refutes
     "free-rider": lambda r, g: r._previous.clone() if r._previous is not None else torch.zeros_like(g),
+    "steer": lambda r, g: _steer(r, r._batch, g, r.spec.strength),
 }
+
+
+def _steer(r: MaliciousReplica, x: torch.Tensor, g: torch.Tensor, strength: float) -> torch.Tensor:
+    from .backdoor import steer
+
+    return steer(r, x, g, strength)
+
+
+def owner_labels(specs: tuple[str, ...], rank: int, y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """The labels rank ``rank`` holds as a data owner (what it encrypts for blind checks): shifted under
+    ``owner-poison``, else its true ones. Blind checks compare claims with these samples, so they cannot see it."""
+    for text in specs:
+        spec = parse_malicious(text)
+        if spec.rank == rank and spec.attack == "owner-poison":
+            return (y + int(spec.strength)) % num_classes
+    return y
 
 
 def wrap_replica(
