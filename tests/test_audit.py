@@ -24,7 +24,13 @@ def test_honest_workers_are_never_rejected():
     for seed in range(3):
         s = _audited(seed)
         assert s["rejected_claims"] == 0 and s["excluded_workers"] == [] and s["audited_claims"] == 18
-        assert s["worst_accepted_rel_l2"] <= 1e-6  # the replay reproduces the worker's gradient
+        assert s["worst_accepted_rel_l2"] == 0.0  # the replay reproduces the worker's gradient bit for bit
+        # the threshold is calibrated on this platform: replay at the workers' thread count is bit-exact, so exact
+        cal = s["audit_calibration"]
+        assert s["audit_threshold"] == 0.0 and s["audit_threshold_policy"] == "calibrated"
+        assert s["audit_threshold_basis"].startswith("exact: replay at the workers' thread count was bit-exact")
+        assert cal["same_threads"] == 0.0 and cal["samples"] == 8 and cal["threads"] == 1
+        assert 0 < cal["float64"] < 1e-5 and 0 <= cal["cross_threads"] < 1e-5  # float32 rounding: ~1e-7
 
 
 @pytest.mark.parametrize("attack", ATTACKS)
@@ -83,6 +89,9 @@ def test_claim_chains_bind_bytes_and_audit_draws_are_uniform():
         (["--pattern", "ps", "--malicious", "rank=9,attack=noise"], "outside the job's 5 processes"),
         (["--pattern", "ps", "--proof", "audit", "--audit-rate", "0"], "audit_rate must be in (0, 1]"),
         (["--pattern", "ring", "--proof", "audit"], "patterns that support it: ps"),
+        (["--pattern", "ps", "--audit-threshold", "loose"], "audit_threshold must be one of calibrated, cross-thread"),
+        (["--pattern", "ps", "--audit-threshold", "-1"], "or a number in [0, 1), got '-1'"),
+        (["--pattern", "ps", "--audit-threshold", "nan"], "or a number in [0, 1), got 'nan'"),
     ],
 )
 def test_bad_audit_input_is_one_line_exit_2(capsys, argv, needle):
@@ -103,6 +112,12 @@ def test_claims_are_audited_on_ciphertexts_by_a_rank_that_is_not_the_server():
     assert s["world_size"] == 4  # server, 2 workers, auditor
     assert s["excluded_workers"] == [1] and s["dropped_workers"] == [1] and s["rejections"][0]["step"] == 2
     assert 0 < s["worst_accepted_rel_l2"] < 1e-4  # honest claims: only CKKS noise (~1e-6) separates them from replay
+    stats = result.ranks[3]["stats"]  # the auditor calibrated on the CKKS round trip: 10x the measured floor
+    assert (
+        stats["audit_calibration"]["channel"] > 0
+        and stats["audit_honest_floor"] == stats["audit_calibration"]["channel"]
+    )
+    assert stats["audit_threshold"] == 10 * stats["audit_honest_floor"] < 1e-4
     server, auditor = result.ranks[0], result.ranks[3]
     assert server["stats"]["server_key_material"] == ["context", "public key (shared, 3 parties)"]
     assert auditor["role"] == "server" and auditor["stats"]["audited_claims"] >= 6  # a non-training rank
@@ -209,3 +224,59 @@ def test_a_late_caught_ps_run_ends_bit_exactly_where_the_run_caught_at_once_ends
     assert s2["excluded_workers"] == [1] and s2["audit_repairs"][0]["workers"] == [1]  # P(never caught) = 2^-12
     assert s2["rolled_back_steps"] == s2["audit_repairs"][0]["caught_at_version"]  # every round since step 0
     assert all(torch.equal(m1[k], m2[k]) for k in m1) and s1["test_accuracy"] == s2["test_accuracy"]
+
+
+def test_a_steering_worker_passes_the_old_fixed_threshold_and_is_caught_by_the_calibrated_one():
+    def job(threshold):
+        cfg = RunConfig(workers=3, epochs=1, max_steps=4, seed=2, progress=False, malicious=("rank=2,attack=steer",))
+        cfg = cfg.replace(pattern={"name": "ps"}, proof={"mode": "audit", "audit_threshold": threshold})
+        return run(cfg).summary
+
+    old, calibrated = job("3e-4"), job("calibrated")
+    # g + 2.9e-4 |g| u toward the backdoor: every claim accepted under 3e-4 ...
+    assert old["rejected_claims"] == 0 and old["excluded_workers"] == [] and old["audited_claims"] == 12
+    assert 2.8e-4 < old["worst_accepted_rel_l2"] < 3e-4 and old["audit_threshold_policy"] == "explicit"
+    # ... and rejected at its first push where replay is exact
+    assert calibrated["excluded_workers"] == [1] and calibrated["rejections"][0]["step"] == 0
+    assert calibrated["rejections"][0]["rel_l2"] > 2.8e-4 and calibrated["worst_accepted_rel_l2"] == 0.0
+
+
+def test_calibration_measures_each_source_and_policies_set_stated_multiples():
+    from trustgrad.audit import Auditor
+    from trustgrad.audit.calibration import MULTIPLE, Measured, decide
+    from trustgrad.data import load_dataset
+
+    cfg = RunConfig(workers=3, seed=1, progress=False)
+    auditor = Auditor(cfg, load_dataset(cfg.dataset), 3)
+    m = auditor.calibration.measured
+    assert m.same_threads == 0.0 and m.channel == 0.0 and m.float64 > 0  # float32 vs float64 is never bit-exact
+    fake = Measured(same_threads=0.0, cross_threads=2e-8, float64=1.5e-7, channel=0.0, samples=8, threads=1, seconds=0)
+    assert decide("calibrated", fake).threshold == 0.0
+    assert decide("cross-thread", fake).threshold == MULTIPLE * 1.5e-7
+    noisy = Measured(same_threads=0.0, cross_threads=0.0, float64=0.0, channel=2e-6, samples=8, threads=1, seconds=0)
+    assert (
+        decide("calibrated", noisy).threshold == MULTIPLE * 2e-6
+        and "claim channel" in decide("calibrated", noisy).basis
+    )
+    explicit = decide("3e-4", fake)
+    assert explicit.threshold == 3e-4 and explicit.policy == "explicit" and "not calibrated" in explicit.basis
+
+
+def test_an_exact_threshold_refuses_a_single_ulp_and_accepts_only_the_honest_bits():
+    """The strongest push an exact rule could miss is the smallest one: one float32 ulp on one coordinate."""
+    from trustgrad.audit import Auditor
+    from trustgrad.data import load_dataset
+
+    cfg = RunConfig(workers=3, seed=3, progress=False)
+    auditor = Auditor(cfg, load_dataset(cfg.dataset), 3)
+    params = auditor.replica.flat_params()
+    honest = auditor.replay(0, 0, params)
+    assert auditor.check(0, 0, 0, params, honest.clone()).ok
+    gen = torch.Generator().manual_seed(0)
+    accepted = 0
+    for _ in range(200):  # a random coordinate (non-zero entries: moving a zero gradient is a push too) by one ulp
+        claim = honest.clone()
+        i = int(torch.randint(0, len(claim), (1,), generator=gen))
+        claim[i] = torch.nextafter(claim[i], torch.tensor(float("inf")))
+        accepted += auditor.check(0, 0, 0, params, claim).ok
+    assert accepted == 0

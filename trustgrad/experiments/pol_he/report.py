@@ -79,6 +79,13 @@ def answer(data: dict[str, Any]) -> dict[str, Any]:
             f"{detected}/{runs} attacked runs; {false} honest claims rejected of {honest_claims} checked; worst honest "
             f"distance {_g(worst)} against the bound {_g(b['honest']['bound'])}"
         )
+        blind_owner = [r for r in b.get("owner_poison", []) if r["check"].startswith("blind") and "error" not in r]
+        if blind_owner:
+            passed = sum(not r["caught"] for r in blind_owner)
+            lines.append(
+                f"owner-poisoned data passed the blind checks in {passed}/{len(blind_owner)} runs (blind checks "
+                "cannot see data poisoned by its owner before encryption; a verifier holding the true data can)"
+            )
     out["text"] = "; ".join(lines) + "."
     return out
 
@@ -284,6 +291,8 @@ def _blind_table(b: dict[str, Any]) -> list[str]:
             f"Within 1 point in {sum(abs(g) <= 1 for g in gaps)}/{len(gaps)} seeds; mean "
             f"{_g(float(np.mean(gaps)) if gaps else None, '+.2f')}.",
         ]
+    if b.get("owner_poison"):
+        out += ["", *_owner_poison_table(b["owner_poison"])]
     out += [
         "",
         f"Cost (honest blind runs; seconds): set-up {_g(c['setup_seconds'], '.1f')} (keys, evaluation keys, every "
@@ -292,6 +301,34 @@ def _blind_table(b: dict[str, Any]) -> list[str]:
         f"{_g(c['server_seconds_per_round'], '.2f')} s against {_g(c['plaintext_seconds_per_round'], '.4f')} s for "
         f"plaintext ps ({_g(c['server_seconds_per_round'] / c['plaintext_seconds_per_round'], '.0f')}x); "
         f"{_g(c['bytes_per_run'] / 1e6, '.0f')} MB on the wire per run. The server held: {c['server_key_material']}.",
+    ]
+    return out
+
+
+def _owner_poison_table(rows: list[dict[str, Any]]) -> list[str]:
+    steps = rows[0]["steps"]
+    out = [
+        f"### Owner-poisoned data (worker 1 shifts its own labels y -> y+1 before training and before encrypting its "
+        f"samples; {steps} rounds)",
+        "",
+        "| seed | check | true data held by | caught | at step | claims checked (accepted) | honest excluded "
+        "| accuracy | all-honest accuracy |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {r['seed']} | {r['check']} | {r['true_data_held_by']} | error: {r['error']} | | | | | |")
+            continue
+        checked = "-" if r["claims_checked"] is None else f"{r['claims_checked']} ({r['claims_accepted']})"
+        caught = "-" if r["caught"] is None else ("yes" if r["caught"] else "no")
+        out.append(
+            f"| {r['seed']} | {r['check']} | {r['true_data_held_by']} | {caught} | {_g(r['caught_at_step'])} "
+            f"| {checked} | {r['honest_excluded']} | {r['accuracy']:.3f} | {_g(r['honest_accuracy'], '.3f')} |"
+        )
+    out += [
+        "",
+        "Blind checks verify computation on the samples each owner encrypted, not the truth of those samples: data "
+        "poisoned by its own owner before encryption passes them. Only a verifier holding the true data sees it.",
     ]
     return out
 
