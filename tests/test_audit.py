@@ -129,8 +129,9 @@ def test_encrypted_audit_needs_shared_keys_and_full_rate(capsys):
     assert "needs --keys shared and --audit-rate 1" in capsys.readouterr().err
 
 
-def _sync_rounds(cfg, auditor, rounds, lie_from, log=None, caught_at=None):
-    """A synchronous ps in one process: worker ranks 1..3, rank 2 pushes half its gradient from ``lie_from`` on.
+def _sync_rounds(cfg, auditor, rounds, lie_from, log=None, caught_at=None, lies=None, verified_at=()):
+    """A synchronous ps in one process: worker ranks 1..3, rank 2 pushes half its gradient from ``lie_from`` on
+    (or at the steps in ``lies``); with a log, rank 2's claims at the steps ``verified_at`` were audited and honest.
 
     With ``log`` the rounds are logged unverified (audit rate ~0) and the liar is caught at ``caught_at``; without,
     the liar is dropped at its first lie (a rate-1 audit). Returns the final parameters and momentum."""
@@ -151,7 +152,8 @@ def _sync_rounds(cfg, auditor, rounds, lie_from, log=None, caught_at=None):
         worker.set_flat_params(params)
         worker.compute_gradients(ds.x_train[idx], ds.y_train[idx])
         g = worker.flat_grad().clone()
-        return 0.5 * g if rank == 2 and step >= lie_from else g
+        lying = step in lies if lies is not None else step >= lie_from
+        return 0.5 * g if rank == 2 and lying else g
 
     def mean(grads):
         return torch.stack(grads).sum(0) / len(grads)
@@ -170,7 +172,8 @@ def _sync_rounds(cfg, auditor, rounds, lie_from, log=None, caught_at=None):
             assert repaired.liars == {2} and repaired.rounds == caught_at  # nothing verified: the window opened at 0
             grads, live = repaired.contributions, live - {2}
         elif log is not None:
-            log.record(Round(step, params, server.flat_momentum(), {r: (step, g) for r, g in grads.items()}))
+            members = {r: (step, g) for r, g in grads.items()}
+            log.record(Round(step, params, server.flat_momentum(), members, {2} if step in verified_at else set()))
         server.set_flat_grad(mean([grads[r] for r in sorted(grads)]))
         server.step()
     return server.flat_params(), server.flat_momentum()
@@ -195,17 +198,32 @@ def test_a_late_catch_is_repaired_to_the_run_that_caught_the_liar_at_its_first_l
     assert log.window == {1: 8, 3: 8} and [r.version for r in log.rounds] == [8, 9]
 
 
-def test_the_repair_log_stays_within_its_bound():
+def test_an_intermittent_liar_loses_every_lie_within_the_reach_even_after_a_verified_honest_claim():
+    from trustgrad.audit import Auditor
+    from trustgrad.audit.repair import RepairLog
+    from trustgrad.data import load_dataset
+
+    cfg = RunConfig(workers=3, seed=6, progress=False)
+    auditor = Auditor(cfg, load_dataset(cfg.dataset), 3)
+    at_once = _sync_rounds(cfg, auditor, rounds=9, lie_from=2)  # dropped at its first lie
+    # lies at rounds 2 and 6 only, honest (and audited) at round 4, caught at round 6: round 2's lie is found too
+    late = _sync_rounds(cfg, auditor, 9, 2, log=RepairLog(), caught_at=6, lies={2, 6}, verified_at={4})
+    assert torch.equal(late[0], at_once[0]) and torch.equal(late[1], at_once[1])
+
+
+def test_the_repair_log_keeps_unverified_windows_open_within_its_reach():
     from trustgrad.audit.repair import RepairLog, Round
 
     log = RepairLog(max_rounds=3)
-    for v in range(5):
-        log.record(Round(v, torch.zeros(2), None, {1: (v, torch.ones(2)), 2: (v, torch.ones(2))}, verified={2}))
-    stale = log.stale(now=5)
-    assert [(r.version, rank) for r, rank in stale] == [(0, 1), (1, 1), (2, 1)]  # only rank 1's, >= 3 rounds old
-    for rnd, rank in stale:
-        log.verified(rank, rnd)
-    assert log.window == {1: 3} and [r.version for r in log.rounds] == [3, 4]
+    for v in range(5):  # rank 1 verified at round 2 only: a later verified claim does not vouch for earlier ones
+        verified = {2, 1} if v == 2 else {2}
+        log.record(Round(v, torch.zeros(2), None, {1: (v, torch.ones(2)), 2: (v, torch.ones(2))}, verified=verified))
+        assert len(log.rounds) <= 3
+    assert log.window == {1: 3} and [r.version for r in log.rounds] == [3, 4]  # rounds 0-1 are past the reach
+    log.record(Round(5, torch.zeros(2), None, {2: (5, torch.ones(2))}, verified={2}))
+    assert log.window == {1: 3} and [r.version for r in log.rounds] == [3, 4, 5]
+    log.record(Round(6, torch.zeros(2), None, {2: (6, torch.ones(2))}, verified={2}))
+    assert log.window == {1: 4}  # round 3 left the reach: its contribution is final
 
 
 def test_a_late_caught_ps_run_ends_bit_exactly_where_the_run_caught_at_once_ends(tmp_path):

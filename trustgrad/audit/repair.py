@@ -6,18 +6,19 @@ poisoned models and stay in (measured: runs caught at steps 0-6 ended 3-6 points
 auditor holds the data and the batches are a PRF of the committed seed, so it can compute what the honest workers
 *would* have pushed on the repaired trajectory. Protocol (synchronous rounds):
 
-1. While any worker has an unverified contribution in the model, every applied round is logged: the parameters and
-   momentum it started from, each member's (step, gradient) and which claims were verified. A worker's *window*
-   opens at its first unverified contribution after its last verified claim (earlier ones are accepted, as before).
-2. A claim left unverified for ``max_rounds`` rounds is audited then, at the version it was computed on: the log never
-   holds more than ``max_rounds`` rounds (memory ``(2 + W) x max_rounds`` parameter vectors at most).
+1. While any worker has an unverified contribution among the last ``max_rounds`` rounds, every applied round is logged:
+   the parameters and momentum it started from, each member's (step, gradient) and which claims were verified. A
+   worker's *window* starts at its oldest unverified contribution in the log (a later verified claim proves nothing
+   about an earlier one, so it does not close the window).
+2. The log keeps at most ``max_rounds`` rounds (the server sizes it to a memory budget): contributions older than
+   that are final, and a lie that old stays in the model (docs/audits.md states the reach).
 3. When a claim is rejected, the model goes back to the state at the start of the liar's window and the logged
    rounds are replayed: every unverified claim is audited at the parameters it was computed on (a lie drops its
    worker from that round on), and each surviving member contributes its logged gradient while the replayed
    parameters are still bit-identical to the logged ones, else the gradient the auditor recomputes at the replayed
    parameters. Each round is the mean of its survivors, stepped by the server's own optimizer. The current round's
    gradients are recomputed the same way. The result is the trajectory of a run whose audits had caught the liar at
-   its first lie, up to floating point (bit-exact where replay is).
+   its first lie within the reach, up to floating point (bit-exact where replay is).
 """
 
 from __future__ import annotations
@@ -62,44 +63,20 @@ class Repaired:
 
 class RepairLog:
     def __init__(self, max_rounds: int = 256):
+        if max_rounds < 1:
+            raise ValueError(f"max_rounds must be >= 1, got {max_rounds}")
         self.max_rounds = max_rounds
         self.rounds: list[Round] = []
         self.window: dict[int, int] = {}  # rank -> version its open window starts at
 
     def record(self, rnd: Round) -> None:
-        """A round about to be applied (step 1): verified members close their window, unverified ones open one."""
+        """A round about to be applied (step 1): its unverified members open a window if they have none."""
         for rank in rnd.members:
-            if rank in rnd.verified:
-                self.window.pop(rank, None)
-            else:
+            if rank not in rnd.verified:
                 self.window.setdefault(rank, rnd.version)
         if self.window:
             self.rounds.append(rnd)
-        self._prune()
-
-    def stale(self, now: int) -> list[tuple[Round, int]]:
-        """Unverified claims that must be audited now to keep the log within ``max_rounds`` (step 2)."""
-        return [
-            (rnd, rank)
-            for rnd in self.rounds
-            if now - rnd.version >= self.max_rounds
-            for rank in rnd.members
-            if rank not in rnd.verified and self.window.get(rank, now) <= rnd.version
-        ]
-
-    def verified(self, rank: int, rnd: Round) -> None:
-        """``rank``'s claim of ``rnd`` was audited late and reproduced: its window moves past it."""
-        rnd.verified.add(rank)
-        later = [r.version for r in self.rounds if r.version > rnd.version and rank in set(r.members) - r.verified]
-        if later:
-            self.window[rank] = later[0]
-        else:
-            self.window.pop(rank, None)
-        self._prune()
-
-    def forget(self, rank: int) -> None:
-        self.window.pop(rank, None)
-        self._prune()
+        self._prune(rnd.version)
 
     def repair(
         self,
@@ -127,9 +104,7 @@ class RepairLog:
                 replica.step()
         drop |= liars  # caught now: none of its claims counts from here, whatever the replay found
         contributions = self._contributions(current, replica.flat_params(), drop, judge, recompute, counts)
-        for rank in [r for r, v in self.window.items() if v >= start or r in drop]:
-            del self.window[rank]  # everything since `start` is now audited or the auditor's own computation
-        self._prune()
+        self._prune(current.version)  # everything since `start` is now audited or the auditor's own computation
         log.warning("audit repair: %d rounds replayed from version %d without %s", len(replay), start, sorted(drop))
         return Repaired(contributions, frozenset(drop), len(replay), counts["recomputed"], counts["audited"])
 
@@ -160,7 +135,14 @@ class RepairLog:
                 counts["recomputed"] += 1
         return out
 
-    def _prune(self) -> None:
+    def _prune(self, now: int) -> None:
+        """Drop rounds past the reach (step 2); windows start at the oldest unverified contribution left."""
+        self.rounds = [r for r in self.rounds if now - r.version < self.max_rounds]
+        self.window = {}
+        for rnd in self.rounds:
+            for rank in rnd.members:
+                if rank not in rnd.verified:
+                    self.window.setdefault(rank, rnd.version)
         oldest = min(self.window.values(), default=None)
         self.rounds = [] if oldest is None else [r for r in self.rounds if r.version >= oldest]
 

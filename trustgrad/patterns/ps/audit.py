@@ -33,6 +33,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: how far back a late catch can repair (rounds), and the memory the log may use for it (parameters, momentum and
+#: every member's gradient per round): 256 rounds of a 9k-parameter MLP with 4 workers take 55 MB
+MAX_REPAIR_ROUNDS = 256
+REPAIR_BUDGET_BYTES = 512 << 20
+
 
 class ServerAudit:
     def __init__(self, server: Server):
@@ -41,7 +46,9 @@ class ServerAudit:
         self.auditor = Auditor(cfg, server.ds, server.n)
         self.chains = {r: ClaimChain(cfg.seed, r - 1) for r in server.workers}
         self.pending: dict[int, bytes] = {}  # this round's commitments
-        self.log = RepairLog()  # sync: the rounds since the oldest unverified contribution, for exact repair
+        # sync: the rounds since the oldest unverified contribution, for exact repair, within a memory budget
+        per_round = (2 + server.n) * 4 * server.replica.num_params
+        self.log = RepairLog(max(1, min(MAX_REPAIR_ROUNDS, REPAIR_BUDGET_BYTES // per_round)))
         self.repairs: list[dict[str, Any]] = []
         self.effect: dict[int, torch.Tensor] = {}  # async: a worker's accumulated effect on the weights
         self.versions: dict[int, torch.Tensor] = {}
@@ -66,7 +73,7 @@ class ServerAudit:
         self.pending.clear()
         s, params = self.server, self.server.replica.flat_params()
         current = Round(s.version, params, s.replica.flat_momentum(), {r: (steps[r], g) for r, g in grads.items()})
-        liars = self._audit_stale()
+        liars: set[int] = set()
         for rank in sorted(grads):
             if rank - 1 in picked:
                 if self._judge(rank, steps[rank], s.version, params, grads[rank]):
@@ -77,17 +84,6 @@ class ServerAudit:
             self.verified_now = current.verified
             return grads
         return self._repair(liars, current)
-
-    def _audit_stale(self) -> set[int]:
-        """Claims unverified for the log's whole length are audited now, so the log stays bounded (repair step 2)."""
-        liars = set()
-        for rnd, rank in self.log.stale(self.server.version):
-            step, claim = rnd.members[rank]
-            if self._judge(rank, step, rnd.version, rnd.params, claim):
-                self.log.verified(rank, rnd)
-            else:
-                liars.add(rank)
-        return liars
 
     def _judge(self, rank: int, step: int, version: int, params: torch.Tensor, claim: torch.Tensor) -> bool:
         check = self.auditor.check(rank - 1, step, version, params, claim)
@@ -175,6 +171,7 @@ class ServerAudit:
             **self.auditor.report.summary(),
             **self.auditor.calibration.summary(),
             "audit_repairs": self.repairs,
+            "audit_repair_reach_rounds": self.log.max_rounds if self.server.velocity is None else 0,
             "audit_rate": self.auditor.rate,
             "audit_nonce_commitment": self.auditor.nonce_commitment,
         }
