@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from trustgrad.audit.claims import ClaimChain, audit_draw
-from trustgrad.audit.rollback import undo_shares
 from trustgrad.cli import main
 from trustgrad.config import RunConfig
 from trustgrad.run import run
@@ -52,26 +51,6 @@ def test_asynchronous_claims_are_replayed_at_the_version_they_were_computed_on()
     assert honest["rejected_claims"] == 0 and honest["max_update_lag"] > 0  # stale claims were audited too
     s = _audited(seed=2, schedule="async", malicious=("rank=3,attack=scale",), steps=8)
     assert s["excluded_workers"] == [2]
-
-
-def test_rollback_restores_the_trajectory_without_the_excluded_shares():
-    torch.manual_seed(0)
-    lr, mu, steps = 0.1, 0.9, 7
-    honest = [torch.randn(5) for _ in range(steps)]
-    bad = {2: torch.randn(5), 4: torch.randn(5)}
-
-    def train(extra):
-        p, m = torch.zeros(5), torch.zeros(5)
-        for t, g in enumerate(honest):
-            m = mu * m + g + extra.get(t, 0)
-            p = p - lr * m
-        return p, m
-
-    p, m = train(bad)
-    assert undo_shares(p, m, bad.items(), lr, mu, steps) == 2
-    p_ref, m_ref = train({})
-    torch.testing.assert_close(p, p_ref, atol=1e-6, rtol=0)
-    torch.testing.assert_close(m, m_ref, atol=1e-6, rtol=0)
 
 
 def test_claim_chains_bind_bytes_and_audit_draws_are_uniform():

@@ -1,10 +1,10 @@
-"""Exact repair after a late catch: replay the rounds since the liar's last verified claim without its lies.
+"""Exact repair after a late catch: replay the rounds since the liar's oldest unverified claim without its lies.
 
 Below audit rate 1 a liar is caught some rounds after it started lying. Removing its shares from the weights (linear
-for SGD + momentum, ``rollback.undo_shares``) is not enough: the honest gradients of those rounds were computed at the
-poisoned models and stay in (measured: runs caught at steps 0-6 ended 3-6 points below runs caught at step 0). The
-auditor holds the data and the batches are a PRF of the committed seed, so it can compute what the honest workers
-*would* have pushed on the repaired trajectory. Protocol (synchronous rounds):
+for SGD + momentum: what trustgrad did before this module) is not enough: the honest gradients of those rounds were
+computed at the poisoned models and stay in (measured: runs caught at steps 0-6 ended 3-6 points below runs caught at
+step 0). The auditor holds the data and the batches are a PRF of the committed seed, so it can compute what the
+honest workers *would* have pushed on the repaired trajectory. Protocol (synchronous rounds):
 
 1. While any worker has an unverified contribution among the last ``max_rounds`` rounds, every applied round is logged:
    the parameters and momentum it started from, each member's (step, gradient) and which claims were verified. A
