@@ -118,3 +118,20 @@ def test_bad_options_are_one_line_errors(argv, message, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not (tmp_path / "results.json").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--steps", "0"], "--steps in [1, 100000]"),
+        (["--workers", "2"], "--workers in [3, 16]"),
+        (["--push", "1.5"], "--push in (0, 1)"),
+        (["--larger", "a,b"], "--larger: could not convert"),
+        (["--seeds", "x"], "invalid int"),
+    ],
+)
+def test_steering_bad_options_are_one_line_errors(argv, message, tmp_path, capsys):
+    assert main(["experiment", "steering", "--out", str(tmp_path), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "results.json").exists()
