@@ -8,9 +8,10 @@ import pytest
 
 from trustgrad.cli import main
 
-# the module fixture runs every part (real CKKS keys, ps and blind jobs): ~4 minutes on 2 quiet cores, several times
-# that when other jobs load the machine; the limit leaves that margin (its first test includes the fixture)
-pytestmark = pytest.mark.timeout(1800)
+# the module fixture runs every part (real CKKS keys, ps jobs, four blind jobs) and its first test includes it. At
+# load 35-40 on 2 cores (other jobs' memory pushing blind ranks into the OOM killer) it ran past 1800 s: the limit is
+# sized to that, not to a quiet machine
+pytestmark = pytest.mark.timeout(5400)
 
 
 @pytest.fixture(scope="module")
