@@ -91,12 +91,10 @@ def test_claims_are_audited_on_ciphertexts_by_a_rank_that_is_not_the_server():
     assert s["world_size"] == 4  # server, 2 workers, auditor
     assert s["excluded_workers"] == [1] and s["dropped_workers"] == [1] and s["rejections"][0]["step"] == 2
     assert 0 < s["worst_accepted_rel_l2"] < 1e-4  # honest claims: only CKKS noise (~1e-6) separates them from replay
-    stats = result.ranks[3]["stats"]  # the auditor calibrated on the CKKS round trip: 10x the measured floor
-    assert (
-        stats["audit_calibration"]["channel"] > 0
-        and stats["audit_honest_floor"] == stats["audit_calibration"]["channel"]
-    )
-    assert stats["audit_threshold"] == 10 * stats["audit_honest_floor"] < 1e-4
+    stats = result.ranks[3]["stats"]  # the auditor calibrated on the CKKS round trip: 10x its absolute error
+    cal = stats["audit_calibration"]
+    assert stats["audit_threshold"] == 0.0 and cal["channel"] > 0 and cal["channel_abs"] > 0
+    assert stats["audit_threshold_abs"] == 10 * cal["channel_abs"]
     server, auditor = result.ranks[0], result.ranks[3]
     assert server["stats"]["server_key_material"] == ["context", "public key (shared, 3 parties)"]
     assert auditor["role"] == "server" and auditor["stats"]["audited_claims"] >= 6  # a non-training rank
@@ -247,14 +245,16 @@ def test_calibration_measures_each_source_and_policies_set_stated_multiples():
     auditor = Auditor(cfg, load_dataset(cfg.dataset), 3)
     m = auditor.calibration.measured
     assert m.same_threads == 0.0 and m.channel == 0.0 and m.float64 > 0  # float32 vs float64 is never bit-exact
-    fake = Measured(same_threads=0.0, cross_threads=2e-8, float64=1.5e-7, channel=0.0, samples=8, threads=1, seconds=0)
+    fake = Measured(
+        0.0, cross_threads=2e-8, float64=1.5e-7, channel=0.0, channel_abs=0.0, samples=8, threads=1, seconds=0
+    )
     assert decide("calibrated", fake).threshold == 0.0
     assert decide("cross-thread", fake).threshold == MULTIPLE * 1.5e-7
-    noisy = Measured(same_threads=0.0, cross_threads=0.0, float64=0.0, channel=2e-6, samples=8, threads=1, seconds=0)
-    assert (
-        decide("calibrated", noisy).threshold == MULTIPLE * 2e-6
-        and "claim channel" in decide("calibrated", noisy).basis
+    noisy = Measured(
+        0.0, cross_threads=0.0, float64=0.0, channel=2e-6, channel_abs=3e-6, samples=8, threads=1, seconds=0
     )
+    ckks = decide("calibrated", noisy)  # CKKS noise is absolute: it does not shrink with the gradient
+    assert ckks.threshold == 0.0 and ckks.abs_threshold == MULTIPLE * 3e-6 and "claim-channel" in ckks.basis
     explicit = decide("3e-4", fake)
     assert explicit.threshold == 3e-4 and explicit.policy == "explicit" and "not calibrated" in explicit.basis
 

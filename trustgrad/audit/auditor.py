@@ -91,6 +91,7 @@ class Auditor:
         self.report = AuditReport()
         self.calibration = self._calibrate(num_workers, channel)
         self.rel_l2 = self.calibration.threshold
+        self.abs_l2 = self.calibration.abs_threshold  # the claim channel's absolute noise (CKKS), 0 in plaintext
 
     def _calibrate(self, workers: int, channel: Callable[[torch.Tensor], torch.Tensor] | None) -> Calibration:
         """Measure honest replay nondeterminism at W0 on the first PRF batches (no worker input involved)."""
@@ -127,12 +128,12 @@ class Auditor:
         self.report.audited += 1
         ref, got = self.replay(worker, step, params).double(), claimed.detach().double()
         ref_norm, got_norm = float(ref.norm()), float(got.norm())
-        rel = float((got - ref).norm()) / max(ref_norm, 1e-12)
+        dist = float((got - ref).norm())
+        rel = dist / max(ref_norm, 1e-12)
         cos = 1.0 - float(torch.dot(ref, got)) / (ref_norm * got_norm) if ref_norm * got_norm > 0 else 1.0
-        ok = math.isfinite(rel) and rel <= self.rel_l2 and cos <= self.cos
-        reason = (
-            "" if ok else f"replayed gradient differs: relative l2 {rel:.3g} (limit {self.rel_l2:g}), cos {cos:.3g}"
-        )
+        ok = math.isfinite(rel) and dist <= self.rel_l2 * ref_norm + self.abs_l2 and cos <= self.cos
+        limit = f"{self.rel_l2:g}" + (f" + {self.abs_l2:.3g} absolute" if self.abs_l2 else "")
+        reason = "" if ok else f"replayed gradient differs: relative l2 {rel:.3g} (limit {limit}), cos {cos:.3g}"
         check = ClaimCheck(worker, step, version, rel, max(cos, 0.0), ok, reason)
         if ok:
             self.report.worst_honest_rel_l2 = max(self.report.worst_honest_rel_l2, rel)
