@@ -8,6 +8,11 @@ import pytest
 
 from trustgrad.cli import main
 
+# the module fixture runs every part (real CKKS keys, ps jobs, four blind jobs) and its first test includes it. At
+# load 35-40 on 2 cores (other jobs' memory pushing blind ranks into the OOM killer) it ran past 1800 s: the limit is
+# sized to that, not to a quiet machine
+pytestmark = pytest.mark.timeout(5400)
+
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
@@ -50,6 +55,9 @@ def test_audits_catch_the_poisoner_and_spare_honest_workers(quick):
     assert honest["audited_claims"] > 0 and honest["false_rejections"] == 0 and honest["excluded"] == 0
     sign_flip = next(r for r in full if r["attack"] == "sign-flip")
     assert sign_flip["unverified_accuracy"] < sign_flip["honest_accuracy"]
+    # below rate 1 a liar may be caught late; exact repair makes the run end where the rate-1 run of the seed ends
+    sampled = [r for r in det["rows"] if r["audit_rate"] < 1.0]
+    assert sampled and all(r["detected"] == r["runs"] and r["gap_to_rate_1_max"] == 0.0 for r in sampled)
 
 
 def test_cost_and_leakage_parts_measured(quick):
@@ -81,6 +89,19 @@ def test_blind_part_catches_the_liar_on_ciphertexts(quick):
     assert "blind verification" in data["answer"]["text"]
 
 
+def test_owner_poisoned_data_passes_blind_checks_and_fails_a_data_holders_audit(quick):
+    _, data = quick
+    rows = {r["check"].split(" (")[0]: r for r in data["blind"]["owner_poison"]}
+    assert set(rows) == {"blind", "plaintext audit", "encrypted audit", "unverified"}
+    assert all("error" not in r for r in rows.values()), rows
+    blind = rows["blind"]  # the server compares claims with the owner's own (poisoned) ciphertexts: all accepted
+    assert blind["caught"] is False and blind["claims_checked"] == blind["claims_accepted"] == 3
+    for name in ("plaintext audit", "encrypted audit"):  # a verifier holding the true labels rejects at once
+        assert rows[name]["caught"] is True and rows[name]["caught_at_step"] == 0 and rows[name]["honest_excluded"] == 0
+    assert "owner-poisoned data passed the blind checks in 1/1 runs" in data["answer"]["text"]
+    assert "### Owner-poisoned data" in (quick[0] / "results.md").read_text()
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -96,6 +117,23 @@ def test_blind_part_catches_the_liar_on_ciphertexts(quick):
 )
 def test_bad_options_are_one_line_errors(argv, message, tmp_path, capsys):
     assert main(["experiment", "pol-he", "--out", str(tmp_path), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "results.json").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--steps", "0"], "--steps in [1, 100000]"),
+        (["--workers", "2"], "--workers in [3, 16]"),
+        (["--push", "1.5"], "--push in (0, 1)"),
+        (["--larger", "a,b"], "--larger: could not convert"),
+        (["--seeds", "x"], "invalid int"),
+    ],
+)
+def test_steering_bad_options_are_one_line_errors(argv, message, tmp_path, capsys):
+    assert main(["experiment", "steering", "--out", str(tmp_path), *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not (tmp_path / "results.json").exists()

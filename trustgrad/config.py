@@ -120,10 +120,16 @@ class ProofConfig:
     mode: str = "none"  # none | record | audit | blind
     k: int = 10  # steps between checkpoints
     audit_rate: float = 1.0
+    # calibrated (a multiple of measured honest replay noise; exact where replay is bit-exact), cross-thread, or a
+    # number (an explicit relative-l2 threshold); see trustgrad/audit/calibration.py
+    audit_threshold: str = "calibrated"
 
     def __post_init__(self) -> None:
+        from .audit.calibration import parse_policy
+
         _one_of(self, "mode", ("none", "record", "audit", "blind"))
         _in_ranges(self, _PROOF_RANGES)
+        parse_policy(self.audit_threshold)
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,8 @@ wrapper changes only what the attack changes; the pattern, codec and prover arou
 | ``forged-proof`` | pushes ``noise`` but claims (commits to) the honest gradient of its assigned batch | PoL spoofing |
 | ``crafted-ciphertext`` | ``--encrypt ckks``: its ciphertexts carry a crafted OpenFHE modulus, valid CRC | wire.md |
 | ``crafted-partial`` | ``--encrypt ckks --keys threshold``: likewise its partial decryptions | docs/wire.md |
+| ``owner-poison`` | shifts its own labels ``y -> (y + S) mod C`` before training and encrypting them | data owner |
+| ``steer`` | pushes ``g + S |g| u``, ``u`` toward a patch backdoor (S = 2.9e-4) | BadNets; :mod:`.backdoor` |
 
 The two ``crafted-*`` attacks act on bytes, not gradients (``wire_tamper``): the modulus is the field that, on
 OpenFHE 1.6.1, aborted a receiver that parsed it (``std::terminate`` from a ``noexcept`` path).
@@ -42,6 +44,7 @@ __all__ = [
     "POISONINGS",
     "WIRE_ATTACKS",
     "wire_tamper",
+    "owner_labels",
 ]
 
 log = logging.getLogger(__name__)
@@ -57,6 +60,8 @@ POISONINGS: dict[str, float] = {
     "forged-proof": 10.0,
     "crafted-ciphertext": 1.0,
     "crafted-partial": 1.0,
+    "steer": 2.9e-4,
+    "owner-poison": 1.0,
 }
 # the colluding omniscient attacks and the backdoor (attacks.colluding): strength = ALIE's z (0: the paper's z_max),
 # IPM's epsilon, the backdoor's boost
@@ -124,8 +129,11 @@ class MaliciousReplica(Replica):
         """The honest computation (on flipped labels or a foreign batch for the data attacks), then the gradient the
         attack wants in ``p.grad``: every pattern (gradient pushers and local steppers alike) uses the poisoned one."""
         self._calls += 1
+        self._batch = x
         if self.active and self.spec.attack == "label-flip":
             y = self.num_classes - 1 - y
+        elif self.active and self.spec.attack == "owner-poison":
+            y = (y + int(self.spec.strength)) % self.num_classes
         elif self.active and self.spec.attack == "random-batch":
             idx = torch.randint(0, len(self._x_pool), (len(x),), generator=self._gen)
             x, y = self._x_pool[idx], self._y_pool[idx]
@@ -158,7 +166,24 @@ _REWRITES = {
     "noise": _noise,
     "forged-proof": _noise,  # what it pushes; its claim says "honest gradient of my batch", which replay refutes
     "free-rider": lambda r, g: r._previous.clone() if r._previous is not None else torch.zeros_like(g),
+    "steer": lambda r, g: _steer(r, r._batch, g, r.spec.strength),
 }
+
+
+def _steer(r: MaliciousReplica, x: torch.Tensor, g: torch.Tensor, strength: float) -> torch.Tensor:
+    from .backdoor import steer
+
+    return steer(r, x, g, strength)
+
+
+def owner_labels(specs: tuple[str, ...], rank: int, y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """The labels rank ``rank`` holds as a data owner (what it encrypts for blind checks): shifted under
+    ``owner-poison``, else its true ones. Blind checks compare claims with these samples, so they cannot see it."""
+    for text in specs:
+        spec = parse_malicious(text)
+        if spec.rank == rank and spec.attack == "owner-poison":
+            return (y + int(spec.strength)) % num_classes
+    return y
 
 
 def wrap_replica(

@@ -156,6 +156,13 @@ _GROUPS: list[tuple[str, list[tuple[str, str, Any, str]]]] = [
             ),
             ("--partition", "partition", str, "training data split: iid (default) or dirichlet (label skew)"),
             ("--dirichlet-alpha", "partition_alpha", float, "--partition dirichlet concentration (0.1: strong skew)"),
+            (
+                "--audit-threshold",
+                "proof.audit_threshold",
+                str,
+                "audit rule: calibrated (default: 10x the honest replay noise measured at start, exact where replay is "
+                "bit-exact), cross-thread (workers on other thread counts), or an explicit relative l2",
+            ),
         ],
     ),
 ]

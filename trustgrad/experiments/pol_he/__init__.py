@@ -82,6 +82,8 @@ class Settings:
     blind_accuracy_seeds: int = 0  # longer runs (all honest vs worker 1 excluded at step 0), per seed
     blind_accuracy_epochs: int = 3
     blind_lr: float = 0.3
+    owner_poison_steps: int = 8  # rounds of the owner-poisoned-data runs (blind, audited, unverified); 0 skips
+    owner_poison_seeds: int = 1
     parts: tuple[str, ...] = ("acceptance", "detection", "cost", "leakage", "blind")
 
     def check(self) -> None:
@@ -97,15 +99,17 @@ class Settings:
             raise ConfigError(f"experiment pol-he: unknown attacks {bad}; choose from {', '.join(ATTACKS)}")
         if not set(self.schedules) <= {"sync", "async", "ssp"} or not all(0 < r <= 1 for r in self.rates):
             raise ConfigError("experiment pol-he: --schedules from sync, async, ssp; --rates in (0, 1]")
+        if self.owner_poison_steps < 0 or self.owner_poison_seeds < 1:
+            raise ConfigError("experiment pol-he: --owner-poison-steps >= 0 and --owner-poison-seeds >= 1")
         if min(self.workers, self.blind_workers) < 3 or min(self.steps, self.blind_steps) < 1:
             raise ConfigError("experiment pol-he: --workers and --blind-workers >= 3, --steps >= 1")
 
 
 QUICK = Settings(
     seeds=1,
-    scales=(25, 40, 50),
+    scales=(25, 50),
     key_modes=("shared", "threshold-3"),
-    he_steps=2,
+    he_steps=1,
     steps=8,
     rates=(0.1, 1.0),
     attacks=("sign-flip", "label-flip"),
@@ -119,6 +123,7 @@ QUICK = Settings(
     blind_steps=1,
     blind_honest_seeds=1,
     blind_attacks=("sign-flip",),
+    owner_poison_steps=1,
 )
 
 
@@ -180,7 +185,8 @@ def run_experiment(argv: list[str]) -> ExperimentResult:
     lists = {"schedules": str, "rates": float, "attacks": str, "blind_attacks": str}
     numbers = {"workers": int, "steps": int, "from_step": int, "honest_seeds": int, "blind_workers": int,
                "blind_steps": int, "blind_seeds": int, "blind_honest_seeds": int, "blind_accuracy_seeds": int,
-               "blind_accuracy_epochs": int, "blind_lr": float}  # fmt: skip
+               "blind_accuracy_epochs": int, "blind_lr": float, "owner_poison_steps": int,
+               "owner_poison_seeds": int}  # fmt: skip
     for name in [*lists, *numbers]:
         parser.add_argument("--" + name.replace("_", "-"), dest=name, help=f"Settings.{name} (see the module doc)")
     args = parser.parse_args(argv)

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from ...audit import Auditor
+from ...audit.calibration import LEGACY_THRESHOLD
 from ...config import RunConfig
 from ...crypto import (
     CKKSParams,
@@ -180,7 +181,7 @@ def measure(s: Any, out: Path, data: dict[str, Any]) -> dict[str, Any]:
         "workers": w,
         "steps_per_seed": s.he_steps,
         "thresholds": list(s.thresholds),
-        "default_threshold": Auditor.rel_l2,
+        "default_threshold": LEGACY_THRESHOLD,
         "cos_rule": Auditor.cos,
         "ring_dim": ring,
         "cells": [_cell(m, sc, c, a, s.thresholds) for (m, sc), (c, a) in cells.items()],

@@ -48,6 +48,8 @@ def one_run(cfg: RunConfig) -> dict[str, Any]:
     row["rolled_back_steps"] = s.get("rolled_back_steps", 0)
     row["worst_accepted_rel_l2"] = s.get("worst_accepted_rel_l2")
     row["rejections"] = [{k: r[k] for k in ("worker", "step", "rel_l2")} for r in s.get("rejections", [])]
+    row["repairs"] = s.get("audit_repairs", [])
+    row["audit_threshold"] = s.get("audit_threshold")
     for k, v in s.items():
         if k.startswith("he_") or k in ("encrypted_bytes", "plaintext_equivalent_bytes", "ciphertext_expansion"):
             row[k] = v
@@ -64,7 +66,10 @@ def _attacked(s: Any, attack: str, seed: int, schedule: str, rate: float | None)
     if "error" not in row and rate is not None:
         mine = [r for r in row["rejections"] if r["worker"] == MALICIOUS_WORKER]
         row["detected"] = MALICIOUS_WORKER in row["excluded_workers"]
-        row["steps_to_detection"] = mine[0]["step"] - s.from_step if mine else None
+        # sync: the round the liar was caught in (a late audit also rejects its earlier, logged lies)
+        caught = [r["caught_at_version"] for r in row["repairs"] if MALICIOUS_WORKER in r["workers"]]
+        first = caught[0] if caught else (mine[0]["step"] if mine else None)
+        row["steps_to_detection"] = first - s.from_step if first is not None else None
         row["false_exclusions"] = [w for w in row["excluded_workers"] if w != MALICIOUS_WORKER]
     return row
 
@@ -82,6 +87,7 @@ def _summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "detected": sum(bool(r.get("detected")) for r in ok),
         "steps_to_detection_mean": mean_of(ok, "steps_to_detection"),
         "rolled_back_mean": mean_of(ok, "rolled_back_steps"),
+        "caught_late": sum((r.get("steps_to_detection") or 0) > 0 for r in ok),
         "false_exclusions": sum(len(r.get("false_exclusions", [])) for r in ok),
         "accuracy_mean": mean_of(ok, "test_accuracy"),
         "min_rejected_rel_l2": min(
@@ -110,8 +116,8 @@ def measure(s: Any, out: Path, data: dict[str, Any]) -> dict[str, Any]:
             unverified = [_attacked(s, attack, seed, schedule, None) for seed in seeds] if schedule == "sync" else []
             if unverified:
                 result.setdefault("unverified", {})[attack] = unverified
-            for rate in rates:
-                runs = [_attacked(s, attack, seed, schedule, rate) for seed in seeds]
+            by_rate = {rate: [_attacked(s, attack, seed, schedule, rate) for seed in seeds] for rate in rates}
+            for rate, runs in by_rate.items():
                 row = {"schedule": schedule, "attack": attack, "audit_rate": rate, **_summarise(runs)}
                 row["honest_accuracy"] = ref
                 # the all-honest run of the same seed minus this run (positive: the attack cost accuracy)
@@ -119,6 +125,11 @@ def measure(s: Any, out: Path, data: dict[str, Any]) -> dict[str, Any]:
                         if "error" not in h and "error" not in r]  # fmt: skip
                 row["accuracy_gap_max"] = max(gaps, default=math.nan)
                 row["unverified_accuracy"] = mean_of(unverified, "test_accuracy") if unverified else math.nan
+                # the acceptance of exact repair: a run caught late ends where the run caught at once (rate 1) ends
+                full = by_rate.get(1.0, [])
+                gaps = [abs(f["test_accuracy"] - r["test_accuracy"]) for f, r in zip(full, runs)
+                        if rate < 1.0 and "error" not in f and "error" not in r]  # fmt: skip
+                row["gap_to_rate_1_max"] = max(gaps, default=math.nan)
                 row["runs_detail"] = runs
                 log.info("pol-he detection %s %s rate %g: %d/%d", schedule, attack, rate, row["detected"], row["runs"])
                 result["rows"].append(row)

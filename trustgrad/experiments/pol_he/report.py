@@ -43,9 +43,10 @@ def answer(data: dict[str, Any]) -> dict[str, Any]:
             preset = 40 if mode == "shared" else 50
             worst = f"; worst honest rel_l2 at 2^{preset}: {_g(at.get(preset))}" if preset in at else ""
             lines.append(
-                f"{mode}: every honest claim and aggregate accepted at the default threshold from 2^{sc} up{worst}"
+                f"{mode}: every honest claim and aggregate accepted at the reference threshold 3e-4 "
+                f"from 2^{sc} up{worst}"
                 if sc is not None
-                else f"{mode}: no measured scale had every honest claim accepted at the default threshold"
+                else f"{mode}: no measured scale had every honest claim accepted at the reference threshold 3e-4"
             )
     if "detection" in data:
         det = data["detection"]
@@ -78,6 +79,13 @@ def answer(data: dict[str, Any]) -> dict[str, Any]:
             f"{detected}/{runs} attacked runs; {false} honest claims rejected of {honest_claims} checked; worst honest "
             f"distance {_g(worst)} against the bound {_g(b['honest']['bound'])}"
         )
+        blind_owner = [r for r in b.get("owner_poison", []) if r["check"].startswith("blind") and "error" not in r]
+        if blind_owner:
+            passed = sum(not r["caught"] for r in blind_owner)
+            lines.append(
+                f"owner-poisoned data passed the blind checks in {passed}/{len(blind_owner)} runs (blind checks "
+                "cannot see data poisoned by its owner before encryption; a verifier holding the true data can)"
+            )
     out["text"] = "; ".join(lines) + "."
     return out
 
@@ -128,7 +136,8 @@ def _acceptance_table(acc: dict[str, Any]) -> list[str]:
         )
     out += [
         "",
-        f"Default threshold {acc['default_threshold']:g} (relative l2) plus the auditor's cosine rule "
+        f"Reference threshold {acc['default_threshold']:g} (relative l2; the fixed rule before calibration, see "
+        "docs/audits.md: a calibrated encrypted audit uses 10x the measured CKKS floor) plus the cosine rule "
         f"(<= {acc['cos_rule']:g}). Claims: one worker's ciphertext decrypted, times W, replayed by "
         "`Auditor.check`; aggregates: the server's sum of W ciphertexts (each pre-scaled by 1/W) decrypted to float32.",
     ]
@@ -140,16 +149,18 @@ def _detection_table(det: dict[str, Any]) -> list[str]:
         f"## 2. Detection per attack vs audit rate (ps, {det['workers']} workers, {det['steps']} steps, worker 1 "
         f"malicious from step {det['from_step']})",
         "",
-        "| schedule | attack | audit rate | detected | steps to detection | rolled back | honest excluded "
-        "| accuracy (audited) | accuracy (unverified) | honest accuracy | max gap to same-seed honest "
-        "| smallest rejected rel_l2 | errors |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| schedule | attack | audit rate | detected | steps to detection | caught late | rounds repaired "
+        "| honest excluded | accuracy (audited) | max gap to rate 1, same seed | accuracy (unverified) "
+        "| honest accuracy | max gap to same-seed honest | smallest rejected rel_l2 | errors |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in det["rows"]:
         out.append(
             f"| {r['schedule']} | {r['attack']} | {r['audit_rate']:g} | {r['detected']}/{r['runs'] - r['errors']} | "
-            f"{_g(r['steps_to_detection_mean'], '.1f')} | {_g(r['rolled_back_mean'], '.1f')} | {r['false_exclusions']} "
-            f"| {_g(r['accuracy_mean'], '.3f')} | {_g(r['unverified_accuracy'], '.3f')} "
+            f"{_g(r['steps_to_detection_mean'], '.1f')} | {r.get('caught_late', '-')} "
+            f"| {_g(r['rolled_back_mean'], '.1f')} "
+            f"| {r['false_exclusions']} | {_g(r['accuracy_mean'], '.3f')} | {_g(r.get('gap_to_rate_1_max'), '.3f')} "
+            f"| {_g(r['unverified_accuracy'], '.3f')} "
             f"| {_g(r['honest_accuracy'], '.3f')} | {_g(r.get('accuracy_gap_max'), '.3f')} "
             f"| {_g(r['min_rejected_rel_l2'])} | {r['errors']} |"
         )
@@ -280,6 +291,8 @@ def _blind_table(b: dict[str, Any]) -> list[str]:
             f"Within 1 point in {sum(abs(g) <= 1 for g in gaps)}/{len(gaps)} seeds; mean "
             f"{_g(float(np.mean(gaps)) if gaps else None, '+.2f')}.",
         ]
+    if b.get("owner_poison"):
+        out += ["", *_owner_poison_table(b["owner_poison"])]
     out += [
         "",
         f"Cost (honest blind runs; seconds): set-up {_g(c['setup_seconds'], '.1f')} (keys, evaluation keys, every "
@@ -288,6 +301,34 @@ def _blind_table(b: dict[str, Any]) -> list[str]:
         f"{_g(c['server_seconds_per_round'], '.2f')} s against {_g(c['plaintext_seconds_per_round'], '.4f')} s for "
         f"plaintext ps ({_g(c['server_seconds_per_round'] / c['plaintext_seconds_per_round'], '.0f')}x); "
         f"{_g(c['bytes_per_run'] / 1e6, '.0f')} MB on the wire per run. The server held: {c['server_key_material']}.",
+    ]
+    return out
+
+
+def _owner_poison_table(rows: list[dict[str, Any]]) -> list[str]:
+    steps = rows[0]["steps"]
+    out = [
+        f"### Owner-poisoned data (worker 1 shifts its own labels y -> y+1 before training and before encrypting its "
+        f"samples; {steps} rounds)",
+        "",
+        "| seed | check | true data held by | caught | at step | claims checked (accepted) | honest excluded "
+        "| accuracy | all-honest accuracy |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {r['seed']} | {r['check']} | {r['true_data_held_by']} | error: {r['error']} | | | | | |")
+            continue
+        checked = "-" if r["claims_checked"] is None else f"{r['claims_checked']} ({r['claims_accepted']})"
+        caught = "-" if r["caught"] is None else ("yes" if r["caught"] else "no")
+        out.append(
+            f"| {r['seed']} | {r['check']} | {r['true_data_held_by']} | {caught} | {_g(r['caught_at_step'])} "
+            f"| {checked} | {r['honest_excluded']} | {r['accuracy']:.3f} | {_g(r['honest_accuracy'], '.3f')} |"
+        )
+    out += [
+        "",
+        "Blind checks verify computation on the samples each owner encrypted, not the truth of those samples: data "
+        "poisoned by its own owner before encryption passes them. Only a verifier holding the true data sees it.",
     ]
     return out
 

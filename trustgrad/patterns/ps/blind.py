@@ -51,6 +51,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ...attacks.poisoning import owner_labels
 from ...blind import (
     BlindParams,
     Layout,
@@ -156,7 +157,8 @@ class BlindWorker(SecureWorker):
         ds = load_dataset(cfg.dataset, cfg.data_dir)
         self.shard = BatchPlan(len(ds.x_train), cfg.workers, cfg.seed, cfg.batch_size).shards[worker]
         self.x = ds.x_train[torch.from_numpy(self.shard)].reshape(len(self.shard), -1).double().numpy()
-        self.y = ds.y_train[torch.from_numpy(self.shard)].long().numpy()
+        labels = ds.y_train[torch.from_numpy(self.shard)].long()
+        self.y = owner_labels(cfg.malicious, comm.rank, labels, ds.num_classes).numpy()  # what this owner holds
         self.master = initial.double().numpy()  # the model in float64, exactly as the server's ciphertext holds it
         self.keys = self._make_keys(key_parties(cfg), context)
 
