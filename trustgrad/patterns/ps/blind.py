@@ -51,7 +51,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ...attacks.poisoning import owner_labels
+from ...attacks.poisoning import owner_labels, wire_tamper
 from ...blind import (
     BlindParams,
     Layout,
@@ -160,6 +160,7 @@ class BlindWorker(SecureWorker):
         labels = ds.y_train[torch.from_numpy(self.shard)].long()
         self.y = owner_labels(cfg.malicious, comm.rank, labels, ds.num_classes).numpy()  # what this owner holds
         self.master = initial.double().numpy()  # the model in float64, exactly as the server's ciphertext holds it
+        self.tamper = wire_tamper(cfg.malicious, comm.rank)  # as SecureWorker's: --malicious ...,attack=crafted-*
         self.keys = self._make_keys(key_parties(cfg), context)
 
     def _make_keys(self, parties: list[int], context: Context) -> KeyRing:
