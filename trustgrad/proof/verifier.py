@@ -654,35 +654,22 @@ def _replay(proof: _Proof, start: int, end: int) -> dict[str, torch.Tensor]:
 
 
 def _choose(proof: _Proof, options: VerifyOptions, nonce: str) -> tuple[list[tuple[int, str]], Soundness]:
-    n_seg = len(proof.segments)
+    n_seg, delta = len(proof.segments), options.max_forgery_acceptance
     top = _top_q(proof, options.q)
     pool = [i for i in range(n_seg) if i not in set(top)]
     m = wrong_at_least(n_seg, options.forged_fraction)
-    if options.check_all:
-        chosen, r, bound = [(i, "all") for i in range(n_seg)], len(pool), 0.0
+    r = options.r if options.r is not None else random_draws(n_seg, len(pool), options.forged_fraction, delta)
+    r = min(r, len(pool))
+    if options.check_all:  # r stays what a sampled verification would draw: measure_acceptance needs it
+        chosen, bound = [(i, "all") for i in range(n_seg)], 0.0
     else:
-        r = (
-            options.r
-            if options.r is not None
-            else random_draws(n_seg, len(pool), options.forged_fraction, options.max_forgery_acceptance)
-        )
-        r = min(r, len(pool))
         rng = challenge_seed(proof.root or "", nonce)
         picks = rng.choice(len(pool), size=r, replace=False) if r else []
         chosen = plan(top, pool, (int(i) for i in picks))
         bound = miss_probability(len(pool), m, r) if m <= len(pool) else 0.0
     steps = sum(proof.segments[i][1] - proof.segments[i][0] for i, _ in chosen)
     soundness = Soundness(
-        n_seg,
-        options.forged_fraction,
-        m,
-        options.max_forgery_acceptance,
-        len(pool),
-        r,
-        bound,
-        len(chosen),
-        steps,
-        options.check_all,
+        n_seg, options.forged_fraction, m, delta, len(pool), r, bound, len(chosen), steps, options.check_all, tuple(top)
     )
     return chosen, soundness
 
