@@ -312,21 +312,54 @@ def momentum_decoy_spoof(
     return plan.write(out, states)
 
 
-def partial_interpolation_spoof(cfg: RunConfig, target: State, out: str | Path, fraction: float) -> Path:
-    """The first ``1 - fraction`` of the segments trained honestly, the last ``fraction`` interpolated to ``target``."""
+def partial_interpolation_spoof(
+    cfg: RunConfig, target: State, out: str | Path, fraction: float, hide: float | None = 0.9
+) -> Path:
+    """A fraction ``fraction`` of the segments interpolated toward ``target``, the rest trained honestly.
+
+    ``hide`` (the adaptive forger): the forged segments avoid everything the verifier replays for certain -- the
+    first segment of every epoch is trained and every forged update is capped at ``hide`` times it, so the top-Q is
+    honest; the last segment of every epoch but the final one is trained too, so the top-Q's predecessor is honest --
+    and are taken as contiguous blocks from the last epoch backward (a block of b forged segments is caught by b + 1
+    of the random picks, the fewest possible). The forgery then rests on the random draw alone, which is what the
+    soundness bound is about; the cap may leave the proof short of the target (its price). ``None``: the last
+    ``fraction`` of the segments, uncapped.
+    """
     plan = _Plan(cfg)
     cps = plan.checkpoints
     segs = list(zip(cps, cps[1:]))
-    forged = max(1, round(fraction * len(segs)))
-    states = {0: plan.start()}
+    forged_count = max(1, round(fraction * len(segs)))
+    forged = _hidden_segments(plan, segs, forged_count) if hide is not None else set(range(len(segs))[-forged_count:])
+    states, cap = {0: plan.start()}, {}
     for i, (a, b) in enumerate(segs):
-        if i < len(segs) - forged:
+        epoch = a // plan.spe
+        if i not in forged:
             states[b] = plan.train(states[a], a, b)
+            cap.setdefault(epoch, (hide or math.inf) * update_norm(states[a], states[b], plan.names))
             continue
         params = {k: v for k, v in states[a].items() if k.startswith("model/")}
-        nxt = _lerp(params, target, 1.0 / (len(segs) - i))
+        nxt = _lerp(params, target, 1.0 / sum(1 for j in forged if j >= i))
+        size = update_norm(params, nxt, plan.names)
+        if size > cap.get(epoch, math.inf):
+            nxt = _lerp(params, nxt, cap[epoch] / size)
         states[b] = plan.with_momentum(nxt, _line_momentum(plan, params, nxt, b - a))
+    log.info("partial interpolation: %d of %d segments forged", len(forged), len(segs))
     return plan.write(out, states)
+
+
+def _hidden_segments(plan: _Plan, segs: list[tuple[int, int]], count: int) -> set[int]:
+    """Up to ``count`` segments, latest first, that are neither an epoch's first nor (but in the last epoch) its last."""
+    by_epoch: dict[int, list[int]] = {}
+    for i, (a, _) in enumerate(segs):
+        by_epoch.setdefault(a // plan.spe, []).append(i)
+    last_epoch = max(by_epoch)
+    chosen: set[int] = set()
+    for epoch in sorted(by_epoch, reverse=True):
+        inner = by_epoch[epoch][1:] if epoch == last_epoch else by_epoch[epoch][1:-1]
+        for i in reversed(inner):
+            if len(chosen) < count:
+                chosen.add(i)
+    return chosen
 
 
 #: name -> attack, for ``trustgrad attack`` (spoofs that forge from a config and a stolen model take (cfg, target, out))

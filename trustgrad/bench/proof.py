@@ -36,6 +36,12 @@ def _parse(args: list[str]) -> argparse.Namespace:
     p.add_argument("--r", type=int, default=None)
     p.add_argument("--soundness", action="store_true", help="adaptive forgeries: exact and sampled acceptance")
     p.add_argument("--honest-zoo", action="store_true", help="false rejections over --seeds x every zoo model")
+    p.add_argument(
+        "--deltas",
+        type=lambda t: tuple(float(v) for v in t.split(",")),
+        default=(0.01, 0.25),
+        help="--max-forgery-acceptance values to measure (--soundness; default 0.01,0.25: the default and a loose one)",
+    )
     p.add_argument("--nonces", type=int, default=100, help="fresh nonces per forgery (--soundness)")
     p.add_argument("--seeds", type=int, default=20, help="seeds per zoo model (--honest-zoo)")
     p.add_argument("--steps", type=int, default=66, help="training steps of each proof (--soundness, --honest-zoo)")
