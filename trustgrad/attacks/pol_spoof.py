@@ -348,7 +348,7 @@ def partial_interpolation_spoof(
 
 
 def _hidden_segments(plan: _Plan, segs: list[tuple[int, int]], count: int) -> set[int]:
-    """Up to ``count`` segments, latest first, that are neither an epoch's first nor (but in the last epoch) its last."""
+    """Up to ``count`` segments, latest first, neither an epoch's first nor (but in the last epoch) its last."""
     by_epoch: dict[int, list[int]] = {}
     for i, (a, _) in enumerate(segs):
         by_epoch.setdefault(a // plan.spe, []).append(i)
