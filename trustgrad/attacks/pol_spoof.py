@@ -279,14 +279,21 @@ def recommitted_checkpoint(src: str | Path, out: str | Path, step: int, rel: flo
 
 
 def momentum_decoy_spoof(
-    cfg: RunConfig, target: State, out: str | Path, honest_steps: int, decoy: float = 3.0, q: int = 1
+    cfg: RunConfig,
+    target: State,
+    out: str | Path,
+    honest_steps: int,
+    decoy: float = 3.0,
+    q: int = 1,
+    margin: float = 0.9,
 ) -> Path:
     """The issue-15 forger: ``honest_steps`` trained, the rest interpolated, top-Q steered by inflated momentum.
 
     In every epoch, the ``q`` segments after the first one start from a checkpoint whose momentum buffers are
     ``decoy`` times what they were; the forger then trains those segments honestly from the inflated state, so they
     reproduce on replay and are the epoch's largest updates. Segments after ``honest_steps`` are interpolated toward the
-    stolen ``target`` (with momentum buffers that look like a straight line), except the decoys, which are trained.
+    stolen ``target`` (with momentum buffers that look like a straight line), each capped at ``margin`` times the
+    latest decoy's update, except the decoys, which are trained.
     Wrong segments: every interpolated one and every segment ending at a decoy checkpoint.
     """
     plan = _Plan(cfg)
@@ -296,7 +303,7 @@ def momentum_decoy_spoof(
     for i, (a, _) in enumerate(segs):
         by_epoch.setdefault(a // plan.spe, []).append(i)
     decoys = {i for in_epoch in by_epoch.values() for i in in_epoch[1 : 1 + q]}
-    states = {0: plan.start()}
+    states, cap = {0: plan.start()}, math.inf
     for i, (a, b) in enumerate(segs):
         start = states[a]
         if i in decoys and cfg.momentum > 0:
@@ -304,10 +311,15 @@ def momentum_decoy_spoof(
             states[a] = start  # the checkpoint the prover commits: inflated, so its predecessor no longer reproduces
         if b <= honest_steps or i in decoys:
             states[b] = plan.train(start, a, b)
+            if i in decoys:  # interpolated segments stay below the latest decoy, so the decoys are the top-Q
+                cap = margin * update_norm(start, states[b], plan.names)
             continue
         left = sum(1 for j in range(i, len(segs)) if j not in decoys)
         params = {k: v for k, v in start.items() if k.startswith("model/")}
         nxt = _lerp(params, target, 1.0 / left)
+        size = update_norm(params, nxt, plan.names)
+        if size > cap:
+            nxt = _lerp(params, nxt, cap / size)
         states[b] = plan.with_momentum(nxt, _line_momentum(plan, params, nxt, b - a))
     return plan.write(out, states)
 
@@ -328,7 +340,7 @@ def partial_interpolation_spoof(
     plan = _Plan(cfg)
     cps = plan.checkpoints
     segs = list(zip(cps, cps[1:]))
-    forged_count = max(1, round(fraction * len(segs)))
+    forged_count = max(1, math.ceil(fraction * len(segs) - 1e-9))  # at least the fraction asked for
     forged = _hidden_segments(plan, segs, forged_count) if hide is not None else set(range(len(segs))[-forged_count:])
     states, cap = {0: plan.start()}, {}
     for i, (a, b) in enumerate(segs):

@@ -21,9 +21,9 @@ def _probability(text: str) -> float:
 
 def _mebibytes(text: str) -> int:
     value = float(text)
-    if not (math.isfinite(value) and 1 <= value <= 1 << 40):
-        raise argparse.ArgumentTypeError(f"must be a number of MiB in [1, 2^40], got {text}")
-    return int(value * 2**20)
+    if not (math.isfinite(value) and 0 < value <= 1 << 40):
+        raise argparse.ArgumentTypeError(f"must be a positive number of MiB (at most 2^40), got {text}")
+    return max(1, int(value * 2**20))
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
