@@ -265,22 +265,6 @@ def test_malformed_but_committed_content_is_an_invalid_verdict(tmp_path, honest,
     assert all("\n" not in r for r in v.reasons)
 
 
-def test_cli_gives_the_reason_as_json_without_building_anything(tmp_path, honest):
-    names = ["mlp hidden 65536", "lr 1e308", "zeroed rng/torch"]
-    paths = []
-    for i, name in enumerate(names):
-        paths.append(_copy(honest, tmp_path, f"m{i}"))
-        MUTANTS[name][0](paths[-1])
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    results = _cli(*([str(p), "--json"] for p in paths))
-    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    for name, (rc, out, err) in zip(names, results):
-        assert rc == 1 and err == "", (name, err)
-        verdict = json.loads(out)
-        assert verdict["valid"] is False and any(r.startswith(MUTANTS[name][1] + ":") for r in verdict["reasons"])
-    assert max(before, peak_kib) < 2 << 20  # < 2 GiB: a 65536-wide layer alone would be 17 GB
-
-
 def test_uncommitted_huge_model_is_refused_before_it_is_built(tmp_path, honest):
     path = _copy(honest, tmp_path)
     m = json.loads((path / MANIFEST).read_text())
@@ -290,10 +274,9 @@ def test_uncommitted_huge_model_is_refused_before_it_is_built(tmp_path, honest):
     assert not v.valid and (v.failed("manifest") or v.failed("commitment")), v.reasons
 
 
-def test_budget_refusal_and_soundness_flags_on_the_cli(tmp_path, honest):
-    """Files that really are as large as a 2 x 65536 mlp declares (sparse, so no disk is used): exit 2 by budget.
-    And the soundness flags: DELTA and f are what the verdict reports; unusable values exit 2 in one line."""
-    path = _copy(honest, tmp_path)
+def _beyond_budget(honest: Path, tmp_path: Path) -> Path:
+    """Files as large as a 2 x 65536 mlp declares (sparse, so no disk is used), digests never computed."""
+    path = _copy(honest, tmp_path, "big")
     m = json.loads((path / MANIFEST).read_text())
     m["config"]["model"].update(hidden=65536, depth=2)
     (path / MANIFEST).write_text(json.dumps(m))
@@ -306,21 +289,46 @@ def test_budget_refusal_and_soundness_flags_on_the_cli(tmp_path, honest):
                 fh.truncate(size)
     recommitted = [[n, "00" * 32] for n, _ in files]  # digests are checked after the budget: these never are
     (path / COMMITMENT).write_text(json.dumps({"files": recommitted, "root": "00" * 32}))
+    return path
+
+
+def test_a_proof_beyond_the_memory_budget_raises_proof_error(tmp_path, honest):
     with pytest.raises(ProofError, match="memory budget"):
-        verify(path)
+        verify(_beyond_budget(honest, tmp_path))
+
+
+def test_cli_reasons_refusals_and_soundness_flags(tmp_path, honest):
+    """One real process runs every CLI case (an interpreter start costs 15-30 s on a loaded 2-core machine).
+
+    Committed mutants: exit 1 with the reason in JSON, nothing built (peak memory < 2 GiB; a 65536-wide layer alone
+    is 17 GB). Beyond the budget: exit 2, one line. The soundness flags are what the verdict reports; unusable
+    values exit 2 in one line."""
+    names = ["mlp hidden 65536", "lr 1e308", "zeroed rng/torch"]
+    paths = []
+    for i, name in enumerate(names):
+        paths.append(_copy(honest, tmp_path, f"m{i}"))
+        MUTANTS[name][0](paths[-1])
     bad = (["--max-forgery-acceptance", "0"], ["--forged-fraction", "nan"], ["--memory-budget", "0.01"])
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     results = _cli(
-        [str(path)],
+        *([str(p), "--json"] for p in paths),
+        [str(_beyond_budget(honest, tmp_path))],
         [str(honest), "--json", "--max-forgery-acceptance", "0.2", "--forged-fraction", "0.25"],
         *([str(honest), *b] for b in bad),
     )
-    rc, _, err = results[0]
+    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    for name, (rc, out, err) in zip(names, results):
+        assert rc == 1 and err == "", (name, err)
+        verdict = json.loads(out)
+        assert verdict["valid"] is False and any(r.startswith(MUTANTS[name][1] + ":") for r in verdict["reasons"])
+    assert max(before, peak_kib) < 2 << 20
+    rc, _, err = results[3]
     assert rc == 2 and "memory budget" in err and len(err.strip().splitlines()) == 1, err
-    rc, out, err = results[1]  # the soundness flags
+    rc, out, err = results[4]
     assert rc == 0, err
     s = json.loads(out)["soundness"]
     assert s["max_forgery_acceptance"] == 0.2 and s["forged_fraction"] == 0.25 and s["acceptance_bound"] <= 0.2
-    for b, (rc, _, err) in zip(bad, results[2:]):
+    for b, (rc, _, err) in zip(bad, results[5:]):
         assert rc == 2 and len(err.strip().splitlines()) == 1, (b, err)
 
 
