@@ -30,8 +30,8 @@ CHECKED: dict[str, str] = {
     "config.proof.k": "must equal the manifest's k",
     "config.dataset": "the verifier's copy must have the committed Merkle root",
     "config.batch_size": "indices shape; replay batches",
-    "config.epochs": "step count recomputed",
-    "config.max_steps": "step count recomputed",
+    "config.epochs": "as far as it sets the step count, which is recomputed",
+    "config.max_steps": "as far as it sets the step count, which is recomputed",
     "config.lr": "replayed; update lower bound",
     "config.momentum": "replayed; momentum buffers checked against the predecessor's replay",
     "config.weight_decay": "replayed",
@@ -43,7 +43,6 @@ CHECKED: dict[str, str] = {
     "training.schedule": "must be constant at the config's lr",
     "training.batch_size": "must equal the config's",
     "data.merkle_root": "must be the verifier's training set's root",
-    "model.input_shape": "implied by the dataset (not read)",
 }
 
 #: manifest key (dotted) -> why it is not checked; any key not listed in either table is reported as not checked
@@ -78,6 +77,7 @@ NOT_CHECKED: dict[str, str] = {
     "model.depth": "the config's model is used",
     "model.name": "the config's model is used",
     "model.num_classes": "implied by the dataset",
+    "model.input_shape": "implied by the dataset",
     "model.num_params": "implied by the model",
     "model.state": "the model's own state spec is used",
 }
