@@ -79,6 +79,10 @@ _MAX_SEED = 1 << 127  # seeding.derive_seed keys BLAKE2b with the seed as 16 sig
 _RNG_SPEC = {"rng/torch": (tuple(torch.get_rng_state().shape), torch.uint8)}
 _RNG_BYTES = int(torch.get_rng_state().numel())
 _HASH_CHUNK = 1 << 22
+_MANIFEST_KEYS = frozenset(
+    "schema seed k config pattern semantics workers steps steps_per_epoch model training data randomness environment "
+    "checkpoints".split()
+)
 
 
 @dataclass(frozen=True)
@@ -347,6 +351,9 @@ def _open(path: Path, m: dict[str, Any], audit: _Audit, options: VerifyOptions, 
     """Manifest, then commitment list, file sizes, budget and digests: nothing declared is built before they pass."""
     if m.get("schema") != SCHEMA:
         audit.stop("manifest", f"unknown schema {str(m.get('schema'))[:40]!r} (this verifier reads {SCHEMA})")
+    unknown = sorted(str(k)[:40] for k in set(m) - _MANIFEST_KEYS)
+    if unknown:  # a field this verifier does not know could be a claim a reader thinks was checked
+        audit.stop("manifest", f"unknown fields {unknown[:3]} (schema {SCHEMA} has {len(_MANIFEST_KEYS)} fields)")
     seed = _field(m, "seed", int, audit, -_MAX_SEED, _MAX_SEED - 1)
     k = _field(m, "k", int, audit, 1, _MAX_STEPS)
     steps = _field(m, "steps", int, audit, 1, _MAX_STEPS)
