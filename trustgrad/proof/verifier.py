@@ -80,8 +80,23 @@ _RNG_SPEC = {"rng/torch": (tuple(torch.get_rng_state().shape), torch.uint8)}
 _RNG_BYTES = int(torch.get_rng_state().numel())
 _HASH_CHUNK = 1 << 22
 _MANIFEST_KEYS = frozenset(
-    "schema seed k config pattern semantics workers steps steps_per_epoch model training data randomness environment "
-    "checkpoints".split()
+    [
+        "schema",
+        "seed",
+        "k",
+        "config",
+        "pattern",
+        "semantics",
+        "workers",
+        "steps",
+        "steps_per_epoch",
+        "model",
+        "training",
+        "data",
+        "randomness",
+        "environment",
+        "checkpoints",
+    ]
 )
 
 
