@@ -247,7 +247,7 @@ MUTANTS = {
     "lr 1e308 in the config only": (lambda p: _edit_manifest(p, _set(("config.lr", 1e308))), "hyperparameters"),
     "indices 2^62": (_huge_index, "indices"),
     "zeroed rng/torch": (_zero_rng, "checkpoints"),
-    "mlp hidden 65536": (lambda p: _edit_manifest(p, _set(("config.model.hidden", 65536))), "manifest"),
+    "mlp hidden 65536": (lambda p: _edit_manifest(p, _set(("config.model.hidden", 65536))), "checkpoints"),
     "workers 10^6": (lambda p: _edit_manifest(p, _set(("workers", 10**6), ("config.workers", 10**6))), "data"),
     "seed 2^200": (lambda p: _edit_manifest(p, _set(("seed", 2**200), ("config.seed", 2**200))), "manifest"),
     "unknown loss": (lambda p: _edit_manifest(p, _set(("training.loss", "__import__('os')"))), "hyperparameters"),
@@ -271,7 +271,7 @@ def test_uncommitted_huge_model_is_refused_before_it_is_built(tmp_path, honest):
     m["config"]["model"]["hidden"] = 65536
     (path / MANIFEST).write_text(json.dumps(m))  # not re-committed
     v = verify(path)
-    assert not v.valid and (v.failed("manifest") or v.failed("commitment")), v.reasons
+    assert not v.valid and v.failed("checkpoints") and "bytes where the manifest" in v.reasons[0], v.reasons
 
 
 def _beyond_budget(honest: Path, tmp_path: Path) -> Path:

@@ -452,9 +452,9 @@ def _check_sizes(proof: _Proof, audit: _Audit) -> None:
         least, most = _expected_bytes(proof, name)
         if not least <= st.st_size <= most:
             audit.stop(
-                "manifest",
-                f"the declared model/batch/steps need {least}-{most} bytes in {name}, which has {st.st_size} "
-                "(declarations and files disagree)",
+                "indices" if name == INDICES else "checkpoints",
+                f"{name} has {st.st_size} bytes where the manifest's model, batch size and steps imply "
+                f"{least}-{most} (truncated, padded, or declarations that do not match the files)",
             )
         proof.sizes[name] = st.st_size
 
@@ -537,9 +537,9 @@ def _check_data(proof: _Proof, audit: _Audit) -> None:
     audit.ok("data")
     _load_indices(proof, audit)
     wrong = np.argwhere((proof.indices != plan.all_indices(proof.steps)).any(axis=2))
-    if len(wrong):
+    if len(wrong):  # in range, so the later checks can still run and add their own reasons (w0 of a relabel)
         t, w = (int(v) for v in wrong[0])
-        audit.stop("indices", f"worker {w}'s batch at step {t} is not the one the PRF of the seed gives")
+        audit.fail("indices", f"worker {w}'s batch at step {t} is not the one the PRF of the seed gives")
     audit.ok("indices")
 
 
