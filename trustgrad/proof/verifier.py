@@ -250,7 +250,8 @@ class _States:
         raw = read_bounded(p.root_dir / name, p.sizes[name], "checkpoints")
         if p.digests and digest(raw).hex() != p.digests[name]:
             raise ProofError(f"checkpoints: {name} changed after its commitment was checked")
-        state = parse_safetensors(raw, name, "checkpoints", p.spec(step), _RNG_SPEC)
+        # the generator state is required: the format records it, and an absent one could not be checked
+        state = parse_safetensors(raw, name, "checkpoints", {**p.spec(step), **_RNG_SPEC})
         _check_generator(state, name)
         self._cache[step] = state
         while len(self._cache) > self.capacity:
@@ -608,8 +609,6 @@ def _state(proof: _Proof, audit: _Audit, step: int) -> dict[str, torch.Tensor]:
 
 def _check_generator(state: dict[str, torch.Tensor], name: str) -> None:
     """A recorded RNG state must be one torch can load (a zeroed mt19937 state makes ``set_rng_state`` throw)."""
-    if "rng/torch" not in state:
-        return
     try:
         torch.Generator().set_state(state["rng/torch"].clone())
     except (RuntimeError, ValueError):
@@ -714,7 +713,7 @@ def _check_replay(proof: _Proof, audit: _Audit, options: VerifyOptions, nonce: s
 
 def _generator_follows(replayed: dict[str, torch.Tensor], claimed: dict[str, torch.Tensor]) -> tuple[str, ...]:
     """The recorded RNG state must be the one the replay leaves (the zoo's models draw nothing: it stays as it was)."""
-    if "rng/torch" in claimed and not torch.equal(replayed["rng/torch"], claimed["rng/torch"]):
+    if not torch.equal(replayed["rng/torch"], claimed["rng/torch"]):
         return ("rng/torch is not the generator state the replay leaves",)
     return ()
 
