@@ -43,6 +43,7 @@ def _parse(args: list[str]) -> argparse.Namespace:
         help="--max-forgery-acceptance values to measure (--soundness; default 0.01,0.25: the default and a loose one)",
     )
     p.add_argument("--nonces", type=int, default=100, help="fresh nonces per forgery (--soundness)")
+    p.add_argument("--models", type=lambda t: t.split(","), default=None, help="zoo models (--honest-zoo; default all)")
     p.add_argument("--seeds", type=int, default=20, help="seeds per zoo model (--honest-zoo)")
     p.add_argument("--steps", type=int, default=66, help="training steps of each proof (--soundness, --honest-zoo)")
     return p.parse_args(args)
