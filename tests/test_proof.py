@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from trustgrad.attacks import pol_spoof
+from trustgrad.bench._proof_soundness import TRAINING
 from trustgrad.config import RunConfig
 from trustgrad.data import load_dataset
 from trustgrad.errors import ProofError
@@ -43,6 +44,7 @@ def _cfg(**changes) -> RunConfig:
 
 def _base(out: Path, seed: int, pattern: str, model: str = "mlp") -> RunConfig:
     return _cfg(
+        **TRAINING.get(model, {}),  # logreg-poly trains with momentum 0, as documented (0.9 diverges)
         workers=2,
         max_steps=20,
         seed=seed,
