@@ -96,7 +96,9 @@ def soundness_bench(opts: argparse.Namespace) -> BenchResult:
                 wrong = sum(1 for seg in full.segments if not seg.passed)
                 segments = s.segments if s else len(full.segments)
                 # the bound a sampled verification reports (the --all verdict's own is 0)
-                bound = miss_probability(s.pool, s.wrong_at_least, s.random) if s else 0.0
+                bound = (
+                    miss_probability(s.pool, s.wrong_at_least, s.random) if s and s.wrong_at_least <= s.pool else 0.0
+                )
                 started, accepted = time.perf_counter(), 0
                 for _ in range(opts.nonces):
                     v = verify(path, options)
