@@ -99,13 +99,13 @@ def target() -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------------------------------------------------- honest
 
 
-@pytest.mark.timeout(900)  # 46 proofs at 1 thread and 20 at 2; every segment of each is replayed (slow under load)
+@pytest.mark.timeout(900)  # 46 proofs at 1 thread and 14 at 2; every segment of each is replayed (slow under load)
 def test_honest_proofs_verify_at_other_thread_counts(honest):
     rejected = []
     for threads in (1, 2):
         for i, (name, path) in enumerate(honest.items()):
-            if threads == 2 and i % 3 and not name.startswith("zoo-"):
-                continue  # a third of the mlp proofs and the whole zoo at 2 threads: the rounding differs, not the code
+            if threads == 2 and i % 5 and not name.startswith("zoo-"):
+                continue  # a fifth of the mlp proofs and the whole zoo at 2 threads: the rounding differs, not the code
             v = verify(path, VerifyOptions(threads=threads))
             if not v.valid:
                 rejected.append((name, threads, v.reasons))
@@ -339,8 +339,8 @@ def test_truncated_missing_and_huge_files_are_invalid(tmp_path, honest):
     path = pol_spoof.copy_proof(honest["allreduce-5"], tmp_path / "huge-file")
     with (path / checkpoint_name(5)).open("r+b") as fh:  # a sparse 4 GiB file: must be refused before reading
         fh.truncate(4 << 30)
-    v = verify(path)
-    assert v.failed("commitment") and "more than" in v.reasons[0]
+    v = verify(path)  # refused from its size alone (stat), before a byte of it is read or hashed
+    assert v.failed("checkpoints") and "has 4294967296 bytes where the manifest" in v.reasons[0], v.reasons
 
     path = pol_spoof.copy_proof(honest["allreduce-5"], tmp_path / "missing")
     (path / INDICES).unlink()
