@@ -339,13 +339,13 @@ def _harmless(key: str, honest: Path, path: Path) -> bool:
 
     if not key.startswith("file:") and _lookup(CHECKED, key) is None:
         return True
+    if key in ("config.epochs", "config.max_steps"):  # checked as far as they set the step count
+        return _manifest(honest)["steps"] == _manifest(path)["steps"]
     if key.startswith("config."):  # a change that parses to the same config (a default spelled out or dropped)
         from trustgrad.config import config_from_dict
 
         with contextlib.suppress(Exception):
             return config_from_dict(_manifest(honest)["config"]) == config_from_dict(_manifest(path)["config"])
-    if key in ("config.epochs", "config.max_steps"):  # equal step count: the same trajectory
-        return _manifest(honest)["steps"] == _manifest(path)["steps"]
     return False
 
 
