@@ -569,11 +569,16 @@ def _state(proof: _Proof, audit: _Audit, step: int) -> dict[str, torch.Tensor]:
 
 
 def _check_generator(state: dict[str, torch.Tensor], name: str) -> None:
-    """A recorded RNG state must be one torch can load (a zeroed mt19937 state makes ``set_rng_state`` throw)."""
+    """A recorded RNG state must be one torch can load (a zeroed mt19937 state makes ``set_rng_state`` throw), in its
+    canonical form: bytes torch ignores on loading (padding, a cached normal sample marked invalid) must be as torch
+    writes them, so that no two different files claim the same generator."""
+    g = torch.Generator()
     try:
-        torch.Generator().set_state(state["rng/torch"].clone())
+        g.set_state(state["rng/torch"].clone())
     except (RuntimeError, ValueError):
         raise ProofError(f"checkpoints: rng/torch in {name} is not a valid generator state") from None
+    if not torch.equal(g.get_state(), state["rng/torch"]):
+        raise ProofError(f"checkpoints: rng/torch in {name} is not in the form torch records (altered bytes)")
 
 
 # ====================================================================================================================
