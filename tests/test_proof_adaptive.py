@@ -243,13 +243,19 @@ MUTANTS = {
     "batch_size 1e12": (lambda p: _edit_manifest(p, _set(("config.batch_size", 10**12))), ("data", "manifest")),
     "lr 1e308": (
         lambda p: _edit_manifest(p, _set(("config.lr", 1e308), ("training.optimizer.lr", 1e308))),
-        "hyperparameters",
+        ("hyperparameters", "manifest"),  # the training section's bound, or the config's where it has one
     ),
-    "lr 1e308 in the config only": (lambda p: _edit_manifest(p, _set(("config.lr", 1e308))), "hyperparameters"),
+    "lr 1e308 in the config only": (
+        lambda p: _edit_manifest(p, _set(("config.lr", 1e308))),
+        ("hyperparameters", "manifest"),
+    ),
     "indices 2^62": (_huge_index, "indices"),
     "zeroed rng/torch": (_zero_rng, "checkpoints"),
     "mlp hidden 65536": (lambda p: _edit_manifest(p, _set(("config.model.hidden", 65536))), "checkpoints"),
-    "workers 10^6": (lambda p: _edit_manifest(p, _set(("workers", 10**6), ("config.workers", 10**6))), "data"),
+    "workers 10^6": (
+        lambda p: _edit_manifest(p, _set(("workers", 10**6), ("config.workers", 10**6))),
+        ("data", "manifest"),
+    ),
     "seed 2^200": (lambda p: _edit_manifest(p, _set(("seed", 2**200), ("config.seed", 2**200))), "manifest"),
     "unknown loss": (lambda p: _edit_manifest(p, _set(("training.loss", "__import__('os')"))), "hyperparameters"),
     "momentum 1": (lambda p: _edit_manifest(p, _set(("training.optimizer.momentum", 1.0))), "hyperparameters"),
@@ -322,7 +328,8 @@ def test_cli_reasons_refusals_and_soundness_flags(tmp_path, honest):
     for name, (rc, out, err) in zip(names, results):
         assert rc == 1 and err == "", (name, err)
         verdict = json.loads(out)
-        assert verdict["valid"] is False and any(r.startswith(MUTANTS[name][1] + ":") for r in verdict["reasons"])
+        checks = MUTANTS[name][1] if isinstance(MUTANTS[name][1], tuple) else (MUTANTS[name][1],)
+        assert verdict["valid"] is False and any(r.split(":")[0] in checks for r in verdict["reasons"]), verdict
     assert max(before, peak_kib) < 2 << 20
     rc, _, err = results[3]
     assert rc == 2 and "memory budget" in err and len(err.strip().splitlines()) == 1, err
@@ -346,7 +353,7 @@ def test_verdict_lists_the_claims_it_never_read(tmp_path, honest):
             ("config.device", "cuda"),
             ("config.threads", 7),
             ("config.crypto.encrypt", "ckks"),
-            ("config.malicious", ["1:sign-flip"]),
+            ("config.malicious", ["rank=1,attack=sign-flip"]),
         ),
     )
     v = verify(path)
