@@ -337,8 +337,12 @@ def _open(path: Path, m: dict[str, Any], audit: _Audit, options: VerifyOptions, 
     spe = _field(m, "steps_per_epoch", int, audit, 1, _MAX_STEPS)
     workers = _field(m, "workers", int, audit, 1, 1 << 20)
     checkpoints = m.get("checkpoints")
-    if not isinstance(checkpoints, list) or len(checkpoints) > _MAX_CHECKPOINTS:
-        audit.stop("manifest", f"no checkpoint list, or more than {_MAX_CHECKPOINTS} checkpoints")
+    if (
+        not isinstance(checkpoints, list)
+        or len(checkpoints) > _MAX_CHECKPOINTS
+        or not all(type(c) is int for c in checkpoints)  # 2.0 == 2 would pass the comparison below
+    ):
+        audit.stop("manifest", f"no list of integer checkpoint steps, or more than {_MAX_CHECKPOINTS} of them")
     try:
         cfg = config_from_dict(_field(m, "config", dict, audit))
     except TrustgradError as exc:

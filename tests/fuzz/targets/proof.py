@@ -307,7 +307,7 @@ def _semantic_changes(honest: Path, path: Path) -> set[str]:
 
     for file in [*(p.relative_to(honest) for p in _checkpoints(honest)), Path("indices.safetensors")]:
         x, y = load_file(str(honest / file)), load_file(str(path / file))
-        if x.keys() != y.keys() or any(x[k].dtype != y[k].dtype or not _same(x[k], y[k]) for k in x):
+        if x.keys() != y.keys() or any(x[k].dtype != y[k].dtype or not _close(x[k], y[k]) for k in x):
             changed.add(f"file:{file}")
     return changed
 
@@ -325,6 +325,18 @@ def _same(x: Any, y: Any) -> bool:
     return tuple(x.shape) == tuple(y.shape) and bool(
         (x.view(-1).view(dtype=_bits(x)) == y.view(-1).view(dtype=_bits(y))).all()
     )
+
+
+def _close(x: Any, y: Any) -> bool:
+    """Equal, or (floats) within a millionth of the tensor's norm: a low mantissa bit flipped is inside the replay
+    tolerance the verifier documents (thresholds 3e-4 of a segment's update, calibrated on honest noise), not a
+    forgery it claims to catch."""
+    if _same(x, y):
+        return True
+    if not x.is_floating_point() or tuple(x.shape) != tuple(y.shape):
+        return False
+    diff = float((x.double() - y.double()).norm())
+    return diff == diff and diff <= 1e-6 * float(x.double().norm())
 
 
 def _bits(t: Any) -> Any:
