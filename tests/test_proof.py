@@ -1,7 +1,8 @@
 """Proof-of-Learning: honest proofs from real multi-process runs verify; every spoof is rejected with its own reason.
 
-One spawned job records 40 proofs (allreduce and ring, 20 seeds each, 2 workers, tiny runs); the verifier then runs
-in this process at 1 and at 2 threads (the provers used 1). Attacks forge proofs in the honest format.
+One spawned job records 46 proofs (allreduce and ring, 20 seeds each, and one allreduce run of every zoo model; 2
+workers, tiny runs); the verifier then runs in this process at 1 and at 2 threads (the provers used 1). Attacks forge
+proofs in the honest format. Adaptive forgers, malformed-but-committed content and the budget: test_proof_adaptive.py.
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from trustgrad.attacks import pol_spoof
+from trustgrad.bench._proof_soundness import TRAINING
 from trustgrad.config import RunConfig
 from trustgrad.data import load_dataset
 from trustgrad.errors import ProofError
-from trustgrad.models import build_model
+from trustgrad.models import MODELS, build_model
 from trustgrad.proof import Hyper, Thresholds, VerifyOptions, distances, replay_segment, verify, verify_naive
 from trustgrad.proof.commit import digest, leaf, merkle_root
 from trustgrad.proof.format import INDICES, MANIFEST, checkpoint_name
@@ -40,15 +42,16 @@ def _cfg(**changes) -> RunConfig:
     return RunConfig().replace(**changes)
 
 
-def _base(out: Path, seed: int, pattern: str) -> RunConfig:
+def _base(out: Path, seed: int, pattern: str, model: str = "mlp") -> RunConfig:
     return _cfg(
+        **TRAINING.get(model, {}),  # logreg-poly trains with momentum 0, as documented (0.9 diverges)
         workers=2,
         max_steps=20,
         seed=seed,
-        out=str(out / f"{pattern}-{seed}"),
+        out=str(out / f"{pattern}-{seed}" if model == "mlp" else out / f"zoo-{model}"),
         progress=False,
         timeout=60.0,
-        model={"name": "mlp", "hidden": 16, "depth": 1},
+        model={"name": model, "hidden": 16, "depth": 1},
         pattern={"name": pattern},
         proof={"mode": "record", "k": 5},
     )
@@ -62,9 +65,10 @@ def _train_many(ctx, cfgs):
 def honest(tmp_path_factory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("honest")
     cfgs = [_base(out, s, p) for p in ("allreduce", "ring") for s in SEEDS]
-    roots = run_ranks(_train_many, 2, cfgs, job_timeout=300)
+    cfgs += [_base(out, 0, "allreduce", name) for name in MODELS.names() if name != "mlp"]
+    roots = run_ranks(_train_many, 2, cfgs, job_timeout=400)
     assert all(r is not None for r in roots[0]) and all(r is None for r in roots[1])  # only the coordinator writes
-    return {f"{c.pattern.name}-{c.seed}": Path(c.out) / "proof" for c in cfgs}
+    return {Path(c.out).name: Path(c.out) / "proof" for c in cfgs}
 
 
 @pytest.fixture(autouse=True)
@@ -95,21 +99,47 @@ def target() -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------------------------------------------------- honest
 
 
+@pytest.mark.timeout(900)  # 46 proofs at 1 thread and 14 at 2; every segment of each is replayed (slow under load)
 def test_honest_proofs_verify_at_other_thread_counts(honest):
     rejected = []
     for threads in (1, 2):
-        for name, path in honest.items():
-            v = verify(path, VerifyOptions(threads=threads, r=2))
+        for i, (name, path) in enumerate(honest.items()):
+            if threads == 2 and i % 5 and not name.startswith("zoo-"):
+                continue  # a fifth of the mlp proofs and the whole zoo at 2 threads: the rounding differs, not the code
+            v = verify(path, VerifyOptions(threads=threads))
             if not v.valid:
                 rejected.append((name, threads, v.reasons))
             assert v.segments and all(s.distances is not None for s in v.segments)
-    assert rejected == [], rejected  # 0 false rejections over 2 patterns x 20 seeds x 2 thread counts
+    assert rejected == [], rejected  # 0 false rejections over 2 patterns x 20 seeds + the zoo, at 1 and 2 threads
+
+
+def test_every_zoo_model_records_its_own_loss_and_verifies(honest):
+    """Replay uses the model's own loss: logreg-poly trains with its polynomial loss, not cross-entropy."""
+    losses = {}
+    for name in MODELS.names():
+        path = honest["allreduce-0" if name == "mlp" else f"zoo-{name}"]
+        m = json.loads((path / MANIFEST).read_text())
+        losses[name] = m["training"]["loss"]
+        v = verify(path, VerifyOptions(check_all=True))
+        assert v.valid and len(v.segments) == 4 and all(s.passed for s in v.segments), (name, v.reasons)
+    assert losses["logreg-poly"] == "poly-bce" and losses["mlp"] == "cross-entropy", losses
+
+
+def test_replaying_logreg_poly_with_cross_entropy_is_rejected(tmp_path, honest):
+    """The main-branch bug, as a forgery: the manifest re-committed to claim cross-entropy for logreg-poly."""
+    path = pol_spoof.copy_proof(honest["zoo-logreg-poly"], tmp_path / "p")
+    m = json.loads((path / MANIFEST).read_text())
+    m["training"]["loss"] = "cross-entropy"
+    (path / MANIFEST).write_text(json.dumps(m))
+    recommit(path)
+    v = verify(path)
+    assert not v.valid and v.failed("hyperparameters") and "loss poly-bce" in " ".join(v.reasons), v.reasons
 
 
 def test_proof_layout_and_manifest(honest):
     path = honest["ring-3"]
     m = json.loads((path / MANIFEST).read_text())
-    assert m["schema"] == "trustgrad-pol/1" and m["seed"] == 3 and m["k"] == 5 and m["workers"] == 2
+    assert m["schema"] == "trustgrad-pol/2" and m["seed"] == 3 and m["k"] == 5 and m["workers"] == 2
     assert m["checkpoints"] == [0, 5, 10, 15, 20]
     assert m["training"]["optimizer"] == {
         "name": "sgd",
@@ -119,6 +149,7 @@ def test_proof_layout_and_manifest(honest):
         "nesterov": False,
         "weight_decay": 0.0,
     }
+    assert m["training"]["loss"] == "cross-entropy"
     assert m["environment"]["threads"] == 1 and m["environment"]["torch"] == torch.__version__
     assert len(m["data"]["merkle_root"]) == 64
     ckpt = load_file(str(path / checkpoint_name(10)))
@@ -136,7 +167,10 @@ def test_proof_layout_and_manifest(honest):
 def test_verifier_reports_what_it_reexecuted(honest):
     v = verify(honest["allreduce-0"], VerifyOptions(nonce="ab", q=1, r=1))
     assert v.valid and v.nonce == "ab" and v.steps == 20
-    assert {s.chosen_by for s in v.segments} == {"top-q", "random"}
+    assert {"top-q", "random"} <= {s.chosen_by for s in v.segments} <= {"top-q", "random", "predecessor"}
+    starts = {s.start for s in v.segments}
+    chosen = [s for s in v.segments if s.chosen_by != "predecessor"]
+    assert all(s.start == 0 or s.start - 5 in starts for s in chosen)  # each chosen start checked from both sides
     assert v.replayed_steps == sum(s.end - s.start for s in v.segments) and v.bound_steps == 4
     assert 0 < v.reexecuted_fraction <= 1.2
     again = verify(honest["allreduce-0"], VerifyOptions(nonce="ab", q=1, r=1))
@@ -292,7 +326,8 @@ def test_truncated_missing_and_huge_files_are_invalid(tmp_path, honest):
     ckpt = path / checkpoint_name(15)
     ckpt.write_bytes(ckpt.read_bytes()[:1000])
     recommit(path)
-    assert verify(path).failed("checkpoints")
+    v = verify(path)
+    assert v.failed("checkpoints") and "has 1000 bytes" in v.reasons[0], v.reasons
 
     path = pol_spoof.copy_proof(honest["allreduce-5"], tmp_path / "huge-header")
     ckpt = path / checkpoint_name(5)
@@ -304,8 +339,8 @@ def test_truncated_missing_and_huge_files_are_invalid(tmp_path, honest):
     path = pol_spoof.copy_proof(honest["allreduce-5"], tmp_path / "huge-file")
     with (path / checkpoint_name(5)).open("r+b") as fh:  # a sparse 4 GiB file: must be refused before reading
         fh.truncate(4 << 30)
-    v = verify(path)
-    assert v.failed("commitment") and "more than" in v.reasons[0]
+    v = verify(path)  # refused from its size alone (stat), before a byte of it is read or hashed
+    assert v.failed("checkpoints") and "has 4294967296 bytes where the manifest" in v.reasons[0], v.reasons
 
     path = pol_spoof.copy_proof(honest["allreduce-5"], tmp_path / "missing")
     (path / INDICES).unlink()

@@ -1,5 +1,13 @@
 """``trustgrad bench proof``: what Proof-of-Learning costs, measured against training in the same run.
 
+Two further modes measure what a passed proof is worth (docs/proof.md):
+
+- ``--soundness``: adaptive forgeries (one re-committed checkpoint, momentum decoys, partial interpolation at several
+  f) against the default verifier: the exact acceptance probability (every segment replayed once, then the sampling
+  rule) next to the acceptance over ``--nonces`` fresh nonces and the bound the verifier reports.
+- ``--honest-zoo``: false rejections of honest proofs recorded by real 2-process allreduce runs, for ``--seeds``
+  seeds x every model in the zoo.
+
 Anchor: the same job (digits/mlp, allreduce, same worker count) trained without recording. Recording overhead is
 (train time + proof finalisation with ``--proof record``) / (train time without) - 1, median over alternating
 repetitions (target <= 10% at k=10; the reference's synchronous torch.save cost 24-32%). Verification time is reported
@@ -25,7 +33,19 @@ def _parse(args: list[str]) -> argparse.Namespace:
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--repeats", type=int, default=7)  # runs of ~1 s: fewer medians are at the mercy of one hiccup
     p.add_argument("--q", type=int, default=1)
-    p.add_argument("--r", type=int, default=2)
+    p.add_argument("--r", type=int, default=None)
+    p.add_argument("--soundness", action="store_true", help="adaptive forgeries: exact and sampled acceptance")
+    p.add_argument("--honest-zoo", action="store_true", help="false rejections over --seeds x every zoo model")
+    p.add_argument(
+        "--deltas",
+        type=lambda t: tuple(float(v) for v in t.split(",")),
+        default=(0.01, 0.25),
+        help="--max-forgery-acceptance values to measure (--soundness; default 0.01,0.25: the default and a loose one)",
+    )
+    p.add_argument("--nonces", type=int, default=100, help="fresh nonces per forgery (--soundness)")
+    p.add_argument("--models", type=lambda t: t.split(","), default=None, help="zoo models (--honest-zoo; default all)")
+    p.add_argument("--seeds", type=int, default=20, help="seeds per zoo model (--honest-zoo)")
+    p.add_argument("--steps", type=int, default=66, help="training steps of each proof (--soundness, --honest-zoo)")
     return p.parse_args(args)
 
 
@@ -35,6 +55,14 @@ def run_bench(args: list[str]) -> BenchResult:
     from ..run import run
 
     opts = _parse(args)
+    if opts.soundness:
+        from ._proof_soundness import soundness_bench
+
+        return soundness_bench(opts)
+    if opts.honest_zoo:
+        from ._proof_soundness import honest_zoo_bench
+
+        return honest_zoo_bench(opts)
     plain_t, rec_t, hook_t = [], [], []
     with tempfile.TemporaryDirectory(prefix="tg-bench-proof-") as tmp:
         base = RunConfig().replace(workers=opts.workers, epochs=opts.epochs, progress=False, proof={"k": opts.k})

@@ -16,8 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .replay import Hyper, Thresholds, distances, gradient_step_norm
-from .verifier import VerifyOptions, _Audit, _batches, _read_manifest, _replay, _segments, _structure, _threads
+from .replay import Thresholds
+from .verifier import VerifyOptions, verify
 
 __all__ = ["Measurement", "measure", "suggest"]
 
@@ -35,25 +35,22 @@ class Measurement:
 
 
 def measure(path: str | Path, threads: int | None = None) -> Measurement:
-    """Re-execute every segment of an honest proof and report the worst relative distances."""
-    audit = _Audit()
-    with _threads(threads):
-        proof = _structure(Path(path), _read_manifest(path), audit, VerifyOptions())
-        if audit.reasons:
-            raise ValueError(f"not a well-formed proof: {audit.reasons}")
-        hyper, ds = Hyper.from_config(proof.cfg), proof.dataset
-        worst = {"l1": 0.0, "l2": 0.0, "linf": 0.0, "cos": 0.0}
-        ratio = float("inf")
-        segs = _segments(proof)
-        for a, b, _, moved in segs:
-            d = distances(proof.states[a], _replay(proof, a, b), proof.states[b])
-            for m, ref in (("l1", d.ref_l1), ("l2", d.ref_l2), ("linf", d.ref_linf)):
-                worst[m] = max(worst[m], getattr(d, m) / max(ref, 1e-300))
-            worst["cos"] = max(worst["cos"], d.cos)
-            start = _batches(proof, a, a + 1)[0]
-            step = gradient_step_norm(proof.model, proof.states[a], start, ds.x_train, ds.y_train, hyper)
-            ratio = min(ratio, moved / step if step > 0 else float("inf"))
-    return Measurement(len(segs), worst["l1"], worst["l2"], worst["linf"], worst["cos"], ratio)
+    """Re-execute every segment of an honest proof (``--all``) and report the worst relative distances.
+
+    Measured with thresholds wide open, so the figures are what honest replay produces, not what passed.
+    """
+    loose = Thresholds(rel_l1=1e9, rel_l2=1e9, rel_linf=1e9, cos=2.0, min_update_ratio=0.0)
+    v = verify(path, VerifyOptions(check_all=True, threads=threads, thresholds=loose))
+    if not v.valid:
+        raise ValueError(f"not a well-formed proof: {v.reasons}")
+    worst = {"l1": 0.0, "l2": 0.0, "linf": 0.0, "cos": 0.0}
+    for seg in v.segments:
+        d = seg.distances
+        for m, ref in (("l1", d.ref_l1), ("l2", d.ref_l2), ("linf", d.ref_linf)):
+            worst[m] = max(worst[m], getattr(d, m) / max(ref, 1e-300))
+        worst["cos"] = max(worst["cos"], d.cos)
+    ratio = v.min_update_ratio if v.min_update_ratio is not None else float("inf")
+    return Measurement(len(v.segments), worst["l1"], worst["l2"], worst["linf"], worst["cos"], ratio)
 
 
 def suggest(measurements: list[Measurement], margin: float = 100.0, margin_bound: float = 2.0) -> Thresholds:

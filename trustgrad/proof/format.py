@@ -1,6 +1,6 @@
 """The proof format: a folder of JSON and safetensors files, and the bounded readers a verifier uses on it.
 
-A proof (schema ``trustgrad-pol/1``) is everything a verifier needs besides the data itself (Jia et al. 2021, Alg. 1,
+A proof (schema ``trustgrad-pol/2``) is everything a verifier needs besides the data itself (Jia et al. 2021, Alg. 1,
 with the reference design's gaps closed: hyperparameters, seeds, data fingerprint and schema version are in the proof)::
 
     proof/
@@ -49,7 +49,8 @@ __all__ = [
     "MAX_JSON_BYTES",
 ]
 
-SCHEMA = "trustgrad-pol/1"
+#: 2: the manifest names the loss and the optimizer by their registry names (1 hard-coded cross-entropy)
+SCHEMA = "trustgrad-pol/2"
 MANIFEST = "manifest.json"
 COMMITMENT = "commitment.json"
 INDICES = "indices.safetensors"

@@ -38,6 +38,7 @@ from ..launch import RankContext
 from ..train import HOOKS, StepEvent, WorkerState
 from .commit import dataset_root
 from .format import SCHEMA, capture_state
+from .replay import Hyper, loss_name
 from .writer import ProofWriter
 
 __all__ = ["ProofRecorder", "PROOF_DIR", "build_manifest"]
@@ -164,16 +165,8 @@ def build_manifest(
             "state": {k: [list(v.shape), str(v.dtype)] for k, v in model.state_dict().items()},
         },
         "training": {
-            "optimizer": {
-                "name": "sgd",
-                "lr": cfg.lr,
-                "momentum": cfg.momentum,
-                "dampening": 0.0,
-                "nesterov": False,
-                "weight_decay": cfg.weight_decay,
-            },
+            **Hyper.from_config(cfg, loss_name(model)).as_manifest(),
             "schedule": {"name": "constant", "lr": cfg.lr},
-            "loss": "cross_entropy(mean over the batch)",
             "aggregation": "mean of per-worker gradients (equal batches)",
             "batch_size": cfg.batch_size,
             "epochs": cfg.epochs,

@@ -15,7 +15,7 @@ trajectory by stepping on the concatenated batch. (It agrees with the distribute
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -23,23 +23,118 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..config import RunConfig
-from ..replica import make_optimizer
+from ..errors import ProofError
+from ..models import LOSSES as MODEL_LOSSES
+from ..registry import Registry
 from .format import capture_state, restore_state
 
-__all__ = ["Hyper", "Distances", "Thresholds", "replay_segment", "distances", "gradient_step_norm", "update_norm"]
+__all__ = [
+    "Hyper",
+    "Distances",
+    "Thresholds",
+    "replay_segment",
+    "distances",
+    "gradient_step_norm",
+    "update_norm",
+    "LOSSES",
+    "OPTIMIZERS",
+    "loss_name",
+]
+
+Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+#: every training loss a proof may name; a model's own loss is ``loss_name(model)`` (the zoo's registry plus CE)
+LOSSES: Registry[Loss] = Registry("loss")
+LOSSES.register("cross-entropy")(F.cross_entropy)
+for _name, _fn in MODEL_LOSSES.items():
+    LOSSES.register(_name)(_fn)
+
+#: optimizers a trajectory can be replayed with: name -> factory(model, Hyper)
+OPTIMIZERS: Registry[Callable[..., torch.optim.Optimizer]] = Registry("optimizer")
+
+
+@OPTIMIZERS.register("sgd")
+def _sgd(model: nn.Module, h: Hyper) -> torch.optim.Optimizer:
+    return torch.optim.SGD(
+        model.parameters(),
+        lr=h.lr,
+        momentum=h.momentum,
+        dampening=h.dampening,
+        weight_decay=h.weight_decay,
+        nesterov=h.nesterov,
+    )
+
+
+def loss_name(model: nn.Module) -> str:
+    """The registered name of the loss ``model`` trains with (``models.loss_for``: cross-entropy unless named)."""
+    return getattr(model, "trustgrad_loss", None) or "cross-entropy"
+
+
+#: hyper-parameters beyond this make a float32 replay overflow (torch refuses an alpha it cannot convert) or are
+#: not training at all; a proof that declares them is invalid rather than a crash of the verifier
+MAX_HYPER = 1e6
 
 
 @dataclass(frozen=True)
 class Hyper:
-    """The optimizer a segment is replayed with: SGD (dampening 0, no Nesterov), constant schedule, mean CE loss."""
+    """Every training choice that is part of the trajectory: optimizer kind and its hyper-parameters, and the loss.
+
+    Recorded in the manifest (``training``) by the prover and read back by the verifier, which also checks them
+    against what the run's config and model imply (a model's loss is its own, see ``models.loss_for``).
+    """
 
     lr: float
     momentum: float = 0.0
     weight_decay: float = 0.0
+    loss: str = "cross-entropy"
+    optimizer: str = "sgd"
+    dampening: float = 0.0
+    nesterov: bool = False
 
     @classmethod
-    def from_config(cls, cfg: RunConfig) -> Hyper:
-        return cls(cfg.lr, cfg.momentum, cfg.weight_decay)
+    def from_config(cls, cfg: RunConfig, loss: str = "cross-entropy") -> Hyper:
+        return cls(cfg.lr, cfg.momentum, cfg.weight_decay, loss)
+
+    def as_manifest(self) -> dict[str, object]:
+        """The manifest's ``training.optimizer`` and ``training.loss`` entries (read by :meth:`from_manifest`)."""
+        return {
+            "optimizer": {
+                "name": self.optimizer,
+                "lr": self.lr,
+                "momentum": self.momentum,
+                "dampening": self.dampening,
+                "nesterov": self.nesterov,
+                "weight_decay": self.weight_decay,
+            },
+            "loss": self.loss,
+        }
+
+    @classmethod
+    def from_manifest(cls, training: object) -> Hyper:
+        """The hyper-parameters a manifest's ``training`` section declares; ``ProofError`` naming what is wrong."""
+        if not isinstance(training, dict) or not isinstance(training.get("optimizer"), dict):
+            raise ProofError("training: the manifest declares no optimizer")
+        opt, loss = training["optimizer"], training.get("loss")
+        if not isinstance(loss, str) or loss not in LOSSES:
+            raise ProofError(f"training: unknown loss {str(loss)[:40]!r} (known: {', '.join(LOSSES.names())})")
+        name = opt.get("name")
+        if not isinstance(name, str) or name not in OPTIMIZERS:
+            raise ProofError(f"training: unknown optimizer {str(name)[:40]!r} (known: {', '.join(OPTIMIZERS.names())})")
+        values = {}
+        for key, lo, hi in (("lr", 0.0, MAX_HYPER), ("momentum", 0.0, 1.0), ("dampening", 0.0, 1.0)):
+            values[key] = _number(opt.get(key), key, lo, hi)
+        values["weight_decay"] = _number(opt.get("weight_decay"), "weight_decay", 0.0, MAX_HYPER)
+        if not isinstance(opt.get("nesterov"), bool):
+            raise ProofError("training: nesterov must be true or false")
+        if values["lr"] <= 0.0 or values["momentum"] >= 1.0:
+            raise ProofError("training: lr must be > 0 and momentum < 1")
+        return cls(loss=loss, optimizer=name, nesterov=opt["nesterov"], **values)
+
+
+def _number(value: object, name: str, lo: float, hi: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
+        raise ProofError(f"training: {name} {str(value)[:30]} is not a number in [{lo:g}, {hi:g}]")
+    return float(value)
 
 
 def replay_segment(
@@ -55,7 +150,8 @@ def replay_segment(
     ``batches[i]`` holds step i's indices of every worker, concatenated in worker order. The caller's global RNG is left
     untouched; the segment runs from the RNG state recorded in ``state`` (if any).
     """
-    optimizer = make_optimizer(model, hyper.lr, hyper.momentum, hyper.weight_decay)
+    optimizer = OPTIMIZERS.get(hyper.optimizer)(model, hyper)
+    loss_fn = LOSSES.get(hyper.loss)
     restore_state(model, optimizer, state)
     with torch.random.fork_rng(devices=[]):
         if "rng/torch" in state:
@@ -63,7 +159,7 @@ def replay_segment(
         model.train()
         for idx in batches:
             optimizer.zero_grad(set_to_none=False)
-            F.cross_entropy(model(x[idx]), y[idx]).backward()
+            loss_fn(model(x[idx]), y[idx]).backward()
             optimizer.step()
         out = capture_state(model, optimizer, rng=False)
         out["rng/torch"] = torch.get_rng_state()
@@ -82,7 +178,7 @@ def gradient_step_norm(
     model.train()
     model.zero_grad(set_to_none=True)
     with torch.random.fork_rng(devices=[]):
-        F.cross_entropy(model(x[idx]), y[idx]).backward()
+        LOSSES.get(hyper.loss)(model(x[idx]), y[idx]).backward()
     total = 0.0
     for p in model.parameters():
         g = p.grad.detach().double() + hyper.weight_decay * p.detach().double()
@@ -179,6 +275,9 @@ class Thresholds:
 
     def violations(self, d: Distances) -> list[str]:
         """Which metrics exceed their threshold, with the values (empty: the segment reproduces)."""
+        # NaN compares false with everything: a diverged replay (or claimed NaN) must fail, not slip past ``>``
+        if not all(math.isfinite(v) for v in asdict(d).values()):
+            return ["distances are not finite (the replay or the claimed state diverged)"]
         bad = []
         for metric, ref in (("l1", d.ref_l1), ("l2", d.ref_l2), ("linf", d.ref_linf)):
             value, limit = getattr(d, metric), getattr(self, f"rel_{metric}") * ref + self.floor

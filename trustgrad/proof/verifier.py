@@ -1,34 +1,43 @@
-"""The verifier: checks a proof folder and returns a typed :class:`Verdict` (it never prints).
+"""The verifier: checks a proof folder and returns a typed :class:`Verdict` (it never prints, and never raises on a
+proof's content).
 
 Hardened protocol (Jia et al. 2021, Alg. 2, with the root-cause defences against Zhang et al. S&P 2022 and Fang et al.
-EuroS&P 2023); each numbered check adds its own reason to the verdict when it fails:
+EuroS&P 2023, and bounded against adaptive forgers); each check adds its own reason when it fails:
 
-1. ``manifest``: schema, types and internal consistency (config, seed, k, checkpoint steps).
-2. ``identity``: the committed seed (and root) are the ones the verifier expects for this prover, if it was told —
-   a proof copied from another run is bound to that run's seed.
-3. ``commitment``: every file's digest and the Merkle root recompute (checked before anything else is trusted).
-4. ``checkpoints``: each holds exactly the model's tensors (and momentum buffers) with the right shapes and dtypes.
-5. ``w0``: checkpoint 0 equals the weights ``build_model(seed)`` regenerates, bit for bit (no KS test to game).
-6. ``data``: the verifier's training set has the committed Merkle root; ``indices``: every worker's batch of every
-   step is the PRF's (so also members of the committed set and of that worker's shard).
-7. ``hyperparameters``: the declared optimizer is the one the config implies (replay uses the verifier's own).
-8. ``update-bound``: every segment's parameter update is at least ``min_update_ratio`` times one plain SGD step at its
-   start (lr x gradient norm on its first committed batch; scaled down for segments shorter than 10 steps):
-   interpolated "infinitesimal" updates fail it. It costs one gradient per segment and covers every segment.
-9. ``replay``: the top-Q largest updates of every epoch (as Jia et al.) and R further segments drawn from
-   ``H(root || nonce)`` are re-executed; l1/l2/linf/cosine distances must be within the calibrated thresholds.
+1. ``manifest``: schema, types, ranges and internal consistency (config, seed, k, checkpoint steps, hyper-parameters).
+2. ``commitment``: the committed file list is the manifest's; every file's *size* is what the declared model, batch
+   size and step count imply (stat only); then the memory budget (``budget.py``); then every digest and the Merkle
+   root recompute. Nothing the manifest declares is built or allocated before this point, except on the meta device.
+3. ``identity``: the committed seed (and root) are the ones the verifier expects for this prover, if it was told.
+4. ``data`` / ``indices``: the verifier's training set has the committed Merkle root; every worker's batch of every
+   step is in range and is the PRF's (so also a member of the committed set and of that worker's shard).
+5. ``checkpoints``: each holds exactly the model's tensors (and momentum buffers) with the right shapes and dtypes,
+   finite, and a valid generator state; ``w0``: checkpoint 0 equals ``build_model(seed)`` bit for bit.
+6. ``hyperparameters``: the declared optimizer, loss and schedule are what the config and the model imply; replay
+   uses them (:meth:`Hyper.from_manifest`).
+7. ``update-bound``: every segment's parameter update is at least ``min_update_ratio`` times one plain SGD step at its
+   start (one gradient per segment, over all segments).
+8. ``replay``: the top-Q largest updates of every epoch (Jia et al.) and R further segments drawn from
+   ``H(root || nonce)``, each *with the segment before it*, are re-executed; distances over weights and momentum must
+   be within the calibrated thresholds. R is chosen for a stated soundness (``soundness.py``): a proof with at least a
+   fraction f of wrong segments is accepted with probability at most ``max_forgery_acceptance``.
 
-``verify_naive`` is the reference design's verifier (a per-tensor KS test on W0 plus top-Q replay at the reference
-thresholds), kept as a baseline: the Fang and Zhang spoofs pass it.
+Input that is not a proof at all (no folder, no readable JSON manifest), or a proof too large for the memory budget,
+raises :class:`ProofError` (exit 2); everything else is a verdict (exit 0 or 1).
+
+``naive.verify_naive`` is the reference design's verifier (a per-tensor KS test on W0 plus top-Q replay at the
+reference thresholds), kept as a baseline: the Fang and Zhang spoofs pass it.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import math
 import secrets
 import time
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,10 +47,13 @@ import torch
 
 from ..config import RunConfig, config_from_dict
 from ..data import BatchPlan, Dataset, load_dataset
-from ..errors import ProofError, TrustgradError
+from ..errors import ConfigError, ProofError, TrustgradError
 from ..models import build_model
+from .budget import MetaShapes, check_budget, estimate, machine_budget, meta_shapes
+from .claims import claims_of
 from .commit import challenge_seed, dataset_root, digest, leaf, merkle_root
 from .format import (
+    _HEADER_SLACK,
     COMMITMENT,
     INDICES,
     MANIFEST,
@@ -51,31 +63,68 @@ from .format import (
     proof_files,
     read_bounded,
     read_json,
-    safetensors_limit,
-    state_spec,
 )
-from .replay import Distances, Hyper, Thresholds, distances, gradient_step_norm, replay_segment, update_norm
+from .replay import Distances, Hyper, Thresholds, distances, gradient_step_norm, loss_name, replay_segment, update_norm
+from .soundness import Soundness, miss_probability, plan, random_draws, wrong_at_least
 
-__all__ = ["Verdict", "SegmentCheck", "VerifyOptions", "verify", "verify_naive", "NAIVE_THRESHOLDS"]
+__all__ = ["Verdict", "SegmentCheck", "VerifyOptions", "verify"]
 
 log = logging.getLogger(__name__)
 
-#: the reference implementation's defaults (l1, l2, linf, cos on the weights); kept only for the naive baseline
-NAIVE_THRESHOLDS = {"l1": 1000.0, "l2": 10.0, "linf": 0.1, "cos": 0.01}
 _MAX_STEPS = 10_000_000
 _MAX_CHECKPOINTS = 100_000
+_MAX_SEED = 1 << 127  # seeding.derive_seed keys BLAKE2b with the seed as 16 signed bytes
+_RNG_SPEC = {"rng/torch": (tuple(torch.get_rng_state().shape), torch.uint8)}
+_RNG_BYTES = int(torch.get_rng_state().numel())
+_HASH_CHUNK = 1 << 22
+_MANIFEST_KEYS = frozenset(
+    [
+        "schema",
+        "seed",
+        "k",
+        "config",
+        "pattern",
+        "semantics",
+        "workers",
+        "steps",
+        "steps_per_epoch",
+        "model",
+        "training",
+        "data",
+        "randomness",
+        "environment",
+        "checkpoints",
+    ]
+)
 
 
 @dataclass(frozen=True)
 class VerifyOptions:
-    q: int = 1  #: top-Q largest updates re-executed per epoch
-    r: int = 2  #: further segments drawn at random from H(root || nonce)
+    q: int = 1  #: top-Q largest updates re-executed per epoch (Jia et al.; not counted in the soundness bound)
+    #: random segments re-executed besides; None: the fewest giving ``max_forgery_acceptance`` at ``forged_fraction``
+    r: int | None = None
+    max_forgery_acceptance: float = 0.01  #: delta: acceptance probability allowed for a proof with >= f wrong segments
+    forged_fraction: float = 0.1  #: f: the fraction of wrong segments the guarantee is stated for
+    check_all: bool = False  #: re-execute every segment (acceptance of any wrong segment: 0)
     nonce: str | None = None  #: None: a fresh random nonce (reported in the verdict, reproducible with --nonce)
     threads: int | None = None  #: torch threads for replay (None: leave as is)
     expected_seed: int | None = None  #: the seed this prover committed to / was assigned (binds the proof to it)
     expected_root: str | None = None  #: the commitment root the prover published at training time
     data_dir: str | None = None
     thresholds: Thresholds = field(default_factory=Thresholds)
+    memory_budget: int | None = None  #: bytes; None: half of the memory available to this process (budget.py)
+
+    def __post_init__(self) -> None:
+        if self.q < 0 or (self.r is not None and self.r < 0):
+            raise ConfigError("q and r must be >= 0")
+        if not 0.0 < self.max_forgery_acceptance <= 1.0:
+            raise ConfigError(f"max_forgery_acceptance must be in (0, 1], got {self.max_forgery_acceptance}")
+        if not 0.0 < self.forged_fraction <= 1.0:
+            raise ConfigError(f"forged_fraction must be in (0, 1], got {self.forged_fraction}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError("threads must be >= 1")
+        if self.memory_budget is not None and self.memory_budget < 1:
+            raise ConfigError("memory_budget must be a positive number of bytes")
 
 
 @dataclass(frozen=True)
@@ -83,7 +132,7 @@ class SegmentCheck:
     start: int
     end: int
     epoch: int
-    chosen_by: str  # "top-q" | "random"
+    chosen_by: str  # "top-q" | "random" | "predecessor" | "all"
     passed: bool
     distances: Distances | None
     violations: tuple[str, ...] = ()
@@ -91,7 +140,11 @@ class SegmentCheck:
 
 @dataclass
 class Verdict:
-    """The outcome: ``valid`` iff no check failed; ``reasons`` are ``"<check>: <detail>"`` lines."""
+    """The outcome: ``valid`` iff no check failed; ``reasons`` are ``"<check>: <detail>"`` lines.
+
+    ``soundness`` states what the replay guarantees (and costs), ``claims`` which manifest fields were checked and
+    which were taken on trust.
+    """
 
     valid: bool
     reasons: list[str]
@@ -105,6 +158,9 @@ class Verdict:
     replayed_steps: int = 0
     bound_steps: int = 0
     seconds: float = 0.0
+    soundness: dict[str, Any] = field(default_factory=dict)
+    claims: dict[str, dict[str, str]] = field(default_factory=dict)
+    min_update_ratio: float | None = None  #: smallest segment update / one SGD step at its start (calibration)
 
     def failed(self, check: str) -> bool:
         return any(r.startswith(check + ":") for r in self.reasons)
@@ -134,7 +190,7 @@ class _Audit:
 
     def fail(self, check: str, detail: str) -> None:
         self.checks[check] = False
-        self.reasons.append(f"{check}: {detail}")
+        self.reasons.append(f"{check}: {_one_line(detail)}")
 
     def stop(self, check: str, detail: str) -> None:
         self.fail(check, detail)
@@ -143,23 +199,62 @@ class _Audit:
 
 @dataclass
 class _Proof:
-    """A proof after the structural checks: parsed manifest, config, data, model, checkpoints, indices."""
+    """A proof as the checks see it: parsed manifest and config, committed sizes and digests, lazily read states."""
 
     root_dir: Path
     manifest: dict[str, Any]
     cfg: RunConfig
+    hyper: Hyper
     steps: int
     k: int
     steps_per_epoch: int
     workers: int
     checkpoints: list[int]
-    raw: dict[str, bytes] = field(default_factory=dict)
-    states: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
-    indices: np.ndarray | None = None
-    dataset: Dataset | None = None
-    model: torch.nn.Module | None = None
-    root: str | None = None
+    dataset: Dataset
+    shapes: MetaShapes
     data_dir: str | None = None
+    sizes: dict[str, int] = field(default_factory=dict)
+    digests: dict[str, str] = field(default_factory=dict)  # empty: not committed (naive verifier)
+    root: str | None = None
+    model: torch.nn.Module | None = None
+    indices: np.ndarray | None = None
+    store: _States | None = None
+    norms: list[float] = field(default_factory=list)  # parameter update of every segment
+
+    @property
+    def segments(self) -> list[tuple[int, int]]:
+        return list(zip(self.checkpoints, self.checkpoints[1:]))
+
+    def epoch(self, seg: int) -> int:
+        return self.checkpoints[seg] // self.steps_per_epoch
+
+    def spec(self, step: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        with_momentum = self.hyper.momentum > 0 and step > 0
+        return {**self.shapes.spec, **(self.shapes.momentum if with_momentum else {})}
+
+
+class _States:
+    """Checkpoints read on demand (re-hashed against the commitment on every read) and kept while the budget allows."""
+
+    def __init__(self, proof: _Proof, capacity: int):
+        self.proof, self.capacity = proof, max(2, capacity)
+        self._cache: OrderedDict[int, dict[str, torch.Tensor]] = OrderedDict()
+
+    def get(self, step: int) -> dict[str, torch.Tensor]:
+        if step in self._cache:
+            self._cache.move_to_end(step)
+            return self._cache[step]
+        p, name = self.proof, checkpoint_name(step)
+        raw = read_bounded(p.root_dir / name, p.sizes[name], "checkpoints")
+        if p.digests and digest(raw).hex() != p.digests[name]:
+            raise ProofError(f"checkpoints: {name} changed after its commitment was checked")
+        # the generator state is required: the format records it, and an absent one could not be checked
+        state = parse_safetensors(raw, name, "checkpoints", {**p.spec(step), **_RNG_SPEC})
+        _check_generator(state, name)
+        self._cache[step] = state
+        while len(self._cache) > self.capacity:
+            self._cache.popitem(last=False)
+        return state
 
 
 # ====================================================================================================================
@@ -169,64 +264,44 @@ class _Proof:
 def verify(path: str | Path, options: VerifyOptions | None = None) -> Verdict:
     """Check the proof folder at ``path`` (hardened protocol, see the module docstring).
 
-    Raises :class:`ProofError` only when the input is not a proof at all (no folder, no readable JSON manifest);
-    every other problem — tampering, truncation, wrong shapes, failed replay — is an invalid verdict with its reason.
+    Raises :class:`ProofError` only when the input is not a proof at all (no folder, no readable JSON manifest) or
+    does not fit the memory budget; every other problem — tampering, truncation, wrong shapes, out-of-range values,
+    failed replay — is an invalid verdict with its reason.
     """
     options = options or VerifyOptions()
     started, audit = time.perf_counter(), _Audit()
     manifest = _read_manifest(path)
     nonce = options.nonce if options.nonce is not None else secrets.token_hex(16)
     verdict = Verdict(False, audit.reasons, thresholds=options.thresholds.as_dict(), checks=audit.checks, nonce=nonce)
+    verdict.claims = claims_of(manifest)
     with _threads(options.threads):
         try:
-            proof = _structure(Path(path), manifest, audit, options)
+            proof = _open(Path(path), manifest, audit, options)
             verdict.root, verdict.steps = proof.root, proof.steps
             _check_identity(proof, audit, options)
-            _check_w0(proof, audit)
             _check_data(proof, audit)
+            _build_model(proof, audit)
+            _check_w0(proof, audit)
             _check_hyperparameters(proof, audit)
-            verdict.bound_steps = _check_update_bound(proof, audit, options.thresholds)
-            verdict.segments = _check_replay(proof, audit, options, nonce)
-            verdict.replayed_steps = sum(s.end - s.start for s in verdict.segments)
+            verdict.min_update_ratio = _check_checkpoints_and_bound(proof, audit, options.thresholds)
+            verdict.bound_steps = len(proof.segments)
+            verdict.segments, soundness = _check_replay(proof, audit, options, nonce)
+            verdict.soundness = soundness.as_dict()
+            verdict.replayed_steps = soundness.replayed_steps
         except _Invalid:
             pass
+        except (RuntimeError, ValueError, ArithmeticError, IndexError, KeyError, TypeError) as exc:
+            # fail closed: whatever the content did, it is not accepted; the reason names a verifier bug to report
+            log.exception("unexpected error while verifying %s", path)
+            audit.fail("verifier", f"unexpected {type(exc).__name__} while checking this proof ({exc}); not accepted")
     verdict.valid = not audit.reasons
     verdict.seconds = time.perf_counter() - started
     log.info("proof %s: %s (%d reasons)", path, "valid" if verdict.valid else "INVALID", len(audit.reasons))
     return verdict
 
 
-def verify_naive(path: str | Path, q: int = 1, alpha: float = 0.01, data_dir: str | None = None) -> Verdict:
-    """The reference design's verifier, as a baseline: KS test of W0 per tensor + top-Q replay, loose thresholds.
-
-    It checks neither the commitment, nor W0 against a seed, nor the data order, nor any segment but the top-Q, and
-    compares weights (not updates) at the reference thresholds — the gaps the published spoofs go through.
-    """
-    started, audit = time.perf_counter(), _Audit()
-    manifest = _read_manifest(path)
-    verdict = Verdict(False, audit.reasons, mode="naive", thresholds=dict(NAIVE_THRESHOLDS), checks=audit.checks)
-    try:
-        proof = _structure(Path(path), manifest, audit, VerifyOptions(data_dir=data_dir), commit=False)
-        verdict.steps = proof.steps
-        _naive_ks(proof, audit, alpha)
-        segments = []
-        for start, end, epoch, _ in _top_q(proof, q):
-            replayed = _replay(proof, start, end)
-            d = _weight_distances(replayed, proof.states[end], proof)
-            bad = tuple(f"{m} {d[m]:.3g} > {t:.3g}" for m, t in NAIVE_THRESHOLDS.items() if d[m] > t)
-            segments.append(SegmentCheck(start, end, epoch, "top-q", not bad, None, bad))
-        _report_replay(audit, segments)
-        verdict.segments = segments
-        verdict.replayed_steps = sum(s.end - s.start for s in segments)
-    except _Invalid:
-        pass
-    verdict.valid = not audit.reasons
-    verdict.seconds = time.perf_counter() - started
-    return verdict
-
-
 # ====================================================================================================================
-# 1, 3, 4: manifest, commitment, structure
+# 1, 2: manifest, commitment, sizes, budget
 
 
 def _read_manifest(path: str | Path) -> dict[str, Any]:
@@ -236,125 +311,172 @@ def _read_manifest(path: str | Path) -> dict[str, Any]:
     return read_json(root / MANIFEST, "manifest")
 
 
-def _field(m: dict[str, Any], key: str, kind: type, audit: _Audit, lo: int | None = None) -> Any:
+def _field(m: dict[str, Any], key: str, kind: type, audit: _Audit, lo: int | None = None, hi: int | None = None) -> Any:
     value = m.get(key)
-    if not isinstance(value, kind) or isinstance(value, bool) or (lo is not None and value < lo):
-        audit.stop("manifest", f"field {key!r} must be {kind.__name__}{f' >= {lo}' if lo is not None else ''}")
+    if (
+        not isinstance(value, kind)
+        or isinstance(value, bool)
+        or (lo is not None and value < lo)
+        or (hi is not None and value > hi)
+    ):
+        bounds = f" in [{lo}, {hi}]" if hi is not None else (f" >= {lo}" if lo is not None else "")
+        audit.stop("manifest", f"field {key!r} must be {kind.__name__}{bounds}")
     return value
 
 
-def _structure(path: Path, m: dict[str, Any], audit: _Audit, options: VerifyOptions, commit: bool = True) -> _Proof:
+def _open(path: Path, m: dict[str, Any], audit: _Audit, options: VerifyOptions, commit: bool = True) -> _Proof:
+    """Manifest, then commitment list, file sizes, budget and digests: nothing declared is built before they pass."""
     if m.get("schema") != SCHEMA:
         audit.stop("manifest", f"unknown schema {str(m.get('schema'))[:40]!r} (this verifier reads {SCHEMA})")
-    seed, k = _field(m, "seed", int, audit), _field(m, "k", int, audit, 1)
-    steps, spe = _field(m, "steps", int, audit, 1), _field(m, "steps_per_epoch", int, audit, 1)
-    workers = _field(m, "workers", int, audit, 1)
+    unknown = sorted(str(k)[:40] for k in set(m) - _MANIFEST_KEYS)
+    if unknown:  # a field this verifier does not know could be a claim a reader thinks was checked
+        audit.stop("manifest", f"unknown fields {unknown[:3]} (schema {SCHEMA} has {len(_MANIFEST_KEYS)} fields)")
+    seed = _field(m, "seed", int, audit, -_MAX_SEED, _MAX_SEED - 1)
+    k = _field(m, "k", int, audit, 1, _MAX_STEPS)
+    steps = _field(m, "steps", int, audit, 1, _MAX_STEPS)
+    spe = _field(m, "steps_per_epoch", int, audit, 1, _MAX_STEPS)
+    workers = _field(m, "workers", int, audit, 1, 1 << 20)
     checkpoints = m.get("checkpoints")
-    if steps > _MAX_STEPS or not isinstance(checkpoints, list) or len(checkpoints) > _MAX_CHECKPOINTS:
-        audit.stop("manifest", "too many steps or checkpoints, or no checkpoint list")
+    if (
+        not isinstance(checkpoints, list)
+        or len(checkpoints) > _MAX_CHECKPOINTS
+        or not all(type(c) is int for c in checkpoints)  # 2.0 == 2 would pass the comparison below
+    ):
+        audit.stop("manifest", f"no list of integer checkpoint steps, or more than {_MAX_CHECKPOINTS} of them")
     try:
         cfg = config_from_dict(_field(m, "config", dict, audit))
     except TrustgradError as exc:
         audit.stop("manifest", f"config is invalid ({exc})")
+    except RecursionError:
+        audit.stop("manifest", "config is nested too deeply")
     if cfg.seed != seed or cfg.proof.k != k or cfg.workers != workers:
         audit.stop("manifest", "seed, k or workers disagree with the manifest's own config")
     if m.get("semantics") != "sync-mean-gradient":
         audit.stop("manifest", f"pattern {cfg.pattern.name!r}: only synchronous gradient averaging can be replayed")
-    expected = sorted({*range(0, steps, k), steps})
-    if checkpoints != expected:
+    if checkpoints != sorted({*range(0, steps, k), steps}):
         audit.stop("manifest", f"checkpoint steps must be every {k} steps from 0 to {steps} (and {steps})")
-    audit.ok("manifest")
-    proof = _Proof(path, m, cfg, steps, k, spe, workers, checkpoints)
-    proof.data_dir = options.data_dir or cfg.data_dir
     try:
-        proof.dataset = _dataset(cfg.dataset, proof.data_dir)
+        hyper = Hyper.from_manifest(m.get("training"))
+    except ProofError as exc:
+        audit.stop("hyperparameters", str(exc).removeprefix("training: "))
+    audit.ok("manifest")
+    data_dir = options.data_dir or cfg.data_dir
+    try:
+        ds = _dataset(cfg.dataset, data_dir)
     except TrustgradError as exc:
         audit.stop("data", f"cannot load the training set {cfg.dataset!r} ({exc})")
-    ds = proof.dataset
+    if workers * cfg.batch_size > len(ds.x_train):
+        audit.stop("data", f"{workers} workers x batch {cfg.batch_size} exceed the {len(ds.x_train)} training samples")
     try:
-        proof.model = build_model(cfg.model.name, ds.input_shape, ds.num_classes, seed, cfg.model)
-    except TrustgradError as exc:
-        audit.stop("manifest", f"the declared model cannot be built ({exc})")
+        shapes = meta_shapes(cfg.model.name, ds.input_shape, ds.num_classes, cfg.model)
+    except (TrustgradError, RuntimeError, ValueError) as exc:
+        audit.stop("manifest", f"the declared model cannot be built ({_one_line(str(exc))})")
+    proof = _Proof(path, m, cfg, hyper, steps, k, spe, workers, checkpoints, ds, shapes, data_dir)
     if commit:
-        _check_commitment(proof, audit)
-    _load_files(proof, audit)
+        proof.digests, declared_root = _read_commitment(proof, audit)
+    _check_sizes(proof, audit)
+    _check_memory(proof, options)
+    if commit:
+        _check_digests(proof, audit, declared_root)
     return proof
 
 
-def _specs(proof: _Proof) -> tuple[dict, dict, dict]:
-    model_spec = state_spec(proof.model, with_momentum=False)
-    momentum = {k: v for k, v in state_spec(proof.model, with_momentum=True).items() if k.startswith("momentum/")}
-    rng = {"rng/torch": (tuple(torch.get_rng_state().shape), torch.uint8)}
-    return model_spec, momentum, rng
-
-
-def _limits(proof: _Proof) -> dict[str, int]:
-    model_spec, momentum, rng = _specs(proof)
-    ckpt = safetensors_limit(model_spec, momentum, rng)
-    idx = safetensors_limit({"indices": ((proof.steps, proof.workers, proof.cfg.batch_size), torch.int64)})
-    limits = {checkpoint_name(s): ckpt for s in proof.checkpoints}
-    limits[INDICES] = idx
-    return limits
-
-
-def _check_commitment(proof: _Proof, audit: _Audit) -> None:
+def _read_commitment(proof: _Proof, audit: _Audit) -> tuple[dict[str, str], str]:
     try:
         c = read_json(proof.root_dir / COMMITMENT, "commitment")
     except ProofError as exc:
-        audit.stop("commitment", str(exc))
+        audit.stop("commitment", str(exc).removeprefix("commitment: "))
+    files, root = c.get("files"), c.get("root")
     names = proof_files(proof.checkpoints)
-    files = c.get("files")
     if (
         not isinstance(files, list)
         or [f[0] if isinstance(f, list) and len(f) == 2 else None for f in files] != names
-        or not isinstance(c.get("root"), str)
+        or not all(isinstance(f[1], str) and len(f[1]) == 64 for f in files)
+        or not isinstance(root, str)
     ):
         audit.stop("commitment", "the committed file list is not the manifest's (files added, removed or renamed)")
-    limits = _limits(proof)
-    leaves = []
-    for name, declared in files:
+    return {name: d for name, d in files}, root
+
+
+def _expected_bytes(proof: _Proof, name: str) -> tuple[int, int]:
+    """(least, most) bytes the committed file ``name`` can have, given the declared model, batch size and steps."""
+    if name == INDICES:
+        data = proof.steps * proof.workers * proof.cfg.batch_size * 8
+        return 8 + data, 8 + data + _HEADER_SLACK
+    step = int(name.removeprefix("checkpoints/step_").removesuffix(".safetensors"))
+    data = sum(math.prod(s) * _itemsize(d) for s, d in proof.spec(step).values())
+    return 8 + data, 8 + data + _RNG_BYTES + _HEADER_SLACK
+
+
+def _check_sizes(proof: _Proof, audit: _Audit) -> None:
+    """Stat every file: its size must be what the manifest's declarations imply (nothing is read yet)."""
+    for name in proof_files(proof.checkpoints)[1:]:
         try:
-            raw = read_bounded(proof.root_dir / name, limits.get(name, 8 << 20), "commitment")
+            st = (proof.root_dir / name).stat()
+        except OSError:
+            audit.stop("commitment", f"file {name!r} is missing")
+        least, most = _expected_bytes(proof, name)
+        if not least <= st.st_size <= most:
+            audit.stop(
+                "indices" if name == INDICES else "checkpoints",
+                f"{name} has {st.st_size} bytes where the manifest's model, batch size and steps imply "
+                f"{least}-{most} (truncated, padded, or declarations that do not match the files)",
+            )
+        proof.sizes[name] = st.st_size
+
+
+def _check_memory(proof: _Proof, options: VerifyOptions) -> None:
+    budget = options.memory_budget if options.memory_budget is not None else machine_budget()
+    s = proof.shapes
+    indices_bytes = proof.sizes[INDICES]
+    base = estimate(s, proof.workers * proof.cfg.batch_size, indices_bytes, 2)
+    what = (
+        f"model {s.parameters} parameters, {s.state_bytes / 2**20:.3g} MiB per state, "
+        f"batch {proof.workers}x{proof.cfg.batch_size}, indices {indices_bytes / 2**20:.3g} MiB"
+    )
+    check_budget(base, budget, what)
+    spare = budget - base
+    proof.store = _States(proof, min(len(proof.checkpoints), spare // max(1, 2 * s.state_bytes)))
+
+
+def _check_digests(proof: _Proof, audit: _Audit, declared_root: str) -> None:
+    leaves = []
+    for name in proof_files(proof.checkpoints):
+        try:
+            file_digest = _hash_file(proof.root_dir / name, proof.sizes.get(name))
         except ProofError as exc:
             audit.stop("commitment", str(exc))
-        if digest(raw).hex() != declared:
+        if file_digest.hex() != proof.digests[name]:
             audit.stop("commitment", f"{name} does not match its committed digest (changed after commitment)")
-        proof.raw[name] = raw
-        leaves.append(leaf(name, digest(raw)))
+        leaves.append(leaf(name, file_digest))
     root = merkle_root(leaves).hex()
-    if root != c["root"]:
+    if root != declared_root:
         audit.stop("commitment", "the Merkle root does not recompute from the file digests")
     proof.root = root
     audit.ok("commitment")
 
 
-def _load_files(proof: _Proof, audit: _Audit) -> None:
-    model_spec, momentum, rng = _specs(proof)
-    limits = _limits(proof)
-    with_momentum = proof.cfg.momentum > 0
-
-    def raw(name: str, what: str) -> bytes:
-        if name in proof.raw:
-            return proof.raw.pop(name)
-        return read_bounded(proof.root_dir / name, limits[name], what)
-
+def _hash_file(path: Path, size: int | None) -> bytes:
+    """BLAKE2b-256 of a file, streamed; ``size``: the size stat saw (a file that changes meanwhile is refused)."""
+    if size is None:  # the manifest, already read under its own bound; hash the same bytes the verifier parsed
+        return digest(read_bounded(path, 8 << 20, "commitment"))
+    h, seen = hashlib.blake2b(digest_size=32), 0
     try:
-        for step in proof.checkpoints:
-            name = checkpoint_name(step)
-            spec = {**model_spec, **(momentum if with_momentum and step > 0 else {})}
-            proof.states[step] = parse_safetensors(raw(name, "checkpoints"), name, "checkpoints", spec, rng)
-    except ProofError as exc:
-        audit.stop("checkpoints", str(exc).removeprefix("checkpoints: "))
-    audit.ok("checkpoints")
-    try:
-        spec = {"indices": ((proof.steps, proof.workers, proof.cfg.batch_size), torch.int64)}
-        proof.indices = parse_safetensors(raw(INDICES, "indices"), INDICES, "indices", spec)["indices"].numpy()
-    except ProofError as exc:
-        audit.stop("indices", str(exc).removeprefix("indices: "))
+        with path.open("rb") as fh:
+            while chunk := fh.read(min(_HASH_CHUNK, size + 1 - seen)):
+                seen += len(chunk)
+                if seen > size:
+                    break
+                h.update(chunk)
+    except OSError as exc:
+        raise ProofError(f"cannot read {path.name!r} ({exc.strerror})") from None
+    if seen != size:
+        raise ProofError(f"{path.name!r} changed size while it was hashed")
+    return h.digest()
 
 
 # ====================================================================================================================
-# 2, 5, 6, 7: identity, W0, data, hyperparameters
+# 3-6: identity, data and indices, model, checkpoints, W0, hyperparameters
 
 
 def _check_identity(proof: _Proof, audit: _Audit, options: VerifyOptions) -> None:
@@ -369,19 +491,6 @@ def _check_identity(proof: _Proof, audit: _Audit, options: VerifyOptions) -> Non
     audit.ok("identity")
 
 
-def _check_w0(proof: _Proof, audit: _Audit) -> None:
-    w0 = {f"model/{k}": v for k, v in proof.model.state_dict().items()}
-    claimed = proof.states[0]
-    worst = max(float((claimed[k].double() - v.double()).abs().max()) for k, v in w0.items())
-    if worst != 0.0 or any(k.startswith("momentum/") for k in claimed):
-        audit.fail(
-            "w0",
-            f"checkpoint 0 is not the initialization seed {proof.cfg.seed} generates (max |diff| {worst:.3g}): "
-            "initial weights are not the prover's to choose",
-        )
-    audit.ok("w0")
-
-
 def _check_data(proof: _Proof, audit: _Audit) -> None:
     ds, cfg, m = proof.dataset, proof.cfg, proof.manifest
     declared = m.get("data", {}).get("merkle_root") if isinstance(m.get("data"), dict) else None
@@ -392,58 +501,118 @@ def _check_data(proof: _Proof, audit: _Audit) -> None:
     if proof.steps_per_epoch != spe or proof.steps != total:
         audit.stop("data", f"the run has {total} steps of {spe} per epoch, the proof claims {proof.steps}")
     audit.ok("data")
+    _load_indices(proof, audit)
     wrong = np.argwhere((proof.indices != plan.all_indices(proof.steps)).any(axis=2))
-    if len(wrong):
+    if len(wrong):  # in range, so the later checks can still run and add their own reasons (w0 of a relabel)
         t, w = (int(v) for v in wrong[0])
         audit.fail("indices", f"worker {w}'s batch at step {t} is not the one the PRF of the seed gives")
-        return
     audit.ok("indices")
 
 
+def _load_indices(proof: _Proof, audit: _Audit) -> None:
+    try:
+        raw = read_bounded(proof.root_dir / INDICES, proof.sizes[INDICES], "indices")
+        if proof.digests and digest(raw).hex() != proof.digests[INDICES]:
+            raise ProofError(f"{INDICES} changed after its commitment was checked")
+        spec = {"indices": ((proof.steps, proof.workers, proof.cfg.batch_size), torch.int64)}
+        indices = parse_safetensors(raw, INDICES, "indices", spec)["indices"].numpy()
+    except ProofError as exc:
+        audit.stop("indices", str(exc).removeprefix("indices: "))
+    n = len(proof.dataset.x_train)
+    outside = np.argwhere((indices < 0) | (indices >= n))
+    if len(outside):  # stop here: nothing may index the training set with these
+        t, w, i = (int(v) for v in outside[0])
+        audit.stop("indices", f"worker {w}'s batch at step {t} holds {int(indices[t, w, i])}, outside 0..{n - 1}")
+    proof.indices = indices
+
+
+def _build_model(proof: _Proof, audit: _Audit) -> None:
+    ds, cfg = proof.dataset, proof.cfg
+    try:  # within the budget now: the declared sizes matched the committed files and the estimate fit
+        proof.model = build_model(cfg.model.name, ds.input_shape, ds.num_classes, cfg.seed, cfg.model)
+    except TrustgradError as exc:
+        audit.stop("manifest", f"the declared model cannot be built ({exc})")
+
+
+def _check_w0(proof: _Proof, audit: _Audit) -> None:
+    claimed = _state(proof, audit, 0)
+    w0 = {f"model/{k}": v for k, v in proof.model.state_dict().items()}
+    worst = max((float((claimed[k].double() - v.double()).abs().max()) for k, v in w0.items() if v.numel()), default=0)
+    if worst != 0.0:
+        audit.fail(
+            "w0",
+            f"checkpoint 0 is not the initialization seed {proof.cfg.seed} generates (max |diff| {worst:.3g}): "
+            "initial weights are not the prover's to choose",
+        )
+    audit.ok("w0")
+
+
 def _check_hyperparameters(proof: _Proof, audit: _Audit) -> None:
-    cfg = proof.cfg
-    declared = proof.manifest.get("training")
-    implied = {"name": "sgd", "lr": cfg.lr, "momentum": cfg.momentum, "dampening": 0.0, "nesterov": False}
-    implied["weight_decay"] = cfg.weight_decay
-    if (
-        not isinstance(declared, dict)
-        or declared.get("optimizer") != implied
-        or declared.get("schedule") != {"name": "constant", "lr": cfg.lr}
-        or declared.get("batch_size") != cfg.batch_size
-    ):
-        audit.fail("hyperparameters", "the declared optimizer/schedule is not the one the proof's config implies")
+    cfg, declared = proof.cfg, proof.manifest.get("training")
+    implied = Hyper.from_config(cfg, loss_name(proof.model))
+    if proof.hyper != implied:
+        audit.fail(
+            "hyperparameters",
+            f"the declared training ({_describe(proof.hyper)}) is not what the config and the model imply "
+            f"({_describe(implied)})",
+        )
+    elif declared.get("schedule") != {"name": "constant", "lr": cfg.lr} or declared.get("batch_size") != cfg.batch_size:
+        audit.fail("hyperparameters", "the declared schedule or batch size is not the one the proof's config implies")
     audit.ok("hyperparameters")
 
 
+def _describe(h: Hyper) -> str:
+    return f"{h.optimizer} lr {h.lr:g} momentum {h.momentum:g} wd {h.weight_decay:g}, loss {h.loss}"
+
+
+def _state(proof: _Proof, audit: _Audit, step: int) -> dict[str, torch.Tensor]:
+    try:
+        return proof.store.get(step)
+    except ProofError as exc:
+        audit.stop("checkpoints", str(exc).removeprefix("checkpoints: "))
+
+
+def _check_generator(state: dict[str, torch.Tensor], name: str) -> None:
+    """A recorded RNG state must be one torch can load (a zeroed mt19937 state makes ``set_rng_state`` throw), in its
+    canonical form: bytes torch ignores on loading (padding, a cached normal sample marked invalid) must be as torch
+    writes them, so that no two different files claim the same generator."""
+    g = torch.Generator()
+    try:
+        g.set_state(state["rng/torch"].clone())
+    except (RuntimeError, ValueError):
+        raise ProofError(f"checkpoints: rng/torch in {name} is not a valid generator state") from None
+    if not torch.equal(g.get_state(), state["rng/torch"]):
+        raise ProofError(f"checkpoints: rng/torch in {name} is not in the form torch records (altered bytes)")
+
+
 # ====================================================================================================================
-# 8, 9: update lower bound, replay
+# 7, 8: every checkpoint, update lower bound, replay
 
 
-def _segments(proof: _Proof) -> list[tuple[int, int, int, float]]:
-    """(start, end, epoch, parameter-update l2) for every segment between consecutive checkpoints."""
+def _check_checkpoints_and_bound(proof: _Proof, audit: _Audit, th: Thresholds | None) -> float:
+    """One pass over all segments: each checkpoint parsed and checked, each update measured and (hardened) bounded.
+
+    Returns the smallest ratio of a segment's update to one plain SGD step at its start.
+    """
     params = [f"model/{n}" for n, _ in proof.model.named_parameters()]
-    cps = proof.checkpoints
-    return [
-        (a, b, a // proof.steps_per_epoch, update_norm(proof.states[a], proof.states[b], params))
-        for a, b in zip(cps, cps[1:])
-    ]
-
-
-def _batches(proof: _Proof, start: int, end: int) -> list[torch.Tensor]:
-    return [torch.from_numpy(proof.indices[t].reshape(-1).copy()) for t in range(start, end)]
-
-
-def _check_update_bound(proof: _Proof, audit: _Audit, th: Thresholds) -> int:
-    hyper = Hyper.from_config(proof.cfg)
-    ds, failures = proof.dataset, []
-    for a, b, _, moved in _segments(proof):
-        step = gradient_step_norm(
-            proof.model, proof.states[a], _batches(proof, a, a + 1)[0], ds.x_train, ds.y_train, hyper
-        )
+    failures, smallest, ds = [], math.inf, proof.dataset
+    proof.norms = []
+    for a, b in proof.segments:
+        start, end = _state(proof, audit, a), _state(proof, audit, b)
+        moved = update_norm(start, end, params)
+        proof.norms.append(moved)
+        if th is None:
+            continue
+        idx = torch.from_numpy(proof.indices[a].reshape(-1).copy())
+        step = gradient_step_norm(proof.model, start, idx, ds.x_train, ds.y_train, proof.hyper)
         # short segments get a proportionally lower bar: over one step, momentum may legitimately oppose the gradient
         ratio = th.min_update_ratio * min(1.0, (b - a) / 10)
-        if moved < ratio * step:
+        if not math.isfinite(step) or not math.isfinite(moved):
+            failures.append(f"{a}-{b} is not finite (one SGD step {step:.3g}, update {moved:.3g})")
+        elif moved < ratio * step:
             failures.append(f"{a}-{b} moved {moved:.3g} < {ratio:.2g} x {step:.3g}")
+        smallest = min(smallest, moved / step if step > 0 else math.inf)
+    audit.ok("checkpoints")
     if failures:
         more = f" (and {len(failures) - 3} more)" if len(failures) > 3 else ""
         audit.fail(
@@ -452,47 +621,76 @@ def _check_update_bound(proof: _Proof, audit: _Audit, th: Thresholds) -> int:
             + "; ".join(failures[:3])
             + more,
         )
-    audit.ok("update-bound")
-    return len(proof.checkpoints) - 1
+    elif th is not None:
+        audit.ok("update-bound")
+    return smallest
 
 
-def _top_q(proof: _Proof, q: int) -> list[tuple[int, int, int, float]]:
-    by_epoch: dict[int, list[tuple[int, int, int, float]]] = {}
-    for seg in _segments(proof):
-        by_epoch.setdefault(seg[2], []).append(seg)
-    return sorted(s for segs in by_epoch.values() for s in sorted(segs, key=lambda s: -s[3])[:q])
+def _top_q(proof: _Proof, q: int) -> list[int]:
+    """Indices of the ``q`` largest claimed parameter updates of every epoch (Jia et al.'s heuristic).
+
+    The prover decides these sizes, so the soundness bound never counts on them; the predecessor replays make a
+    decoy (momentum inflated to win the top-Q) fail at the checkpoint it was planted in.
+    """
+    by_epoch: dict[int, list[int]] = {}
+    for i in range(len(proof.segments)):
+        by_epoch.setdefault(proof.epoch(i), []).append(i)
+    return sorted(i for segs in by_epoch.values() for i in sorted(segs, key=lambda i: -proof.norms[i])[:q])
 
 
 def _replay(proof: _Proof, start: int, end: int) -> dict[str, torch.Tensor]:
     ds = proof.dataset
-    return replay_segment(
-        proof.model,
-        proof.states[start],
-        _batches(proof, start, end),
-        ds.x_train,
-        ds.y_train,
-        Hyper.from_config(proof.cfg),
-    )
+    batches = [torch.from_numpy(proof.indices[t].reshape(-1).copy()) for t in range(start, end)]
+    return replay_segment(proof.model, proof.store.get(start), batches, ds.x_train, ds.y_train, proof.hyper)
 
 
-def _check_replay(proof: _Proof, audit: _Audit, options: VerifyOptions, nonce: str) -> list[SegmentCheck]:
+def _choose(proof: _Proof, options: VerifyOptions, nonce: str) -> tuple[list[tuple[int, str]], Soundness]:
+    n_seg, delta = len(proof.segments), options.max_forgery_acceptance
     top = _top_q(proof, options.q)
-    rest = [s for s in _segments(proof) if s not in top]
-    rng = challenge_seed(proof.root or "", nonce)
-    picks = rng.choice(len(rest), size=min(options.r, len(rest)), replace=False) if rest else []
-    chosen = [(s, "top-q") for s in top] + [(rest[int(i)], "random") for i in sorted(picks)]
+    pool = [i for i in range(n_seg) if i not in set(top)]
+    m = wrong_at_least(n_seg, options.forged_fraction)
+    r = options.r if options.r is not None else random_draws(n_seg, len(pool), options.forged_fraction, delta)
+    r = min(r, len(pool))
+    if options.check_all:  # r stays what a sampled verification would draw: measure_acceptance needs it
+        chosen, bound = [(i, "all") for i in range(n_seg)], 0.0
+    else:
+        rng = challenge_seed(proof.root or "", nonce)
+        picks = rng.choice(len(pool), size=r, replace=False) if r else []
+        chosen = plan(top, pool, (int(i) for i in picks))
+        bound = miss_probability(len(pool), m, r) if m <= len(pool) else 0.0
+    steps = sum(proof.segments[i][1] - proof.segments[i][0] for i, _ in chosen)
+    soundness = Soundness(
+        n_seg, options.forged_fraction, m, delta, len(pool), r, bound, len(chosen), steps, options.check_all, tuple(top)
+    )
+    return chosen, soundness
+
+
+def _check_replay(proof: _Proof, audit: _Audit, options: VerifyOptions, nonce: str) -> tuple[list, Soundness]:
+    chosen, soundness = _choose(proof, options, nonce)
     checks = []
-    for (a, b, epoch, _), why in chosen:
-        d = distances(proof.states[a], _replay(proof, a, b), proof.states[b])
-        bad = tuple(options.thresholds.violations(d))
-        checks.append(SegmentCheck(a, b, epoch, why, not bad, d, bad))
+    for i, why in chosen:
+        a, b = proof.segments[i]
+        try:
+            replayed, claimed = _replay(proof, a, b), _state(proof, audit, b)
+            d = distances(_state(proof, audit, a), replayed, claimed)
+            bad = tuple(options.thresholds.violations(d)) + _generator_follows(replayed, claimed)
+        except (RuntimeError, ValueError, ArithmeticError) as exc:  # e.g. a declared lr that overflows float32
+            d, bad = None, (f"re-execution failed ({type(exc).__name__}: {_one_line(str(exc))[:120]})",)
+        checks.append(SegmentCheck(a, b, proof.epoch(i), why, not bad, d, bad))
     _report_replay(audit, checks)
-    return checks
+    return checks, soundness
+
+
+def _generator_follows(replayed: dict[str, torch.Tensor], claimed: dict[str, torch.Tensor]) -> tuple[str, ...]:
+    """The recorded RNG state must be the one the replay leaves (the zoo's models draw nothing: it stays as it was)."""
+    if not torch.equal(replayed["rng/torch"], claimed["rng/torch"]):
+        return ("rng/torch is not the generator state the replay leaves",)
+    return ()
 
 
 def _report_replay(audit: _Audit, checks: list[SegmentCheck]) -> None:
-    """One reason per selection rule (top-q, random), naming the first failing segment and how far off it was."""
-    for why in ("top-q", "random"):
+    """One reason per selection rule, naming the first failing segment and how far off it was."""
+    for why in ("top-q", "random", "predecessor", "all"):
         chosen = [c for c in checks if c.chosen_by == why]
         failed = [c for c in chosen if not c.passed]
         if failed:
@@ -503,40 +701,6 @@ def _report_replay(audit: _Audit, checks: list[SegmentCheck]) -> None:
                 f"(first: {why} segment {first.start}-{first.end}: {'; '.join(first.violations)})",
             )
     audit.ok("replay")
-
-
-# ====================================================================================================================
-# the naive baseline's pieces
-
-
-def _naive_ks(proof: _Proof, audit: _Audit, alpha: float) -> None:
-    """Per-tensor KS test of W0 against PyTorch's default init U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (reference)."""
-    from scipy.stats import kstest
-
-    w0 = proof.states[0]
-    fan_in: dict[str, int] = {}
-    for name, p in proof.model.named_parameters():
-        if p.dim() >= 2:
-            fan_in[name.rsplit(".", 1)[0]] = int(np.prod(p.shape[1:]))
-    for name, _ in proof.model.named_parameters():
-        fan = fan_in.get(name.rsplit(".", 1)[0])
-        if fan is None:
-            continue
-        bound = 1.0 / math.sqrt(fan)
-        values = w0[f"model/{name}"].double().reshape(-1).numpy()
-        p_value = float(kstest(values, "uniform", args=(-bound, 2 * bound)).pvalue)
-        if p_value < alpha:
-            audit.fail("ks", f"W0 tensor {name} fails the KS test (p = {p_value:.3g} < {alpha})")
-    audit.ok("ks")
-
-
-def _weight_distances(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], proof: _Proof) -> dict[str, float]:
-    keys = [f"model/{n}" for n, _ in proof.model.named_parameters()]
-    x = torch.cat([a[k].double().reshape(-1) for k in keys])
-    y = torch.cat([b[k].double().reshape(-1) for k in keys])
-    d = x - y
-    cos = 1.0 - float(torch.dot(x, y)) / max(float(x.norm()) * float(y.norm()), 1e-300)  # |x||y|, not |x||x|
-    return {"l1": float(d.abs().sum()), "l2": float(d.norm()), "linf": float(d.abs().max()), "cos": cos}
 
 
 # ====================================================================================================================
@@ -564,3 +728,12 @@ class _threads:
 
     def __exit__(self, *exc: object) -> None:
         torch.set_num_threads(self.before)
+
+
+def _one_line(text: str) -> str:
+    """Reasons are one line: a library message may carry newlines (a C++ stack, a JSON excerpt)."""
+    return " ".join(text.split())
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
