@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-# One thread per process: 2-core machines, several ranks per test (FIELD-NOTES: contention costs 10x in OpenFHE).
+# One thread per process: 2-core machines, several ranks per test (docs/architecture.md §6: contention costs up to 10x).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, os.path.dirname(__file__))  # `import harness` from any test module
 

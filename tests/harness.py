@@ -1,4 +1,4 @@
-"""The one multi-process harness for distributed tests (STYLE 9).
+"""The one multi-process harness for distributed tests (docs/architecture.md §5).
 
 ``run_ranks(fn, world_size, *args)`` starts ``world_size`` real processes (forked from a clean fork server;
 rendezvous through a file in a temporary folder: never a fixed port), joins them into a gloo process group whose

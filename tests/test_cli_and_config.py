@@ -1,4 +1,4 @@
-"""Bad input never produces a traceback: one line on stderr, exit code 2 (STYLE 7)."""
+"""Bad input never produces a traceback: one line on stderr, exit code 2 (docs/architecture.md §4)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Model parallelism (pipeline and tensor) against one-process references (STYLE 8)."""
+"""Model parallelism (pipeline and tensor) against one-process references (docs/architecture.md §5)."""
 
 from __future__ import annotations
 

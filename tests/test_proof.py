@@ -397,7 +397,8 @@ def test_merkle_root_binds_names_contents_and_order():
 
 
 def test_calibration_separates_honest_noise_from_mistakes(honest):
-    """Replay is bit-exact at one thread count; a wrong batch or a dropped momentum buffer is far off (FIELD-NOTES)."""
+    """Replay is bit-exact at one thread count; a wrong batch or a dropped momentum buffer is far off
+    (docs/architecture.md §6)."""
     path = honest["allreduce-7"]
     cfg = _cfg(workers=2, seed=7, model={"name": "mlp", "hidden": 16, "depth": 1})
     ds = load_dataset("digits")

@@ -1,4 +1,4 @@
-"""Synchronous data parallelism against plain references (STYLE 8)."""
+"""Synchronous data parallelism against plain references (docs/architecture.md §5)."""
 
 from __future__ import annotations
 

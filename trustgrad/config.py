@@ -1,8 +1,8 @@
 """Run configuration: one frozen dataclass per concern, validated, buildable from flags or a TOML file.
 
-Layers (STYLE 13): the library takes these dataclasses; TOML files and CLI overrides are merged into a plain dict at
-the CLI layer and turned into a ``RunConfig`` by :func:`config_from_dict`, which rejects unknown keys and wrong types
-with a :class:`~trustgrad.errors.ConfigError` naming the key.
+Layers (docs/architecture.md §2): the library takes these dataclasses; TOML files and CLI overrides are merged into a
+plain dict at the CLI layer and turned into a ``RunConfig`` by :func:`config_from_dict`, which rejects unknown keys and
+wrong types with a :class:`~trustgrad.errors.ConfigError` naming the key.
 
 >>> cfg = config_from_dict({"workers": 2, "pattern": {"name": "ring"}})
 >>> (cfg.workers, cfg.pattern.name, cfg.dataset)

@@ -2,7 +2,8 @@
 
 ``train_rank`` is what every rank of a job runs. It owns the data (shard, PRF batch order), the epochs, progress and
 evaluation; the pattern owns communication and the update; hooks (the prover, the server-view recorder, ...) observe
-every step. Data flows one way (DESIGN 3): config -> launch -> this loop -> pattern -> optimizer step -> hooks.
+every step. Data flows one way (docs/architecture.md §2): config -> launch -> this loop -> pattern -> optimizer step
+-> hooks.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Encrypted aggregation against the plaintext reference (STYLE 8).
+"""Encrypted aggregation against the plaintext reference (docs/architecture.md §5).
 
 Error bound. A CKKS slot decrypts to ``x + e / Delta`` where ``e`` is the encryption noise seen through the canonical
 embedding; OpenFHE estimates its precision at ``scale_bits - 11`` bits for a fresh N=8192 ciphertext (29 bits at

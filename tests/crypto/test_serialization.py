@@ -1,4 +1,4 @@
-"""Untrusted bytes: every defect is a one-line CryptoError before OpenFHE parses anything (STYLE 7)."""
+"""Untrusted bytes: every defect is a one-line CryptoError before OpenFHE parses anything (docs/architecture.md §4)."""
 
 from __future__ import annotations
 

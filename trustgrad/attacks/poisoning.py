@@ -1,4 +1,5 @@
-"""Malicious workers: wrappers around an honest worker's replica (STYLE 2: a malicious worker wraps an honest one).
+"""Malicious workers: wrappers around an honest worker's replica (a malicious worker wraps an honest one:
+docs/architecture.md §3).
 
 ``--malicious rank=R,attack=A[,from-step=N][,strength=S]`` makes rank R push poisoned updates from step N on. The
 wrapper changes only what the attack changes; the pattern, codec and prover around it are the honest code.

@@ -7,8 +7,8 @@ Object model:
   its OpenFHE serialization compared with the sender's digest (OpenFHE's prime generation is deterministic).
 - :class:`PublicKey` is everything public about a key: the encryption key plus any evaluation keys (relinearisation,
   rotations) and, in threshold mode, how many of the parties have joined it. This is what a server receives.
-- :class:`SecretKey` decrypts. ``to_bytes`` refuses unless ``include_secret=True`` (STYLE 6); it is meant for a
-  party's own trusted storage, never for the wire.
+- :class:`SecretKey` decrypts. ``to_bytes`` refuses unless ``include_secret=True`` (docs/architecture.md §4); it is
+  meant for a party's own trusted storage, never for the wire.
 
 Every serialized object carries the context fingerprint and its key tag (OpenFHE's random 128-bit key identifier),
 so a key, ciphertext or partial decryption from another context or key is rejected with a one-line ``CryptoError``.

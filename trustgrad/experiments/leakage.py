@@ -1,7 +1,7 @@
 """``trustgrad experiment leakage``: what a compromised server reconstructs from one worker's update, per defence.
 
-Threat: the aggregator is honest-but-curious or compromised (DESIGN.md Sec. 2); it knows the model it sent and runs
-gradient inversion on what it receives. For each target image (digits upsampled to 32x32, batch 1; images 0..N-1,
+Threat: the aggregator is honest-but-curious or compromised (docs/architecture.md §1); it knows the model it sent and
+runs gradient inversion on what it receives. For each target image (digits upsampled to 32x32, batch 1; images 0..N-1,
 labels 0..N-1) the experiment builds the server's view under every defence and runs every attack on it:
 
 1. attacks: iDLG and DLG (Zhao et al. 2020; Zhu et al. 2019) on DLG's sigmoid LeNet; Inverting Gradients

@@ -7,9 +7,10 @@ worker step lasts at least ``--step-ms`` (a sleep standing in for compute, so th
 small against the delays); the delays are real sleeps and the times are wall-clock seconds measured by the server.
 
 The server evaluates the training loss about once per W applied gradients; the table reports, per schedule, the time
-and the number of gradients until that loss first reaches ``--target-loss``. Expected (and FIELD-NOTES' simulation:
-sync 883, SSP(3) 579, async 474 step units): sync waits for the slowest of W workers at every version, SSP only when a
-worker gets S clocks ahead, async never; staleness costs statistical efficiency, so async may need more gradients.
+and the number of gradients until that loss first reaches ``--target-loss``. Expected (and docs/architecture.md §6's
+simulation: sync 883, SSP(3) 579, async 474 step units): sync waits for the slowest of W workers at every version, SSP
+only when a worker gets S clocks ahead, async never; staleness costs statistical efficiency, so async may need more
+gradients.
 """
 
 from __future__ import annotations

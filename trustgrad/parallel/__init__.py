@@ -1,4 +1,4 @@
-"""Model parallelism: split the model, not the data (DESIGN 1).
+"""Model parallelism: split the model, not the data (docs/architecture.md §2).
 
 ``pipeline``: vertical split, a pipeline of layer stages on consecutive ranks fed micro-batches (GPipe, 1F1B).
 ``tensor``: horizontal split, the weight matrices of linear layers sharded across ranks (Megatron-LM pairs).

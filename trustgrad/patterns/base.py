@@ -2,8 +2,8 @@
 
 A pattern is one rank's side of a protocol. The worker loop (``trustgrad.train``) owns data, epochs, records and
 hooks; it hands each batch to ``Pattern.step``, which computes, communicates and updates the replica. Ranks that do
-not train (parameter servers) run ``Pattern.serve`` instead. Protections wrap patterns (STYLE 2): an encryption codec
-wraps the payload, the prover wraps the step.
+not train (parameter servers) run ``Pattern.serve`` instead. Protections wrap patterns (docs/architecture.md §3): an
+encryption codec wraps the payload, the prover wraps the step.
 """
 
 from __future__ import annotations

@@ -3,10 +3,10 @@
 Thresholds must separate honest noise from forgery. On CPU the noise has two sources, both measured here by
 re-executing *every* segment of honest proofs: the thread count (a different reduction order in BLAS; a replay at the
 prover's thread count is bit-exact) and, for data-parallel jobs, summing per-worker gradients over the network versus
-one gradient on the concatenated batch. Both stay around 1e-7 of the update's norm (FIELD-NOTES: 3-4e-7 l2 across
-1 vs 2 threads at k=10), while a wrong batch or a missing momentum buffer is off by >= 10% of it. ``suggest`` puts the
-relative thresholds ``margin`` times above the worst honest error seen (and keeps them far below the forgeries), and
-the update lower bound ``1 / margin_bound`` below the smallest honest ratio.
+one gradient on the concatenated batch. Both stay around 1e-7 of the update's norm (docs/architecture.md §6: 3-4e-7 l2
+across 1 vs 2 threads at k=10), while a wrong batch or a missing momentum buffer is off by >= 10% of it. ``suggest``
+puts the relative thresholds ``margin`` times above the worst honest error seen (and keeps them far below the
+forgeries), and the update lower bound ``1 / margin_bound`` below the smallest honest ratio.
 
 >>> # m = measure("OUT/proof", threads=2); suggest([m])  # doctest: +SKIP
 """

@@ -1,7 +1,8 @@
 """Rogue key parties: the attacks on threshold key set-up that :mod:`trustgrad.secure.keys` must detect and name.
 
 A key party decides what it commits to, what it reveals, and to whom; each behaviour below overrides those choices
-of the honest one and nothing else (STYLE 2). ``--malicious rank=R,attack=rogue-key-...`` selects one for a run.
+of the honest one and nothing else (docs/architecture.md §3). ``--malicious rank=R,attack=rogue-key-...`` selects one
+for a run.
 
 - ``rogue-key-chain``: contributes a complete key it built alone (OpenFHE's chain of n parties, run by itself);
   under the old chained set-up its key became the joint key. Stopped by: not on the common element.

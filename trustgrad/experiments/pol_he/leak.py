@@ -55,7 +55,8 @@ def _one(mode: str, seed: int, steps: int, folder: Path) -> dict[str, Any]:
             return {"mode": mode, "seed": seed, "error": "the server recorded no view"}
         view = load_view(files[0])
         threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # L-BFGS on a small net: one thread (FIELD-NOTES: two were 10x slower)
+        # L-BFGS on a small net: one thread (docs/architecture.md §6: two were up to 10x slower)
+        torch.set_num_threads(1)
         try:
             result = attack_view("idlg", view, steps=steps)
         finally:

@@ -11,9 +11,10 @@ rendezvous (RPC's TensorPipe agent wants its own store and port, awkward under t
 touching the model; and RPC is in maintenance mode upstream. The one gloo limitation (a timed-out receive cannot be
 cancelled) is handled by the server's inbox thread (``protocol``).
 
-Extension points (STYLE 2: protections wrap): a codec overrides ``encode`` (worker: gradient -> bytes) and ``decode``
-/ ``aggregate`` (server), e.g. CKKS ciphertexts summed without a key; an audit layer overrides ``observe_push`` to see
-every claim (worker, step, model version, bytes) — the batch indices of that step are the loop's ``StepEvent``.
+Extension points (docs/architecture.md §3: protections wrap): a codec overrides ``encode`` (worker: gradient -> bytes)
+and ``decode`` / ``aggregate`` (server), e.g. CKKS ciphertexts summed without a key; an audit layer overrides
+``observe_push`` to see every claim (worker, step, model version, bytes) — the batch indices of that step are the loop's
+``StepEvent``.
 """
 
 from __future__ import annotations

@@ -13,8 +13,8 @@ Server-side glue between the scheduler (``server``) and the auditor (``trustgrad
    worker) the worker's own buffer holds only its gradients: its accumulated effect on the weights is added back and
    its buffer cleared; honest gradients computed at poisoned versions stay in there (docs/audits.md measures it).
 
-The auditor holds the training data: it is the data owners' verifier (DESIGN 2), run in the server's process here
-because in plaintext mode the server sees every gradient anyway.
+The auditor holds the training data: it is the data owners' verifier (docs/architecture.md §1), run in the server's
+process here because in plaintext mode the server sees every gradient anyway.
 """
 
 from __future__ import annotations

@@ -36,9 +36,9 @@ keys and the samples once per exclusion (printed in the summary as ``rekey_secon
 Limits (also in docs/proposal.md): a worker that corrupts its partial decryptions makes every verdict of the round fail
 and cannot be identified (OpenFHE has no verifiable decryption), so a round in which every claim fails stops the job
 instead of excluding everyone; a worker that refuses to answer stalls the job until ``--timeout``; the server is
-honest-but-curious (DESIGN 2): the parties cannot tell a verdict ciphertext from any other, so a server that deviated
-from the protocol could ask them to decrypt a claim; samples a data owner encrypted with wrong labels verify (PoL binds
-claims to the committed data, not the data to the truth).
+honest-but-curious (docs/architecture.md §1): the parties cannot tell a verdict ciphertext from any other, so a server
+that deviated from the protocol could ask them to decrypt a claim; samples a data owner encrypted with wrong labels
+verify (PoL binds claims to the committed data, not the data to the truth).
 """
 
 from __future__ import annotations

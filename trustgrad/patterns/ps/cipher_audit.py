@@ -1,7 +1,7 @@
 """``ps --encrypt ckks --keys shared --proof audit``: claims audited on ciphertexts by an auditor the server is not.
 
-The server sees ciphertexts only; the auditor is the data owners' verifier (DESIGN 2): a separate rank (the last one)
-that holds the training data and, as a key party, the shared secret key. Protocol, one synchronous round:
+The server sees ciphertexts only; the auditor is the data owners' verifier (docs/architecture.md §1): a separate rank
+(the last one) that holds the training data and, as a key party, the shared secret key. Protocol, one synchronous round:
 
 1. The server chains each worker's claim (its ciphertext bytes) and forwards the round's claims to the auditor.
 2. The auditor decrypts each claim (workers encrypt g / W, so it multiplies by W), replays the worker's step on the

@@ -4,7 +4,7 @@ A straggling step lasts ``slowdown`` times as long as a normal one: the worker s
 Which steps straggle is a PRF of the run's seed, the worker and the step, so every schedule of an experiment meets the
 same slow steps. ``rank`` is a worker's process rank (1..W; rank 0 serves) or ``all`` (transient stragglers
 everywhere). ``step-ms`` makes every worker's step last at least that long, a stand-in for compute that keeps a 2-core
-machine's scheduling noise small against the injected delays (FIELD-NOTES: 4 ranks oversubscribe it).
+machine's scheduling noise small against the injected delays (docs/architecture.md §6: 4 ranks oversubscribe it).
 
 >>> Straggler.parse("rank=all,prob=0.1,slowdown=6", workers=4).ranks
 (1, 2, 3, 4)
