@@ -161,3 +161,24 @@ def test_flooding_is_on_by_default_fresh_and_of_the_stated_size(ctx, rng):
     sigma = FLOODING.sigma(ctx.params.scale_bits) * np.sqrt(PARTIES)
     assert np.abs(plain).max() < 1e-9 and 0.9 * sigma < flooded.std() < 1.1 * sigma  # 512 slots: std within 10%
     assert Flooding(security_bits=40).sigma(50) == 2.0**5 * FLOODING.sigma(50)  # sigma doubles every 2 bits
+
+
+def test_crafted_metadata_around_honest_towers_is_refused_in_the_isolated_helper(ctx):
+    """A rogue contribution keeps the common element's towers (so the tower check passes) and rewrites OpenFHE's
+    metadata bytes around them: OpenFHE parses it first in the isolated helper, so whatever the bytes do there, this
+    party gets a one-line CryptoError naming the sender, or a key that sums like any other, and survives."""
+    common = ks.common_public_key(ctx, b"\x07" * 32)
+    contributions = {i: ks.threshold_share(common, index=i, parties=2)[0] for i in (1, 2)}
+    spans = towers(contributions[2], ctx.ring_dim)
+    inside = {p for o in spans.offsets for p in range(o - 8, o + 8 * ctx.ring_dim + 8)}
+    positions = [p for p in range(0, len(contributions[2]), 97) if p not in inside][:24]
+    refused = 0
+    for p in positions:
+        crafted = bytearray(contributions[2])
+        crafted[p] ^= 0xFF
+        try:
+            ks.joint_public_key(common, {1: contributions[1], 2: bytes(crafted)}, 2, {2: "party 2 (rank 2)"})
+        except CryptoError as exc:
+            assert len(str(exc).splitlines()) == 1 and "party 2 (rank 2)" in str(exc), exc
+            refused += 1
+    assert positions and refused >= 1, (refused, len(positions))  # the mutants reach OpenFHE's parser

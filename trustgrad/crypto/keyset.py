@@ -165,7 +165,8 @@ def joint_eval_mult(context: Context, contributions: Mapping[int, bytes], partie
     """The joint relinearisation key from every party's round-2 part (not installed)."""
     _all_parties(contributions, parties)
     keys = [
-        context._parse(memoryview(contributions[i]), _deser_evk, f"party {i}'s round 2") for i in sorted(contributions)
+        context._parse_isolated(memoryview(contributions[i]), _deser_evk, "eval key", f"party {i}'s round 2")
+        for i in sorted(contributions)
     ]
     cc = context.cc
     with _wire.openfhe_errors("summing relinearisation round 2"):
@@ -265,13 +266,16 @@ def _fold(
     add: Callable[[Any, Any], Any],
 ) -> Any:
     """Check each contribution against ``common`` and add it to the running sum, one at a time (rotation key
-    sets are hundreds of MB each: holding all n parsed at once is what exhausts memory)."""
+    sets are hundreds of MB each: holding all n parsed at once is what exhausts memory). A contribution is another
+    party's bytes: its towers are checked here, and OpenFHE parses it first in the isolated helper (docs/wire.md), so
+    crafted metadata around honest-looking towers costs the helper, not this party."""
     _all_parties(contributions, parties)
     total = None
     for index in sorted(contributions):
         who = names.get(index, f"party {index}")
         common.check(contributions[index], who)
-        key = common.context._parse(memoryview(contributions[index]), parse, f"{who}'s {common.label}")
+        kind = _ISOLATED_KIND[parse]
+        key = common.context._parse_isolated(memoryview(contributions[index]), parse, kind, f"{who}'s {common.label}")
         with _wire.openfhe_errors(f"summing the {common.label}"):
             total = key if total is None else add(total, key)
     return total
@@ -292,3 +296,7 @@ def _deser_evk(b: bytes) -> Any:
 
 def _deser_map(b: bytes) -> Any:
     return openfhe.DeserializeEvalKeyMapString(b, openfhe.BINARY)
+
+
+#: the isolated helper's name (crypto/sandbox.py) for what each parser reads
+_ISOLATED_KIND = {_deser_pk: "public key", _deser_evk: "eval key", _deser_map: "eval key map"}

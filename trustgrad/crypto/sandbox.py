@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 #: what the helper can parse: kind -> the name of the ``openfhe`` function
 PARSERS = {
     "ciphertext": "DeserializeCiphertextString",
+    "public key": "DeserializePublicKeyString",
     "eval-mult key": "DeserializeEvalMultKeyString",
     "rotation keys": "DeserializeEvalAutomorphismKeyString",
     "eval key": "DeserializeEvalKeyString",
