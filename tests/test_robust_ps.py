@@ -55,7 +55,7 @@ def test_audit_excludes_a_backdoor_at_its_first_push_on_dirichlet_shards():
 @pytest.mark.parametrize(
     "flags, needle",
     [
-        (["--aggregate", "bulyan,f=2", "--workers", "8"], "needs n >= 4f + 3 = 11"),
+        (["--aggregate", "bulyan,f=2", "--workers", "8", "--oversubscribe"], "needs n >= 4f + 3 = 11"),
         (["--aggregate", "median", "--schedule", "async"], "runs under --schedule sync"),
         (["--aggregate", "krum,f=1", "--encrypt", "ckks"], "needs --pattern ps and plaintext"),
         (["--partition", "dirichlet", "--proof", "blind"], "--proof none or audit"),

@@ -114,11 +114,12 @@ class SyncRounds:
                 self.audit.claim(r, step, self.version, buffer[r].numpy().tobytes())
         started = time.perf_counter()
         if self.audit is not None:
-            buffer = self.audit.screen_round(buffer, dict.fromkeys(buffer, step))
+            self.buffer_steps = dict.fromkeys(buffer, step)  # what ServerAudit reads of a server's round
+            buffer = self.audit.screen_round(buffer, self.buffer_steps)
             self.audit.applied_round(buffer)
         if buffer:
             grads = [buffer[r] for r in sorted(buffer)]
-            update = self._aggregate(grads, [r - 1 for r in sorted(buffer)])
+            update = self.aggregate(grads, [r - 1 for r in sorted(buffer)])
             self.defence_seconds += time.perf_counter() - started
             self.replica.set_flat_grad(update)
             self.replica.step()
@@ -126,7 +127,11 @@ class SyncRounds:
         else:
             self.defence_seconds += time.perf_counter() - started
 
-    def _aggregate(self, grads: list[torch.Tensor], senders: list[int]) -> torch.Tensor:
+    @property
+    def pattern(self) -> SyncRounds:  # ServerAudit's exact repair aggregates through ``server.pattern``, as in ps
+        return self
+
+    def aggregate(self, grads: list[torch.Tensor], senders: list[int] | None = None) -> torch.Tensor:
         if self.gate is not None:
             return self.gate(grads, senders).update
         total = grads[0].clone()  # the server's mean: summed in worker order, float32
