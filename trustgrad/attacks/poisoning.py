@@ -15,10 +15,13 @@ wrapper changes only what the attack changes; the pattern, codec and prover arou
 | ``forged-proof`` | pushes ``noise`` but claims (commits to) the honest gradient of its assigned batch | PoL spoofing |
 | ``crafted-ciphertext`` | ``--encrypt ckks``: its ciphertexts carry a crafted OpenFHE modulus, valid CRC | wire.md |
 | ``crafted-partial`` | ``--encrypt ckks --keys threshold``: likewise its partial decryptions | docs/wire.md |
+| ``equivocate-partial`` | ``crafted-partial`` to the other workers, its honest partial to the ps server that checks it | docs/wire.md |
+| ``false-report`` | ps, threshold keys: reports every other worker's (valid) partial decryption invalid | docs/wire.md |
 | ``owner-poison`` | shifts its own labels ``y -> (y + S) mod C`` before training and encrypting them | data owner |
 | ``steer`` | pushes ``g + S |g| u``, ``u`` toward a patch backdoor (S = 2.9e-4) | BadNets; :mod:`.backdoor` |
 
-The two ``crafted-*`` attacks act on bytes, not gradients (``wire_tamper``): the modulus is the field that, on
+The ``crafted-*`` attacks and the two that game ps's settling of a round's decryption act on bytes and reports, not
+gradients (``wire_tamper``): the modulus is the field that, on
 OpenFHE 1.6.1, aborted a receiver that parsed it (``std::terminate`` from a ``noexcept`` path).
 
 >>> parse_malicious("rank=2,attack=scale,from-step=5")
@@ -61,6 +64,8 @@ POISONINGS: dict[str, float] = {
     "forged-proof": 10.0,
     "crafted-ciphertext": 1.0,
     "crafted-partial": 1.0,
+    "equivocate-partial": 1.0,
+    "false-report": 1.0,
     "steer": 2.9e-4,
     "owner-poison": 1.0,
 }
@@ -68,7 +73,12 @@ POISONINGS: dict[str, float] = {
 # IPM's epsilon, the backdoor's boost
 POISONINGS.update({"alie": 0.0, "ipm": 0.1, "min-max": 1.0, "min-sum": 1.0, "backdoor": 1.0})
 #: attacks on the bytes a worker sends -> the payload kind they craft
-WIRE_ATTACKS = {"crafted-ciphertext": "ciphertext", "crafted-partial": "partial"}
+WIRE_ATTACKS = {
+    "crafted-ciphertext": "ciphertext",
+    "crafted-partial": "partial",
+    "equivocate-partial": "partial",
+    "false-report": "partial",
+}
 
 
 @dataclass(frozen=True)
@@ -210,19 +220,32 @@ def wire_tamper(specs: tuple[str, ...], rank: int) -> Callable[[str, bytes], byt
         spec = parse_malicious(text)
         if spec.rank == rank and spec.attack in WIRE_ATTACKS:
             log.warning("rank %d is malicious: %s from payload %d", rank, spec.attack, spec.from_step)
-            return _Tamper(WIRE_ATTACKS[spec.attack], spec.from_step)
+            return _Tamper(spec.attack, spec.from_step)
     return None
 
 
 class _Tamper:
-    def __init__(self, kind: str, from_step: int) -> None:
-        self.kind, self.from_step, self.seen = kind, from_step, 0
+    def __init__(self, attack: str, from_step: int) -> None:
+        self.attack, self.kind, self.from_step, self.seen = attack, WIRE_ATTACKS[attack], from_step, 0
+
+    @property
+    def active(self) -> bool:
+        return self.seen > self.from_step
 
     def __call__(self, kind: str, payload: bytes) -> bytes:
         if kind != self.kind:
             return payload
         self.seen += 1
-        return craft_modulus(payload) if self.seen > self.from_step else payload
+        crafts = self.attack in ("crafted-ciphertext", "crafted-partial", "equivocate-partial")
+        return craft_modulus(payload) if crafts and self.active else payload
+
+    def shows(self, honest: bytes, sent: bytes) -> bytes:
+        """The partial it shows the ps server when accused (``sent``: what it sent the other workers)."""
+        return honest if self.attack == "equivocate-partial" else sent
+
+    def reports(self, invalid: list[int], peers: list[int]) -> list[int]:
+        """The workers whose partials it reports invalid (``invalid``: those that really were)."""
+        return sorted(peers) if self.attack == "false-report" and self.active else invalid
 
 
 def craft_modulus(payload: bytes) -> bytes:

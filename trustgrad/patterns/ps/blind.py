@@ -189,7 +189,7 @@ class BlindWorker(SecureWorker):
             vector = EncryptedVector.from_bytes(self.keys.context, payload)
             if len(vector) != 2 * self.layout.slots:
                 raise CryptoError("the server's aggregate is not in the model layout")
-            mean = _flat(self.layout, self._joint_decrypt(vector)) / K
+            mean = _flat(self.layout, self._joint_decrypt(payload, vector)) / K
         self.master = self.master - self.cfg.lr * mean
         replica.set_flat_params(torch.from_numpy(self.master))
 

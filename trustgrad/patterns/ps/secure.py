@@ -18,9 +18,14 @@ Protocol, synchronous schedule (one round per model version):
    "model version".
 4. Workers decrypt the mean — alone (``shared``) or jointly (``threshold``: every worker's partial decryption goes to
    every other worker, never to the server, and each fuses) — and take the optimizer step locally. All replicas take
-   the same step, so the trajectory is the ``allreduce`` one up to CKKS noise (~1e-9 relative). A partial decryption
-   that fails validation stops the job with a one-line error naming its sender: it travels between workers, and the
-   server, which could exclude, never sees it (docs/wire.md).
+   the same step, so the trajectory is the ``allreduce`` one up to CKKS noise (~1e-9 relative). With threshold keys
+   the joint decryption is settled before the round is answered (``SecureServer.settle``): each worker reports which
+   partials it received failed validation; the server asks each accused worker for its partial over the accused's
+   own channel and checks it as the workers do. A partial that fails there names and excludes its sender, and the
+   survivors re-key and push the round again (step 3); one that passes is relayed to its accusers (a sender that
+   showed the server valid bytes but sent others invalid ones, or an accuser that lies, costs a relay, never an honest
+   worker's exclusion). The server sees the partials of accused workers only: never all of a round's, so it never
+   decrypts (docs/wire.md).
 
 The server never holds a plaintext update or model (after W0, which derives from the public seed), so the run's
 coordinator (evaluation, records) is worker 0. Asynchronous schedules keep per-worker momentum at the server (DANA),
@@ -51,7 +56,9 @@ log = logging.getLogger(__name__)
 
 _TAG = 73  # worker <-> worker partial decryptions
 _REPUSH = 74  # worker -> server: the round's gradient again, under the keys made after an exclusion
+_STATUS = 76  # worker -> server: the partials that failed validation; a worker's own partial when accused
 REKEY = 2  # SERVICE request: new threshold keys among the parties the server names (the value blind uses too)
+DECRYPT, SHOW, RELAY = 4, 5, 6  # SERVICE requests of a round's joint decryption (``SecureServer.settle``)
 
 
 class RefusedPayload(LaunchError):
@@ -85,6 +92,47 @@ def decode_fresh(keys: KeyRing, payload: bytes, rank: int, length: int, what: st
         ) from None
 
 
+def check_partial(keys: KeyRing, aggregate: EncryptedVector, data: bytes, rank: int) -> PartialDecryption:
+    """The partial decryption of ``aggregate`` that the party at ``rank`` sent, checked before OpenFHE sees it: the
+    exact layout (``PartialDecryption.from_bytes``), this aggregate's identity, the sender's own party index. The
+    workers and the server run this same check, so a partial the server passed, every honest worker passes."""
+    partial = PartialDecryption.from_bytes(
+        keys.context, data, length=len(aggregate), parties=len(keys.parties), padded=aggregate.padded,
+        dtype=aggregate.dtype, exact=True,
+    )  # fmt: skip
+    party = keys.parties.index(rank) + 1
+    if partial.index != party:
+        raise CryptoError(f"it declares party {partial.index}, its sender is party {party}")
+    if (partial.id, partial.tag, partial.mults) != (aggregate.id, aggregate.tag, aggregate.mults):
+        raise CryptoError("it is not a partial decryption of this round's aggregate")
+    return partial
+
+
+class _JointRound:
+    """A worker's share of one round's joint decryption: the aggregate as the server sent it, the partials that
+    passed ``check_partial`` (ours included), and the senders whose did not (with why)."""
+
+    def __init__(self, keys: KeyRing, rank: int, payload: bytes, aggregate: EncryptedVector):
+        self.keys, self.payload, self.aggregate = keys, payload, aggregate
+        self.partials = {rank: partial_decrypt(keys.secret, aggregate)}  # type: ignore[arg-type]
+        self.invalid: dict[int, str] = {}
+        self.reported: set[int] = set()  # the senders we reported to the server (the server relays only those)
+        self.sent = b""  # the bytes of our partial we sent (a tampering rank's, as tampered)
+        self.max_bytes = len(payload) + (1 << 16)  # a partial is one element per ciphertext, the aggregate two
+
+    def accept(self, src: int, data: bytes) -> None:
+        try:
+            self.partials[src] = check_partial(self.keys, self.aggregate, data, src)
+            self.invalid.pop(src, None)
+        except CryptoError as exc:
+            self.invalid[src] = f"worker {src - 1} (rank {src}) sent an invalid partial decryption: {exc}"
+
+    def fuse(self) -> np.ndarray:
+        if self.invalid or len(self.partials) != len(self.keys.parties):
+            raise LaunchError(f"ps: the server answered a round whose partials are incomplete: {self.invalid}")
+        return fuse(list(self.partials.values()))
+
+
 def _max_payload(keys: KeyRing, num_params: int) -> int:
     return (num_params // keys.context.slots + 2) * (8 << 20)  # a ciphertext is ~0.4 MB per 4096 slots
 
@@ -98,6 +146,7 @@ class SecureWorker:
         self.keys = _setup(comm, cfg, self.stats)
         self.tamper = wire_tamper(cfg.malicious, comm.rank)  # --malicious ...,attack=crafted-*: this rank's bytes
         self.values: np.ndarray | None = None  # the last pushed gradient / W, pushed again after a re-keying
+        self.joint: _JointRound | None = None  # threshold keys: the round being decrypted jointly
 
     def encode(self, flat: torch.Tensor) -> bytes:
         values = self.values = flat.detach().double().numpy() / self.cfg.workers
@@ -109,13 +158,17 @@ class SecureWorker:
         return payload
 
     def decode_mean(self, payload: bytes, num_params: int) -> torch.Tensor:
-        """The round's mean gradient from the server's encrypted sum (step 4)."""
-        with self.stats.timing("decrypt"):
-            vector = EncryptedVector.from_bytes(
-                self.keys.context, payload, length=num_params, padded=True, dtype="float64", exact=True
-            )
-            shared = self.keys.mode == "shared"
-            mean = decrypt(self.keys.secret, vector) if shared else self._joint_decrypt(vector)  # type: ignore[arg-type]
+        """The round's mean gradient from the server's encrypted sum (step 4): decrypted alone (shared keys) or the
+        joint decryption settled before the server answered (threshold keys)."""
+        if self.keys.mode == "shared":
+            with self.stats.timing("decrypt"):
+                mean = decrypt(self.keys.secret, self._aggregate(payload, num_params))  # type: ignore[arg-type]
+        elif self.joint is None or self.joint.payload != payload:
+            raise LaunchError(f"ps: the server answered worker {self.comm.rank - 1} with a round it never decrypted")
+        else:
+            with self.stats.timing("decrypt"):
+                mean = self.joint.fuse()
+            self.joint = None
         if len(mean) != num_params:
             raise CryptoError(f"the server sent an aggregate of {len(mean)} values for a model of {num_params}")
         return torch.from_numpy(np.asarray(mean, dtype=np.float32))
@@ -126,9 +179,81 @@ class SecureWorker:
         replica.step()
 
     def serve(self, request: int, count: int, replica: Any) -> None:
-        """A SERVICE request: re-keying among the parties the server names, after it excluded a worker."""
-        if request != REKEY:
+        """A SERVICE request: the round's joint decryption (``DECRYPT``, ``SHOW``, ``RELAY``), or re-keying among the
+        parties the server names after it excluded a worker (``REKEY``)."""
+        handler = {REKEY: self._rekey, DECRYPT: self._decrypt, SHOW: self._show, RELAY: self._relay}.get(request)
+        if handler is None or (request != REKEY and self.keys.mode != "threshold"):
             raise LaunchError(f"ps: the server asked for request {request}, which ps --encrypt does not make")
+        handler(replica)
+
+    def _aggregate(self, payload: bytes, num_params: int) -> EncryptedVector:
+        return EncryptedVector.from_bytes(
+            self.keys.context, payload, length=num_params, padded=True, dtype="float64", exact=True
+        )
+
+    def _decrypt(self, replica: Any) -> None:
+        """``DECRYPT``: our partial of the round's aggregate to every other worker, theirs checked, and the senders
+        whose partials failed reported to the server (who settles; nothing is fused before it answers)."""
+        payload, _ = self.comm.recv_bytes(0, REPLY, max_bytes=self.max_payload(replica.num_params))
+        self.joint = self._exchange(payload, self._aggregate(payload, replica.num_params))
+        if self.joint.invalid:
+            log.warning("worker %d: invalid partial decryptions: %s", self.comm.rank - 1, self.joint.invalid)
+        invalid = sorted(self.joint.invalid)
+        if self.tamper is not None:  # --malicious ...,attack=false-report
+            invalid = self.tamper.reports(invalid, [r for r in self.keys.parties if r != self.comm.rank])
+        self.joint.reported = set(invalid)
+        self.comm.send_bytes(json.dumps({"invalid": invalid}).encode(), 0, _STATUS)
+
+    def _exchange(self, payload: bytes, vector: EncryptedVector) -> _JointRound:
+        """Our partial of ``vector`` to every other party and theirs from each, checked (``check_partial``)."""
+        with self.stats.timing("decrypt"):
+            joint = _JointRound(self.keys, self.comm.rank, payload, vector)
+            blob = joint.partials[self.comm.rank].to_bytes()
+        joint.sent = self.tamper("partial", blob) if self.tamper is not None else blob
+        workers = list(self.keys.parties)
+        me = workers.index(self.comm.rank)
+        for shift in range(1, len(workers)):  # everyone sends its partial to everyone else, in cyclic shifts
+            dst, src = workers[(me + shift) % len(workers)], workers[(me - shift) % len(workers)]
+            self.stats.sent(len(joint.sent), 0)
+            try:
+                data = self.comm.exchange_bytes(joint.sent, dst, src, _TAG, max_bytes=joint.max_bytes)
+            except ValueError as exc:  # an announced size past any partial's: refused before allocating
+                joint.invalid[src] = f"worker {src - 1} (rank {src}) sent an invalid partial decryption: {exc}"
+                continue
+            joint.accept(src, data)
+        return joint
+
+    def _joint_decrypt(self, payload: bytes, vector: EncryptedVector) -> np.ndarray:
+        """``vector`` decrypted with every other party in one exchange, an invalid partial ending the job named (the
+        blind pattern's aggregate; plain ps settles its rounds through the server instead: ``_decrypt``)."""
+        joint = self._exchange(payload, vector)
+        for src, reason in joint.invalid.items():
+            raise LaunchError(f"ps: {reason}", rank=src)
+        with self.stats.timing("decrypt"):
+            return joint.fuse()
+
+    def _show(self, replica: Any) -> None:
+        """``SHOW``: another worker reported our partial invalid; the server checks the one we sent."""
+        if self.joint is None:
+            raise LaunchError(f"ps: the server asked worker {self.comm.rank - 1} for a partial of no round")
+        honest, sent = self.joint.partials[self.comm.rank].to_bytes(), self.joint.sent
+        self.comm.send_bytes(self.tamper.shows(honest, sent) if self.tamper is not None else sent, 0, _STATUS)
+
+    def _relay(self, replica: Any) -> None:
+        """``RELAY``: the partial the server checked, of a worker whose partial to us failed."""
+        header, _ = self.comm.recv_bytes(0, REPLY, max_bytes=1 << 10)
+        data, _ = self.comm.recv_bytes(0, REPLY, max_bytes=self.joint.max_bytes if self.joint else 0)
+        try:
+            src = int(json.loads(header)["from"])
+            if self.joint is None or src not in self.joint.reported:
+                raise ValueError("not a partial we reported")
+        except (ValueError, TypeError, KeyError):
+            raise LaunchError("ps: the server relayed a partial decryption nobody asked for", rank=0) from None
+        self.joint.accept(src, data)
+        if src in self.joint.invalid:  # the server passed bytes our identical check refuses: it is the liar
+            raise LaunchError(f"ps: the server relayed an invalid partial of rank {src}: {self.joint.invalid[src]}")
+
+    def _rekey(self, replica: Any) -> None:
         data, _ = self.comm.recv_bytes(0, REPLY, max_bytes=1 << 16)
         parties = [int(r) for r in json.loads(data)["parties"]]
         log.info("worker %d: re-keying among ranks %s", self.comm.rank - 1, parties)
@@ -142,30 +267,6 @@ class SecureWorker:
         """The most ciphertext bytes an honest aggregate of ``num_params`` values takes (bounds what we allocate)."""
         return _max_payload(self.keys, num_params)
 
-    def _joint_decrypt(self, vector: EncryptedVector) -> np.ndarray:
-        mine = partial_decrypt(self.keys.secret, vector)  # type: ignore[arg-type]
-        blob, partials = mine.to_bytes(), [mine]
-        if self.tamper is not None:
-            blob = self.tamper("partial", blob)
-        workers = list(self.keys.parties)
-        me = workers.index(self.comm.rank)
-        for shift in range(1, len(workers)):  # everyone sends its partial to everyone else, in cyclic shifts
-            dst, src = workers[(me + shift) % len(workers)], workers[(me - shift) % len(workers)]
-            self.stats.sent(len(blob), 0)
-            data = self.comm.exchange_bytes(blob, dst, src, _TAG)
-            try:
-                partials.append(
-                    PartialDecryption.from_bytes(
-                        self.keys.context, data, length=len(vector), parties=len(workers), padded=vector.padded,
-                        dtype=vector.dtype, exact=True,
-                    )
-                )  # fmt: skip
-            except CryptoError as exc:
-                raise LaunchError(
-                    f"ps: worker {src - 1} (rank {src}) sent an invalid partial decryption: {exc}", rank=src
-                ) from None
-        return fuse(partials)
-
 
 class SecureServer:
     #: a refused push excludes its sender and the run goes on (``Server._refuse``)
@@ -177,8 +278,11 @@ class SecureServer:
         self.keys = _setup(comm, cfg, self.stats)
         assert not self.keys.holds_secret  # by construction: the server is not a key party
         self.latest: bytes = b""  # the encrypted mean of the last round
+        self.mean: EncryptedVector | None = None  # the same, parsed: what partials of it are checked against
         self.rekey_pending = False  # threshold keys: an excluded worker holds a share; re-key before decrypting
-        self.report: dict[str, Any] = {"refused_payloads": [], "rekeys": 0, "rekey_seconds": 0.0}
+        self.report: dict[str, Any] = {
+            "refused_payloads": [], "rekeys": 0, "rekey_seconds": 0.0, "partials_relayed": 0, "partials_shown": 0,
+        }  # fmt: skip
 
     def refused(self, rank: int, reason: str) -> None:
         """A push of ``rank`` was refused and the server excluded it (called by ``Server._refuse``)."""
@@ -229,4 +333,53 @@ class SecureServer:
             return aggregate(vectors, scale=None if k == self.cfg.workers else self.cfg.workers / k)
 
     def publish(self, mean: EncryptedVector) -> None:
-        self.latest = mean.to_bytes()
+        self.mean, self.latest = mean, mean.to_bytes()
+
+    def settle(self, live: list[int]) -> dict[int, str]:
+        """Threshold keys: the workers decrypt the round's aggregate jointly before the server answers the round (the
+        module docstring, step 4). Returns the workers whose partial decryption failed the check here, with why (they
+        are to be excluded, and the survivors re-keyed); ``{}`` once every worker holds every partial."""
+        if self.keys.mode != "threshold" or not self.latest:
+            return {}
+        for rank in live:
+            self.comm.send(torch.tensor([SERVICE, DECRYPT, 1], dtype=torch.int64), rank, REPLY)
+            self.comm.send_bytes(self.latest, rank, REPLY)
+        if sorted(live) != sorted(self.keys.parties):
+            raise LaunchError(f"ps: the round's workers {live} are not the key's parties {list(self.keys.parties)}")
+        accusers: dict[int, list[int]] = {}  # accused rank -> the ranks that reported its partial invalid
+        culprits: dict[int, str] = {}
+        for rank in live:
+            reported = self._report(rank, live)
+            if reported is None:  # a worker that cannot say which partials failed cannot take part in the round
+                culprits[rank] = f"ps: worker {rank - 1} (rank {rank}) sent a malformed decryption report"
+            for accused in reported or []:
+                accusers.setdefault(accused, []).append(rank)
+        for accused, by in sorted(accusers.items()):
+            if accused in culprits:
+                continue
+            self.comm.send(torch.tensor([SERVICE, SHOW, 1], dtype=torch.int64), accused, REPLY)
+            data, _ = self.comm.recv_bytes(accused, _STATUS, max_bytes=len(self.latest) + (1 << 16))
+            self.report["partials_shown"] += 1
+            try:
+                check_partial(self.keys, self.mean, data, accused)  # type: ignore[arg-type]
+            except CryptoError as exc:
+                who = f"worker {accused - 1} (rank {accused})"
+                culprits[accused] = f"ps: {who} showed the server an invalid partial decryption: {exc}"
+                continue
+            for rank in by:  # valid here, so valid at every honest worker: relayed, nobody excluded
+                self.comm.send(torch.tensor([SERVICE, RELAY, 1], dtype=torch.int64), rank, REPLY)
+                self.comm.send_bytes(json.dumps({"from": accused}).encode(), rank, REPLY)
+                self.comm.send_bytes(data, rank, REPLY)
+                self.report["partials_relayed"] += 1
+        return culprits
+
+    def _report(self, rank: int, live: list[int]) -> list[int] | None:
+        """The ranks whose partials worker ``rank`` reports invalid (bounded JSON), or None for a malformed report."""
+        data, _ = self.comm.recv_bytes(rank, _STATUS, max_bytes=1 << 16)
+        try:
+            accused = json.loads(data)["invalid"]
+            if not isinstance(accused, list) or not all(type(r) is int and r in live and r != rank for r in accused):
+                return None
+            return sorted(set(accused))
+        except (ValueError, TypeError, KeyError, RecursionError):
+            return None

@@ -235,6 +235,24 @@ class Server:
             if buffer:
                 grads = [buffer[r] for r in sorted(buffer)]
                 self._update(self.pattern.aggregate(grads, [r - 1 for r in sorted(buffer)]), len(grads))
+                self._settle()
+
+    def _settle(self) -> None:
+        """Threshold keys: the round is decrypted jointly before it is answered. A worker whose partial decryption
+        fails the server's check is excluded, and the survivors re-key and push the round again (they have not
+        stepped yet), until a round decrypts (``SecureServer.settle``, docs/wire.md)."""
+        settle = getattr(self.secure, "settle", None)
+        while settle is not None:
+            live = sorted(r for r, w in self.workers.items() if not w.done and not w.dropped)
+            culprits = settle(live)
+            if not culprits:
+                return
+            for rank, reason in culprits.items():
+                self.exclude(self.workers[rank], reason)
+                self.secure.refused(rank, reason)  # type: ignore[union-attr]
+            survivors = [r for r in live if r not in culprits]
+            again = self.secure.rekey(survivors, self.replica.num_params)  # type: ignore[union-attr]
+            self.secure.publish(self.pattern.aggregate([again[r] for r in survivors]))  # type: ignore[union-attr]
 
     def _update(self, grad: torch.Tensor, gradients: int, rank: int = 0) -> None:
         before = self._applied() - gradients
