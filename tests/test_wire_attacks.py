@@ -42,6 +42,7 @@ def test_the_crafted_payload_is_what_a_forger_sends():
         ("shared", "crafted-ciphertext", "worker 1 (rank 2) pushed an invalid ciphertext"),
         ("threshold", "crafted-ciphertext", "worker 1 (rank 2) pushed an invalid ciphertext"),
         ("threshold", "crafted-partial", "worker 1 (rank 2) showed the server an invalid partial decryption"),
+        ("threshold", "crafted-key", "rank 2 sent an invalid joint public key"),
     ],
 )
 def test_ps_excludes_the_forger_and_follows_the_plaintext_audit(keys, attack, reason):
@@ -49,7 +50,9 @@ def test_ps_excludes_the_forger_and_follows_the_plaintext_audit(keys, attack, re
     at the same step (shared keys: the round's other pushes; threshold keys: the survivors re-key and push again, the
     forger keeping a share of the old key only); the models agree within CKKS noise. A crafted partial decryption of
     round 2 is reported by the honest workers, shown to the server by its sender, refused there, and the round is
-    decrypted again among the survivors: the same model."""
+    decrypted again among the survivors: the same model. A crafted copy of the joint key handed to the server at
+    set-up excludes its sender before round 0 (the survivors re-key before anything is decrypted): the model of a
+    plaintext audit that rejects it at step 0."""
     s = run(_ps(keys, (f"rank=2,attack={attack},from-step=2",)))
     assert s.summary["dropped_workers"] == [1] and s.summary["rekeys"] == (keys == "threshold")
     refused = s.summary["refused_payloads"]
@@ -58,7 +61,7 @@ def test_ps_excludes_the_forger_and_follows_the_plaintext_audit(keys, attack, re
     # shared keys: CKKS noise only; threshold keys: every partial decryption is flooded (harness.flooding_tolerance)
     cfg = _ps(keys, ())
     tolerance = 1e-5 if keys == "shared" else 1e-5 + flooding_tolerance(cfg.replace(workers=cfg.workers - 1))
-    for name, ref in _plain_audit().state.items():
+    for name, ref in _plain_audit(0 if attack == "crafted-key" else 2).state.items():
         torch.testing.assert_close(s.state[name], ref, atol=tolerance, rtol=0)
 
 
@@ -83,8 +86,8 @@ def _plain():
 
 
 @functools.cache
-def _plain_audit():
-    return run(_ps("shared", ("rank=2,attack=noise,from-step=2",), proof="audit"))
+def _plain_audit(step: int):
+    return run(_ps("shared", (f"rank=2,attack=noise,from-step={step}",), proof="audit"))
 
 
 @pytest.mark.parametrize(

@@ -15,8 +15,8 @@ wrapper changes only what the attack changes; the pattern, codec and prover arou
 | ``forged-proof`` | pushes ``noise`` but claims (commits to) the honest gradient of its assigned batch | PoL spoofing |
 | ``crafted-ciphertext`` | ``--encrypt ckks``: its ciphertexts carry a crafted OpenFHE modulus, valid CRC | wire.md |
 | ``crafted-partial`` | ``--encrypt ckks --keys threshold``: likewise its partial decryptions | docs/wire.md |
-| ``equivocate-partial`` | ``crafted-partial`` to the other workers, its honest partial to the ps server that checks it | docs/wire.md |
-| ``false-report`` | ps, threshold keys: reports every other worker's (valid) partial decryption invalid | docs/wire.md |
+| ``equivocate-partial`` | ``crafted-partial`` to the workers, its honest one to the ps server | docs/wire.md |
+| ``false-report`` | ps, threshold keys: reports every other worker's valid partial invalid | docs/wire.md |
 | ``owner-poison`` | shifts its own labels ``y -> (y + S) mod C`` before training and encrypting them | data owner |
 | ``steer`` | pushes ``g + S |g| u``, ``u`` toward a patch backdoor (S = 2.9e-4) | BadNets; :mod:`.backdoor` |
 

@@ -23,7 +23,7 @@ import json
 import logging
 import secrets
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -43,7 +43,9 @@ from ..errors import CryptoError
 from .rogue import Honest
 from .stats import CryptoStats
 
-__all__ = ["KeyRing", "setup_keys", "all_to_all", "check_openings", "compare_views", "receive_agreed"]
+__all__ = [
+    "KeyRing", "setup_keys", "all_to_all", "check_openings", "compare_views", "receive_agreed", "receive_checked",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,8 @@ class KeyRing:
     secret: SecretKey | KeyShare | None
     parties: tuple[int, ...]
     seed: bytes = b""
+    #: non-parties with ``exclude_refused``: the parties whose copy of the joint key failed validation, with why
+    refused: dict[int, str] = field(default_factory=dict)
 
     @property
     def holds_secret(self) -> bool:
@@ -77,22 +81,31 @@ def setup_keys(
     stats: CryptoStats,
     context: Context | None = None,
     behaviour: Honest | None = None,
+    exclude_refused: bool = False,
 ) -> KeyRing:
     """Run the key set-up on every rank of ``parties`` (key holders) and ``others`` (public key only); ``context``
     overrides the one ``crypto`` describes (every rank must pass the same parameters); ``behaviour`` is this rank's
-    conduct as a key party (honest unless a test or ``--malicious`` makes it a rogue, :mod:`.rogue`)."""
+    conduct as a key party (honest unless a test or ``--malicious`` makes it a rogue, :mod:`.rogue`).
+    ``exclude_refused`` (a non-party that can go on without a party, and re-key: the ps server): a party whose copy of
+    the joint key fails validation is listed in ``KeyRing.refused`` instead of ending the set-up."""
     parties = tuple(parties)
     context = context or Context(CKKSParams.from_config(crypto))
-    me, seed = comm.rank, b""
+    me, seed, refused = comm.rank, b"", {}
+    rogue = behaviour or Honest()
     with stats.timing("keygen"):
         if crypto.keys == "shared":
             public, secret = _shared(comm, context, parties, me)
             public = _hand_out_last(comm, context, parties, others, public)
+        elif me in parties:
+            public, secret, seed = _threshold(comm, context, parties, me, rogue)
+            hand_out(comm, context, parties, others, public, "joint public key", rogue.hands_out(public.to_bytes()))
         else:
-            public, secret, seed = _threshold(comm, context, parties, me, behaviour or Honest())
-            public = hand_out(comm, context, parties, others, public, "joint public key")
+            secret = None
+            public, refused = receive_checked(comm, context, parties, "joint public key")
+            if refused and not exclude_refused:
+                raise CryptoError(next(iter(refused.values())))
     log.info("rank %d: %s keys ready (%s)", me, crypto.keys, "secret held" if secret is not None else "public only")
-    return KeyRing(crypto.keys, context, public, secret if me in parties else None, parties, seed)
+    return KeyRing(crypto.keys, context, public, secret if me in parties else None, parties, seed, refused)
 
 
 def _hand_out_last(
@@ -296,15 +309,32 @@ def _recv_patient(comm: Comm, src: int) -> bytes:
 
 
 def receive_agreed(comm: Comm, context: Context, parties: Sequence[int], what: str) -> PublicKey:
-    first, counts = b"", {}  # digest -> ranks; one copy of the key is kept (with rotation keys: hundreds of MB)
+    """The key every party sent this non-party; any copy that fails validation or differs ends the set-up, named."""
+    public, refused = receive_checked(comm, context, parties, what)
+    if refused:
+        raise CryptoError(next(iter(refused.values())))
+    return public
+
+
+def receive_checked(
+    comm: Comm, context: Context, parties: Sequence[int], what: str
+) -> tuple[PublicKey, dict[int, str]]:
+    """The key every party sent this non-party, and the parties whose copy failed validation (``PublicKey.from_bytes``:
+    the exact layout, before OpenFHE parses a byte), with why. Each copy came over its sender's own channel, so a copy
+    that fails is its sender's doing. Valid copies that differ cannot be told apart here (which party holds the key
+    the others agreed on is their set-up's question): that ends the set-up, naming both sides."""
+    groups: dict[bytes, tuple[bytes, list[int]]] = {}  # digest -> (one copy, its senders): keys can be hundreds of MB
     for rank in parties:
         data = _recv_patient(comm, rank)
-        counts.setdefault(hashlib.blake2b(data, digest_size=32).digest(), []).append(rank)
-        first = first or data
-    if len(counts) > 1:
-        majority = max(counts.values(), key=len)
-        off = sorted(r for ranks in counts.values() if ranks is not majority for r in ranks)
-        raise CryptoError(
-            f"key set-up: ranks {off} sent a {what} different from ranks {sorted(majority)}'s; refusing both"
-        )
-    return PublicKey.from_bytes(context, first)
+        groups.setdefault(hashlib.blake2b(data, digest_size=32).digest(), (data, []))[1].append(rank)
+    valid: list[tuple[PublicKey, list[int]]] = []
+    refused: dict[int, str] = {}
+    for data, ranks in groups.values():
+        try:
+            valid.append((PublicKey.from_bytes(context, data), ranks))
+        except CryptoError as exc:
+            refused.update({r: f"key set-up: rank {r} sent an invalid {what}: {exc}" for r in ranks})
+    if len(valid) != 1:
+        sides = " vs ".join(str(sorted(ranks)) for _, ranks in valid) or "none valid"
+        raise CryptoError(f"key set-up: the parties sent different valid copies of the {what} ({sides}); refusing all")
+    return valid[0][0], refused

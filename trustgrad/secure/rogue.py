@@ -12,6 +12,9 @@ for a run.
 - ``rogue-key-equivocate``: sends different (each correctly committed) contributions to different parties, so they
   would hold different joint keys. Stopped by: the joint-key digests differ, and the parties' views show who was
   seen differently.
+- ``crafted-key``: takes part honestly, then hands the non-parties (the ps server) a crafted copy of the joint key
+  (one OpenFHE modulus changed, valid CRC). Stopped by: the receiver's layout check, over the sender's own channel;
+  ``ps --encrypt ckks`` excludes it and the survivors re-key before any round is decrypted.
 """
 
 from __future__ import annotations
@@ -42,6 +45,10 @@ class Honest:
 
     def reveal(self, data: bytes, peer: int, seen: Mapping[int, bytes], common: CommonElement) -> bytes:
         return self.for_peer(data, peer)
+
+    def hands_out(self, key: bytes) -> bytes:
+        """What this party sends the non-parties as the agreed joint key."""
+        return key
 
 
 class OwnChain(Honest):
@@ -75,7 +82,15 @@ class Equivocate(Honest):
         return self._other if peer == self._victim else data
 
 
+class CraftedKey(Honest):
+    def hands_out(self, key: bytes) -> bytes:
+        from ..attacks.poisoning import craft_modulus
+
+        return craft_modulus(key)
+
+
 KEY_ATTACKS: dict[str, type[Honest]] = {
+    "crafted-key": CraftedKey,
     "rogue-key-chain": OwnChain,
     "rogue-key-cancel": Cancel,
     "rogue-key-equivocate": Equivocate,

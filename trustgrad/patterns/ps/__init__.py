@@ -99,7 +99,7 @@ class ParameterServer(Pattern):
             from ...attacks.poisoning import WIRE_ATTACKS, parse_malicious
 
             specs = [parse_malicious(text) for text in cfg.malicious]
-            excludable = cfg.proof.mode != "none" or any(s.attack in WIRE_ATTACKS for s in specs)
+            excludable = cfg.proof.mode != "none" or any(s.attack in {*WIRE_ATTACKS, "crafted-key"} for s in specs)
             if excludable and any(s.rank == 1 for s in specs):
                 raise ConfigError(
                     "--malicious rank=1 with --encrypt ckks and verification or a crafted-* attack: worker 0 (rank 1) "

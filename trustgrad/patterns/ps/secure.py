@@ -66,13 +66,14 @@ class RefusedPayload(LaunchError):
     caller lets it end the job, named (it is a ``LaunchError`` carrying the sender's rank)."""
 
 
-def _setup(comm: Comm, cfg: RunConfig, stats: CryptoStats) -> KeyRing:
+def _setup(comm: Comm, cfg: RunConfig, stats: CryptoStats, exclude_refused: bool = False) -> KeyRing:
     from .cipher_audit import auditor_rank
 
     parties = list(range(1, cfg.workers + 1))  # the workers, and the auditor rank when it audits ciphertexts
     auditor = auditor_rank(cfg)
     parties += [auditor] if auditor is not None else []
-    return setup_keys(comm, cfg.crypto, parties, [0], stats, behaviour=behaviour(cfg.malicious, comm.rank))
+    conduct = behaviour(cfg.malicious, comm.rank)
+    return setup_keys(comm, cfg.crypto, parties, [0], stats, behaviour=conduct, exclude_refused=exclude_refused)
 
 
 def decode_fresh(keys: KeyRing, payload: bytes, rank: int, length: int, what: str = "ciphertext") -> EncryptedVector:
@@ -275,11 +276,14 @@ class SecureServer:
     def __init__(self, comm: Comm, cfg: RunConfig):
         self.comm, self.cfg = comm, cfg
         self.stats = CryptoStats()
-        self.keys = _setup(comm, cfg, self.stats)
+        # threshold keys: a worker whose copy of the joint key fails validation is excluded before the first round
+        # (``refused_at_setup``), and the survivors re-key before anything is decrypted
+        self.keys = _setup(comm, cfg, self.stats, exclude_refused=cfg.crypto.keys == "threshold")
         assert not self.keys.holds_secret  # by construction: the server is not a key party
         self.latest: bytes = b""  # the encrypted mean of the last round
         self.mean: EncryptedVector | None = None  # the same, parsed: what partials of it are checked against
         self.rekey_pending = False  # threshold keys: an excluded worker holds a share; re-key before decrypting
+        self.refused_at_setup = dict(self.keys.refused)  # rank -> why; the server excludes them before round 0
         self.report: dict[str, Any] = {
             "refused_payloads": [], "rekeys": 0, "rekey_seconds": 0.0, "partials_relayed": 0, "partials_shown": 0,
         }  # fmt: skip

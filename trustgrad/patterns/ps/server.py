@@ -119,6 +119,9 @@ class Server:
         if self.secure is not None:  # ciphertexts: ~0.4 MB per 4096 slots, generously bounded
             limit += self.secure.max_payload(self.replica.num_params)
         self.inbox = Inbox(self.pattern.links, max_payload=limit)
+        for rank, reason in getattr(self.secure, "refused_at_setup", {}).items():  # a crafted copy of the joint key
+            self.exclude(self.workers[rank], reason)
+            self.secure.refused(rank, reason)  # type: ignore[union-attr]
         self._release()
         while any(not w.done and not w.dropped for w in self.workers.values()):
             msg = self.inbox.get(timeout=self._next_deadline() - time.perf_counter())
