@@ -50,7 +50,7 @@ from ...secure import CryptoStats, KeyRing, setup_keys
 from ...secure.rogue import behaviour
 from .protocol import REPLY, SERVICE
 
-__all__ = ["SecureWorker", "SecureServer", "RefusedPayload", "decode_fresh"]
+__all__ = ["SecureWorker", "SecureServer", "RefusedPayload", "decode_fresh", "check_partial", "parse_decryption_report"]
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,7 @@ _REPUSH = 74  # worker -> server: the round's gradient again, under the keys mad
 _STATUS = 76  # worker -> server: the partials that failed validation; a worker's own partial when accused
 REKEY = 2  # SERVICE request: new threshold keys among the parties the server names (the value blind uses too)
 DECRYPT, SHOW, RELAY = 4, 5, 6  # SERVICE requests of a round's joint decryption (``SecureServer.settle``)
+MAX_REPORT_BYTES = 1 << 16  # a decryption report names at most every other worker
 
 
 class RefusedPayload(LaunchError):
@@ -378,12 +379,20 @@ class SecureServer:
         return culprits
 
     def _report(self, rank: int, live: list[int]) -> list[int] | None:
-        """The ranks whose partials worker ``rank`` reports invalid (bounded JSON), or None for a malformed report."""
-        data, _ = self.comm.recv_bytes(rank, _STATUS, max_bytes=1 << 16)
-        try:
-            accused = json.loads(data)["invalid"]
-            if not isinstance(accused, list) or not all(type(r) is int and r in live and r != rank for r in accused):
-                return None
-            return sorted(set(accused))
-        except (ValueError, TypeError, KeyError, RecursionError):
+        data, _ = self.comm.recv_bytes(rank, _STATUS, max_bytes=MAX_REPORT_BYTES)
+        return parse_decryption_report(data, rank, live)
+
+
+def parse_decryption_report(data: bytes, rank: int, live: list[int]) -> list[int] | None:
+    """The ranks whose partials worker ``rank`` reports invalid: ``{"invalid": [rank, ...]}``, each a live worker other
+    than ``rank``; None for anything else (at most ``MAX_REPORT_BYTES``; fuzzed: tests/fuzz/targets)."""
+    if len(data) > MAX_REPORT_BYTES:
+        return None
+    try:
+        body = json.loads(data)
+        accused = body["invalid"] if isinstance(body, dict) and set(body) == {"invalid"} else None
+        if not isinstance(accused, list) or not all(type(r) is int and r in live and r != rank for r in accused):
             return None
+        return sorted(set(accused))
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, nested past the parser's recursion
+        return None
