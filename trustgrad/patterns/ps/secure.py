@@ -24,8 +24,8 @@ Protocol, synchronous schedule (one round per model version):
    own channel and checks it as the workers do. A partial that fails there names and excludes its sender, and the
    survivors re-key and push the round again (step 3); one that passes is relayed to its accusers (a sender that
    showed the server valid bytes but sent others invalid ones, or an accuser that lies, costs a relay, never an honest
-   worker's exclusion). The server sees the partials of accused workers only: never all of a round's, so it never
-   decrypts (docs/wire.md).
+   worker's exclusion). The server sees the partials of accused workers only; a worker that accuses everyone while
+   colluding with the server hands it a round the worker decrypts anyway, nothing more (docs/wire.md).
 
 The server never holds a plaintext update or model (after W0, which derives from the public seed), so the run's
 coordinator (evaluation, records) is worker 0. Asynchronous schedules keep per-worker momentum at the server (DANA),
@@ -346,11 +346,11 @@ class SecureServer:
         are to be excluded, and the survivors re-keyed); ``{}`` once every worker holds every partial."""
         if self.keys.mode != "threshold" or not self.latest:
             return {}
+        if sorted(live) != sorted(self.keys.parties):
+            raise LaunchError(f"ps: the round's workers {live} are not the key's parties {list(self.keys.parties)}")
         for rank in live:
             self.comm.send(torch.tensor([SERVICE, DECRYPT, 1], dtype=torch.int64), rank, REPLY)
             self.comm.send_bytes(self.latest, rank, REPLY)
-        if sorted(live) != sorted(self.keys.parties):
-            raise LaunchError(f"ps: the round's workers {live} are not the key's parties {list(self.keys.parties)}")
         accusers: dict[int, list[int]] = {}  # accused rank -> the ranks that reported its partial invalid
         culprits: dict[int, str] = {}
         for rank in live:
@@ -363,15 +363,15 @@ class SecureServer:
             if accused in culprits:
                 continue
             self.comm.send(torch.tensor([SERVICE, SHOW, 1], dtype=torch.int64), accused, REPLY)
-            data, _ = self.comm.recv_bytes(accused, _STATUS, max_bytes=len(self.latest) + (1 << 16))
             self.report["partials_shown"] += 1
             try:
+                data, _ = self.comm.recv_bytes(accused, _STATUS, max_bytes=len(self.latest) + (1 << 16))
                 check_partial(self.keys, self.mean, data, accused)  # type: ignore[arg-type]
-            except CryptoError as exc:
+            except (CryptoError, ValueError) as exc:  # ValueError: a size past any partial's, refused unallocated
                 who = f"worker {accused - 1} (rank {accused})"
                 culprits[accused] = f"ps: {who} showed the server an invalid partial decryption: {exc}"
                 continue
-            for rank in by:  # valid here, so valid at every honest worker: relayed, nobody excluded
+            for rank in (r for r in by if r not in culprits):  # valid here, so at every honest worker: relayed
                 self.comm.send(torch.tensor([SERVICE, RELAY, 1], dtype=torch.int64), rank, REPLY)
                 self.comm.send_bytes(json.dumps({"from": accused}).encode(), rank, REPLY)
                 self.comm.send_bytes(data, rank, REPLY)
@@ -379,7 +379,10 @@ class SecureServer:
         return culprits
 
     def _report(self, rank: int, live: list[int]) -> list[int] | None:
-        data, _ = self.comm.recv_bytes(rank, _STATUS, max_bytes=MAX_REPORT_BYTES)
+        try:
+            data, _ = self.comm.recv_bytes(rank, _STATUS, max_bytes=MAX_REPORT_BYTES)
+        except ValueError:  # it announced more than any report takes: refused before allocating
+            return None
         return parse_decryption_report(data, rank, live)
 
 
