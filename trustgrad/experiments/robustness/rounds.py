@@ -16,6 +16,7 @@ optimizer steps on the result. tests/test_robust.py checks a real multi-process 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,15 +45,22 @@ class _Worker:
 
 
 class SyncRounds:
-    """One run: ``run()`` returns accuracy, the final model, what the defence decided and what it cost."""
+    """One run: ``run()`` returns accuracy, the final model, what the defence decided and what it cost.
 
-    def __init__(self, cfg: RunConfig):
+    ``absent``: ranks (1-based, as ``--malicious rank=``) that never push. Their shards stay cut as in the n-worker
+    plan and the others keep theirs, so this is the run an exclusion at step 0 ends on when the excluded workers and
+    their data had never been there (docs/robustness.md, the honest-only anchor).
+    """
+
+    def __init__(self, cfg: RunConfig, absent: Iterable[int] = ()):
         self.cfg, self.n = cfg, cfg.workers
         self.ds = load_dataset(cfg.dataset, cfg.data_dir)
         self.model = build_model(cfg.model.name, self.ds.input_shape, self.ds.num_classes, cfg.seed, cfg.model)
         self.replica = Replica(self.model, make_optimizer(self.model, cfg.lr, cfg.momentum, cfg.weight_decay))
         self.lr, self.velocity, self.version = cfg.lr, None, 0
         self.workers = {r: _Worker(r) for r in range(1, self.n + 1)}
+        for r in absent:
+            self.workers[r].dropped = "absent"  # never pushes; not an exclusion, so not in ``excluded_at``
         self.plan = BatchPlan.for_run(cfg, self.ds, self.n)
         x, y = self.ds.x_train, self.ds.y_train
         # every worker computes at the server's parameters (sync): one model serves them all, one after the other
