@@ -178,6 +178,7 @@ def _cell(partition: str, attack: str, defence: str, runs: list[dict[str, Any]],
         "defence": defence,
         "accuracy": [r["test_accuracy"] for r in runs],
         "accuracy_mean": statistics.mean(r["test_accuracy"] for r in runs),
+        "class_accuracy": [r["class_accuracy"] for r in runs],  # per seed, per class
         "backdoor_success": [r["backdoor_success"] for r in runs] if attack == "backdoor" else None,
         "attackers_excluded": [sorted(w for w in e if w in bad) for e in excluded],
         "first_exclusion_step": [min((e[w] for w in bad if w in e), default=None) for e in excluded],

@@ -97,6 +97,19 @@ def plot(data: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def _held(share: list[float], full: dict[str, Any], alone: dict[str, Any], i: int) -> str:
+    """The classes the excluded workers take with them (their shards hold at least half of the class), each with its
+    test accuracy in seed ``i``: all-honest -> the honest workers alone."""
+    held = []
+    for k, v in enumerate(share):
+        if v < 0.5:
+            continue
+        acc = (full.get("class_accuracy") or [[]])[i], (alone.get("class_accuracy") or [[]])[i]
+        known = all(len(a) > k and a[k] is not None for a in acc)
+        held.append(f"class {k} {100 * v:.0f}%" + (f" (accuracy {acc[0][k]:.2f} -> {acc[1][k]:.2f})" if known else ""))
+    return ", ".join(held) or "none"
+
+
 def claims(data: dict[str, Any]) -> str:
     """The issue's acceptance claims, each read off the measured cells (with the seeds it rests on)."""
     cells = {(c["partition"], c["attack"], c["defence"]): c for c in data["cells"]}
@@ -116,17 +129,16 @@ def claims(data: dict[str, Any]) -> str:
         for rule in ("krum", "median"):
             lines.append(f"- {attack} vs {rule} (iid): {drops(('iid', attack, rule))}")
     only = {p: cells[(p, HONEST_ONLY, "mean")]["accuracy"] for p in honest if (p, HONEST_ONLY, "mean") in cells}
+    seeds = data["seeds"]
     for partition, ref in only.items():
         d = ", ".join(f"{100 * (h - a):+.1f}" for h, a in zip(honest[partition], ref))
         shares = data.get("attackers_class_share", {}).get(partition, [])
-        # the classes the excluded workers take with them: those of which their shards hold at least half
-        most = "; ".join(
-            f"seed {seed}: " + (", ".join(f"class {k} {100 * v:.0f}%" for k, v in enumerate(s) if v >= 0.5) or "none")
-            for seed, s in zip(data["seeds"], shares)
-        )
+        full, alone = cells[(partition, "none", "mean")], cells[(partition, HONEST_ONLY, "mean")]
+        per_seed = [f"seed {seed}: {_held(v, full, alone, i)}" for i, (seed, v) in enumerate(zip(seeds, shares))]
         lines.append(
             f"- {HONEST_ONLY} ({partition}): the honest workers alone {statistics.mean(ref):.3f} (drops {d} from the "
-            f"all-honest run); classes of which the attackers' shards hold at least half: {most or '-'}"
+            f"all-honest run); classes of which the attackers' shards hold at least half: "
+            f"{'; '.join(per_seed) or '-'}"
         )
     for partition in honest:
         audited = [c for (p, a, d), c in cells.items() if p == partition and a not in ("none", HONEST_ONLY) and

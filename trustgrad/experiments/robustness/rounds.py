@@ -101,6 +101,7 @@ class SyncRounds:
         return {
             "steps": total,
             "test_accuracy": acc,
+            "class_accuracy": _class_accuracy(self.model, self.ds.x_test, self.ds.y_test, self.ds.num_classes),
             "test_loss": loss,
             "backdoor_success": backdoor,  # triggered test images (true class != target) labelled as the target
             "seconds": seconds,
@@ -146,3 +147,11 @@ class SyncRounds:
         for g in grads[1:]:
             total.add_(g)
         return total.div_(len(grads))
+
+
+def _class_accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, classes: int) -> list[float | None]:
+    """Test accuracy per class (None for a class absent from the test set): where an excluded worker's data shows."""
+    model.eval()
+    with torch.no_grad():
+        hit = model(x).argmax(1) == y
+    return [float(hit[y == c].float().mean()) if bool((y == c).any()) else None for c in range(classes)]
