@@ -3,7 +3,7 @@
 Each cell trains digits/mlp with n workers of which the last f are malicious and colluding, under one defence: the
 plain mean, a robust rule (``--aggregate``) or audits (``--proof audit`` at a rate), on IID or Dirichlet label-skewed
 shards. The cells run on ``rounds.SyncRounds`` (the ps sync server's arithmetic in one process; a real multi-process
-job ends on the same model, tests/test_robust.py), so the whole table fits a loaded 2-core machine. Reported per cell:
+job ends on the same model, tests/test_robust_ps.py), so the whole table fits a small shared machine. Reported per cell:
 test accuracy (mean over seeds and each seed's), its drop from two anchors of the same seed and partition (the
 all-honest plain run of all n workers, and the n - f honest workers alone: the run an exclusion at step 0 can at best
 end on), backdoor success on triggered test images, what the defence decided (attackers excluded and when, honest

@@ -4,10 +4,10 @@ Everything a real ``ps --schedule sync`` job computes, in the same order and the
 the processes: every live worker computes its gradient at the current model on its ``BatchPlan`` batch (malicious
 ones through the very wrappers ``--malicious`` installs); the round goes through the same ``ServerAudit`` (claims,
 sampled replays, exclusion, exact rollback) and the same ``--aggregate`` gate, or the server's plain mean; the server's
-optimizer steps on the result. tests/test_robust.py checks a real multi-process job ends on this engine's final model.
+optimizer steps on the result. tests/test_robust_ps.py checks real multi-process jobs end on this engine's final model.
 
->>> from trustgrad.config import RunConfig
->>> cfg = RunConfig(workers=4, epochs=1, batch_size=32, aggregate="median").replace(pattern={"name": "ps"})
+>>> from trustgrad.config import PatternConfig, RunConfig
+>>> cfg = RunConfig(pattern=PatternConfig(name="ps"), workers=4, epochs=1, batch_size=32, aggregate="median")
 >>> r = SyncRounds(cfg).run()
 >>> r["steps"], r["test_accuracy"] > 0.3
 (11, True)
