@@ -215,3 +215,19 @@ def test_colluders_are_honest_before_from_step_and_audits_catch_their_first_pois
     )  # fmt: skip
     out = SyncRounds(cfg).run()
     assert out["excluded_at"] == {2: 2, 3: 2} and out["audit"]["audited_claims"] == 4 + 4 + 4 + 2
+
+
+def test_audit_exclusion_at_step_0_ends_exactly_on_the_honest_workers_alone():
+    # docs/robustness.md's honest-only anchor: an attacker excluded at its first push leaves the run of the others
+    # on their own shards, bit for bit, so any gap to the all-honest run is the excluded worker's data, not the audit
+    from trustgrad.config import PatternConfig, RunConfig
+    from trustgrad.experiments.robustness.rounds import SyncRounds
+
+    cfg = RunConfig(
+        pattern=PatternConfig(name="ps"), workers=4, max_steps=4, epochs=1, partition="dirichlet",
+        partition_alpha=0.1, progress=False,
+    )  # fmt: skip
+    audited = SyncRounds(cfg.replace(proof={"mode": "audit"}, malicious=("rank=4,attack=ipm",)))
+    alone = SyncRounds(cfg, absent=[4])
+    assert audited.run()["excluded_at"] == {3: 0} and alone.run()["excluded_at"] == {}
+    assert all(torch.equal(a, b) for a, b in zip(audited.model.parameters(), alone.model.parameters()))

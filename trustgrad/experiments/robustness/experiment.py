@@ -3,10 +3,12 @@
 Each cell trains digits/mlp with n workers of which the last f are malicious and colluding, under one defence: the
 plain mean, a robust rule (``--aggregate``) or audits (``--proof audit`` at a rate), on IID or Dirichlet label-skewed
 shards. The cells run on ``rounds.SyncRounds`` (the ps sync server's arithmetic in one process; a real multi-process
-job ends on the same model, tests/test_robust.py), so the whole table fits a loaded 2-core machine. Reported per cell:
-test accuracy (mean over seeds and each seed's), its drop from the all-honest plain run of the same seed and
-partition, backdoor success on triggered test images, what the defence decided (attackers excluded and when, honest
-workers excluded, the share of rounds whose update took an attacker's vector whole) and its cost per step.
+job ends on the same model, tests/test_robust_ps.py), so the whole table fits a small shared machine. Reported per cell:
+test accuracy (mean over seeds and each seed's), its drop from two anchors of the same seed and partition (the
+all-honest plain run of all n workers, and the n - f honest workers alone: the run an exclusion at step 0 can at best
+end on), backdoor success on triggered test images, what the defence decided (attackers excluded and when, honest
+workers excluded, the share of rounds whose update took an attacker's vector whole) and its cost per step; per
+partition and seed, the share of each class the attackers' shards hold.
 """
 
 from __future__ import annotations
@@ -24,32 +26,37 @@ from ...options import OptionParser
 from .. import EXPERIMENTS, ExperimentResult
 from .report import plot, table
 
-__all__ = ["DEFENCES", "ATTACKS", "cell_config", "run_experiment"]
+__all__ = ["DEFENCES", "ATTACKS", "HONEST_ONLY", "cell_config", "run_experiment"]
 
 log = logging.getLogger(__name__)
 
 
-def _rule(spec: str):  # noqa: ANN202 - (n, f, tau) -> config changes
-    return lambda n, f, tau=1.0: {"aggregate": spec.format(f=f, trim=f / n, fb=min(f, max(0, (n - 3) // 4)), tau=tau)}
+def _rule(spec: str):  # noqa: ANN202 - (n, f) -> config changes
+    return lambda n, f: {"aggregate": spec.format(f=f, trim=f / n, fb=min(f, max(0, (n - 3) // 4)))}
 
 
-#: defence -> (n, f) -> the RunConfig fields it sets; every rule is told the true f (Bulyan: the largest f it allows)
+#: defence -> (n, f) -> the RunConfig fields it sets; every rule is told the true f (Bulyan: the largest f it allows).
+#: Each variant is a named defence with its parameters fixed, so one command makes the whole table.
 DEFENCES = {
-    "mean": lambda n, f, tau=1.0: {},
+    "mean": lambda n, f: {},
     "krum": _rule("krum,f={f}"),
     "multi-krum": _rule("multi-krum,f={f}"),
     "median": _rule("median"),
     "trimmed-mean": _rule("trimmed-mean,trim={trim}"),
     "bulyan": _rule("bulyan,f={fb}"),
-    "centered-clipping": _rule("centered-clipping,tau={tau}"),
+    "centered-clipping": _rule("centered-clipping,tau=1"),
+    "cc-tau2": _rule("centered-clipping,tau=2"),
     # Karimireddy et al.'s setting: momentum at the workers (the gate keeps it per sender), clipped; the server steps
     # plain SGD at lr / (1 - momentum), the same steady-state step as the other cells' heavy ball
-    "cc-momentum": lambda n, f, tau=1.0: {"aggregate": f"centered-clipping,tau={tau},beta=0.9", "momentum": 0.0},
-    "audit-1": lambda n, f, tau=1.0: {"proof": ProofConfig(mode="audit", audit_rate=1.0)},
-    "audit-0.1": lambda n, f, tau=1.0: {"proof": ProofConfig(mode="audit", audit_rate=0.1)},
+    "cc-momentum": lambda n, f: {"aggregate": "centered-clipping,tau=1,beta=0.9", "momentum": 0.0},
+    "audit-1": lambda n, f: {"proof": ProofConfig(mode="audit", audit_rate=1.0)},
+    "audit-0.1": lambda n, f: {"proof": ProofConfig(mode="audit", audit_rate=0.1)},
 }
 #: attacks (``--malicious attack=``); ``none`` is the all-honest job
 ATTACKS = ("none", "alie", "ipm", "min-max", "min-sum", "backdoor", "sign-flip", "label-flip")
+#: the second anchor, a row of its own: the n - f honest workers alone (the last f never push), plain mean, on the
+#: n-worker shards. An exclusion at step 0 can at best end here: the excluded workers' data leaves with them.
+HONEST_ONLY = "honest-only"
 QUICK = {
     "attacks": ["none", "ipm"],
     "defences": ["mean", "krum", "median", "audit-1"],
@@ -59,13 +66,11 @@ QUICK = {
 }
 
 
-def cell_config(
-    base: RunConfig, attack: str, defence: str, partition: str, f: int, seed: int, tau: float = 1.0
-) -> RunConfig:
+def cell_config(base: RunConfig, attack: str, defence: str, partition: str, f: int, seed: int) -> RunConfig:
     n = base.workers
-    malicious = () if attack == "none" else tuple(f"rank={n - i},attack={attack}" for i in range(f))
-    fields: dict[str, Any] = {"malicious": malicious, "partition": partition, "seed": seed}
-    fields.update(DEFENCES[defence](n, f, tau))
+    bad = () if attack in ("none", HONEST_ONLY) else tuple(f"rank={n - i},attack={attack}" for i in range(f))
+    fields: dict[str, Any] = {"malicious": bad, "partition": partition, "seed": seed}
+    fields.update(DEFENCES[defence](n, f))
     if fields.get("momentum") == 0.0 and base.momentum:
         fields["lr"] = base.lr / (1 - base.momentum)
     return RunConfig(**{**{k: getattr(base, k) for k in base.__dataclass_fields__}, **fields})
@@ -81,7 +86,6 @@ def _parse(argv: list[str]) -> Any:
     parser.add_argument("--seeds", type=int, default=3, help="seeds seed..seed+S-1 per cell")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dirichlet-alpha", type=float, default=0.1)
-    parser.add_argument("--clip-radius", type=float, default=1.0, help="centered clipping's tau")
     parser.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=ATTACKS)
     parser.add_argument("--defences", nargs="+", default=list(DEFENCES), choices=list(DEFENCES))
     parser.add_argument("--partitions", nargs="+", default=["iid", "dirichlet"], choices=["iid", "dirichlet"])
@@ -124,7 +128,10 @@ def run_experiment(argv: list[str]) -> ExperimentResult:
     wall = time.perf_counter() - started
     seeds = list(range(args.seed, args.seed + args.seeds))
     settings = {k: v for k, v in vars(args).items() if k != "out"}
-    data = {"settings": settings, "seeds": seeds, "wall_seconds": wall, "num_params": _num_params(base), "cells": cells}
+    data = {
+        "settings": settings, "seeds": seeds, "wall_seconds": wall, "num_params": _num_params(base), "cells": cells,
+        "attackers_class_share": _class_shares(base, args.partitions, args.malicious, seeds),
+    }  # fmt: skip
     text = table(data)
     (out / "results.json").write_text(json.dumps(data, indent=2) + "\n")
     (out / "results.md").write_text(text + "\n")
@@ -139,24 +146,26 @@ def _cells(args: Any, base: RunConfig, progress: Path) -> list[dict[str, Any]]:
     progress.write_text("")
     cells: list[dict[str, Any]] = []
     seeds = list(range(args.seed, args.seed + args.seeds))
+    n, f = args.workers, args.malicious
     for partition in args.partitions:
         attacks = args.attacks if partition == "iid" else [a for a in args.attacks if a in args.dirichlet_attacks]
-        for attack in attacks:
-            for defence in args.defences:
-                runs = []
-                for seed in seeds:
-                    cfg = cell_config(base, attack, defence, partition, args.malicious, seed, args.clip_radius)
-                    runs.append(SyncRounds(cfg).run())
-                    log.info("%s %s %s seed %d: %.3f", partition, attack, defence, seed, runs[-1]["test_accuracy"])
-                cells.append(_cell(partition, attack, defence, runs, args))
-                with progress.open("a") as fh:
-                    fh.write(json.dumps(cells[-1]) + "\n")
+        anchor = [(HONEST_ONLY, "mean")] if f and "mean" in args.defences else []
+        for attack, defence in anchor + [(a, d) for a in attacks for d in args.defences]:
+            absent = range(n - f + 1, n + 1) if attack == HONEST_ONLY else ()
+            runs = []
+            for seed in seeds:
+                cfg = cell_config(base, attack, defence, partition, f, seed)
+                runs.append(SyncRounds(cfg, absent).run())
+                log.info("%s %s %s seed %d: %.3f", partition, attack, defence, seed, runs[-1]["test_accuracy"])
+            cells.append(_cell(partition, attack, defence, runs, args))
+            with progress.open("a") as fh:
+                fh.write(json.dumps(cells[-1]) + "\n")
     return cells
 
 
 def _cell(partition: str, attack: str, defence: str, runs: list[dict[str, Any]], args: Any) -> dict[str, Any]:
     n, f = args.workers, args.malicious
-    bad = set(range(n - f, n)) if attack != "none" else set()
+    bad = set(range(n - f, n)) if attack not in ("none", HONEST_ONLY) else set()
     excluded = [r["excluded_at"] for r in runs]
     admitted_bad = []
     for r in runs:
@@ -169,6 +178,7 @@ def _cell(partition: str, attack: str, defence: str, runs: list[dict[str, Any]],
         "defence": defence,
         "accuracy": [r["test_accuracy"] for r in runs],
         "accuracy_mean": statistics.mean(r["test_accuracy"] for r in runs),
+        "class_accuracy": [r["class_accuracy"] for r in runs],  # per seed, per class
         "backdoor_success": [r["backdoor_success"] for r in runs] if attack == "backdoor" else None,
         "attackers_excluded": [sorted(w for w in e if w in bad) for e in excluded],
         "first_exclusion_step": [min((e[w] for w in bad if w in e), default=None) for e in excluded],
@@ -182,13 +192,34 @@ def _cell(partition: str, attack: str, defence: str, runs: list[dict[str, Any]],
 
 
 def _add_drops(cells: list[dict[str, Any]]) -> None:
-    """Each cell's accuracy drop from the all-honest plain-mean run of its partition, seed by seed."""
-    honest = {c["partition"]: c["accuracy"] for c in cells if c["attack"] == "none" and c["defence"] == "mean"}
-    for c in cells:
-        ref = honest.get(c["partition"])
-        c["drop_points"] = (
-            statistics.mean(100 * (h - a) for h, a in zip(ref, c["accuracy"])) if ref is not None else None
-        )
+    """Each cell's accuracy drop, seed by seed, from the two anchors of its partition: the all-honest plain-mean run
+    (``drop_points``) and the honest workers alone (``drop_vs_honest_only_points``)."""
+    for key, attack in (("drop_points", "none"), ("drop_vs_honest_only_points", HONEST_ONLY)):
+        ref = {c["partition"]: c["accuracy"] for c in cells if c["attack"] == attack and c["defence"] == "mean"}
+        for c in cells:
+            r = ref.get(c["partition"])
+            c[key] = statistics.mean(100 * (h - a) for h, a in zip(r, c["accuracy"])) if r is not None else None
+
+
+def _class_shares(base: RunConfig, partitions: list[str], f: int, seeds: list[int]) -> dict[str, list[list[float]]]:
+    """Per partition and seed, the share of each class's training samples that sits in the last f workers' shards:
+    what an exclusion of those workers takes out of the run (the cause of the honest-only anchor's drop)."""
+    import numpy as np
+
+    from ...data import BatchPlan, load_dataset
+
+    ds = load_dataset(base.dataset)
+    labels = ds.y_train.numpy()
+    out: dict[str, list[list[float]]] = {}
+    for partition in partitions:
+        out[partition] = []
+        for seed in seeds:
+            shards = BatchPlan.for_run(cell_config(base, "none", "mean", partition, f, seed), ds, base.workers).shards
+            total = np.bincount(labels[np.concatenate(shards)], minlength=ds.num_classes)
+            theirs = np.bincount(labels[np.concatenate(shards[len(shards) - f :])].astype(np.int64),
+                                 minlength=ds.num_classes) if f else np.zeros_like(total)  # fmt: skip
+            out[partition].append([round(float(t / max(1, a)), 3) for t, a in zip(theirs, total)])
+    return out
 
 
 def _num_params(base: RunConfig) -> int:

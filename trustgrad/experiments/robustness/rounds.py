@@ -4,10 +4,10 @@ Everything a real ``ps --schedule sync`` job computes, in the same order and the
 the processes: every live worker computes its gradient at the current model on its ``BatchPlan`` batch (malicious
 ones through the very wrappers ``--malicious`` installs); the round goes through the same ``ServerAudit`` (claims,
 sampled replays, exclusion, exact rollback) and the same ``--aggregate`` gate, or the server's plain mean; the server's
-optimizer steps on the result. tests/test_robust.py checks a real multi-process job ends on this engine's final model.
+optimizer steps on the result. tests/test_robust_ps.py checks real multi-process jobs end on this engine's final model.
 
->>> from trustgrad.config import RunConfig
->>> cfg = RunConfig(workers=4, epochs=1, batch_size=32, aggregate="median").replace(pattern={"name": "ps"})
+>>> from trustgrad.config import PatternConfig, RunConfig
+>>> cfg = RunConfig(pattern=PatternConfig(name="ps"), workers=4, epochs=1, batch_size=32, aggregate="median")
 >>> r = SyncRounds(cfg).run()
 >>> r["steps"], r["test_accuracy"] > 0.3
 (11, True)
@@ -16,6 +16,7 @@ optimizer steps on the result. tests/test_robust.py checks a real multi-process 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,15 +45,22 @@ class _Worker:
 
 
 class SyncRounds:
-    """One run: ``run()`` returns accuracy, the final model, what the defence decided and what it cost."""
+    """One run: ``run()`` returns accuracy, the final model, what the defence decided and what it cost.
 
-    def __init__(self, cfg: RunConfig):
+    ``absent``: ranks (1-based, as ``--malicious rank=``) that never push. Their shards stay cut as in the n-worker
+    plan and the others keep theirs, so this is the run an exclusion at step 0 ends on when the excluded workers and
+    their data had never been there (docs/robustness.md, the honest-only anchor).
+    """
+
+    def __init__(self, cfg: RunConfig, absent: Iterable[int] = ()):
         self.cfg, self.n = cfg, cfg.workers
         self.ds = load_dataset(cfg.dataset, cfg.data_dir)
         self.model = build_model(cfg.model.name, self.ds.input_shape, self.ds.num_classes, cfg.seed, cfg.model)
         self.replica = Replica(self.model, make_optimizer(self.model, cfg.lr, cfg.momentum, cfg.weight_decay))
         self.lr, self.velocity, self.version = cfg.lr, None, 0
         self.workers = {r: _Worker(r) for r in range(1, self.n + 1)}
+        for r in absent:
+            self.workers[r].dropped = "absent"  # never pushes; not an exclusion, so not in ``excluded_at``
         self.plan = BatchPlan.for_run(cfg, self.ds, self.n)
         x, y = self.ds.x_train, self.ds.y_train
         # every worker computes at the server's parameters (sync): one model serves them all, one after the other
@@ -93,6 +101,7 @@ class SyncRounds:
         return {
             "steps": total,
             "test_accuracy": acc,
+            "class_accuracy": _class_accuracy(self.model, self.ds.x_test, self.ds.y_test, self.ds.num_classes),
             "test_loss": loss,
             "backdoor_success": backdoor,  # triggered test images (true class != target) labelled as the target
             "seconds": seconds,
@@ -138,3 +147,11 @@ class SyncRounds:
         for g in grads[1:]:
             total.add_(g)
         return total.div_(len(grads))
+
+
+def _class_accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, classes: int) -> list[float | None]:
+    """Test accuracy per class (None for a class absent from the test set): where an excluded worker's data shows."""
+    model.eval()
+    with torch.no_grad():
+        hit = model(x).argmax(1) == y
+    return [float(hit[y == c].float().mean()) if bool((y == c).any()) else None for c in range(classes)]
