@@ -43,7 +43,15 @@ from ..errors import CryptoError
 from .rogue import Honest
 from .stats import CryptoStats
 
-__all__ = ["KeyRing", "setup_keys", "all_to_all", "check_openings", "compare_views", "receive_agreed"]
+__all__ = [
+    "KeyRing",
+    "setup_keys",
+    "all_to_all",
+    "check_openings",
+    "compare_views",
+    "receive_agreed",
+    "recv_patient",
+]
 
 log = logging.getLogger(__name__)
 
@@ -283,22 +291,23 @@ def hand_out(
 _PATIENCE = 5
 
 
-def _recv_patient(comm: Comm, src: int) -> bytes:
+def recv_patient(comm: Comm, src: int, tag: int = _TAG, max_bytes: int = 1 << 31) -> bytes:
+    """``comm.recv_bytes`` that waits ``_PATIENCE`` times the job's timeout for the message to start."""
     header = torch.zeros(1, dtype=torch.int64)
-    comm.wait(comm.irecv(header, src, _TAG), comm.timeout * _PATIENCE)
+    comm.wait(comm.irecv(header, src, tag), comm.timeout * _PATIENCE)
     size = int(header.item())
-    if not 0 <= size <= 1 << 31:
-        raise CryptoError(f"key set-up: rank {src} announced a key of {size} bytes")
+    if not 0 <= size <= max_bytes:
+        raise CryptoError(f"key set-up: rank {src} announced a key of {size} bytes (limit {max_bytes})")
     body = torch.empty(size, dtype=torch.uint8)
     if size:
-        comm.wait(comm.irecv(body, src, _TAG))
+        comm.wait(comm.irecv(body, src, tag))
     return body.numpy().tobytes()
 
 
 def receive_agreed(comm: Comm, context: Context, parties: Sequence[int], what: str) -> PublicKey:
     first, counts = b"", {}  # digest -> ranks; one copy of the key is kept (with rotation keys: hundreds of MB)
     for rank in parties:
-        data = _recv_patient(comm, rank)
+        data = recv_patient(comm, rank)
         counts.setdefault(hashlib.blake2b(data, digest_size=32).digest(), []).append(rank)
         first = first or data
     if len(counts) > 1:
