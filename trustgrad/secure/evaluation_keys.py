@@ -99,10 +99,9 @@ def _round1(comm: Comm, ring: KeyRing, share: KeyShare, names: dict[int, str]) -
 
 def _rotation_keys(ring: KeyRing, share: KeyShare, rotations: Sequence[int]) -> tuple[Any, bytes]:
     """Step 3, one party: the seed's common rotation elements, as this party derives them, and its keys on them."""
-    ctx = ring.context
-    common = ks.common_rotations(ctx, ring.seed, rotations)
+    common = ks.common_rotations(ring.context, ring.seed, rotations)
     mine = ks.rotation_contribution(share, common, ring.public_key.tag)
-    ctx.cc.ClearEvalAutomorphismKeys()  # the throwaway template's keys (hundreds of MB): a party rotates nothing
+    common.value = None  # hundreds of MB; only its a towers are needed from here on (to check the others')
     return common, mine
 
 
@@ -116,11 +115,13 @@ def _combine(
     parts = {index[r]: part if r == me else recv_patient(comm, r, _TAG, _MAX_KEYS) for r in parties}
     mult = ks.joint_eval_mult(ctx, parts, n, tag)
     common_rot, mine = _rotation_keys(ring, share, rotations)
-    joint_rot = None
-    for rank in parties:  # one party's rotation keys held at a time: ~245 MB each
-        i = index[rank]
-        rot = mine if rank == me else recv_patient(comm, rank, _TAG, _MAX_KEYS)
-        one = ks.joint_rotations(common_rot, {1: rot}, 1, tag, {1: names[i]})
-        joint_rot = one if joint_rot is None else ctx.cc.MultiAddEvalAutomorphismKeys(joint_rot, one, tag)
-        del rot, one
+    joint_rot = ks.joint_rotations(common_rot, {1: mine}, 1, tag, {1: names[index[me]]})  # own first: drop its bytes
+    del mine
+    for rank in parties:  # one other party's rotation keys held at a time: ~245 MB each
+        if rank != me:
+            rot = recv_patient(comm, rank, _TAG, _MAX_KEYS)
+            one = ks.joint_rotations(common_rot, {1: rot}, 1, tag, {1: names[index[rank]]})
+            del rot
+            joint_rot = ctx.cc.MultiAddEvalAutomorphismKeys(joint_rot, one, tag)
+            del one
     return ks.install(pk, mult, joint_rot, common_rot.indices)
