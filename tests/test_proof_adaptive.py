@@ -363,3 +363,15 @@ def test_verdict_lists_the_claims_it_never_read(tmp_path, honest):
     for key in ("pattern", "config.pattern.name", "config.device", "config.threads", "config.crypto.encrypt"):
         assert key in unread, key
     assert "config.malicious" in unread and "config.lr" in v.claims["checked"]
+
+
+def test_bench_rows_pick_forgeries_by_the_start_of_their_names():
+    from trustgrad.bench._proof_soundness import _wanted
+    from trustgrad.bench.proof import _parse
+
+    rows = _parse(["--soundness", "--rows", "honest,0.1"]).rows
+    assert rows == ("honest", "0.1")
+    assert _wanted("honest", rows) and _wanted("0.1 of segments interpolated, hidden from top-Q", rows)
+    # "honest" must not pick the decoy rows, whose names contain it: prefixes, not substrings
+    assert not _wanted("200 of 330 steps honest + interpolation + 3x momentum decoys", rows)
+    assert _wanted("anything", ())

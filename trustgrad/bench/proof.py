@@ -43,6 +43,14 @@ def _parse(args: list[str]) -> argparse.Namespace:
         help="--max-forgery-acceptance values to measure (--soundness; default 0.01,0.25: the default and a loose one)",
     )
     p.add_argument("--nonces", type=int, default=100, help="fresh nonces per forgery (--soundness)")
+    p.add_argument(
+        "--rows",
+        type=lambda t: tuple(v.strip() for v in t.split(",") if v.strip()),
+        default=(),
+        help="only the forgeries whose name starts with one of these comma-separated prefixes (--soundness; "
+        "default all): "
+        "a long confirmation split over processes or sessions",
+    )
     p.add_argument("--models", type=lambda t: t.split(","), default=None, help="zoo models (--honest-zoo; default all)")
     p.add_argument("--seeds", type=int, default=20, help="seeds per zoo model (--honest-zoo)")
     p.add_argument("--steps", type=int, default=66, help="training steps of each proof (--soundness, --honest-zoo)")

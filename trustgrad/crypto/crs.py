@@ -92,9 +92,12 @@ class CommonElement:
         pair: Callable[[], tuple[Any, Any]],
         parse: Callable[[bytes], Any],
         template: Callable[[], Any] | None = None,
+        release: Callable[[], None] | None = None,
     ) -> None:
         """``template`` (optional): the full key to draw into, when ``pair`` makes a smaller key of the same kind
-        whose tower pattern repeats in it (rotation keys: one index to find the pattern, every index to fill)."""
+        whose tower pattern repeats in it (rotation keys: one index to find the pattern, every index to fill);
+        ``release`` (optional): frees what ``pair``/``template`` left in the context once their bytes are read
+        (rotation key sets run to hundreds of MB: a set-up that held every copy at once was OOM-killed)."""
         self.context, self.label, self._parse = context, label, parse
         self.tag = ""  # the joint key's tag, for the public key's element (set by ``keyset``)
         self.indices: list[int] = []  # rotation indices, for the rotation keys' element
@@ -111,6 +114,10 @@ class CommonElement:
         if template is not None:
             with _wire.openfhe_errors(f"common element ({label})"):
                 bx = openfhe.Serialize(template(), openfhe.BINARY)
+        del x, y
+        if release is not None:
+            release()
+        if template is not None:
             period, tx = len(shared), towers(bx, n)
             if len(tx.offsets) % period or tx.moduli != ty.moduli * (len(tx.offsets) // period):
                 raise CryptoError(f"common element ({label}): the key's towers do not repeat the pattern of one key")
@@ -118,6 +125,7 @@ class CommonElement:
         self.layout = tx.moduli
         self.shared = tuple(k for k, is_a in enumerate(shared) if is_a)
         data = bytearray(bx)
+        del bx
         self._a: list[bytes] = []
         for k in self.shared:
             values = _uniform(seed, label, k, tx.moduli[k], n).astype("<u8").tobytes()
@@ -125,6 +133,7 @@ class CommonElement:
             self._a.append(values)
         self.size = len(data)  # the bytes themselves are not kept: rotation keys run to hundreds of MB
         self.value = context._parse(memoryview(data), parse, f"common element ({label})")
+        del data
 
     def a_towers(self, data: bytes) -> list[bytes] | None:
         """The ``a`` towers of a serialized contribution, or ``None`` if its tower layout is not this kind's."""

@@ -195,7 +195,9 @@ def common_rotations(context: Context, seed: bytes, indices: Sequence[int]) -> C
     def template() -> Any:
         return installed(idx)[1]
 
-    common = CommonElement(context, seed, "rotation keys", pair, _deser_map, template)
+    # release: the throwaway keys stay installed in OpenFHE's process-wide map until cleared (only all tags at once in
+    # the 1.6.1 bindings): callers derive this before installing any rotation key they need
+    common = CommonElement(context, seed, "rotation keys", pair, _deser_map, template, cc.ClearEvalAutomorphismKeys)
     common.indices = idx
     return common
 

@@ -16,9 +16,9 @@ The keys are public evaluation material (like the joint eval-mult key); fusing f
 gives keys for a partial secret, with which rotations decrypt to noise.
 
 In-process and legacy only: here party 1's own keys are the common element, so party 1 chooses the ``a``'s every
-other party's keys sit on (a rogue party 1 could choose them with a trapdoor). The distributed set-up
-(:mod:`trustgrad.secure.evaluation_keys`) derives them from the jointly flipped seed instead
-(:func:`trustgrad.crypto.keyset.common_rotations`) and commits every contribution before any is revealed.
+other party's keys sit on (with ``a = 0`` the joint keys are ``e + P s(X^g)``, from which their holder reads the joint
+secret). The distributed set-up (:mod:`trustgrad.secure.evaluation_keys`) derives them from the jointly flipped seed
+instead (:func:`trustgrad.crypto.keyset.common_rotations`), and its combiner checks every party's keys against them.
 """
 
 from __future__ import annotations

@@ -19,8 +19,9 @@ Key generation (:mod:`trustgrad.crypto.keyset`; every party on one common elemen
   another element (a chain of one's own) fails the common-element check; different contributions to different
   parties give different joint keys, caught at step 5. ``threshold_keygen`` (OpenFHE's chain, in which the last
   party's key is the joint key) is kept for in-process use and to demonstrate that attack; nothing distributed uses it.
-Joint evaluation keys (relinearisation, rotations) follow the same commit / reveal / sum-by-everyone pattern on
-common elements of the same seed (``keyset``; run by ``trustgrad.secure.evaluation_keys``).
+Joint evaluation keys (relinearisation, rotations) sit on common elements of the same seed (``keyset``; run by
+``trustgrad.secure.evaluation_keys``): relinearisation round 1 follows the same commit / reveal / sum-by-everyone
+pattern; round-2 parts and rotation keys are summed by one combiner, which checks the rotation keys' element.
 Legacy in-process rounds of the relinearisation key (each party in turn):
   3'. round 1, sequential: ``r = joint_eval_mult_round1(share_i, pk, r)`` starting from ``r=None``;
   4'. round 2, any order: each party sends ``joint_eval_mult_round2(share_i, pk, r)`` to a combiner, who calls

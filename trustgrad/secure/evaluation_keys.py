@@ -1,38 +1,52 @@
 """Joint evaluation keys (relinearisation and rotations) for threshold CKKS, made by the key parties over ``Comm``.
 
 What the server needs to *compute* on ciphertexts (blind verification multiplies and rotates) beyond the public key.
-Under threshold keys no party can make these alone; the rounds of :mod:`trustgrad.crypto.threshold` (eval-mult) and
-:mod:`trustgrad.crypto.rotation` (rotations) run here over point-to-point messages:
+Under threshold keys no party can make these alone, and no party may choose them either (docs/threshold-keys.md,
+steps 9-11): every contribution sits on common elements derived from the seed the parties flipped for the public key
+(``KeyRing.seed``, :mod:`trustgrad.crypto.keyset`), so nobody picks an ``a`` (party 1 of the old chain could: a
+round-1 key on ``a = 0`` is ``e + P s``, which every party received, and reveals the joint secret).
 
-1. eval-mult round 1 passes along the parties in order; the last party hands the complete round-1 key to the others;
-2. party 1 sends its rotation keys (the common reference) to the others;
-3. every party sends its eval-mult round-2 part and (parties >= 2) its rotation part to the last party, the combiner,
-   which finishes both keys and sends the public key with them to the receivers (the server).
+1. **Relinearisation round 1**, as the public key: every party makes its key on the common element, commits to it,
+   reveals it only once every commitment is in, checks every reveal (opens its commitment, sits on the common
+   element; a party that fails is named) and sums all of them itself; the parties compare the digests of their sums.
+   Every party therefore computes round 2 on a round-1 key that contains its own share and that nobody crafted:
+   round 2 multiplies the round-1 key by ``s_i``, so a round-1 key handed out by one party (the old chain's last) with
+   a chosen ``b`` = ``c`` would have returned ``c s_i + e`` to that party, i.e. every honest share.
+2. **Relinearisation round 2**: every party sends ``s_i * joint_round1`` to the combiner (the last party), which sums.
+3. **Rotations**: every party makes its rotation keys on the common rotation elements and sends them to the combiner
+   only; the combiner checks each against the common elements (naming a party whose keys are not on them) and adds
+   them one at a time, then hands the evaluation keys with the public key to the receivers (the server).
 
-Only public evaluation material travels; the key parties keep the plain public key (they encrypt, never evaluate).
+Why the combiner, and not every party summing as in step 1: rotation key sets are ~245 MB each at N = 16384; every
+party receiving n of them was OOM-killed on this 2-core, 24 GB machine. What a rogue combiner can still do is spoil
+the keys it hands out (verdicts then decrypt to noise and the job stops: denial of service); it sees only RLWE samples
+on uniform elements, so no share leaks to it (docs/threshold-keys.md, residual risks).
 
-Not yet the joint set-up of the public key (:mod:`.keys`): here party 1's keys are the common element of the
-rotation keys and round 1 is a chain, so a rogue party 1 chooses the ``a``'s and the last party combines. The
-commit-reveal version on the seed's common elements is built and unit-tested (:mod:`trustgrad.crypto.keyset`,
-``common_eval_mult`` / ``common_rotations``); run over the network it was OOM-killed with every party summing
-~245 MB rotation key sets, and the server-combined variant did not finish its one trial run in time
-(docs/threshold-keys.md).
+Re-keying after an exclusion runs all of this again among the survivors, on the fresh seed of their new set-up.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
+from typing import Any
+
+import openfhe
 
 from ..comm import Comm
 from ..crypto import KeyShare, PublicKey
-from ..crypto.rotation import joint_rotation_base, joint_rotation_finish, joint_rotation_part
-from ..crypto.threshold import joint_eval_mult_finish, joint_eval_mult_round1, joint_eval_mult_round2
-from .keys import KeyRing
+from ..crypto import keyset as ks
+from ..errors import CryptoError
+from .keys import KeyRing, all_to_all, check_openings, compare_views, recv_patient
 from .stats import CryptoStats
 
 __all__ = ["joint_evaluation_keys"]
 
+log = logging.getLogger(__name__)
+
 _TAG = 72
+_SMALL = 1 << 16  # commitments
+_MAX_KEYS = 1 << 30  # one party's rotation keys at N = 16384 are ~245 MB; refuse a peer that announces more
 
 
 def joint_evaluation_keys(
@@ -40,42 +54,74 @@ def joint_evaluation_keys(
 ) -> PublicKey:
     """Run on every key party of ``ring`` and every receiver; receivers get (and return) the public key with the
     joint eval-mult and rotation keys installed, key parties return theirs unchanged."""
-    parties, me, pk = ring.parties, comm.rank, ring.public_key
-    first, last = parties[0], parties[-1]
+    parties, me, last = ring.parties, comm.rank, ring.parties[-1]
     with stats.timing("keygen"):
-        if me not in parties:
-            data, _ = comm.recv_bytes(last, _TAG)
-            return PublicKey.from_bytes(ring.context, data)
+        if me not in parties:  # the server waits through the whole set-up (rotation key generation: minutes)
+            return PublicKey.from_bytes(ring.context, recv_patient(comm, last, _TAG))
         share = ring.secret
-        assert isinstance(share, KeyShare), "evaluation keys need threshold key shares"
-        pos = parties.index(me)
-        previous = comm.recv_bytes(parties[pos - 1], _TAG)[0] if pos else None
-        round1 = joint_eval_mult_round1(share, pk, previous)
-        if me != last:
-            comm.send_bytes(round1, parties[pos + 1], _TAG)
-            round1 = comm.recv_bytes(last, _TAG)[0]
-        else:
-            for rank in parties[:-1]:
-                comm.send_bytes(round1, rank, _TAG)
-        round2 = joint_eval_mult_round2(share, pk, round1)
-        if me == first:
-            base = joint_rotation_base(share, pk, rotations)
-            for rank in parties[1:]:
-                comm.send_bytes(base, rank, _TAG)
-        else:
-            base = comm.recv_bytes(first, _TAG)[0]
-        part = joint_rotation_part(share, pk, base) if me != first else b""
-        if me != last:
-            comm.send_bytes(round2, last, _TAG)
+        if not isinstance(share, KeyShare) or not ring.seed:
+            raise CryptoError("joint evaluation keys need threshold key shares from the joint key set-up")
+        names = {i + 1: f"party {i + 1} (rank {r})" for i, r in enumerate(parties)}
+        round1 = _round1(comm, ring, share, names)
+        part = ks.eval_mult_round2(share, round1, ring.public_key.tag)
+        if me != last:  # the small part first, so the combiner sums round 2 while everyone makes rotation keys
             comm.send_bytes(part, last, _TAG)
-            return pk
-        rounds2, parts = [round2], [part]
-        for rank in parties[:-1]:
-            rounds2.append(comm.recv_bytes(rank, _TAG)[0])
-            parts.append(comm.recv_bytes(rank, _TAG)[0])
-        full = joint_rotation_finish(joint_eval_mult_finish(pk, rounds2), base, [p for p in parts if p])
+            mine = _rotation_keys(ring, share, rotations)[1]
+            comm.send_bytes(mine, last, _TAG)
+            stats.sent(len(part) + len(mine), 0)
+            return ring.public_key
+        full = _combine(comm, ring, share, rotations, part, names)
         blob = full.to_bytes()
         for rank in receivers:
             comm.send_bytes(blob, rank, _TAG)
             stats.sent(len(blob), 0)
-        return pk
+        log.info("rank %d: joint evaluation keys of %d parties handed out", me, len(parties))
+        return ring.public_key
+
+
+def _round1(comm: Comm, ring: KeyRing, share: KeyShare, names: dict[int, str]) -> Any:
+    """Step 1: commit, reveal, check, sum; every party holds the same joint round-1 key or the set-up stops."""
+    me, parties, tag = comm.rank, ring.parties, ring.public_key.tag
+    peers = [r for r in parties if r != me]
+    party = {r: parties.index(r) + 1 for r in parties}
+    common = ks.common_eval_mult(ring.context, ring.seed)
+    mine = ks.eval_mult_round1(share, common)
+    commitments = all_to_all(comm, peers, lambda p, seen: ks.commitment(mine), _SMALL)
+    reveals = all_to_all(comm, peers, lambda p, seen: mine, 2 * common.size + _SMALL)
+    check_openings(commitments, reveals, party, names, "relinearisation round-1 key")
+    contributions = {**{party[p]: reveals[p] for p in peers}, party[me]: mine}
+    joint = ks.joint_eval_round1(common, contributions, len(parties), tag, names)
+    digest = ks.digest(openfhe.Serialize(joint, openfhe.BINARY))
+    sent = {p: commitments[p] + reveals[p] for p in peers}
+    compare_views(comm, peers, party, names, digest, {**sent, me: ks.commitment(mine) + mine})
+    return joint
+
+
+def _rotation_keys(ring: KeyRing, share: KeyShare, rotations: Sequence[int]) -> tuple[Any, bytes]:
+    """Step 3, one party: the seed's common rotation elements, as this party derives them, and its keys on them."""
+    common = ks.common_rotations(ring.context, ring.seed, rotations)
+    mine = ks.rotation_contribution(share, common, ring.public_key.tag)
+    common.value = None  # hundreds of MB; only its a towers are needed from here on (to check the others')
+    return common, mine
+
+
+def _combine(
+    comm: Comm, ring: KeyRing, share: KeyShare, rotations: Sequence[int], part: bytes, names: dict[int, str]
+) -> PublicKey:
+    """Steps 2-3 at the combiner: round-2 parts summed, rotation keys checked and added one party at a time."""
+    ctx, pk, parties, me = ring.context, ring.public_key, ring.parties, comm.rank
+    n, tag = len(parties), pk.tag
+    index = {r: i for i, r in enumerate(parties, start=1)}
+    parts = {index[r]: part if r == me else recv_patient(comm, r, _TAG, _MAX_KEYS) for r in parties}
+    mult = ks.joint_eval_mult(ctx, parts, n, tag)
+    common_rot, mine = _rotation_keys(ring, share, rotations)
+    joint_rot = ks.joint_rotations(common_rot, {1: mine}, 1, tag, {1: names[index[me]]})  # own first: drop its bytes
+    del mine
+    for rank in parties:  # one other party's rotation keys held at a time: ~245 MB each
+        if rank != me:
+            rot = recv_patient(comm, rank, _TAG, _MAX_KEYS)
+            one = ks.joint_rotations(common_rot, {1: rot}, 1, tag, {1: names[index[rank]]})
+            del rot
+            joint_rot = ctx.cc.MultiAddEvalAutomorphismKeys(joint_rot, one, tag)
+            del one
+    return ks.install(pk, mult, joint_rot, common_rot.indices)

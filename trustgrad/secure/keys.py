@@ -45,6 +45,7 @@ from .stats import CryptoStats
 
 __all__ = [
     "KeyRing", "setup_keys", "all_to_all", "check_openings", "compare_views", "receive_agreed", "receive_checked",
+    "recv_patient",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -296,15 +297,16 @@ def hand_out(
 _PATIENCE = 5
 
 
-def _recv_patient(comm: Comm, src: int) -> bytes:
+def recv_patient(comm: Comm, src: int, tag: int = _TAG, max_bytes: int = 1 << 31) -> bytes:
+    """``comm.recv_bytes`` that waits ``_PATIENCE`` times the job's timeout for the message to start."""
     header = torch.zeros(1, dtype=torch.int64)
-    comm.wait(comm.irecv(header, src, _TAG), comm.timeout * _PATIENCE)
+    comm.wait(comm.irecv(header, src, tag), comm.timeout * _PATIENCE)
     size = int(header.item())
-    if not 0 <= size <= 1 << 31:
-        raise CryptoError(f"key set-up: rank {src} announced a key of {size} bytes")
+    if not 0 <= size <= max_bytes:
+        raise CryptoError(f"key set-up: rank {src} announced a key of {size} bytes (limit {max_bytes})")
     body = torch.empty(size, dtype=torch.uint8)
     if size:
-        comm.wait(comm.irecv(body, src, _TAG))
+        comm.wait(comm.irecv(body, src, tag))
     return body.numpy().tobytes()
 
 
@@ -325,7 +327,7 @@ def receive_checked(
     the others agreed on is their set-up's question): that ends the set-up, naming both sides."""
     groups: dict[bytes, tuple[bytes, list[int]]] = {}  # digest -> (one copy, its senders): keys can be hundreds of MB
     for rank in parties:
-        data = _recv_patient(comm, rank)
+        data = recv_patient(comm, rank)
         groups.setdefault(hashlib.blake2b(data, digest_size=32).digest(), (data, []))[1].append(rank)
     valid: list[tuple[PublicKey, list[int]]] = []
     refused: dict[int, str] = {}
