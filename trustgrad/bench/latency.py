@@ -112,7 +112,8 @@ def measure_job(
     started = time.perf_counter()
     for rank in range(world):
         node = nodes[rank]
-        argv = [sys.executable, "-m", "trustgrad", *(["-v"] if verbose else []), "train", *args, "--out", str(out), "--no-progress"]
+        cli = [sys.executable, "-m", "trustgrad", *(["-v"] if verbose else [])]
+        argv = [*cli, "train", *args, "--out", str(out), "--no-progress"]
         env = {**env_base, "RANK": str(rank), "GLOO_SOCKET_IFNAME": node.dev}
         logs.append(folder / f"rank{rank}.log")
         with open(logs[-1], "w") as fh:
@@ -203,13 +204,13 @@ def _result(rows: list[dict], args, wall: float) -> BenchResult:  # noqa: ANN001
     for r in rows:
         r["floor_ms"] = r["hops"] * r["delay_ms"]
         r["vs_builtin"] = r["step_ms"] / anchor[r["delay_ms"]]
-    machine = f"{platform.node()}: {os.cpu_count()} CPUs, Linux {platform.release()}, Python {platform.python_version()}"
+    machine = f"{os.cpu_count()} CPUs, Linux {platform.release()}, Python {platform.python_version()}"
     lines = [
         f"trustgrad bench latency {' '.join(_argv(args))}",
         f"machine: {machine}; bench wall time {wall:.0f} s",
         f"{args.workers} workers on digits/mlp, one rank per network namespace, every packet delayed one way",
         "",
-        "| delay ms | pattern | hops/step | floor ms/step | measured ms/step | measured - floor | / built-in all-reduce |",
+        "| delay ms | pattern | hops/step | floor ms/step | measured ms/step | measured - floor | / built-in |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
