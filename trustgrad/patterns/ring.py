@@ -47,8 +47,8 @@ def ring_all_reduce(comm: Comm, flat: torch.Tensor, segment_bytes: int = 1 << 20
     # (chunk sent, chunk received, reduce?) per step: W-1 reduce-scatter steps, then W-1 all-gather steps
     steps = [((rank - s) % world, (rank - s - 1) % world, True) for s in range(world - 1)]
     steps += [((rank + 1 - s) % world, (rank - s) % world, False) for s in range(world - 1)]
-    # two scratch buffers: a step's receives are posted while the step before it is still adding into the other
-    scratch = [torch.empty(largest, dtype=flat.dtype, device=flat.device) for _ in range(2)]
+    # two scratch buffers (one for W = 2): a step's receives are posted while the step before adds from the other
+    scratch = [torch.empty(largest, dtype=flat.dtype, device=flat.device) for _ in range(min(2, world - 1))]
     posted = _post_receives(comm, flat, bounds, steps, 0, segment, scratch)
     for k in range(len(steps)):
         # Post the next step's receives before this step's messages are waited for. gloo sends only once the peer
