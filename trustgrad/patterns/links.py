@@ -14,12 +14,12 @@ fails (it died or closed its side), when an operation with it stays pending for 
 logical: its pending operations count as failed at once, later ones are not posted, and whatever of it lands later
 is ignored. Its threads stay blocked on operations that may never complete, until ``release``.
 
-``release`` (the end of a run): an operation the engine still holds when the process group is destroyed aborts the
-process ("terminate called without an active exception", measured across two network-namespace hosts: a gossip rank
-whose neighbour on the other host was cut off for 20 s died with SIGABRT after its last step, and torchrun then
-killed the coordinator before it wrote the records; docs/multihost.md). So when operations with lost peers are still
-held, the rank closes its connections on purpose with one tiny wait that times out, as the parameter server closes a
-dropped worker's group: the engine fails what it holds, the threads end, and the group can be destroyed. At the end
+``release`` (the end of a run): nothing should be in flight when the process group is destroyed and the process ends.
+Across two network-namespace hosts, gossip ranks whose neighbours on the other host were cut off for 20 s, left with
+such operations, died with SIGABRT after their last step ("terminate called without an active exception"), and
+torchrun then killed the coordinator before it wrote the records (docs/multihost.md). So when operations with lost
+peers are still held, the rank closes its connections on purpose with one tiny wait that times out, as the parameter
+server closes a dropped worker's group: the engine fails what it holds and the threads end. At the end
 of the run nothing is left to say to live peers: every operation with them completed in the final ``drain``.
 """
 
