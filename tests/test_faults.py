@@ -241,3 +241,36 @@ def test_a_peer_further_behind_than_the_backlog_budget_is_evicted_and_the_mass_i
         # nothing sent to the silent peer ever left: taken back on eviction, so the honest pair's mass is exact
         assert r["weight"] == pytest.approx(1.0, abs=1e-6)
         assert torch.allclose(torch.as_tensor(r["z"]), torch.full((16,), 1.5), atol=1e-6), r["z"]
+
+
+def _held_at_the_end(ctx, folder: str) -> dict | None:
+    """Rank 2 stays alive and silent: ranks 0 and 1 evict it with operations the engine still holds, release them
+    and destroy their group (a held operation at destroy aborted ranks across hosts: docs/multihost.md)."""
+    import torch.distributed as dist
+
+    from trustgrad.patterns.links import release
+
+    done = [pathlib.Path(folder) / f"done{r}" for r in (0, 1)]
+    if ctx.rank == 2:
+        deadline = time.monotonic() + 120
+        while not all(f.exists() for f in done) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return None
+    mixer = PushSum(Comm(ctx, timeout=60), "ring", seed=0, peer_timeout=0.05, backlog_bytes=1)
+    z = torch.full((16,), float(ctx.rank + 1))
+    for _ in range(12):
+        z = mixer.mix(z)
+    z = mixer.close(z)
+    held = mixer.links.held
+    released = release(mixer.comm, [mixer.links])
+    out = {"held": held, "released": released, "after": mixer.links.held, "lost": dict(mixer.links.lost)}
+    dist.destroy_process_group()
+    done[ctx.rank].touch()
+    return out
+
+
+def test_operations_held_for_a_lost_peer_are_released_before_the_group_is_destroyed(tmp_path):
+    results = run_ranks(_held_at_the_end, 3, str(tmp_path), job_timeout=120)
+    for r in results[:2]:
+        assert r["held"] > 0 and r["released"] and r["after"] == 0, r
+        assert list(r["lost"]) == [2], r["lost"]  # closing on purpose loses nobody else

@@ -215,3 +215,35 @@ def test_ring_fails_fast_with_one_line_on_both_hosts(hosts, tmp_path):
             m = re.match(rf"trustgrad: error: rank (\d): .*rank \d.*--timeout {timeout} s", line)
             assert m and int(m.group(1)) in ranks, line
     _no_trustgrad_traceback(a + b)
+
+
+def test_gossip_reports_a_cut_of_the_other_hosts_link(hosts, tmp_path):
+    """Ring topology 0-1-2-3-0, ranks 0-1 on A: the cut severs 1-2 and 3-0. Each side loses the other after --timeout
+    and trains on as its own pair; the coordinator's records name the partition and count the replicas connected to
+    it. --min-replicas 2 accepts the two of A (the default, a majority of 3, fails the run: docs/faults.md)."""
+    timeout = 10  # a healthy neighbour waits at most --peer-timeout per round: far from being taken for lost
+    args = ["--pattern", "gossip", "--workers", "4", "--peer-timeout", "2", "--timeout", str(timeout)]
+    job = launch(hosts, tmp_path, [*args, "--min-replicas", "2", "--epochs", "150"])
+    try:
+        wait_for(job, 0, "epoch 0:")
+        cut(job, hosts[1])
+        codes = job.wait()
+    finally:
+        job.stop()
+    a, b = job.log(0), job.log(1)
+    assert codes == [0, 0], a[-3000:] + b[-3000:]
+    summary = json.loads((job.dirs[0] / "summary.json").read_text())
+    assert summary["replicas_final"] == 2 and summary["replica_ranks_final"] == [0, 1], summary
+    assert summary["dropped_ranks"] == [2, 3] and summary["peers_lost"] == [2, 3], summary
+    lost = {e["rank"]: e for e in summary["replicas_lost"]}
+    assert sorted(lost) == [2, 3] and not any(e["died"] for e in lost.values()), lost  # alive, cut off
+    assert all(e["reason"] == f"silent for {timeout} s (--timeout)" for e in lost.values()), lost
+    assert re.search(r"replicas: 2 of 4 trained to the end \(lost: rank 2 at step \d+, rank 3 at step \d+\)", a)
+    assert not re.search(r"rank [01]: peer [01] lost", a)  # the healthy neighbour on the same host: never lost
+    for rank, peer in ((0, 3), (1, 2)):  # each side names the partition, the cut-off host too
+        assert f"rank {rank}: peer {peer} lost" in a
+    for rank, peer in ((2, 1), (3, 0)):
+        assert f"rank {rank}: peer {peer} lost" in b
+    assert summary["steps"] == 150 * 11 and summary["test_accuracy"] > 0.8, summary  # A's pair trained to the end
+    assert all((job.dirs[0] / f).is_file() for f in ("config.json", "metrics.jsonl", "model.safetensors"))
+    _no_trustgrad_traceback(a + b)

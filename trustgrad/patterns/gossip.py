@@ -17,7 +17,9 @@ al. 2019, Alg. 1). Each rank keeps a de-biased replica z and a scalar weight w (
 
 Waits never close a connection to a slow peer (``links``: a gloo wait that times out closes the pair for good, and
 the loss cascaded to every rank). At the end every rank waits for its messages still in flight, so a peer that was
-frozen and finished late is part of the result. docs/faults.md has the fault model and what the summary reports.
+frozen and finished late is part of the result; then, if the engine still holds operations with lost peers (a peer
+on another host cut off), the rank closes its connections on purpose before its group is destroyed (``links.release``).
+docs/faults.md has the fault model and what the summary reports.
 
 On a regular graph whose in- and out-peers coincide (ring, random pairs) every w stays 1 and this is exactly
 synchronous D-PSGD, x_i <- sum_j W_ij x_j - lr g_i(x_i) with uniform doubly-stochastic W (Lian et al. 2017); on the
@@ -49,7 +51,7 @@ from ..faults import KILL_ENV, SETUP, Faults
 from ..replica import Replica
 from .base import PATTERNS, Pattern
 from .consensus import ConsensusMonitor
-from .links import DONE, FAILED, PENDING, Op, PeerLinks
+from .links import DONE, FAILED, PENDING, Op, PeerLinks, release
 from .topology import TOPOLOGIES
 
 __all__ = ["PushSum", "Gossip", "KILL_ENV", "min_replicas"]
@@ -260,6 +262,8 @@ class Gossip(Pattern):
         self.final = self._gather(replica, final=True)
         if self.final is not None:
             replica.set_flat_params(self.final.mean)
+        # operations with lost peers that the engine still holds would abort the rank when its group is destroyed
+        release(self.comm, [self.mixer.links, self.monitor.links])
 
     def _gather(self, replica: Replica, final: bool):  # noqa: ANN202
         if self.mixer.rounds > self._gathered_at:

@@ -12,11 +12,20 @@ operation that misses it stays posted: its message is used when it lands. A peer
 fails (it died or closed its side), when an operation with it stays pending for ``give_up`` seconds (the job's
 ``--timeout``), or when the caller evicts it (an invalid message, too far behind). Losing a peer is local and
 logical: its pending operations count as failed at once, later ones are not posted, and whatever of it lands later
-is ignored. Its threads stay blocked on operations that may never complete; they are daemons and end with the rank.
+is ignored. Its threads stay blocked on operations that may never complete, until ``release``.
+
+``release`` (the end of a run): nothing should be in flight when the process group is destroyed and the process ends.
+Across two network-namespace hosts, gossip ranks whose neighbours on the other host were cut off for 20 s, left with
+such operations, died with SIGABRT after their last step ("terminate called without an active exception"), and
+torchrun then killed the coordinator before it wrote the records (docs/multihost.md). So when operations with lost
+peers are still held, the rank closes its connections on purpose with one tiny wait that times out, as the parameter
+server closes a dropped worker's group: the engine fails what it holds and the threads end. At the end
+of the run nothing is left to say to live peers: every operation with them completed in the final ``drain``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import re
@@ -29,12 +38,14 @@ import torch
 
 from ..comm import Comm
 
-__all__ = ["Op", "PeerLinks"]
+__all__ = ["Op", "PeerLinks", "release"]
 
 log = logging.getLogger(__name__)
 
 PENDING, DONE, FAILED = "pending", "done", "failed"
 FOREVER = 7 * 24 * 3600.0  # seconds: a gloo wait that cannot expire within any run
+#: tag of the receive that ``release`` times out on purpose (never sent by anyone)
+RELEASE_TAG = (1 << 31) - 1
 
 
 @dataclass(eq=False)
@@ -60,6 +71,8 @@ class PeerLinks:
         self._queues: dict[int, queue.SimpleQueue] = {}
         self._threads: list[threading.Thread] = []
         self._pending: dict[int, list[Op]] = {}  # per peer, in posting order
+        self._held = 0  # operations the engine still holds (posted, their thread's wait not returned)
+        self._released = False  # after ``release``: the engine's failures are our own doing, not losses
 
     # ------------------------------------------------------------------ posting
     def send(self, tensor: torch.Tensor, peer: int, tag: int) -> Op:
@@ -84,8 +97,15 @@ class PeerLinks:
                 op.state = FAILED
                 return op
             self._pending.setdefault(op.peer, []).append(op)
+            self._held += 1
         self._queue(op.peer).put(op)
         return op
+
+    @property
+    def held(self) -> int:
+        """Operations the engine still holds (a lost peer's never complete)."""
+        with self._cond:
+            return self._held
 
     def backlog(self, peer: int) -> int:
         """Operations with ``peer`` still pending (a slow peer's backlog: what it costs us in memory)."""
@@ -141,9 +161,13 @@ class PeerLinks:
                 self.comm.wait(op.work, FOREVER)  # never expires: an expired gloo wait closes every connection
             except RuntimeError as exc:
                 with self._cond:
-                    self._lose_locked(peer, _reason(exc))
+                    self._held -= 1
+                    if not self._released:
+                        self._lose_locked(peer, _reason(exc))
+                    self._cond.notify_all()
                 continue
             with self._cond:
+                self._held -= 1
                 if op.state == PENDING:  # not already failed by a loss: a lost peer's late message is ignored
                     op.state = DONE
                     self._pending[peer].remove(op)
@@ -163,6 +187,31 @@ class PeerLinks:
             op.state = FAILED
         self._cond.notify_all()
         log.warning("rank %d: peer %d lost: %s", self.comm.rank, peer, reason)
+
+
+def release(comm: Comm, links: list[PeerLinks], grace: float = 5.0) -> bool:
+    """At the end of a run, after every ``links`` drained and closed: if the engine still holds operations (with lost
+    peers), close this rank's connections with a receive that times out on purpose, and wait up to ``grace`` seconds
+    for the engine to fail them; True if it did. See the module docstring for why."""
+    if not any(link.held for link in links):
+        return False
+    lost = sorted({p for link in links for p in link.lost})
+    for link in links:
+        with link._cond:
+            link._released = True
+    log.info("rank %d: closing its connections (operations with lost peers %s still held)", comm.rank, lost)
+    peer = lost[0] if lost else (comm.rank + 1) % comm.world_size  # any peer: the timeout closes every connection
+    with contextlib.suppress(RuntimeError):  # the timeout is the point
+        comm.wait(comm.irecv(torch.zeros(1), peer, RELEASE_TAG), 0.001)
+    deadline = time.monotonic() + grace
+    for link in links:
+        with link._cond:
+            while link._held and time.monotonic() < deadline:
+                link._cond.wait(min(0.1, max(0.0, deadline - time.monotonic())))
+    held = sum(link.held for link in links)
+    if held:
+        log.warning("rank %d: the engine still holds %d operations after closing its connections", comm.rank, held)
+    return True
 
 
 def _reason(exc: Exception) -> str:

@@ -7,10 +7,14 @@ Protocol, for W ranks in a ring (rank r sends to r+1, receives from r-1) and a v
 2. All-gather, W-1 steps: at step s rank r sends chunk (r + 1 - s) and overwrites chunk (r - s) with what it
    receives. Afterwards every rank holds the full sum.
 
-Each rank sends 2 (W-1)/W of the vector: bandwidth-optimal. Chunks are cut into segments of ``segment_bytes`` so a
-large tensor is never one giant message (an unsegmented ring measured 2.2-2.5x the built-in at 400 MB here); every
-segment's receive is posted up front and added as soon as it lands, overlapping the additions with the transfers.
-Chunks of at most four segments go whole (measured at 4 MB: 1 MB segments 1.6x the built-in, whole chunks 1.07x).
+Each rank sends 2 (W-1)/W of the vector: bandwidth-optimal. Latency: the 2 (W-1) steps depend on each other, so a
+step costs at least 2 (W-1) one-way hops; every step's receives are posted one step ahead (see ``ring_all_reduce``)
+so each step after the first costs one hop, as the built-in's does (docs/multihost.md, "Latency").
+
+Chunks are cut into segments of ``segment_bytes`` so a large tensor is never one giant message (an unsegmented ring
+measured 2.2-2.5x the built-in at 400 MB here); every segment's receive is posted up front and added as soon as it
+lands, overlapping the additions with the transfers. Chunks of at most four segments go whole (measured at 4 MB: 1 MB
+segments 1.6x the built-in, whole chunks 1.07x).
 """
 
 from __future__ import annotations
@@ -40,39 +44,53 @@ def ring_all_reduce(comm: Comm, flat: torch.Tensor, segment_bytes: int = 1 << 20
     segment = max(1, segment_bytes // flat.element_size())
     if largest <= 4 * segment:
         segment = max(1, largest)
-    scratch = torch.empty(largest, dtype=flat.dtype, device=flat.device)
-    for s in range(world - 1):
-        _exchange(comm, flat, bounds, (rank - s) % world, (rank - s - 1) % world, segment, scratch)
-    for s in range(world - 1):
-        _exchange(comm, flat, bounds, (rank + 1 - s) % world, (rank - s) % world, segment, None)
+    # (chunk sent, chunk received, reduce?) per step: W-1 reduce-scatter steps, then W-1 all-gather steps
+    steps = [((rank - s) % world, (rank - s - 1) % world, True) for s in range(world - 1)]
+    steps += [((rank + 1 - s) % world, (rank - s) % world, False) for s in range(world - 1)]
+    # two scratch buffers (one for W = 2): a step's receives are posted while the step before adds from the other
+    scratch = [torch.empty(largest, dtype=flat.dtype, device=flat.device) for _ in range(min(2, world - 1))]
+    posted = _post_receives(comm, flat, bounds, steps, 0, segment, scratch)
+    for k in range(len(steps)):
+        # Post the next step's receives before this step's messages are waited for. gloo sends only once the peer
+        # has posted the matching receive (docs/faults.md), so a receive posted when its step starts costs a second
+        # one-way hop per step (the notice, then the data). Measured with 4 ranks and 50 ms one way: a training
+        # step took 611 ms with receives posted at each step's start (12 hops, as the built-in's 609 ms), 366 ms now
+        # (7 hops: the first step's notice, then one per step; docs/multihost.md, "Latency").
+        ahead = _post_receives(comm, flat, bounds, steps, k + 1, segment, scratch) if k + 1 < len(steps) else []
+        send_chunk = steps[k][0]
+        s0, s1 = bounds[send_chunk], bounds[send_chunk + 1]
+        nxt = (rank + 1) % world
+        sends = [comm.isend(flat[start : min(start + segment, s1)], nxt, k) for start in range(s0, s1, segment)]
+        for work, start, stop, target, reduce in posted:
+            comm.wait(work)
+            if reduce:
+                flat[start:stop].add_(target)
+        for work in sends:
+            comm.wait(work)
+        posted = ahead
     return flat
 
 
-def _exchange(
+def _post_receives(
     comm: Comm,
     flat: torch.Tensor,
     bounds: list[int],
-    send_chunk: int,
-    recv_chunk: int,
+    steps: list[tuple[int, int, bool]],
+    k: int,
     segment: int,
-    scratch: torch.Tensor | None,
-) -> None:
-    """Send one chunk to the next rank while receiving one from the previous; add it (``scratch``) or copy it."""
-    nxt, prv = (comm.rank + 1) % comm.world_size, (comm.rank - 1) % comm.world_size
+    scratch: list[torch.Tensor],
+) -> list[tuple]:
+    """Post step ``k``'s receives from the previous rank: into a scratch buffer to be added (reduce-scatter), or
+    straight into ``flat`` (all-gather: that chunk's reduce-scatter use ended before the previous rank can send it)."""
+    prv = (comm.rank - 1) % comm.world_size
+    _, recv_chunk, reduce = steps[k]
     r0, r1 = bounds[recv_chunk], bounds[recv_chunk + 1]
-    pending = []
+    out = []
     for start in range(r0, r1, segment):
         stop = min(start + segment, r1)
-        target = scratch[start - r0 : stop - r0] if scratch is not None else flat[start:stop]
-        pending.append((comm.irecv(target, prv), start, stop, target))
-    s0, s1 = bounds[send_chunk], bounds[send_chunk + 1]
-    sends = [comm.isend(flat[start : min(start + segment, s1)], nxt) for start in range(s0, s1, segment)]
-    for work, start, stop, target in pending:
-        comm.wait(work)
-        if scratch is not None:
-            flat[start:stop].add_(target)
-    for work in sends:
-        comm.wait(work)
+        target = scratch[k % 2][start - r0 : stop - r0] if reduce else flat[start:stop]
+        out.append((comm.irecv(target, prv, k), start, stop, target, reduce))
+    return out
 
 
 @PATTERNS.register("ring")
