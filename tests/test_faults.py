@@ -215,14 +215,18 @@ def test_the_human_summary_says_who_trained_to_the_end():
     assert ps.splitlines()[-1] == "  replicas: 3 of 4 trained to the end (lost: worker 1)"
 
 
+def _silent_until(done: list[pathlib.Path], limit: float = 120) -> None:
+    """A peer that is alive but posts nothing, until every file of ``done`` exists (or ``limit`` seconds pass)."""
+    deadline = time.monotonic() + limit
+    while not all(f.exists() for f in done) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def _silent_peer(ctx, flags: str) -> dict | None:
     """Rank 2 posts nothing (alive but silent); ranks 0 and 1 mix 24 rounds under a backlog budget of 8 rounds."""
     done = [pathlib.Path(flags) / f"done{r}" for r in (0, 1)]
     if ctx.rank == 2:  # stay alive (a dead peer is a different loss) until both honest ranks are done
-        deadline = time.monotonic() + 120
-        while not all(f.exists() for f in done) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        return None
+        return _silent_until(done)
     mixer = PushSum(Comm(ctx, timeout=60), "ring", seed=0, peer_timeout=0.05, backlog_bytes=1)
     z = torch.full((16,), float(ctx.rank + 1))
     for _ in range(24):
@@ -252,10 +256,7 @@ def _held_at_the_end(ctx, folder: str) -> dict | None:
 
     done = [pathlib.Path(folder) / f"done{r}" for r in (0, 1)]
     if ctx.rank == 2:
-        deadline = time.monotonic() + 120
-        while not all(f.exists() for f in done) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        return None
+        return _silent_until(done)
     mixer = PushSum(Comm(ctx, timeout=60), "ring", seed=0, peer_timeout=0.05, backlog_bytes=1)
     z = torch.full((16,), float(ctx.rank + 1))
     for _ in range(12):
