@@ -148,6 +148,12 @@ _GROUPS: list[tuple[str, list[tuple[str, str, Any, str]]]] = [
             ("--proof-k", "proof.k", int, "steps between proof checkpoints (default 10)"),
             ("--audit-rate", "proof.audit_rate", float, "fraction of claims audited, in (0, 1]"),
             (
+                "--excluded-shard",
+                "proof.excluded_shard",
+                str,
+                "ps --proof audit: drop (default) an excluded worker's shard, or let the auditor train it in its place",
+            ),
+            (
                 "--aggregate",
                 "aggregate",
                 str,
