@@ -239,7 +239,8 @@ def test_with_the_auditor_standing_in_an_attacked_skewed_run_ends_on_the_all_hon
             malicious=malicious, partition="dirichlet", partition_alpha=0.1,
         )  # fmt: skip
         proof = {"mode": "audit", "audit_rate": rate, "excluded_shard": "auditor"}
-        return run(cfg.replace(pattern={"name": "ps"}, proof=proof)).summary, load_file(f"{tmp_path / folder}/model.safetensors")
+        summary = run(cfg.replace(pattern={"name": "ps"}, proof=proof)).summary
+        return summary, load_file(str(tmp_path / folder / "model.safetensors"))
 
     (s, m), (h, mh) = job("attacked", ("rank=2,attack=scale,strength=0.5",)), job("honest", ())
     assert s["excluded_workers"] == [1] and h["excluded_workers"] == []

@@ -61,7 +61,7 @@ ATTACKS = ("none", "alie", "ipm", "min-max", "min-sum", "backdoor", "sign-flip",
 HONEST_ONLY = "honest-only"
 QUICK = {
     "attacks": ["none", "ipm"],
-    "defences": ["mean", "krum", "median", "audit-1"],
+    "defences": ["mean", "krum", "median", "audit-1", "audit-1-stand-in"],
     "partitions": ["iid"],
     "epochs": 2,
     "seeds": 1,
