@@ -120,3 +120,81 @@ def _cli(args: list[str]) -> BenchResult:
     ns = parser.parse_args(args)
     result = run(ns.values, ns.workers, ns.repeats)
     return BenchResult("he_raw", table(result), result, result["passed"])
+
+
+# -- the raw-OpenFHE anchor of the blind step check (``trustgrad bench blind``) ---------------------------------------
+
+
+def raw_step_check(cc: Any, pk: Any, x: np.ndarray, y: np.ndarray, w: np.ndarray, b: np.ndarray) -> dict[str, Any]:
+    """The SGD-step check of a batch of ``logreg-poly`` written directly against OpenFHE (the prototype of
+    docs/proposal.md's blind check): the batch is encrypted as one matrix, 16 features per ciphertext, so no
+    gathering, no masks and no grouping. Slot ``fl * 512 + j * 16 + c`` of ciphertext k holds ``x_j[16 k + fl]``;
+    ``W_k`` holds ``W[c, 16 k + fl]`` for every j; the weight claim sits at j = 0. Logits: 4 products and 4
+    rotations; polynomial sigmoid; residuals times each X_k; sums over the 32 samples (5 rotations per ciphertext);
+    the masked squared distance to the claim summed into slot 0 (8 rotations). Depth 6.
+
+    Needs ``cc`` with depth >= 6, 8192 slots, rotation keys for the powers of two 1..4096, a batch of at most 32
+    samples of 64 features and 10 classes. Returns the encrypted verdict and the seconds of encryption (batch, model,
+    claim: what the data owner, server and worker would each encrypt) and of the check itself.
+    """
+    from trustgrad.blind.models import SIGMOID, reference_gradient
+
+    fl, jn, cp, quads = 16, 32, 16, 4
+    bsz, feats = x.shape
+    classes = w.shape[0]
+    if cc.GetRingDimension() // 2 != fl * jn * cp or feats != fl * quads or bsz > jn or classes > cp:
+        raise ValueError("raw_step_check is written for 8192 slots, 64 features, <= 32 samples, <= 16 classes")
+    dw, db = reference_gradient("poly", x, np.eye(classes)[y] if y.ndim == 1 else y, w, b)
+    onehot = np.eye(classes)[y] if y.ndim == 1 else y
+
+    def grid() -> np.ndarray:
+        return np.zeros((fl, jn, cp))
+
+    def enc(g: np.ndarray) -> Any:
+        return cc.Encrypt(pk, cc.MakeCKKSPackedPlaintext(g.reshape(-1).tolist()))
+
+    def rotsum(ct: Any, steps: list[int]) -> Any:
+        for r in steps:
+            ct = cc.EvalAdd(ct, cc.EvalRotate(ct, r))
+        return ct
+
+    t0 = time.perf_counter()
+    xs, ws, cs = [], [], []
+    for k in range(quads):
+        gx, gw, gc = grid(), grid(), grid()
+        gx[:, :bsz, :classes] = x[:, 16 * k : 16 * k + fl].T[:, :, None]
+        gw[:, :, :classes] = w[:, 16 * k : 16 * k + fl].T[:, None, :]
+        gc[:, 0, :classes] = dw[:, 16 * k : 16 * k + fl].T
+        xs.append(enc(gx))
+        ws.append(enc(gw))
+        cs.append(enc(gc))
+    gy, gb, gcb = grid(), grid(), grid()
+    gy[:, :bsz, :classes] = onehot[None, :, :]
+    gb[:, :, :classes] = b
+    gcb[0, 0, :classes] = db
+    y_ct, b_ct, cb_ct = enc(gy), enc(gb), enc(gcb)
+    t_encrypt = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    mask, cell = grid(), grid()
+    mask[:, 0, :classes] = 1.0
+    cell[0, :bsz, :classes] = 1.0 / bsz
+    mask_pt = cc.MakeCKKSPackedPlaintext(mask.reshape(-1).tolist())
+    bias_pt = cc.MakeCKKSPackedPlaintext((mask * (np.arange(fl) == 0)[:, None, None]).reshape(-1).tolist())
+    cell_pt = cc.MakeCKKSPackedPlaintext(cell.reshape(-1).tolist())
+    z = cc.Relinearize(cc.EvalAddMany([cc.EvalMultNoRelin(xk, wk) for xk, wk in zip(xs, ws)]))
+    z = cc.EvalAdd(rotsum(z, [512, 1024, 2048, 4096]), b_ct)
+    c0, c1, c3 = SIGMOID
+    p = cc.EvalAdd(cc.EvalAdd(cc.EvalMult(cc.EvalMult(z, c3), cc.EvalSquare(z)), cc.EvalMult(z, c1)), c0)
+    r = cc.EvalSub(p, y_ct)
+    sample_rots = [16, 32, 64, 128, 256]
+    diffs = []
+    for xk, ck in zip(xs, cs):
+        t = rotsum(cc.EvalMult(r, cc.EvalMult(xk, 1.0 / bsz)), sample_rots)
+        diffs.append(cc.EvalSub(cc.EvalMult(t, mask_pt), cc.EvalMult(ck, mask_pt)))
+    tb = rotsum(cc.EvalMult(r, cell_pt), sample_rots)
+    diffs.append(cc.EvalSub(cc.EvalMult(tb, bias_pt), cc.EvalMult(cb_ct, bias_pt)))
+    q = cc.Relinearize(cc.EvalAddMany([cc.EvalMultNoRelin(d, d) for d in diffs]))
+    verdict = rotsum(q, [1, 2, 4, 8, 512, 1024, 2048, 4096])
+    t_check = time.perf_counter() - t0
+    return {"verdict": verdict, "encrypt_s": t_encrypt, "check_s": t_check, "key_switches": 1 + 4 + 2 + 4 + 25 + 1 + 8}

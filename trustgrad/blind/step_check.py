@@ -66,7 +66,7 @@ from __future__ import annotations
 import json
 import logging
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,6 +83,7 @@ __all__ = [
     "BlindVerifier",
     "EncryptedGradient",
     "Verdict",
+    "RoundCheck",
     "encrypt_samples",
     "encrypt_model",
     "encrypt_claim",
@@ -216,6 +217,26 @@ class SampleStore:
             groups[g].setdefault(int(i), []).append(j)
         return groups
 
+    def round_groups(self, batches: Sequence[Sequence[int]]) -> list[dict[tuple[int, int], list[int]]]:
+        """Step 1 over the samples of several batches (batch i's sample s is ``(i, s)``): per group,
+        ``(i, s) -> positions``, a position used once per group, so groups fill across batches."""
+        missing = [int(s) for b in batches for s in b if int(s) not in self._where]
+        if missing:
+            raise ConfigError(f"batch names samples the server does not hold: {missing[:5]}")
+        used: list[set[int]] = []
+        groups: list[dict[tuple[int, int], list[int]]] = []
+        for i, batch in enumerate(batches):
+            for s in batch:
+                j = self._where[int(s)][2]
+                g = next((n for n, u in enumerate(used) if j not in u), None)
+                if g is None:
+                    used.append(set())
+                    groups.append({})
+                    g = len(used) - 1
+                used[g].add(j)
+                groups[g].setdefault((i, int(s)), []).append(j)
+        return groups
+
     def cts(self, sample_id: int) -> tuple[Any, Any]:
         x, y, _ = self._where[sample_id]
         return x, y
@@ -239,6 +260,17 @@ class Verdict:
     bound: float
     accepted: bool
     reason: str
+
+
+@dataclass
+class RoundCheck:
+    """All claims of a round checked in one evaluation (:meth:`BlindVerifier.check_round`): ``total`` is the
+    encrypted sum of every claim's weighted distance in slot 0, ``parts`` each claim's masked squared differences
+    before the final sum (decrypted one by one only if the total fails: :meth:`BlindVerifier.finish_round`)."""
+
+    total: EncryptedVector
+    parts: list[Any]
+    decryptions: int = 0
 
 
 def judge(distance: float, bound: float) -> Verdict:
@@ -335,24 +367,32 @@ class BlindVerifier:
         cc, lay = self._cc, self.layout
         cw, cb = claim.ciphertexts
         with _wire.openfhe_errors("blind distance"):
-            if weights is None:
-                gmask = self._plain("gmask", lambda: lay.gradient_mask() * self.gain)
-                bmask = self._plain("bmask", lambda: lay.bias_mask() * self.gain)
-                gclaim = self._plain(("gmask", claim_scale), lambda: lay.gradient_mask() * self.gain / claim_scale)
-                bclaim = self._plain(("bmask", claim_scale), lambda: lay.bias_mask() * self.gain / claim_scale)
-            else:
-                weights = np.asarray(weights, np.float64).reshape(-1)
-                if weights.shape != (lay.slots,) or not np.all((weights >= 0) & (weights <= 1)):
-                    raise ConfigError(f"weights must be {lay.slots} values in [0, 1]")
-                g, b = lay.gradient_mask() * weights * self.gain, lay.bias_mask() * weights * self.gain
-                gmask, bmask, gclaim, bclaim = (
-                    cc.MakeCKKSPackedPlaintext(m) for m in (g, b, g / claim_scale, b / claim_scale)
-                )
+            gmask, bmask, gclaim, bclaim = self._distance_masks(claim_scale, weights)
             d = cc.EvalSub(cc.EvalMult(gradient.weights, gmask), cc.EvalMult(cw, gclaim))
             db = cc.EvalSub(cc.EvalMult(gradient.bias, bmask), cc.EvalMult(cb, bclaim))
             q = cc.EvalAdd(cc.EvalSquare(d), cc.EvalSquare(db))
             q = self._rotsum(q, lay.class_rotations + lay.feature_rotations)
-            level = int(q.GetLevel())
+        return self._verdict_vector(q)
+
+    def _distance_masks(self, claim_scale: float, weights: np.ndarray | None) -> tuple[Any, Any, Any, Any]:
+        """Step 6's plaintexts: gain (times the secret weights) on the gradient's slots, and the same over
+        ``claim_scale`` for the claim."""
+        cc, lay = self._cc, self.layout
+        if weights is None:
+            gmask = self._plain("gmask", lambda: lay.gradient_mask() * self.gain)
+            bmask = self._plain("bmask", lambda: lay.bias_mask() * self.gain)
+            gclaim = self._plain(("gmask", claim_scale), lambda: lay.gradient_mask() * self.gain / claim_scale)
+            bclaim = self._plain(("bmask", claim_scale), lambda: lay.bias_mask() * self.gain / claim_scale)
+            return gmask, bmask, gclaim, bclaim
+        weights = np.asarray(weights, np.float64).reshape(-1)
+        if weights.shape != (lay.slots,) or not np.all((weights >= 0) & (weights <= 1)):
+            raise ConfigError(f"weights must be {lay.slots} values in [0, 1]")
+        g, b = lay.gradient_mask() * weights * self.gain, lay.bias_mask() * weights * self.gain
+        gm, bm, gc, bc = (cc.MakeCKKSPackedPlaintext(m) for m in (g, b, g / claim_scale, b / claim_scale))
+        return gm, bm, gc, bc
+
+    def _verdict_vector(self, q: Any) -> EncryptedVector:
+        level = int(q.GetLevel())
         return EncryptedVector(
             self.context, [q], 1, "float64", self.public_key.tag, min(level, self.context.params.depth)
         )
@@ -377,6 +417,104 @@ class BlindVerifier:
         """Largest distance that decrypts without wrapping around (larger ones decrypt to a random residue)."""
         p = self.context.params
         return 2.0 ** (p.first_mod_bits - p.scale_bits - 1) / self.gain**2
+
+    def check_round(
+        self,
+        store: SampleStore,
+        batches: Sequence[Sequence[int]],
+        model: EncryptedVector,
+        claims: Sequence[EncryptedVector],
+        *,
+        claim_scale: float = 1.0,
+        weights: Sequence[np.ndarray] | None = None,
+    ) -> RoundCheck:
+        """Steps 1-7 for every claim of a round in one evaluation (claim i: gradient of ``batches[i]``).
+
+        The same circuit as :meth:`recompute` and :meth:`distance_to`, packed: step 1 groups the samples of *all*
+        claims (one per position per group, so a round of k batches needs about k B / J groups instead of k times
+        the per-batch greedy's), steps 2-3 run once per group, step 4 multiplies each group's residuals by each
+        claim's own samples (claim i's sums never see claim j's samples), products are summed before one
+        relinearisation, and step 7's rotations run once on the sum of the claims' weighted squared differences.
+        :meth:`finish_round` decrypts that sum; only if it fails are the claims' distances decrypted one by one.
+        """
+        if len(batches) != len(claims) or not claims:
+            raise ConfigError(
+                f"check_round needs one batch per claim, got {len(batches)} batches, {len(claims)} claims"
+            )
+        if weights is not None and len(weights) != len(claims):
+            raise ConfigError("check_round needs one weight vector per claim")
+        if not (np.isfinite(claim_scale) and claim_scale > 0):
+            raise ConfigError(f"claim_scale must be a positive number, got {claim_scale}")
+        self._check_vector(model, "model")
+        for claim in claims:
+            self._check_vector(claim, "claim")
+        if store.tag != self.public_key.tag:
+            raise CryptoError("the stored samples were not encrypted under the verifier's public key")
+        sizes = [len(b) for b in batches]
+        if min(sizes) < 1:
+            raise ConfigError("a batch is empty")
+        cc, lay = self._cc, self.layout
+        w_ct, b_ct = model.ciphertexts
+        n = len(claims)
+        t_parts: list[list[Any]] = [[] for _ in range(n)]
+        tb_parts: list[list[Any]] = [[] for _ in range(n)]
+        with _wire.openfhe_errors("blind round check"):
+            for group in store.round_groups(batches):  # step 1, over the union of the batches
+                xs: dict[int, list[Any]] = {}
+                ys, cells = [], {}
+                for (i, sid), pos in group.items():
+                    x_ct, y_ct = store.cts(sid)
+                    mask = self._plain(("pos", tuple(pos)), lambda pos=pos: lay.position_mask(pos))
+                    xs.setdefault(i, []).append(cc.EvalMult(x_ct, mask))
+                    ys.append(cc.EvalMult(y_ct, mask))
+                    cells.setdefault(i, []).extend(pos)
+                xi = {i: _sum(cc, v) for i, v in xs.items()}
+                xg, yg = _sum(cc, list(xi.values())), _sum(cc, ys)
+                z = self._rotsum(cc.EvalMult(xg, w_ct), lay.feature_rotations)  # step 2
+                r = cc.EvalSub(self._activation(cc.EvalAdd(z, b_ct)), yg)  # steps 3-4
+                for i, x in xi.items():
+                    t_parts[i].append(cc.EvalMultNoRelin(r, cc.EvalMult(x, 1.0 / sizes[i])))
+                    cell = self._plain(
+                        ("cell", tuple(sorted(cells[i])), sizes[i]),
+                        lambda p=cells[i], s=sizes[i]: lay.bias_cell_mask(p, 1 / s),
+                    )
+                    tb_parts[i].append(cc.EvalMult(r, cell))
+            parts = []
+            for i, claim in enumerate(claims):
+                s = self._rotsum(cc.Relinearize(_sum(cc, t_parts[i])), lay.sample_rotations)  # step 5
+                sb = self._rotsum(_sum(cc, tb_parts[i]), lay.sample_rotations)
+                gmask, bmask, gclaim, bclaim = self._distance_masks(
+                    claim_scale, None if weights is None else weights[i]
+                )
+                cw, cb = claim.ciphertexts
+                d = cc.EvalSub(cc.EvalMult(s, gmask), cc.EvalMult(cw, gclaim))  # step 6
+                db = cc.EvalSub(cc.EvalMult(sb, bmask), cc.EvalMult(cb, bclaim))
+                parts.append(cc.Relinearize(cc.EvalAdd(cc.EvalMultNoRelin(d, d), cc.EvalMultNoRelin(db, db))))
+            total = self._rotsum(_sum(cc, parts), lay.class_rotations + lay.feature_rotations)  # step 7, once
+        return RoundCheck(self._verdict_vector(total), parts)
+
+    def finish_round(
+        self,
+        packed: RoundCheck,
+        distances_of: Callable[[list[EncryptedVector]], list[float]],
+        bound: float | None = None,
+    ) -> list[float]:
+        """The round's distances: ``distances_of`` decrypts verdicts (shared key: ``finish(decrypt(...))``;
+        threshold: the parties' partials, fused) and returns distances. First the sum of every claim's weighted
+        distance: within ``bound`` (default :attr:`bound`), every claim is accepted and each distance is reported as
+        that sum (an upper bound on each: every term is a weighted square). Otherwise each claim's own verdict is
+        decrypted, exactly as :meth:`distance_to` would have made it, and judged alone."""
+        bound = self.bound if bound is None else bound
+        total = distances_of([packed.total])[0]
+        packed.decryptions = 1
+        if judge(total, bound).accepted:
+            return [total] * len(packed.parts)
+        lay = self.layout
+        with _wire.openfhe_errors("blind round check"):
+            each = [self._verdict_vector(self._rotsum(q, lay.class_rotations + lay.feature_rotations))
+                    for q in packed.parts]  # fmt: skip
+        packed.decryptions += len(each)
+        return distances_of(each)
 
     def distance(
         self, store: SampleStore, batch: Sequence[int], model: EncryptedVector, claim: EncryptedVector
