@@ -312,6 +312,8 @@ def render_summary(s: dict[str, Any]) -> str:
     ]
     if s.get("dropped_ranks"):
         lines.append(f"  dropped ranks: {s['dropped_ranks']}")
+    if s.get("stand_in_gradients"):
+        lines.append(f"  the auditor trained the excluded shards in their place: {s['stand_in_gradients']} gradients")
     if "replicas_final" in s:  # patterns that survive losses say who trained to the end
         lost = ", ".join(
             f"{'rank' if 'rank' in e else 'worker'} {e.get('rank', e.get('worker'))}"
