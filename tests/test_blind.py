@@ -35,6 +35,7 @@ from trustgrad.crypto import (
     PartialDecryption,
     PublicKey,
     decrypt,
+    encrypt,
     fuse,
     joint_eval_mult_finish,
     joint_eval_mult_round1,
@@ -283,3 +284,110 @@ def test_threshold_three_parties_blind_check(digits):
     flooded = BOUND + 7 * FLOODING.sigma(ctx.params.scale_bits) * np.sqrt(3) / GAIN**2
     assert abs(dist(g, FLOODING)) <= flooded
     assert dist((-g[0], -g[1])) == pytest.approx(squared_distance(g, (-g[0], -g[1])), rel=1e-6)
+
+
+# -- a round's claims in one evaluation, and claims that are not model-layout real vectors -------------------------
+
+
+def _round(poly, digits, seed):
+    ctx, lay, pk, sk, store = poly
+    rng = np.random.default_rng(seed)
+    batches = [rng.choice(48, 12, replace=False) for _ in range(3)]
+    w, b = _model(seed)
+    verifier = BlindVerifier(pk, lay, "poly", gain=GAIN)
+    grads = [_grad("poly", digits, bt, w, b) for bt in batches]
+    weights = [rng.uniform(0.5, 1.0, lay.slots) for _ in batches]
+    return verifier, batches, encrypt_model(pk, lay, w, b), grads, weights
+
+
+def _distances(verifier, sk):
+    def of(vectors):
+        out = []
+        for v in vectors:
+            try:
+                out.append(verifier.finish(decrypt(sk, v)))
+            except CryptoError:  # OpenFHE refuses to decode it: a verdict that is not a number, rejected
+                out.append(float("nan"))
+        return out
+
+    return of
+
+
+def test_round_check_accepts_honest_rounds_with_one_decryption_and_names_the_liar(poly, digits):
+    ctx, lay, pk, sk, store = poly
+    verifier, batches, model, grads, weights = _round(poly, digits, 11)
+    claims = [encrypt_claim(pk, lay, *g) for g in grads]
+    packed = verifier.check_round(store, batches, model, claims, weights=weights)
+    distances = verifier.finish_round(packed, _distances(verifier, sk))
+    assert packed.decryptions == 1 and all(judge(d, BOUND).accepted for d in distances)
+    # batches overlap across claims: each claim's sums still see only its own samples (a liar on worker 1)
+    bad = (grads[1][0].copy(), grads[1][1])
+    bad[0][3, 20] += 1e-4
+    claims[1] = encrypt_claim(pk, lay, *bad)
+    packed = verifier.check_round(store, batches, model, claims, weights=weights)
+    distances = verifier.finish_round(packed, _distances(verifier, sk))
+    assert packed.decryptions == 4
+    assert [judge(d, BOUND).accepted for d in distances] == [True, False, True]
+    alone = verifier.finish(decrypt(sk, verifier.distance_to(verifier.recompute(store, batches[1], model), claims[1],
+                                                              weights=weights[1])))  # fmt: skip
+    assert abs(distances[1] - alone) <= BOUND and 0.25e-8 <= alone <= 1.01e-8
+
+
+def test_claims_that_are_not_model_layout_vectors_are_rejected(poly, digits):
+    """The strongest claims against a check that compares only the slots the gradient lands in: right there, wrong
+    in the replicas the model multiplies later samples with (an honest worker framed next round), in the padding,
+    or in one feature block of the bias."""
+    ctx, lay, pk, sk, store = poly
+    verifier, batches, model, grads, weights = _round(poly, digits, 12)
+    rec = verifier.recompute(store, batches[0], model)
+    dw, db = grads[0]
+    cw, cb = lay.pack_weights(dw), lay.pack_bias(db)
+    grid = (lay.fp, lay.per_ct, lay.cp)
+    replicas = cw.reshape(grid).copy()
+    replicas[:, 1:, :CLASSES] += 0.05  # j = 0 exact
+    padding = cw.reshape(grid).copy()
+    padding[:, :, CLASSES:] = 0.3
+    block = cb.reshape(grid).copy()
+    block[5, :, :CLASSES] -= 0.02  # j = 0 of block 0 exact
+    forged = {"replicas": (replicas, cb), "padding": (padding, cb), "bias block": (cw, block)}
+    check = _distances(verifier, sk)
+    for name, (w_slots, b_slots) in forged.items():
+        claim = encrypt(pk, np.concatenate([w_slots.reshape(-1), b_slots.reshape(-1)]))
+        d = check([verifier.distance_to(rec, claim, weights=weights[0])])[0]
+        assert not judge(d, BOUND).accepted and d > 1e-6, (name, d)
+        claims = [claim] + [encrypt_claim(pk, lay, *g) for g in grads[1:]]
+        packed = verifier.check_round(store, batches, model, claims, weights=weights)
+        verdicts = [judge(x, BOUND).accepted for x in verifier.finish_round(packed, check)]
+        assert verdicts == [False, True, True], (name, verdicts)
+
+
+def test_a_claim_whose_imaginary_parts_cancel_its_distance_is_rejected(poly, digits):
+    """CKKS slots are complex: with D = a + i t, D^2 has real part a^2 - t^2, so a prover that encodes t = |a| next
+    to a poisoned real part a (here a sign flip x4) zeroes the real part of every squared difference, whatever the
+    secret weights. Its verdict's imaginary part (2 a t) is then large, and OpenFHE's CKKS decoder, which estimates
+    the error from the imaginary parts, refuses it or floods the real part with noise of that size."""
+    import openfhe
+
+    ctx, lay, pk, sk, store = poly
+    verifier, batches, model, grads, weights = _round(poly, digits, 13)
+    dw, db = grads[0]
+    poison_w, poison_b = -5 * dw, -5 * db  # the claim: -4 g
+    complex_params = BlindParams.for_check("poly")._openfhe()
+    complex_params.SetCKKSDataType(openfhe.COMPLEX)
+    encoder = openfhe.GenCryptoContext(complex_params)  # an attacker's encoder that keeps imaginary parts
+
+    def forged(real, imag):
+        pt = encoder.MakeCKKSPackedPlaintext([complex(a, t) for a, t in zip(real, imag)])
+        assert max(abs(complex(v).imag) for v in pt.GetCKKSPackedValue()) > 0.1  # it does carry imaginary parts
+        return ctx.cc.Encrypt(pk._pk, pt)
+
+    cw = forged(lay.pack_weights(dw + poison_w), lay.pack_weights(np.abs(poison_w)))
+    cb = forged(lay.pack_bias(db + poison_b), lay.pack_bias(np.abs(poison_b)))
+    claim = EncryptedVector(ctx, [cw, cb], 2 * lay.slots, "float64", pk.tag, 0)
+    check = _distances(verifier, sk)
+    rec = verifier.recompute(store, batches[0], model)
+    d = check([verifier.distance_to(rec, claim, weights=weights[0])])[0]
+    assert not judge(d, BOUND).accepted, d
+    claims = [claim] + [encrypt_claim(pk, lay, *g) for g in grads[1:]]
+    packed = verifier.check_round(store, batches, model, claims, weights=weights)
+    assert [judge(x, BOUND).accepted for x in verifier.finish_round(packed, check)] == [False, True, True]

@@ -152,6 +152,25 @@ class Layout:
         g[0, list(positions), : self.classes] = value
         return g.reshape(-1)
 
+    def replica_mask(self, *, bias: bool = False) -> np.ndarray:
+        """1 on (f < F, j < J - 1, c < C) (bias: every f < Fp): cells whose value must equal the next position's
+        (replicas over j)."""
+        g = self._grid()
+        g[: self.fp if bias else self.features, : self.per_ct - 1, : self.classes] = 1.0
+        return g.reshape(-1)
+
+    def padding_mask(self, *, bias: bool) -> np.ndarray:
+        """1 on the slots a model-layout ciphertext leaves zero: padded classes, and (weights only) padded features."""
+        g = np.ones((self.fp, self.per_ct, self.cp))
+        g[: self.fp if bias else self.features, :, : self.classes] = 0.0
+        return g.reshape(-1)
+
+    def block_chain_mask(self) -> np.ndarray:
+        """1 on (f < Fp - 1, j = 0, c < C): bias cells whose value must equal the next feature block's."""
+        g = self._grid()
+        g[: self.fp - 1, 0, : self.classes] = 1.0
+        return g.reshape(-1)
+
     def gradient_mask(self) -> np.ndarray:
         """1 on (f < F, j = 0, c < C): the slots that hold the recomputed weight gradient."""
         g = self._grid()

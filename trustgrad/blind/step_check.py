@@ -67,7 +67,7 @@ import json
 import logging
 import struct
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -270,6 +270,9 @@ class RoundCheck:
 
     total: EncryptedVector
     parts: list[Any]
+    claims: list[EncryptedVector] = field(default_factory=list)
+    claim_scale: float = 1.0
+    weights: list[np.ndarray] | None = None
     decryptions: int = 0
 
 
@@ -370,7 +373,9 @@ class BlindVerifier:
             gmask, bmask, gclaim, bclaim = self._distance_masks(claim_scale, weights)
             d = cc.EvalSub(cc.EvalMult(gradient.weights, gmask), cc.EvalMult(cw, gclaim))
             db = cc.EvalSub(cc.EvalMult(gradient.bias, bmask), cc.EvalMult(cb, bclaim))
-            q = cc.EvalAdd(cc.EvalSquare(d), cc.EvalSquare(db))
+            q = cc.EvalAdd(
+                cc.EvalAdd(cc.EvalSquare(d), cc.EvalSquare(db)), self._consistency(cw, cb, claim_scale, weights)
+            )
             q = self._rotsum(q, lay.class_rotations + lay.feature_rotations)
         return self._verdict_vector(q)
 
@@ -390,6 +395,49 @@ class BlindVerifier:
         g, b = lay.gradient_mask() * weights * self.gain, lay.bias_mask() * weights * self.gain
         gm, bm, gc, bc = (cc.MakeCKKSPackedPlaintext(m) for m in (g, b, g / claim_scale, b / claim_scale))
         return gm, bm, gc, bc
+
+    def _consistency(self, cw: Any, cb: Any, claim_scale: float, weights: np.ndarray | None) -> Any:
+        """Step 6b: the squared (weighted, gained) amount by which a claim is *not* a model-layout vector.
+
+        Steps 6-7 compare only the slots the recomputed gradient lands in (f, j = 0, c < C). A claim is also
+        aggregated into the model whole, and the model's other slots are what step 2 multiplies samples at
+        positions j > 0 with: a claim correct at j = 0 but carrying anything else in its replicas j > 0, its padded
+        classes or features, or a bias that differs between feature blocks, would pass and corrupt the server's
+        model, so that later honest claims fail (an honest worker framed and excluded). This term is zero for
+        exactly the vectors :func:`encrypt_claim` packs: every replica equal to its neighbour (rotation by one
+        position, ``Cp``; for the bias also by one feature block), padding zero. Three rotations of the fresh
+        claim, two of them hoisted (one decomposition of the bias ciphertext)."""
+        cc, lay = self._cc, self.layout
+        wt = np.ones(lay.slots) if weights is None else np.asarray(weights, np.float64).reshape(-1)
+        key = None if weights is None else id(weights)
+        scale = self.gain / claim_scale
+
+        def plain(name: str, make: Any) -> Any:
+            if key is None:
+                return self._plain(("shape", name, claim_scale), lambda: make() * scale)
+            return cc.MakeCKKSPackedPlaintext(make() * wt * scale)
+
+        chain = plain("chain", lay.replica_mask)
+        chain_b = plain("chain_b", lambda: lay.replica_mask(bias=True))
+        pad_w = plain("pad_w", lambda: lay.padding_mask(bias=False))
+        pad_b = plain("pad_b", lambda: lay.padding_mask(bias=True))
+        blocks = plain("blocks", lay.block_chain_mask)
+        m = cc.GetCyclotomicOrder()
+        pre = cc.EvalFastRotationPrecompute(cb)
+        cb_j = cc.EvalFastRotation(cb, lay.cp, m, pre)
+        cb_f = cc.EvalFastRotation(cb, lay.block, m, pre)
+        ew = cc.EvalAddMany(
+            [
+                cc.EvalMult(cw, chain),
+                cc.EvalMult(cw, pad_w),
+                cc.EvalNegate(cc.EvalMult(cc.EvalRotate(cw, lay.cp), chain)),
+            ]
+        )
+        eb = cc.EvalAddMany(
+            [cc.EvalMult(cb, chain_b), cc.EvalMult(cb, pad_b), cc.EvalNegate(cc.EvalMult(cb_j, chain_b))]
+        )
+        ef = cc.EvalSub(cc.EvalMult(cb, blocks), cc.EvalMult(cb_f, blocks))
+        return cc.Relinearize(cc.EvalAddMany([cc.EvalMultNoRelin(e, e) for e in (ew, eb, ef)]))
 
     def _verdict_vector(self, q: Any) -> EncryptedVector:
         level = int(q.GetLevel())
@@ -490,8 +538,12 @@ class BlindVerifier:
                 d = cc.EvalSub(cc.EvalMult(s, gmask), cc.EvalMult(cw, gclaim))  # step 6
                 db = cc.EvalSub(cc.EvalMult(sb, bmask), cc.EvalMult(cb, bclaim))
                 parts.append(cc.Relinearize(cc.EvalAdd(cc.EvalMultNoRelin(d, d), cc.EvalMultNoRelin(db, db))))
-            total = self._rotsum(_sum(cc, parts), lay.class_rotations + lay.feature_rotations)  # step 7, once
-        return RoundCheck(self._verdict_vector(total), parts)
+            # the round's model update is the sum of its claims: that sum must be a model-layout vector
+            sums = [_sum(cc, [c.ciphertexts[k] for c in claims]) for k in (0, 1)]
+            shape = self._consistency(*sums, claim_scale, None if weights is None else weights[0])
+            total = self._rotsum(cc.EvalAdd(_sum(cc, parts), shape), lay.class_rotations + lay.feature_rotations)
+        return RoundCheck(self._verdict_vector(total), parts, claims=list(claims), claim_scale=claim_scale,
+                          weights=None if weights is None else list(weights))  # fmt: skip
 
     def finish_round(
         self,
@@ -510,9 +562,13 @@ class BlindVerifier:
         if judge(total, bound).accepted:
             return [total] * len(packed.parts)
         lay = self.layout
+        cc, rots = self._cc, lay.class_rotations + lay.feature_rotations
+        each = []
         with _wire.openfhe_errors("blind round check"):
-            each = [self._verdict_vector(self._rotsum(q, lay.class_rotations + lay.feature_rotations))
-                    for q in packed.parts]  # fmt: skip
+            for i, (q, claim) in enumerate(zip(packed.parts, packed.claims)):
+                wt = None if packed.weights is None else packed.weights[i]
+                shape = self._consistency(*claim.ciphertexts, packed.claim_scale, wt)
+                each.append(self._verdict_vector(self._rotsum(cc.EvalAdd(q, shape), rots)))
         packed.decryptions += len(each)
         return distances_of(each)
 
