@@ -55,7 +55,27 @@ values above ``2**(first_mod_bits - scale_bits - 1)`` decrypt modulo that range.
 distances, and landing a wrapped value inside ``[-bound, bound]`` (about 5e-10 wide, of a 2**14 / gain^2 range) requires
 predicting the server's computation, including every rescaling error and the encryption noise of ciphertexts the
 prover did not make, to about 1e-10. A range check on the claim itself (a zero-knowledge range proof) would close
-this fully; not built.
+this fully; not built. (d) make the server compute something else next round: the claim is aggregated into the
+model *whole*, and step 2 multiplies samples at positions j > 0 with the model's replicas, which steps 6-7 never
+compare. A claim right at j = 0 and wrong in its replicas, padding or other bias blocks would pass and corrupt the
+server's model, so that the next round's honest claims fail (honest workers framed and excluded). Step 6b
+(:meth:`BlindVerifier._consistency`) adds, with the same secret weights, the squared amount by which the claim is not
+a model-layout vector (every replica equal to its neighbour, padding zero): three rotations with keys the circuit
+already has. (e) use complex slots: CKKS slots are complex and ``D = a + i t`` squares to ``a^2 - t^2 + 2 i a t``,
+so a prover that encrypts ``t = |a|`` next to a poisoned real part zeroes the real part of every squared difference
+whatever the weights. The verdict's imaginary part is then ``2 sum rho^2 a t``; OpenFHE's CKKS decoder estimates the
+approximation error from the imaginary parts and refuses such a verdict (tests: a x4 sign flip decrypts to no number)
+or adds noise of that size. A prover that balances signs over slots so that the imaginary part nearly cancels under
+unknown weights keeps a residual chance when the bound is loose (flooded threshold verdicts); computing ``D conj(D)``
+needs a joint conjugation key (an automorphism key outside the rotation group), not built.
+
+All claims of a round in one evaluation (:meth:`BlindVerifier.check_round`): groups are formed over every claim's
+samples, step 4 multiplies each group's residuals by each claim's own samples (so claim i's sums see only its batch),
+and one verdict holds the sum of the claims' weighted distances plus the shape term of their sum (the vector the
+model is updated with). If that sum is within the bound every claim is accepted (each term is a weighted square);
+otherwise each claim's own verdict, exactly as :meth:`distance_to` makes it, is decrypted and judged alone, so the
+decisions are those of per-claim checks. A liar who wants to hide in the sum must still cancel it with its partial
+decryption, i.e. predict the sum of every claim's weighted distance: (b) above, no easier.
 
 Measured (OpenFHE 1.6.1, N=16384, 1 thread; batch 32 x 64 features x 10 classes): see ``trustgrad bench blind``
 and the module docstring of :mod:`trustgrad.blind` for the numbers.
