@@ -52,6 +52,7 @@ __all__ = ["run"]
 
 K = 1024.0  # claims are pushed as K * gradient (trustgrad.patterns.ps.blind.K)
 MB = 1e6
+LR = 0.3  # the demo's learning rate
 
 
 def _timed(fn: Any) -> tuple[float, Any]:
@@ -125,6 +126,8 @@ def _one(
         t0 = time.perf_counter()
         model, mean = _update(cc, model, claims)
         update_s.append(time.perf_counter() - t0)
+        w = w - LR * np.mean([g[0] for g in grads], axis=0)  # the plaintext twin of the encrypted step
+        b = b - LR * np.mean([g[1] for g in grads], axis=0)
 
     # the anchor: the same check in raw OpenFHE, on the same context and keys, worker 0's first batch
     ids = plan.at(0, 0)
@@ -185,14 +188,15 @@ def _one(
 
 def _update(cc: Any, model: Any, claims: list[Any]) -> tuple[Any, Any]:
     """The server's step: ``model += (-lr / (K k)) * sum(claims)`` and the published mean (blind_server.aggregate)."""
+    from trustgrad.blind.step_check import to_last_level
     from trustgrad.crypto import EncryptedVector
 
     k = len(claims)
     total = [cc.EvalAddMany([c.ciphertexts[i] for c in claims]) for i in range(2)]
-    cts = [cc.EvalAdd(m, cc.EvalMult(t, -0.3 / (K * k))) for m, t in zip(model.ciphertexts, total)]
-    mean = [cc.EvalMult(t, 1.0 / k) for t in total]
+    cts = [cc.EvalAdd(m, cc.EvalMult(t, -LR / (K * k))) for m, t in zip(model.ciphertexts, total)]
+    mean = to_last_level(cc, [cc.EvalMult(t, 1.0 / k) for t in total], model.context.params.depth - 1)
     new = EncryptedVector(model.context, cts, model.length, "float64", model.tag, 1)
-    return new, EncryptedVector(model.context, mean, model.length, "float64", model.tag, 1)
+    return new, EncryptedVector(model.context, mean, model.length, "float64", model.tag, model.context.params.depth)
 
 
 def run(

@@ -17,6 +17,7 @@ import torch
 from ...audit import ClaimChain
 from ...blind import BlindVerifier, EncryptedGradient, EncryptedSamples, SampleStore, encrypt_model, judge
 from ...blind.profile import blind_breakdown
+from ...blind.step_check import to_last_level
 from ...comm import Comm
 from ...config import RunConfig
 from ...crypto import Context, EncryptedVector, fuse
@@ -96,8 +97,9 @@ class BlindServer:
             step = -self.cfg.lr / (K * k)
             cts = [cc.EvalAdd(m, cc.EvalMult(t, step)) for m, t in zip(self.model.ciphertexts, total)]
             self.model = EncryptedVector(self.keys.context, cts, self.model.length, "float64", self.model.tag, 1)
-            mean = [cc.EvalMult(t, 1.0 / k) for t in total]
-        return EncryptedVector(self.keys.context, mean, self.model.length, "float64", self.model.tag, 1)
+            depth = self.keys.context.params.depth  # only decrypted: sent with the fewest towers (4x fewer bytes)
+            mean = to_last_level(cc, [cc.EvalMult(t, 1.0 / k) for t in total], depth - 1)
+        return EncryptedVector(self.keys.context, mean, self.model.length, "float64", self.model.tag, depth)
 
     def publish(self, mean: EncryptedVector) -> None:
         self.latest = mean.to_bytes()
