@@ -35,6 +35,10 @@ MB of ciphertext per sample (J = 8 samples per X/Y ciphertext pair). About 6.7 g
 rotation placement); each group costs one product, 6 rotations and (poly) two more products, so the check is
 dominated by ~40 key switchings in step 2. A further 35 % is available by rotating colliding samples into free
 positions (4 groups) at the cost of 3 more rotation keys.
+
+A round's claims in one evaluation (``verifier.check_round(store, batches, model, claims)``, then
+``verifier.finish_round(packed, decrypt_distances)``): one decryption per round, per-claim verdicts only when the
+sum fails; the per-phase breakdown against a raw-OpenFHE anchor is ``trustgrad bench blind`` (docs/proposal.md).
 """
 
 from trustgrad.blind.models import poly_bce, reference_gradient, squared_distance
@@ -44,6 +48,7 @@ from trustgrad.blind.step_check import (
     BlindVerifier,
     EncryptedGradient,
     EncryptedSamples,
+    RoundCheck,
     SampleStore,
     Verdict,
     encrypt_claim,
@@ -58,6 +63,7 @@ __all__ = [
     "EncryptedGradient",
     "EncryptedSamples",
     "Layout",
+    "RoundCheck",
     "SampleStore",
     "Verdict",
     "context_from_bytes",
