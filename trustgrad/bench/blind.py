@@ -131,7 +131,7 @@ def _one(
 
     # the anchor: the same check in raw OpenFHE, on the same context and keys, worker 0's first batch
     ids = plan.at(0, 0)
-    raw = raw_step_check(cc, pk._pk, x[ids], y[ids], w, b)
+    raw = raw_step_check(cc, pk._pk, x[ids], y[ids], w, b, kind)
     raw_err = abs(cc.Decrypt(sk._sk, raw["verdict"]).GetRealPackedValueArray()[0])
 
     claim_bytes = len(claims[0].to_bytes())
@@ -178,6 +178,7 @@ def _one(
         "round_bytes_parts": per_round,
         "decryptions_per_round": decryptions / rounds,
         "plaintext_s": float(np.median(plain_s)),
+        "check_s": float(np.median(check_s)),
         "raw_check_s": raw["check_s"],
         "raw_encrypt_s": raw["encrypt_s"],
         "raw_honest_error": float(raw_err),
@@ -201,18 +202,25 @@ def _update(cc: Any, model: Any, claims: list[Any]) -> tuple[Any, Any]:
 
 def run(
     batch: int = 32,
-    workers: int = 4,
-    rounds: int = 2,
+    samples: int | None = None,
+    repeats: int = 2,
     seed: int = 0,
     kinds: tuple[str, ...] = ("poly",),
+    *,
+    workers: int = 4,
     modes: tuple[str, ...] = ("claim",),
 ) -> dict[str, Any]:
-    """Measure each check kind and mode; returns ``{"batch": ..., "rows": [per-(kind, mode) dict]}``."""
-    if batch < 1 or workers < 1 or rounds < 1:
-        raise ValueError("need batch, workers and rounds >= 1")
+    """Measure each check kind and mode over ``repeats`` rounds; returns ``{"batch": ..., "rows": [...]}`` (each row
+    also carries ``check_s``, seconds per claim). ``samples``: only the first ``samples`` digits, split over
+    ``samples // batch`` owners (a quick run)."""
+    if batch < 1 or workers < 1 or repeats < 1 or (samples is not None and samples < batch):
+        raise ValueError("need batch, workers and repeats >= 1 and samples >= batch")
+    rounds = repeats
     ds = load_dataset("digits")
     x = ds.x_train.reshape(len(ds.x_train), -1).double().numpy()
     y = ds.y_train.long().numpy()
+    if samples is not None:
+        x, y, workers = x[:samples], y[:samples], max(1, samples // batch)
     rows = [_one(k, x, y, workers, batch, rounds, seed, m) for k in kinds for m in modes]
     return {"batch": batch, "features": x.shape[1], "workers": workers, "rows": rows}
 
@@ -264,5 +272,5 @@ def _cli(args: list[str]) -> BenchResult:
     ns = parser.parse_args(args)
     kinds = ("linear", "poly") if ns.kind == "both" else (ns.kind,)
     modes = ("claim", "round") if ns.mode == "both" else (ns.mode,)
-    result = run(ns.batch, ns.workers, ns.rounds, kinds=kinds, modes=modes)
+    result = run(ns.batch, None, ns.rounds, kinds=kinds, workers=ns.workers, modes=modes)
     return BenchResult("blind", table(result), result, None)

@@ -125,13 +125,16 @@ def _cli(args: list[str]) -> BenchResult:
 # -- the raw-OpenFHE anchor of the blind step check (``trustgrad bench blind``) ---------------------------------------
 
 
-def raw_step_check(cc: Any, pk: Any, x: np.ndarray, y: np.ndarray, w: np.ndarray, b: np.ndarray) -> dict[str, Any]:
+def raw_step_check(
+    cc: Any, pk: Any, x: np.ndarray, y: np.ndarray, w: np.ndarray, b: np.ndarray, kind: str = "poly"
+) -> dict[str, Any]:
     """The SGD-step check of a batch of ``logreg-poly`` written directly against OpenFHE (the prototype of
     docs/proposal.md's blind check): the batch is encrypted as one matrix, 16 features per ciphertext, so no
     gathering, no masks and no grouping. Slot ``fl * 512 + j * 16 + c`` of ciphertext k holds ``x_j[16 k + fl]``;
     ``W_k`` holds ``W[c, 16 k + fl]`` for every j; the weight claim sits at j = 0. Logits: 4 products and 4
     rotations; polynomial sigmoid; residuals times each X_k; sums over the 32 samples (5 rotations per ciphertext);
-    the masked squared distance to the claim summed into slot 0 (8 rotations). Depth 6.
+    the masked squared distance to the claim summed into slot 0 (8 rotations). Depth 6 (``kind="linear"``: no
+    sigmoid, depth 4).
 
     Needs ``cc`` with depth >= 6, 8192 slots, rotation keys for the powers of two 1..4096, a batch of at most 32
     samples of 64 features and 10 classes. Returns the encrypted verdict and the seconds of encryption (batch, model,
@@ -144,7 +147,7 @@ def raw_step_check(cc: Any, pk: Any, x: np.ndarray, y: np.ndarray, w: np.ndarray
     classes = w.shape[0]
     if cc.GetRingDimension() // 2 != fl * jn * cp or feats != fl * quads or bsz > jn or classes > cp:
         raise ValueError("raw_step_check is written for 8192 slots, 64 features, <= 32 samples, <= 16 classes")
-    dw, db = reference_gradient("poly", x, np.eye(classes)[y] if y.ndim == 1 else y, w, b)
+    dw, db = reference_gradient(kind, x, np.eye(classes)[y] if y.ndim == 1 else y, w, b)
     onehot = np.eye(classes)[y] if y.ndim == 1 else y
 
     def grid() -> np.ndarray:
@@ -185,7 +188,9 @@ def raw_step_check(cc: Any, pk: Any, x: np.ndarray, y: np.ndarray, w: np.ndarray
     z = cc.Relinearize(cc.EvalAddMany([cc.EvalMultNoRelin(xk, wk) for xk, wk in zip(xs, ws)]))
     z = cc.EvalAdd(rotsum(z, [512, 1024, 2048, 4096]), b_ct)
     c0, c1, c3 = SIGMOID
-    p = cc.EvalAdd(cc.EvalAdd(cc.EvalMult(cc.EvalMult(z, c3), cc.EvalSquare(z)), cc.EvalMult(z, c1)), c0)
+    if kind == "poly":
+        z = cc.EvalAdd(cc.EvalAdd(cc.EvalMult(cc.EvalMult(z, c3), cc.EvalSquare(z)), cc.EvalMult(z, c1)), c0)
+    p = z
     r = cc.EvalSub(p, y_ct)
     sample_rots = [16, 32, 64, 128, 256]
     diffs = []
@@ -197,4 +202,9 @@ def raw_step_check(cc: Any, pk: Any, x: np.ndarray, y: np.ndarray, w: np.ndarray
     q = cc.Relinearize(cc.EvalAddMany([cc.EvalMultNoRelin(d, d) for d in diffs]))
     verdict = rotsum(q, [1, 2, 4, 8, 512, 1024, 2048, 4096])
     t_check = time.perf_counter() - t0
-    return {"verdict": verdict, "encrypt_s": t_encrypt, "check_s": t_check, "key_switches": 1 + 4 + 2 + 4 + 25 + 1 + 8}
+    return {
+        "verdict": verdict,
+        "encrypt_s": t_encrypt,
+        "check_s": t_check,
+        "key_switches": 1 + 4 + 2 * (kind == "poly") + 4 + 25 + 1 + 8,
+    }
