@@ -26,7 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import DataError
+from . import factories
+from .errors import ConfigError, DataError
 from .registry import Registry
 from .seeding import epoch_permutation, rng
 
@@ -38,6 +39,7 @@ __all__ = [
     "dirichlet_shards",
     "sample_hashes",
     "BatchPlan",
+    "as_dataset",
 ]
 
 
@@ -67,6 +69,8 @@ def load_dataset(name: str, data_dir: str | Path | None = None, **options: int) 
     Embedded datasets are cached per process (the parent's checks, the server and the auditor share one copy):
     treat the tensors as read-only.
     """
+    if factories.is_factory(name):  # a user's factory: built once per process, like the embedded sets
+        return _user_dataset(name)
     loader = DATASETS.get(name)
     if data_dir is not None:  # users' files are read afresh: they may change between runs of one process
         return loader(data_dir=data_dir, **options)
@@ -76,6 +80,57 @@ def load_dataset(name: str, data_dir: str | Path | None = None, **options: int) 
 @functools.lru_cache(maxsize=8)
 def _embedded(name: str, options: tuple[tuple[str, int], ...]) -> Dataset:
     return DATASETS.get(name)(**dict(options))
+
+
+@functools.lru_cache(maxsize=4)
+def _user_dataset(name: str) -> Dataset:
+    """``factory()`` returns a ``Dataset``, or ``(train, test)`` where each is a torch ``Dataset`` of (x, y) pairs or
+    a pair of tensors ``(x, y)``; labels are class indices."""
+    made = factories.call(name, "dataset factory")
+    if isinstance(made, Dataset):
+        return made
+    if not (isinstance(made, (tuple, list)) and len(made) == 2):
+        raise ConfigError(
+            f"dataset factory {name!r} returned a {type(made).__name__}: expected a trustgrad Dataset or "
+            "(train, test), each a torch Dataset or (x, y) tensors"
+        )
+    return as_dataset(name, *made)
+
+
+def as_dataset(name: str, train: Any, test: Any, num_classes: int | None = None) -> Dataset:
+    """A ``Dataset`` from two torch datasets or two ``(x, y)`` pairs (the API's and the dataset factories' input).
+
+    >>> x, y = torch.zeros(8, 3), torch.arange(8) % 2
+    >>> as_dataset("t", (x, y), (x, y)).num_classes
+    2
+    """
+    x_tr, y_tr = _tensors(name, "train", train)
+    x_te, y_te = _tensors(name, "test", test)
+    if x_tr.shape[1:] != x_te.shape[1:]:
+        raise DataError(f"dataset {name!r}: train inputs are {tuple(x_tr.shape[1:])}, test {tuple(x_te.shape[1:])}")
+    classes = num_classes or int(max(int(y_tr.max()), int(y_te.max()))) + 1
+    if int(min(y_tr.min(), y_te.min())) < 0 or int(max(y_tr.max(), y_te.max())) >= classes:
+        raise DataError(f"dataset {name!r}: labels must be class indices in [0, {classes})")
+    return Dataset(name, x_tr, y_tr, x_te, y_te, classes)
+
+
+def _tensors(name: str, split: str, data: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float32 inputs, int64 labels) of a pair of tensors or of a map-style torch Dataset of (x, y) items."""
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(hasattr(t, "shape") for t in data):
+        x, y = (torch.as_tensor(t) for t in data)
+    elif hasattr(data, "__getitem__") and hasattr(data, "__len__"):
+        items = [data[i] for i in range(len(data))]
+        if not items or not all(isinstance(it, (tuple, list)) and len(it) == 2 for it in items):
+            raise DataError(f"dataset {name!r}: the {split} split must be non-empty (x, y) items")
+        x = torch.stack([torch.as_tensor(it[0]) for it in items])
+        y = torch.as_tensor([int(it[1]) for it in items])
+    else:
+        raise DataError(f"dataset {name!r}: the {split} split is a {type(data).__name__}, not (x, y) or a Dataset")
+    if len(x) == 0 or len(x) != len(y) or y.dim() != 1:
+        raise DataError(f"dataset {name!r}: the {split} split needs as many labels as inputs (one class index each)")
+    if not torch.is_floating_point(x) and x.dtype not in (torch.uint8, torch.int64, torch.int32):
+        raise DataError(f"dataset {name!r}: {split} inputs of dtype {x.dtype} are not numbers")
+    return x.detach().float().contiguous().clone(), y.detach().long().contiguous().clone()
 
 
 def shard_indices(n: int, worker: int, workers: int, seed: int) -> np.ndarray:

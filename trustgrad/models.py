@@ -1,4 +1,7 @@
-"""The model zoo (a registry). Every model is an ``nn.Sequential`` so pipelines can cut it into stages.
+"""The model zoo (a registry). Every zoo model is an ``nn.Sequential`` so pipelines can cut it into stages.
+
+A user's own model (any ``nn.Module``) is named by its factory, ``"package.module:name"`` (``trustgrad.factories``),
+called as ``factory(input_shape, num_classes)`` under the same seeded generator as the zoo's.
 
 Initial weights derive from the run's committed seed (``seeding.derive_seed(seed, "init")``): a verifier regenerates
 W0 exactly instead of testing its distribution (DESIGN: nothing the prover may choose).
@@ -16,12 +19,23 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from . import factories
 from .config import ModelConfig
 from .errors import ConfigError
 from .registry import Registry
 from .seeding import derive_seed
 
-__all__ = ["MODELS", "LOSSES", "POLY_SIGMOID", "build_model", "loss_for", "poly_bce", "PolySigmoid", "Square"]
+__all__ = [
+    "MODELS",
+    "LOSSES",
+    "POLY_SIGMOID",
+    "build_model",
+    "loss_for",
+    "loss_named",
+    "poly_bce",
+    "PolySigmoid",
+    "Square",
+]
 
 ModelFactory = Callable[[tuple[int, ...], int, ModelConfig], nn.Sequential]
 MODELS: Registry[ModelFactory] = Registry("model")
@@ -30,12 +44,32 @@ MODELS: Registry[ModelFactory] = Registry("model")
 def build_model(
     name: str, input_shape: tuple[int, ...], num_classes: int, seed: int, config: ModelConfig | None = None
 ) -> nn.Sequential:
-    """Build model ``name`` for inputs of ``input_shape`` with weights drawn from PRF(seed, "init")."""
-    factory = MODELS.get(name)
+    """Build model ``name`` (a zoo name or a user's factory) for inputs of ``input_shape`` with weights drawn from
+    PRF(seed, "init")."""
+    factory = _user_model if factories.is_factory(name) else MODELS.get(name)
     config = config or ModelConfig(name=name)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(seed, "init"))
-        return factory(tuple(input_shape), num_classes, config)
+        model = factory(tuple(input_shape), num_classes, config)
+    if config.loss:  # the run chose a loss other than the model's own: the replica, audits and proofs use it
+        _check_loss(config.loss)
+        model.trustgrad_loss = config.loss
+    return model
+
+
+def _user_model(shape: tuple[int, ...], classes: int, cfg: ModelConfig) -> nn.Module:
+    model = factories.call(cfg.name, "model factory", shape, classes)
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model factory {cfg.name!r} returned a {type(model).__name__}, not a torch.nn.Module")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ConfigError(f"model factory {cfg.name!r} returned a model without trainable parameters")
+    return model
+
+
+def _check_loss(name: str) -> None:
+    if not (factories.is_factory(name) or name in LOSSES or name == "cross-entropy"):
+        known = ", ".join(["cross-entropy", *sorted(LOSSES)])
+        raise ConfigError(f"unknown loss {name!r} (known: {known}, or a factory 'package.module:name')")
 
 
 def _features(shape: tuple[int, ...]) -> int:
@@ -77,9 +111,18 @@ LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {"poly
 
 
 def loss_for(model: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The training loss a model was built for (cross-entropy unless its factory named another)."""
-    name = getattr(model, "trustgrad_loss", None)
-    return LOSSES[name] if name is not None else nn.functional.cross_entropy
+    """The training loss a model was built for (cross-entropy unless its factory or the run named another)."""
+    return loss_named(getattr(model, "trustgrad_loss", None) or "cross-entropy")
+
+
+def loss_named(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """A loss by its name: cross-entropy, a zoo loss, or a user's ``module:name`` (resolved through the gate)."""
+    if factories.is_factory(name):
+        return factories.resolve(name, "loss")
+    if name == "cross-entropy":
+        return nn.functional.cross_entropy
+    _check_loss(name)
+    return LOSSES[name]
 
 
 @MODELS.register("logreg")

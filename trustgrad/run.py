@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from . import factories
 from .config import RunConfig, config_to_dict
 from .data import load_dataset
 from .errors import ConfigError, LaunchError
@@ -45,6 +46,7 @@ class RunResult:
 
 def run(cfg: RunConfig) -> RunResult:
     """Validate ``cfg``, run the job (spawned locally or as a torchrun rank) and write its records."""
+    factories.allow(cfg.model.name, cfg.model.loss, cfg.dataset)  # the caller's own config names them
     pattern = PATTERNS.get(cfg.pattern.name)
     pattern.check(cfg)
     preflight(cfg)
@@ -179,6 +181,10 @@ def _finish(cfg: RunConfig, ranks: list[dict[str, Any] | None], wall: float) -> 
     result = RunResult(summary, coord["metrics"], state, ranks, Path(cfg.out) if cfg.out else None)
     if cfg.out:
         write_records(cfg, result)
+    if cfg.tensorboard:
+        from .tracking import write_tensorboard
+
+        write_tensorboard(cfg.tensorboard, result.summary, result.metrics)
     if failure:  # after the records: they say why the run failed
         raise LaunchError(failure)
     return result

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import factories
 from .comm import Comm
 from .config import RunConfig
 from .data import BatchPlan, Dataset, load_dataset
@@ -28,7 +29,7 @@ from .launch import RankContext
 from .models import build_model
 from .patterns import PATTERNS, Pattern
 from .registry import Registry
-from .replica import Replica, make_optimizer
+from .replica import Replica, optimizer_for
 
 __all__ = ["train_rank", "evaluate", "model_report", "StepEvent", "Hook", "HOOKS", "WorkerState"]
 
@@ -99,6 +100,7 @@ def _device(cfg: RunConfig, ctx: RankContext) -> torch.device:
 
 def train_rank(ctx: RankContext, cfg: RunConfig) -> dict[str, Any]:
     """Run this rank's part of the job; returns a plain dict the launcher merges into the run's summary."""
+    factories.allow(cfg.model.name, cfg.model.loss, cfg.dataset)  # the launching user's config names them
     torch.set_num_threads(cfg.threads)
     started = time.perf_counter()
     comm = Comm(ctx, cfg.timeout)
@@ -128,7 +130,7 @@ def _train_worker(ctx: RankContext, cfg: RunConfig, comm: Comm, pattern: Pattern
     x_test, y_test = ds.x_test.to(device), ds.y_test.to(device)
     model = build_model(cfg.model.name, ds.input_shape, ds.num_classes, cfg.seed, cfg.model).to(device)
     model = pattern.local_model(model)  # a pipeline stage or a sharded model under model parallelism
-    replica = Replica(model, make_optimizer(model, cfg.lr, cfg.momentum, cfg.weight_decay))
+    replica = Replica(model, optimizer_for(model, cfg))
     if cfg.malicious:
         from .attacks.poisoning import wrap_replica
 

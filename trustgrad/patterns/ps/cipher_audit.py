@@ -27,7 +27,7 @@ from ...audit import Auditor, ClaimChain
 from ...crypto import EncryptedVector, decrypt, encrypt
 from ...data import load_dataset
 from ...models import build_model
-from ...replica import Replica, make_optimizer
+from ...replica import Replica, optimizer_for
 
 if TYPE_CHECKING:
     from . import ParameterServer
@@ -100,7 +100,7 @@ class CiphertextAuditor:
         self.secure = SecureWorker(self.comm, cfg)  # a key party: it decrypts claims and aggregates
         self.ds = load_dataset(cfg.dataset, cfg.data_dir)
         model = build_model(cfg.model.name, self.ds.input_shape, self.ds.num_classes, cfg.seed, cfg.model)
-        self.replica = Replica(model, make_optimizer(model, cfg.lr, cfg.momentum, cfg.weight_decay))
+        self.replica = Replica(model, optimizer_for(model, cfg))
         # claims arrive through CKKS: the calibration measures what an encrypt/decrypt round trip adds
         self.auditor = Auditor(cfg, self.ds, cfg.workers, channel=self._round_trip)
 

@@ -34,7 +34,7 @@ from ...data import BatchPlan, load_dataset
 from ...errors import LaunchError
 from ...launch import engine_message
 from ...models import build_model
-from ...replica import Replica, make_optimizer
+from ...replica import Replica, optimizer_for
 from .checkpoint import ServerCheckpoint
 from .protocol import ACK, BYE, CLOSE, DONE, DROPPED, GRADIENT, LOST, OK, REPLY, Inbox, Message
 
@@ -67,7 +67,7 @@ class Server:
         self.ds = load_dataset(cfg.dataset, cfg.data_dir)
         model = build_model(cfg.model.name, self.ds.input_shape, self.ds.num_classes, cfg.seed, cfg.model)
         lr = cfg.lr * self.schedule.lr_scale(self.n)
-        self.replica = Replica(model, make_optimizer(model, lr, cfg.momentum, cfg.weight_decay))
+        self.replica = Replica(model, optimizer_for(model, cfg, lr))
         self.lr = lr
         # asynchronous schedules keep one momentum buffer per worker (DANA, see the module docstring)
         self.theta = self.replica.flat_params()
