@@ -209,6 +209,12 @@ class RunConfig:
             raise ConfigError(f"eps must be in (0, 1], got {_short(self.eps)}")
         # DANA (ps async/ssp) keeps SGD momentum buffers per worker, and blind checks verify a plain SGD step
         sgd_only = self.pattern.name == "ps" and (self.pattern.schedule != "sync" or self.proof.mode == "blind")
+        if self.optimizer != "sgd" and self.crypto.encrypt != "none" and self.crypto.keys == "threshold":
+            raise ConfigError(
+                f"--optimizer {self.optimizer} with --encrypt ckks needs --keys shared: every party's threshold "
+                "decryption carries its own flooding noise (~2e-4), which Adam amplifies until the replicas drift "
+                "apart; shared-key updates travel on a fixed-point grid that decrypts to the same bits everywhere"
+            )
         if self.optimizer != "sgd" and sgd_only:
             raise ConfigError(
                 f"--optimizer {self.optimizer} needs --pattern ps --schedule sync without --proof blind (async/ssp "
