@@ -200,3 +200,16 @@ def test_the_readme_example_runs_and_matches_the_same_job_through_the_cli(tmp_pa
     for key in ("test_accuracy", "final_loss", "test_loss", "steps", "audited_claims", "rejected_claims"):
         assert api[key] == via_cli[key], key
     assert _scalars(tmp_path / "runs" / "readme" / "tb")["summary/test_accuracy"][0] == _f32(api["test_accuracy"])
+
+
+def test_in_memory_data_and_its_factory_train_the_same_bits_and_the_proof_verifies(tmp_path):
+    from torch.utils.data import TensorDataset
+
+    (x, y), (xt, yt) = userzoo.digits_tensors()
+    job = dict(optimizer="adam", lr=0.01, workers=2, epochs=1, max_steps=10, proof="record")
+    held = trustgrad.fit(MODEL, (TensorDataset(x, y), TensorDataset(xt, yt)), out=tmp_path / "mem", **job)
+    named = trustgrad.fit(MODEL, DATA, out=tmp_path / "named", **job)
+    assert held.config.dataset == "tensors" and held.config.data_dir == str(tmp_path / "mem" / "data")
+    assert all(torch.equal(held.state[k], named.state[k]) for k in named.state)
+    done = _cli("verify", str(held.proof), "--model", MODEL, "--data-dir", str(tmp_path / "mem" / "data"))
+    assert done.returncode == 0 and "proof VALID" in done.stdout, done.stdout + done.stderr

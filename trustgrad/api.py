@@ -11,8 +11,9 @@ The module must not start training when imported: guard the script's work with `
 - model: ``factory(input_shape, num_classes) -> nn.Module``, any architecture; called under the run's seeded
   generator, so W0 is a function of the seed (the verifier regenerates it).
 - dataset: a zoo name (``"digits"``), or ``factory() -> (train, test)`` where each is a torch ``Dataset`` of
-  ``(x, y)`` items or a pair of tensors ``(x, y)`` (or a :class:`~trustgrad.data.Dataset`). Batches come from the
-  PRF plan of the seed, over the same IID shards as the zoo's datasets.
+  ``(x, y)`` items or a pair of tensors ``(x, y)`` (or a :class:`~trustgrad.data.Dataset`), or that data itself
+  (saved once as safetensors under ``OUT/data`` for the ranks to read). Batches come from the PRF plan of the seed,
+  over the same IID shards as the zoo's datasets.
 - loss: None (the model's own: cross-entropy), a registered name, or ``fn(logits, y) -> scalar``.
 - optimizer: ``"sgd"`` (``momentum``) or ``"adam"`` (``betas``, ``eps``); proofs, audits and audit repairs replay
   the optimizer the run used.
@@ -21,6 +22,7 @@ The module must not start training when imported: guard the script's work with `
 from __future__ import annotations
 
 import json
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +31,7 @@ from typing import Any
 import torch
 
 from .config import RunConfig, config_from_dict
+from .errors import ConfigError
 from .factories import allow, name_of
 
 __all__ = ["fit", "run_job", "job_config", "TrainResult", "EpochMetrics"]
@@ -145,9 +148,12 @@ def job_config(
     **options: Any,
 ) -> RunConfig:
     """The validated ``RunConfig`` :func:`fit` runs (the same one ``trustgrad train`` builds from flags)."""
+    dataset_name, data_dir = _dataset(dataset, out)
+    if data_dir is not None:
+        options["data_dir"] = data_dir
     data: dict[str, Any] = {
         "model": {"name": _model_name(model)},
-        "dataset": dataset if isinstance(dataset, str) else name_of(dataset, "dataset factory"),
+        "dataset": dataset_name,
         "optimizer": optimizer,
         "momentum": (0.9 if optimizer == "sgd" else 0.0) if momentum is None else momentum,
         "pattern": {"name": pattern},
@@ -165,6 +171,29 @@ def job_config(
     cfg = config_from_dict(data)
     allow(cfg.model.name, cfg.model.loss, cfg.dataset)  # this caller named them: its own code, trusted
     return cfg
+
+
+def _dataset(dataset: Any, out: str | Path | None) -> tuple[str, str | None]:
+    """(name, data_dir): a zoo name or a factory by name; in-memory data (a ``(train, test)`` pair of torch Datasets
+    or ``(x, y)`` tensors, or a trustgrad ``Dataset``) is saved once as dataset ``tensors``, which every rank reads
+    back (``OUT/data``, or a fresh temporary folder without ``out``; ``trustgrad verify --data-dir`` it)."""
+    if isinstance(dataset, str):
+        return dataset, None
+    if callable(dataset):
+        return name_of(dataset, "dataset factory"), None
+    from .data import Dataset, as_dataset, save_tensors
+
+    ds = dataset if isinstance(dataset, Dataset) else as_dataset("tensors", *_pair(dataset))
+    folder = Path(out) / "data" if out is not None else Path(tempfile.mkdtemp(prefix="trustgrad-data-"))
+    return "tensors", str(save_tensors(ds, folder))
+
+
+def _pair(dataset: Any) -> tuple[Any, Any]:
+    if not (isinstance(dataset, (tuple, list)) and len(dataset) == 2):
+        raise ConfigError(
+            f"dataset must be a name, a factory, a trustgrad Dataset or (train, test); got {type(dataset).__name__}"
+        )
+    return dataset[0], dataset[1]
 
 
 def _model_name(model: Factory) -> str:

@@ -40,6 +40,7 @@ __all__ = [
     "sample_hashes",
     "BatchPlan",
     "as_dataset",
+    "save_tensors",
 ]
 
 
@@ -359,6 +360,38 @@ def _read_idx(path: Path, expected_dims: int) -> np.ndarray:
     if len(body) != int(np.prod(dims)):
         raise DataError(f"{path.name}: header says {dims} but the file holds {len(body)} bytes")
     return np.frombuffer(body, dtype=np.uint8).reshape(dims)
+
+
+TENSORS_FILE = "dataset.safetensors"
+_TENSOR_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+@DATASETS.register("tensors")
+def _tensors_file(data_dir: str | Path | None = None) -> Dataset:
+    """A user's in-memory data as the API saved it (``save_tensors``): ``DIR/dataset.safetensors`` (never pickle)."""
+    from safetensors.torch import load_file
+
+    (path,) = _require(data_dir, "tensors", [[TENSORS_FILE]])
+    try:
+        tensors = load_file(str(path))
+    except Exception as exc:  # the Rust parser's SafetensorError, or an OS error: the file is unusable
+        raise DataError(f"{path.name}: not a readable safetensors file ({type(exc).__name__})") from None
+    missing = [k for k in _TENSOR_KEYS if k not in tensors]
+    if missing:
+        raise DataError(f"{path.name}: missing tensors {missing}")
+    x_tr, y_tr, x_te, y_te = (tensors[k] for k in _TENSOR_KEYS)
+    return as_dataset("tensors", (x_tr, y_tr), (x_te, y_te))
+
+
+def save_tensors(ds: Dataset, folder: str | Path) -> Path:
+    """Write ``ds`` where every rank and the verifier read it back as dataset ``tensors`` (``--data-dir folder``)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = dict(zip(_TENSOR_KEYS, (ds.x_train, ds.y_train, ds.x_test, ds.y_test)))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / TENSORS_FILE))
+    return folder
 
 
 @DATASETS.register("mnist")

@@ -8,7 +8,7 @@ folder is ``sys.path[0]``, so a factory defined in ``python my_job.py`` is ``"my
 Importing a module runs its code. A proof, a server view or a config file is untrusted input, so resolving a name is
 gated: :func:`resolve` imports only names the local user allowed in this process (:func:`allow`): the CLI and the API
 allow the names their user gave; ``trustgrad verify`` allows only names given on its own command line, which must
-equal the proof's (docs/architecture.md, "Users' code"). Names are checked for syntax before anything is imported.
+equal the proof's (docs/architecture.md §4, "Users' code"). Names are checked for syntax before anything is imported.
 
 >>> parse("my_models.resnet:make_model")
 ('my_models.resnet', 'make_model')
