@@ -118,6 +118,7 @@ def test_the_verifier_never_imports_a_module_a_proof_names(tmp_path, adam_proof)
         (["--optimizer", "adam", "--betas", "0.9"], "betas must be two numbers"),
         (["--optimizer", "adam", "--encrypt", "ckks", "--keys", "threshold"], "needs --keys shared"),
         (["--optimizer", "adam", "--pattern", "ps", "--schedule", "async"], "needs --pattern ps --schedule sync"),
+        (["--pattern", "pipeline", "--workers", "2", "--model", MODEL], "return an nn.Sequential"),
     ],
 )
 def test_bad_factories_and_optimizers_are_one_line_exit_2(capsys, argv, needle):

@@ -154,6 +154,7 @@ def _finish(cfg: RunConfig, ranks: list[dict[str, Any] | None], wall: float) -> 
         "steps": coord["steps"],
         "batch_size": cfg.batch_size,
         "lr": cfg.lr,
+        "optimizer": cfg.optimizer,
         "seed": cfg.seed,
         "final_loss": coord["final_loss"],
         "test_loss": coord["test_loss"],

@@ -44,6 +44,7 @@ def stage_cuts(cfg: RunConfig, model: nn.Sequential) -> tuple[int, ...]:
 @PATTERNS.register("pipeline")
 class PipelineParallel(Pattern):
     name = "pipeline"
+    splits_sequential = True
 
     @classmethod
     def validate(cls, cfg: RunConfig) -> None:

@@ -25,6 +25,7 @@ from .base import PATTERNS, Pattern
 @PATTERNS.register("tensor")
 class TensorParallel(Pattern):
     name = "tensor"
+    splits_sequential = True
 
     @classmethod
     def validate(cls, cfg: RunConfig) -> None:
