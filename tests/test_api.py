@@ -214,3 +214,20 @@ def test_in_memory_data_and_its_factory_train_the_same_bits_and_the_proof_verifi
     assert all(torch.equal(held.state[k], named.state[k]) for k in named.state)
     done = _cli("verify", str(held.proof), "--model", MODEL, "--data-dir", str(tmp_path / "mem" / "data"))
     assert done.returncode == 0 and "proof VALID" in done.stdout, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize(
+    "manifest, named, needle",
+    [
+        ({"config": {"model": {"name": "mlp", "loss": ""}}, "training": {"loss": "x.y:z"}}, {}, "pass --loss x.y:z"),
+        ({"config": {"model": {"name": "mlp"}, "dataset": "d:f"}}, {}, "pass --dataset d:f"),
+        ({"config": {"model": {"name": "mlp"}}}, {"model_factory": "a:b"}, "the proof's model is 'mlp'"),
+        ({"config": "not a table"}, {"loss_factory": "a:b"}, "the proof's loss is 'None'"),
+    ],
+)
+def test_the_import_rule_reads_every_place_a_manifest_names_code(manifest, named, needle):
+    from trustgrad.proof import VerifyOptions
+    from trustgrad.proof.verifier import trust_named_factories
+
+    with pytest.raises(ProofError, match=re.escape(needle)):
+        trust_named_factories(manifest, VerifyOptions(**named))

@@ -329,8 +329,12 @@ def verify(path: str | Path, options: VerifyOptions | None = None) -> Verdict:
 # 0: user code the proof names (before anything is built)
 
 #: where a manifest names user code, and the flag its verifying user names it with
-_FACTORY_FIELDS = (("model", ("model", "name"), "model_factory"), ("loss", ("model", "loss"), "loss_factory"),
-                   ("dataset", ("dataset",), "dataset_factory"))  # fmt: skip
+_FACTORY_FIELDS = (
+    ("model", ("config", "model", "name"), "model_factory"),
+    ("loss", ("config", "model", "loss"), "loss_factory"),
+    ("loss", ("training", "loss"), "loss_factory"),
+    ("dataset", ("config", "dataset"), "dataset_factory"),
+)
 
 
 def trust_named_factories(manifest: dict[str, Any], options: VerifyOptions) -> None:
@@ -343,9 +347,8 @@ def trust_named_factories(manifest: dict[str, Any], options: VerifyOptions) -> N
     """
     from ..factories import allow, is_factory
 
-    config = manifest.get("config")
     for kind, path, option in _FACTORY_FIELDS:
-        declared: Any = config
+        declared: Any = manifest
         for key in path:
             declared = declared.get(key) if isinstance(declared, dict) else None
         given = getattr(options, option)
