@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .augment import augmenter
 from .comm import Comm
 from .config import RunConfig
 from .data import BatchPlan, Dataset, load_dataset
@@ -146,6 +147,7 @@ def _train_worker(ctx: RankContext, cfg: RunConfig, comm: Comm, pattern: Pattern
         importlib.import_module(module)
     hooks = [h for name in HOOKS if (h := HOOKS.get(name)(cfg, ctx)) is not None]
     coordinator = ctx.rank == pattern.coordinator
+    augment = augmenter(cfg)  # seeded crops and flips (PRF of seed, worker, step, sample); the identity by default
     pattern.attach(replica)
     for hook in hooks:
         hook.on_start(state)
@@ -163,7 +165,7 @@ def _train_worker(ctx: RankContext, cfg: RunConfig, comm: Comm, pattern: Pattern
                 continue
             idx = plan.batch(worker, epoch, s)
             tidx = torch.from_numpy(idx).to(device)
-            last_loss = pattern.step(replica, x_train[tidx], y_train[tidx])
+            last_loss = pattern.step(replica, augment(x_train[tidx], worker, step), y_train[tidx])
             losses.append(last_loss)
             event = StepEvent(epoch, step, s, worker, idx, last_loss)
             for hook in hooks:

@@ -45,15 +45,23 @@ _GROUPS: list[tuple[str, list[tuple[str, str, Any, str]]]] = [
                 "dataset",
                 str,
                 "digits (default; embedded), digits32 (upsampled to 32x32), breast-cancer, "
-                "synthetic, mnist, cifar10 (these two from --data-dir)",
+                "synthetic, synthetic-cifar (seeded, 3x32x32), mnist, cifar10 (these two from --data-dir)",
             ),
             ("--data-dir", "data_dir", str, "folder with your MNIST idx files or CIFAR-10 batches (never downloaded)"),
+            (
+                "--augment",
+                "augment",
+                str,
+                "none (default), crop-flip (random crop, padding 4, and horizontal flip) or flip: every decision "
+                "a PRF of the seed, replayed exactly by verify and audits",
+            ),
             (
                 "--model",
                 "model.name",
                 str,
                 "logreg, logreg-poly (polynomial sigmoid: what --proof blind checks), mlp (default), lenet, "
-                "poly-mlp (square activation), lenet-sigmoid / lenet-relu (DLG's LeNet, 32x32 inputs)",
+                "poly-mlp (square activation), lenet-sigmoid / lenet-relu (DLG's LeNet, 32x32 inputs), "
+                "cnn-bn (small CNN with BatchNorm), resnet18 (torchvision, CIFAR stem; both for 32x32 images)",
             ),
             ("--hidden", "model.hidden", int, "hidden width of mlp/lenet heads (default 64)"),
             ("--depth", "model.depth", int, "hidden layers of mlp (default 2)"),

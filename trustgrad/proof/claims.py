@@ -35,6 +35,7 @@ CHECKED: dict[str, str] = {
     "config.lr": "replayed; update lower bound",
     "config.momentum": "replayed; momentum buffers checked against the predecessor's replay",
     "config.weight_decay": "replayed",
+    "config.augment": "replayed: every worker's crops and flips recomputed from the seed's PRF",
     "config.model.name": "W0 regenerated; shapes checked; replayed",
     "config.model.hidden": "W0 regenerated; shapes checked",
     "config.model.depth": "W0 regenerated; shapes checked",
