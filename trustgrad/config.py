@@ -182,6 +182,11 @@ class RunConfig:
         self._check_straggler_fits_timeout()
         self._check_robustness()
         _one_of(self, "augment", ("none", "crop-flip", "flip"))
+        if self.augment != "none" and self.proof.mode == "blind":
+            raise ConfigError(
+                f"--augment {self.augment} with --proof blind: workers encrypt their samples once, before training, "
+                "so the server's checks cannot follow per-step crops and flips; use --proof audit"
+            )
 
     def _check_straggler_fits_timeout(self) -> None:
         """A straggling step must end inside one collective's deadline, or the job fails instead of straggling."""

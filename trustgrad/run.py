@@ -109,11 +109,6 @@ def _check_augment(cfg: RunConfig, shape: tuple[int, ...]) -> None:
         return
     if len(shape) != 3:
         raise ConfigError(f"--augment {cfg.augment} crops and flips images; dataset {cfg.dataset!r} has inputs {shape}")
-    if cfg.proof.mode == "blind":
-        raise ConfigError(
-            f"--augment {cfg.augment} with --proof blind: workers encrypt their samples once, before training, so "
-            "the server's checks cannot follow per-step crops and flips; use --proof audit"
-        )
 
 
 def _backend(cfg: RunConfig) -> str:

@@ -172,14 +172,14 @@ def replay_segment(
         model.train()
         for i, idx in enumerate(batches):
             optimizer.zero_grad(set_to_none=False)
-            step_loss(model, loss_fn, x, y, idx, workers, augment, first_step + i).backward()
+            step_backward(model, loss_fn, x, y, idx, workers, augment, first_step + i)
             optimizer.step()
         out = capture_state(model, optimizer, rng=False)
         out["rng/torch"] = torch.get_rng_state()
     return out
 
 
-def step_loss(
+def step_backward(
     model: nn.Module,
     loss_fn: Loss,
     x: torch.Tensor,
@@ -188,32 +188,34 @@ def step_loss(
     workers: int = 1,
     augment: Augment | None = None,
     step: int = 0,
-) -> torch.Tensor:
-    """The loss whose gradient is a synchronous step's mean gradient: of the concatenated batch, or, where the
-    workers' inputs differ from it (augmentation) or their batches do not mix (BatchNorm), the mean of each worker's
-    mean loss on its own batch, with BatchNorm's running statistics updated as the patterns do (averaged)."""
+) -> None:
+    """Accumulate a synchronous step's mean gradient into ``p.grad``: of the concatenated batch's loss, or, where the
+    workers' inputs differ from it (augmentation) or their batches do not mix (BatchNorm), of the mean of each
+    worker's mean loss on its own batch, with BatchNorm's running statistics updated as the patterns do (averaged)."""
     augmenting = augment is not None and augment.active
     coupled = workers > 1 and has_batch_stats(model)
     if not (augmenting or coupled):
-        return loss_fn(model(x[idx]), y[idx])  # the path of every model without BatchNorm: unchanged, bit for bit
+        loss_fn(model(x[idx]), y[idx]).backward()  # the path of every model without BatchNorm: unchanged, bit for bit
+        return
     chunks = idx.chunk(workers)
     inputs = [augment.apply(x[c], w, step) if augmenting else x[c] for w, c in enumerate(chunks)]  # type: ignore[union-attr]
     if not coupled:
-        return loss_fn(model(torch.cat(inputs)), y[idx])
-    buffers = [b for b in model.buffers() if b.is_floating_point()]
+        loss_fn(model(torch.cat(inputs)), y[idx]).backward()
+        return
+    buffers = list(model.buffers())  # running statistics, and the counters every worker advances alike
     start = [b.detach().clone() for b in buffers]
-    ends, total = [], None
+    ends = []
     for xb, c in zip(inputs, chunks):
         with torch.no_grad():
             for b, s0 in zip(buffers, start):
                 b.copy_(s0)
-        loss = loss_fn(model(xb), y[c])
-        total = loss if total is None else total + loss
+        # backward before the next worker's forward: batch_norm's backward checks the running statistics it saw
+        (loss_fn(model(xb), y[c]) / workers).backward()
         ends.append([b.detach().clone() for b in buffers])
     with torch.no_grad():
         for b, *mine in zip(buffers, *ends):
-            b.copy_(torch.stack(mine).sum(0).div_(workers))  # summed in worker order, then divided, as the patterns do
-    return total / workers  # type: ignore[operator]
+            # statistics summed in worker order, then divided, as the patterns do; counters as every worker has them
+            b.copy_(torch.stack(mine).sum(0).div_(workers) if b.is_floating_point() else mine[-1])
 
 
 def gradient_step_norm(
@@ -237,7 +239,7 @@ def gradient_step_norm(
     model.train()
     model.zero_grad(set_to_none=True)
     with torch.random.fork_rng(devices=[]):
-        step_loss(model, LOSSES.get(hyper.loss), x, y, idx, workers, augment, step).backward()
+        step_backward(model, LOSSES.get(hyper.loss), x, y, idx, workers, augment, step)
     total = 0.0
     for p in model.parameters():
         g = p.grad.detach().double() + hyper.weight_decay * p.detach().double()
