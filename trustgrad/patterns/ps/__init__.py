@@ -112,6 +112,11 @@ class ParameterServer(Pattern):
                 "--proof audit with --encrypt ckks needs --keys shared and --audit-rate 1: the auditor rank "
                 "decrypts claims with the shared key and every claim is checked before it is aggregated"
             )
+        if cfg.proof.excluded_shard == "auditor" and (encrypted_audit or p.schedule != "sync"):
+            raise ConfigError(
+                "--excluded-shard auditor runs plaintext --schedule sync audits: the auditor computes the excluded "
+                "shard's gradient at each round's model, which only a synchronous plaintext server holds"
+            )
         if cfg.aggregate != "mean":
             cls._check_gate(cfg)
         if p.straggler:

@@ -54,6 +54,10 @@ class ServerAudit:
         self.versions: dict[int, torch.Tensor] = {}
         self.verified_now: set[int] = set()  # sync: ranks whose claim of this round is verified
         self.reasons: dict[int, str] = {}
+        # --excluded-shard auditor: the excluded ranks whose shard the auditor trains in their place (sync)
+        self.stand_in = cfg.proof.excluded_shard == "auditor"
+        self.stood_in: set[int] = set()
+        self.stand_in_gradients = 0
 
     # ------------------------------------------------------------------ claims
     def claim(self, rank: int, step: int, version: int, payload: bytes) -> None:
@@ -80,10 +84,26 @@ class ServerAudit:
                     current.verified.add(rank)
                 else:
                     liars.add(rank)
-        if not liars:
-            self.verified_now = current.verified
-            return grads
-        return self._repair(liars, current)
+        if liars:
+            admitted = self._repair(liars, current)
+        else:
+            self.verified_now, admitted = current.verified, grads
+        return self._stand_in(admitted, steps, params)
+
+    def _stand_in(
+        self, admitted: dict[int, torch.Tensor], steps: dict[int, int], params: torch.Tensor
+    ) -> dict[int, torch.Tensor]:
+        """--excluded-shard auditor: each excluded worker's shard contributes the gradient the auditor computes at
+        this round's model (sync: every member is at the round's step), so the round is the all-honest round."""
+        if not self.stand_in or not self.stood_in or not steps:
+            return admitted
+        step = next(iter(steps.values()))
+        for rank in sorted(self.stood_in - set(admitted)):
+            admitted[rank] = self.auditor.replay(rank - 1, step, params)
+            steps[rank] = step
+            self.verified_now.add(rank)
+            self.stand_in_gradients += 1
+        return dict(sorted(admitted.items()))
 
     def _judge(self, rank: int, step: int, version: int, params: torch.Tensor, claim: torch.Tensor) -> bool:
         check = self.auditor.check(rank - 1, step, version, params, claim)
@@ -102,11 +122,14 @@ class ServerAudit:
             s.pattern.aggregate,
             judge=self._judge,
             recompute=lambda r, step, p: self.auditor.replay(r - 1, step, p),
+            stand_in=self.stand_in,
         )
         for rank in sorted(repaired.liars):
             if not s.workers[rank].dropped:
                 self.auditor.report.excluded.append(rank - 1)
                 s.exclude(s.workers[rank], f"audit: {self.reasons.get(rank, 'a logged claim did not reproduce')}")
+                if self.stand_in:
+                    self.stood_in.add(rank)
         self.auditor.report.rolled_back_steps += repaired.rounds
         self.repairs.append(
             {
@@ -173,5 +196,7 @@ class ServerAudit:
             "audit_repairs": self.repairs,
             "audit_repair_reach_rounds": self.log.max_rounds if self.server.velocity is None else 0,
             "audit_rate": self.auditor.rate,
+            "excluded_shard": "auditor" if self.stand_in else "drop",
+            "stand_in_gradients": self.stand_in_gradients,
             "audit_nonce_commitment": self.auditor.nonce_commitment,
         }
