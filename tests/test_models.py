@@ -385,3 +385,10 @@ def test_proof_of_a_batchnorm_run_with_augmentation_verifies_and_one_changed_fli
     recommit(proof)
     rc, out = _verify(proof)
     assert rc == 1 and '"valid": false' in out and "2-4" in out, out[-2000:]
+
+
+def test_bench_scale_refuses_bad_options(capsys):
+    assert main(["bench", "scale", "--steps", "0"]) == 2
+    assert main(["bench", "scale", "--workers", "4", "--batch-size", "64", "--steps", "10"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and "--steps must be >= 1" in err[0] and "one epoch" in err[1], err

@@ -119,7 +119,17 @@ def train_rank(ctx: RankContext, cfg: RunConfig) -> dict[str, Any]:
     result["bytes_sent"] = comm.bytes_sent
     result["messages_sent"] = comm.messages_sent
     result["seconds"] = time.perf_counter() - started
+    result["peak_rss_bytes"] = peak_rss_bytes()
     return result
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory (VmHWM; 0 where /proc is missing): what ``bench scale`` reports."""
+    try:
+        with open("/proc/self/status") as fh:
+            return next((int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM")), 0)
+    except OSError:
+        return 0
 
 
 def _train_worker(ctx: RankContext, cfg: RunConfig, comm: Comm, pattern: Pattern, worker: int) -> dict[str, Any]:
