@@ -331,7 +331,7 @@ def _verify(proof: Path) -> tuple[int, str]:
         timeout=300,
     )
     assert "Traceback" not in res.stderr, res.stderr
-    return res.returncode, res.stdout
+    return res.returncode, res.stdout + res.stderr  # stderr: a refusal (exit 2) says why
 
 
 def test_proof_of_a_batchnorm_run_with_augmentation_verifies_and_one_changed_flip_is_rejected(tmp_path):
