@@ -167,6 +167,33 @@ def test_resnet18_trains_on_a_cifar10_folder_with_four_allreduce_workers(tmp_pat
     assert s["steps"] == 1 and s["num_params"] == 11_173_962 and np.isfinite(s["final_loss"])
 
 
+@pytest.mark.parametrize(
+    "pattern", [["ring"], ["ps"], ["gossip"], ["local-sgd", "--local-steps", "1"]], ids=lambda p: p[0]
+)
+def test_resnet18_takes_two_steps_on_every_other_data_parallel_pattern(tmp_path, pattern):
+    data = _cifar_folder(tmp_path / "cifar-10-batches-bin", rows=4)  # 20 training images: evaluation stays cheap
+    s = _train(
+        tmp_path / "run",
+        "--pattern",
+        *pattern,
+        "--workers",
+        "2",
+        "--model",
+        "resnet18",
+        "--dataset",
+        "cifar10",
+        "--data-dir",
+        str(data),
+        "--batch-size",
+        "2",
+        "--max-steps",
+        "2",
+        "--augment",
+        "crop-flip",
+    )
+    assert s["steps"] == 2 and np.isfinite(s["final_loss"])
+
+
 # -------------------------------------------------------------------------------------- patterns and BatchNorm state
 
 
