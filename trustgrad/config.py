@@ -151,6 +151,7 @@ class RunConfig:
     workers: int = 4
     dataset: str = "digits"
     data_dir: str | None = None
+    augment: str = "none"  # none | crop-flip | flip: seeded per (seed, worker, step, sample) (trustgrad.augment)
     epochs: int = 10
     max_steps: int | None = None
     batch_size: int = 32
@@ -194,6 +195,12 @@ class RunConfig:
             _spec_numbers("--malicious", spec, _MALICIOUS_RANGES)
         self._check_straggler_fits_timeout()
         self._check_robustness()
+        _one_of(self, "augment", ("none", "crop-flip", "flip"))
+        if self.augment != "none" and self.proof.mode == "blind":
+            raise ConfigError(
+                f"--augment {self.augment} with --proof blind: workers encrypt their samples once, before training, "
+                "so the server's checks cannot follow per-step crops and flips; use --proof audit"
+            )
 
     def _check_straggler_fits_timeout(self) -> None:
         """A straggling step must end inside one collective's deadline, or the job fails instead of straggling."""

@@ -42,6 +42,10 @@ class Replica:
         self.optimizer = optimizer
         self.loss_fn = loss_fn or loss_for(model)  # the loss the model was built for (cross-entropy by default)
         self.params = [p for p in model.parameters() if p.requires_grad]
+        # state besides the parameters that training changes (BatchNorm running statistics): kept apart from the flat
+        # parameter vector, whose length and layout patterns, codecs and checkpoints rely on; integer buffers (steps
+        # counted) advance alike on every replica and are left out
+        self.buffers = [b for b in model.buffers() if b.is_floating_point()]
 
     @property
     def num_params(self) -> int:
@@ -82,6 +86,20 @@ class Replica:
         if kind is None:
             raise TypeError(f"no flat state layout for {type(self.optimizer).__name__}")
         return FLAT_STATE[kind]
+
+    def flat_buffers(self) -> torch.Tensor:
+        """The floating-point buffers (BatchNorm running statistics) as one flat copy; empty for models without."""
+        if not self.buffers:
+            return torch.zeros(0)
+        return torch.cat([b.detach().reshape(-1) for b in self.buffers]).clone()
+
+    def set_flat_buffers(self, flat: torch.Tensor) -> None:
+        offset = 0
+        with torch.no_grad():
+            for b in self.buffers:
+                n = b.numel()
+                b.copy_(flat[offset : offset + n].view_as(b))
+                offset += n
 
     def flat_momentum(self) -> torch.Tensor | None:
         """The optimizer's state as one flat copy (SGD: momentum buffers; Adam: both moments, then the step count),

@@ -215,7 +215,8 @@ def count_model(
             for m in model.modules():
                 if m is not model:
                     m.register_forward_hook(hook)
-            model(torch.empty((1, *input_shape)))
+            # evaluation mode: the same outputs, and BatchNorm does not refuse the one sample of a 1x1 feature map
+            model.eval()(torch.empty((1, *input_shape)))
     except ConfigError:
         raise
     except (RuntimeError, ValueError, TypeError, OverflowError, MemoryError) as exc:

@@ -78,6 +78,7 @@ def preflight(cfg: RunConfig) -> None:
     """Catch bad datasets, models and sizes here, as one clear error, before any process starts."""
     ds = load_dataset(cfg.dataset, cfg.data_dir)
     build_model(cfg.model.name, ds.input_shape, ds.num_classes, cfg.seed, cfg.model)
+    _check_augment(cfg, ds.input_shape)
     if cfg.crypto.encrypt == "ckks":  # insecure or impossible parameters fail here, not in a worker
         from .crypto import CKKSParams, Context
 
@@ -103,6 +104,13 @@ def preflight(cfg: RunConfig) -> None:
             f"batch_size {cfg.batch_size} is larger than a worker's shard ({shard} samples of {ds.name} over "
             f"{shards} shards); use a smaller --batch-size or fewer --workers"
         )
+
+
+def _check_augment(cfg: RunConfig, shape: tuple[int, ...]) -> None:
+    if cfg.augment == "none":
+        return
+    if len(shape) != 3:
+        raise ConfigError(f"--augment {cfg.augment} crops and flips images; dataset {cfg.dataset!r} has inputs {shape}")
 
 
 def _backend(cfg: RunConfig) -> str:

@@ -52,18 +52,27 @@ _GROUPS: list[tuple[str, list[tuple[str, str, Any, str]]]] = [
                 "dataset",
                 str,
                 "digits (default; embedded), digits32 (upsampled to 32x32), breast-cancer, "
-                "synthetic, mnist, cifar10 (these two from --data-dir), or your factory package.module:name "
-                "(returns (train, test), each a torch Dataset or (x, y) tensors; importable by every rank)",
+                "synthetic, synthetic-cifar (seeded, 3x32x32), mnist, cifar10 (these two from --data-dir), or your "
+                "factory package.module:name (returns (train, test), each a torch Dataset or (x, y) tensors; "
+                "importable by every rank)",
             ),
             ("--data-dir", "data_dir", str, "folder with your MNIST idx files or CIFAR-10 batches (never downloaded)"),
+            (
+                "--augment",
+                "augment",
+                str,
+                "none (default), crop-flip (random crop, padding 4, and horizontal flip) or flip: every decision "
+                "a PRF of the seed, replayed exactly by verify and audits",
+            ),
             (
                 "--model",
                 "model.name",
                 str,
                 "logreg, logreg-poly (polynomial sigmoid: what --proof blind checks), mlp (default), lenet, "
-                "poly-mlp (square activation), lenet-sigmoid / lenet-relu (DLG's LeNet, 32x32 inputs), or your "
-                "factory package.module:name, called as factory(input_shape, num_classes) -> nn.Module (importable "
-                "by every rank and the verifier: installed or on PYTHONPATH)",
+                "poly-mlp (square activation), lenet-sigmoid / lenet-relu (DLG's LeNet, 32x32 inputs), "
+                "cnn-bn (small CNN with BatchNorm), resnet18 (torchvision, CIFAR stem; both for 32x32 images), or "
+                "your factory package.module:name, called as factory(input_shape, num_classes) -> nn.Module "
+                "(importable by every rank and the verifier: installed or on PYTHONPATH)",
             ),
             (
                 "--loss",

@@ -164,6 +164,10 @@ class GradientAveraging(Pattern):
         self.tap("aggregate", flat)
         replica.set_flat_grad(flat)
         replica.step()
+        if replica.buffers:
+            # BatchNorm running statistics: averaged like the gradient (through the same sum, so encrypted where the
+            # gradient is), which keeps every replica's equal; the mean is exact for running means (docs/models.md)
+            replica.set_flat_buffers(self.sum(replica.flat_buffers()).div_(self.comm.world_size))
         return loss
 
     @abstractmethod

@@ -41,6 +41,7 @@ CHECKED: dict[str, str] = {
     "config.eps": "replayed (adam)",
     "config.model.name": "W0 regenerated; shapes checked; replayed (a user's factory only if the verifier named it)",
     "config.model.loss": "replayed with it (a user's loss only if the verifier named it)",
+    "config.augment": "replayed: every worker's crops and flips recomputed from the seed's PRF",
     "config.model.hidden": "W0 regenerated; shapes checked",
     "config.model.depth": "W0 regenerated; shapes checked",
     "training.optimizer": "must be what the config implies; replayed with it",

@@ -10,6 +10,12 @@ applies the mean of the workers' gradients, each the mean loss gradient of that 
 that is the gradient of the mean loss on the concatenation of the batches, so one process replays the global
 trajectory by stepping on the concatenated batch. (It agrees with the distributed run to float32 rounding, see
 ``calibrate``.)
+
+Two things break "one step on the concatenated batch", and both are replayed as the workers ran them
+(docs/models.md): seeded augmentation (each worker's crops and flips are a PRF of (seed, worker, step, sample):
+``trustgrad.augment``) and BatchNorm, whose training-mode forward normalises each worker's batch by that batch's own
+statistics and whose running statistics the patterns average after every step. A model with BatchNorm is therefore
+replayed worker by worker from the same running statistics, which are then averaged.
 """
 
 from __future__ import annotations
@@ -22,9 +28,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..augment import Augment
 from ..config import RunConfig
 from ..errors import ConfigError, ProofError
 from ..models import LOSSES as MODEL_LOSSES
+from ..models import has_batch_stats
 from ..registry import Registry
 from .format import capture_state, restore_state
 
@@ -219,11 +227,16 @@ def replay_segment(
     x: torch.Tensor,
     y: torch.Tensor,
     hyper: Hyper,
+    *,
+    workers: int = 1,
+    augment: Augment | None = None,
+    first_step: int = 0,
 ) -> dict[str, torch.Tensor]:
     """Load ``state`` into ``model`` and a fresh SGD, take one step per batch of global indices; return the new state.
 
-    ``batches[i]`` holds step i's indices of every worker, concatenated in worker order. The caller's global RNG is left
-    untouched; the segment runs from the RNG state recorded in ``state`` (if any).
+    ``batches[i]`` holds step ``first_step + i``'s indices of every worker (``workers`` equal batches), concatenated in
+    worker order. The caller's global RNG is left untouched; the segment runs from the RNG state recorded in
+    ``state`` (if any).
     """
     optimizer = OPTIMIZERS.get(hyper.optimizer)(model, hyper)
     loss_fn = loss_fn_of(hyper)
@@ -232,17 +245,65 @@ def replay_segment(
         if "rng/torch" in state:
             torch.set_rng_state(state["rng/torch"].to(torch.uint8))
         model.train()
-        for idx in batches:
+        for i, idx in enumerate(batches):
             optimizer.zero_grad(set_to_none=False)
-            loss_fn(model(x[idx]), y[idx]).backward()
+            step_backward(model, loss_fn, x, y, idx, workers, augment, first_step + i)
             optimizer.step()
         out = capture_state(model, optimizer, rng=False)
         out["rng/torch"] = torch.get_rng_state()
     return out
 
 
+def step_backward(
+    model: nn.Module,
+    loss_fn: Loss,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    idx: torch.Tensor,
+    workers: int = 1,
+    augment: Augment | None = None,
+    step: int = 0,
+) -> None:
+    """Accumulate a synchronous step's mean gradient into ``p.grad``: of the concatenated batch's loss, or, where the
+    workers' inputs differ from it (augmentation) or their batches do not mix (BatchNorm), of the mean of each
+    worker's mean loss on its own batch, with BatchNorm's running statistics updated as the patterns do (averaged)."""
+    augmenting = augment is not None and augment.active
+    coupled = workers > 1 and has_batch_stats(model)
+    if not (augmenting or coupled):
+        loss_fn(model(x[idx]), y[idx]).backward()  # the path of every model without BatchNorm: unchanged, bit for bit
+        return
+    chunks = idx.chunk(workers)
+    inputs = [augment.apply(x[c], w, step) if augmenting else x[c] for w, c in enumerate(chunks)]  # type: ignore[union-attr]
+    if not coupled:
+        loss_fn(model(torch.cat(inputs)), y[idx]).backward()
+        return
+    buffers = list(model.buffers())  # running statistics, and the counters every worker advances alike
+    start = [b.detach().clone() for b in buffers]
+    ends = []
+    for xb, c in zip(inputs, chunks):
+        with torch.no_grad():
+            for b, s0 in zip(buffers, start):
+                b.copy_(s0)
+        # backward before the next worker's forward: batch_norm's backward checks the running statistics it saw
+        (loss_fn(model(xb), y[c]) / workers).backward()
+        ends.append([b.detach().clone() for b in buffers])
+    with torch.no_grad():
+        for b, *mine in zip(buffers, *ends):
+            # statistics summed in worker order, then divided, as the patterns do; counters as every worker has them
+            b.copy_(torch.stack(mine).sum(0).div_(workers) if b.is_floating_point() else mine[-1])
+
+
 def gradient_step_norm(
-    model: nn.Module, state: dict[str, torch.Tensor], idx: torch.Tensor, x: torch.Tensor, y: torch.Tensor, hyper: Hyper
+    model: nn.Module,
+    state: dict[str, torch.Tensor],
+    idx: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    hyper: Hyper,
+    *,
+    workers: int = 1,
+    augment: Augment | None = None,
+    step: int = 0,
 ) -> float:
     """The size of one state-free step of the run's optimizer at the state's weights on one batch: SGD
     ``lr * ||g||_2``, Adam its first step ``lr * ||g / (|g| + eps)||_2`` (about ``lr * sqrt(parameters)``), with
@@ -255,7 +316,7 @@ def gradient_step_norm(
     model.train()
     model.zero_grad(set_to_none=True)
     with torch.random.fork_rng(devices=[]):
-        loss_fn_of(hyper)(model(x[idx]), y[idx]).backward()
+        step_backward(model, loss_fn_of(hyper), x, y, idx, workers, augment, step)
     total = 0.0
     for p in model.parameters():
         g = p.grad.detach().double() + hyper.weight_decay * p.detach().double()

@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..augment import Augment
 from ..config import RunConfig, config_from_dict
 from ..data import BatchPlan, Dataset, load_dataset
 from ..errors import ConfigError, ProofError, TrustgradError
@@ -670,7 +671,9 @@ def _check_checkpoints_and_bound(proof: _Proof, audit: _Audit, th: Thresholds | 
         if th is None:
             continue
         idx = torch.from_numpy(proof.indices[a].reshape(-1).copy())
-        step = gradient_step_norm(proof.model, start, idx, ds.x_train, ds.y_train, proof.hyper)
+        step = gradient_step_norm(
+            proof.model, start, idx, ds.x_train, ds.y_train, proof.hyper, **_semantics(proof), step=a
+        )
         # short segments get a proportionally lower bar: over one step, momentum may legitimately oppose the gradient
         ratio = th.min_update_ratio * UPDATE_RATIO_SHARE[proof.hyper.optimizer] * min(1.0, (b - a) / 10)
         if not math.isfinite(step) or not math.isfinite(moved):
@@ -707,7 +710,16 @@ def _top_q(proof: _Proof, q: int) -> list[int]:
 def _replay(proof: _Proof, start: int, end: int) -> dict[str, torch.Tensor]:
     ds = proof.dataset
     batches = [torch.from_numpy(proof.indices[t].reshape(-1).copy()) for t in range(start, end)]
-    return replay_segment(proof.model, proof.store.get(start), batches, ds.x_train, ds.y_train, proof.hyper)
+    state = proof.store.get(start)
+    return replay_segment(
+        proof.model, state, batches, ds.x_train, ds.y_train, proof.hyper, **_semantics(proof), first_step=start
+    )
+
+
+def _semantics(proof: _Proof) -> dict[str, Any]:
+    """How the workers' batches combine into a step: their number (BatchNorm normalises each worker's batch alone)
+    and the run's seeded augmentation, both from the committed manifest (docs/models.md)."""
+    return {"workers": proof.workers, "augment": Augment(proof.cfg.augment, proof.cfg.seed)}
 
 
 def _choose(proof: _Proof, options: VerifyOptions, nonce: str) -> tuple[list[tuple[int, str]], Soundness]:
