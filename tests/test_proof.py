@@ -38,6 +38,11 @@ from trustgrad.train import train_rank
 SEEDS = range(20)
 
 
+#: every zoo model but ResNet-18: 11M parameters make 20 steps' checkpoints ~450 MB and their replays minutes on 2
+#: cores; the BatchNorm replay it needs is tested on cnn-bn (tests/test_models.py)
+ZOO = [name for name in MODELS.names() if name != "resnet18"]
+
+
 def _cfg(**changes) -> RunConfig:
     return RunConfig().replace(**changes)
 
@@ -65,7 +70,7 @@ def _train_many(ctx, cfgs):
 def honest(tmp_path_factory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("honest")
     cfgs = [_base(out, s, p) for p in ("allreduce", "ring") for s in SEEDS]
-    cfgs += [_base(out, 0, "allreduce", name) for name in MODELS.names() if name != "mlp"]
+    cfgs += [_base(out, 0, "allreduce", name) for name in ZOO if name != "mlp"]
     roots = run_ranks(_train_many, 2, cfgs, job_timeout=400)
     assert all(r is not None for r in roots[0]) and all(r is None for r in roots[1])  # only the coordinator writes
     return {Path(c.out).name: Path(c.out) / "proof" for c in cfgs}
@@ -116,7 +121,7 @@ def test_honest_proofs_verify_at_other_thread_counts(honest):
 def test_every_zoo_model_records_its_own_loss_and_verifies(honest):
     """Replay uses the model's own loss: logreg-poly trains with its polynomial loss, not cross-entropy."""
     losses = {}
-    for name in MODELS.names():
+    for name in ZOO:
         path = honest["allreduce-0" if name == "mlp" else f"zoo-{name}"]
         m = json.loads((path / MANIFEST).read_text())
         losses[name] = m["training"]["loss"]

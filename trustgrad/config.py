@@ -81,12 +81,14 @@ class PatternConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = "mlp"
+    name: str = "mlp"  # a zoo name, or a user's factory "package.module:name" (trustgrad.factories)
     hidden: int = 64
     depth: int = 2  # hidden layers of an mlp
+    loss: str = ""  # "": the model's own loss (cross-entropy unless the zoo names another); a name or a factory
 
     def __post_init__(self) -> None:
         _positive(self, "hidden", "depth")
+        _factory_syntax(self, "name", "loss")
         # configs also arrive inside proofs and views: bound what they can make us allocate (the memory budget at
         # launch, trustgrad.resources, is the finer check: a width allowed here may still not fit the machine)
         if self.hidden > 1 << 16 or self.depth > 256:
@@ -149,12 +151,16 @@ class RunConfig:
     workers: int = 4
     dataset: str = "digits"
     data_dir: str | None = None
+    augment: str = "none"  # none | crop-flip | flip: seeded per (seed, worker, step, sample) (trustgrad.augment)
     epochs: int = 10
     max_steps: int | None = None
     batch_size: int = 32
     lr: float = 0.1
-    momentum: float = 0.9
+    momentum: float = 0.9  # SGD's (Adam's first moment is betas[0])
     weight_decay: float = 0.0
+    optimizer: str = "sgd"  # sgd | adam: what every replica, the server, audits, repairs and proofs step with
+    betas: tuple[float, ...] = (0.9, 0.999)  # adam
+    eps: float = 1e-8  # adam
     seed: int = 0
     threads: int = 1
     server_threads: int | None = None  # server and auditor ranks; None: ``threads``
@@ -167,6 +173,7 @@ class RunConfig:
     partition_alpha: float = 0.5  # Dirichlet concentration: small = each worker sees few classes
     record_server_view: bool = False
     out: str | None = None
+    tensorboard: str | None = None  # a folder for TensorBoard event files (the coordinator writes them)
     resume: str | None = None
     progress: bool = True
 
@@ -178,14 +185,22 @@ class RunConfig:
             raise ConfigError("--record-server-view writes under the run's folder: give --out DIR")
         if self.device not in ("cpu", "cuda"):
             raise ConfigError(f"device must be 'cpu' or 'cuda', got {_short(self.device)}")
-        for name in ("dataset", "data_dir", "out", "resume"):
+        for name in ("dataset", "data_dir", "out", "resume", "tensorboard"):
             _text(self, name, path=name != "dataset")
+        _factory_syntax(self, "dataset")
+        self._check_optimizer()
         if len(self.malicious) > MAX_MALICIOUS:
             raise ConfigError(f"at most {MAX_MALICIOUS} --malicious specs, got {len(self.malicious)}")
         for spec in self.malicious:
             _spec_numbers("--malicious", spec, _MALICIOUS_RANGES)
         self._check_straggler_fits_timeout()
         self._check_robustness()
+        _one_of(self, "augment", ("none", "crop-flip", "flip"))
+        if self.augment != "none" and self.proof.mode == "blind":
+            raise ConfigError(
+                f"--augment {self.augment} with --proof blind: workers encrypt their samples once, before training, "
+                "so the server's checks cannot follow per-step crops and flips; use --proof audit"
+            )
 
     def _check_straggler_fits_timeout(self) -> None:
         """A straggling step must end inside one collective's deadline, or the job fails instead of straggling."""
@@ -197,6 +212,26 @@ class RunConfig:
             raise ConfigError(
                 f"--straggler {_short(self.pattern.straggler)}: a straggling step lasts {longest:g} s, not less than "
                 f"--timeout {self.timeout:g} s; lower step-ms or slowdown, or raise --timeout"
+            )
+
+    def _check_optimizer(self) -> None:
+        _one_of(self, "optimizer", OPTIMIZER_NAMES)
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"betas must be two numbers in [0, 1), got {_short(self.betas)}")
+        if not 0.0 < self.eps <= 1.0:
+            raise ConfigError(f"eps must be in (0, 1], got {_short(self.eps)}")
+        # DANA (ps async/ssp) keeps SGD momentum buffers per worker, and blind checks verify a plain SGD step
+        sgd_only = self.pattern.name == "ps" and (self.pattern.schedule != "sync" or self.proof.mode == "blind")
+        if self.optimizer != "sgd" and self.crypto.encrypt != "none" and self.crypto.keys == "threshold":
+            raise ConfigError(
+                f"--optimizer {self.optimizer} with --encrypt ckks needs --keys shared: every party's threshold "
+                "decryption carries its own flooding noise (~2e-4), which Adam amplifies until the replicas drift "
+                "apart; shared-key updates travel on a fixed-point grid that decrypts to the same bits everywhere"
+            )
+        if self.optimizer != "sgd" and sgd_only:
+            raise ConfigError(
+                f"--optimizer {self.optimizer} needs --pattern ps --schedule sync without --proof blind (async/ssp "
+                "servers step DANA's per-worker SGD momentum; blind checks verify a plain SGD step)"
             )
 
     def _check_robustness(self) -> None:
@@ -258,6 +293,8 @@ MAX_SPLIT_POINTS = 1024
 MAX_LAYERS = 1 << 16
 MAX_MALICIOUS = 1024
 MAX_TEXT = 4096  # PATH_MAX on Linux
+#: optimizers a run can use; proof/replay.py registers how each is built and replayed
+OPTIMIZER_NAMES = ("sgd", "adam")
 
 _RUN_RANGES: dict[str, Range] = {
     # the process cap per machine is enforced at launch (trustgrad.resources); this is the absolute ceiling
@@ -374,6 +411,16 @@ def _short(value: Any, limit: int = 60) -> str:
     """A value for a one-line message: repr, cut to ``limit`` characters (an untrusted value may be megabytes)."""
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _factory_syntax(obj: object, *names: str) -> None:
+    """A user's ``module:name`` string is checked for syntax where it is given; nothing is imported here."""
+    from .factories import check, is_factory
+
+    for name in names:
+        value = getattr(obj, name)
+        if is_factory(value):
+            check(value)
 
 
 def _positive(obj: object, *names: str) -> None:

@@ -26,7 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import DataError
+from . import factories
+from .errors import ConfigError, DataError
 from .registry import Registry
 from .seeding import epoch_permutation, rng
 
@@ -38,6 +39,8 @@ __all__ = [
     "dirichlet_shards",
     "sample_hashes",
     "BatchPlan",
+    "as_dataset",
+    "save_tensors",
 ]
 
 
@@ -67,6 +70,8 @@ def load_dataset(name: str, data_dir: str | Path | None = None, **options: int) 
     Embedded datasets are cached per process (the parent's checks, the server and the auditor share one copy):
     treat the tensors as read-only.
     """
+    if factories.is_factory(name):  # a user's factory: built once per process, like the embedded sets
+        return _user_dataset(name)
     loader = DATASETS.get(name)
     if data_dir is not None:  # users' files are read afresh: they may change between runs of one process
         return loader(data_dir=data_dir, **options)
@@ -76,6 +81,57 @@ def load_dataset(name: str, data_dir: str | Path | None = None, **options: int) 
 @functools.lru_cache(maxsize=8)
 def _embedded(name: str, options: tuple[tuple[str, int], ...]) -> Dataset:
     return DATASETS.get(name)(**dict(options))
+
+
+@functools.lru_cache(maxsize=4)
+def _user_dataset(name: str) -> Dataset:
+    """``factory()`` returns a ``Dataset``, or ``(train, test)`` where each is a torch ``Dataset`` of (x, y) pairs or
+    a pair of tensors ``(x, y)``; labels are class indices."""
+    made = factories.call(name, "dataset factory")
+    if isinstance(made, Dataset):
+        return made
+    if not (isinstance(made, (tuple, list)) and len(made) == 2):
+        raise ConfigError(
+            f"dataset factory {name!r} returned a {type(made).__name__}: expected a trustgrad Dataset or "
+            "(train, test), each a torch Dataset or (x, y) tensors"
+        )
+    return as_dataset(name, *made)
+
+
+def as_dataset(name: str, train: Any, test: Any, num_classes: int | None = None) -> Dataset:
+    """A ``Dataset`` from two torch datasets or two ``(x, y)`` pairs (the API's and the dataset factories' input).
+
+    >>> x, y = torch.zeros(8, 3), torch.arange(8) % 2
+    >>> as_dataset("t", (x, y), (x, y)).num_classes
+    2
+    """
+    x_tr, y_tr = _tensors(name, "train", train)
+    x_te, y_te = _tensors(name, "test", test)
+    if x_tr.shape[1:] != x_te.shape[1:]:
+        raise DataError(f"dataset {name!r}: train inputs are {tuple(x_tr.shape[1:])}, test {tuple(x_te.shape[1:])}")
+    classes = num_classes or int(max(int(y_tr.max()), int(y_te.max()))) + 1
+    if int(min(y_tr.min(), y_te.min())) < 0 or int(max(y_tr.max(), y_te.max())) >= classes:
+        raise DataError(f"dataset {name!r}: labels must be class indices in [0, {classes})")
+    return Dataset(name, x_tr, y_tr, x_te, y_te, classes)
+
+
+def _tensors(name: str, split: str, data: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float32 inputs, int64 labels) of a pair of tensors or of a map-style torch Dataset of (x, y) items."""
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(hasattr(t, "shape") for t in data):
+        x, y = (torch.as_tensor(t) for t in data)
+    elif hasattr(data, "__getitem__") and hasattr(data, "__len__"):
+        items = [data[i] for i in range(len(data))]
+        if not items or not all(isinstance(it, (tuple, list)) and len(it) == 2 for it in items):
+            raise DataError(f"dataset {name!r}: the {split} split must be non-empty (x, y) items")
+        x = torch.stack([torch.as_tensor(it[0]) for it in items])
+        y = torch.as_tensor([int(it[1]) for it in items])
+    else:
+        raise DataError(f"dataset {name!r}: the {split} split is a {type(data).__name__}, not (x, y) or a Dataset")
+    if len(x) == 0 or len(x) != len(y) or y.dim() != 1:
+        raise DataError(f"dataset {name!r}: the {split} split needs as many labels as inputs (one class index each)")
+    if not torch.is_floating_point(x) and x.dtype not in (torch.uint8, torch.int64, torch.int32):
+        raise DataError(f"dataset {name!r}: {split} inputs of dtype {x.dtype} are not numbers")
+    return x.detach().float().contiguous().clone(), y.detach().long().contiguous().clone()
 
 
 def shard_indices(n: int, worker: int, workers: int, seed: int) -> np.ndarray:
@@ -280,6 +336,18 @@ def _synthetic(
     return _split("synthetic", x, y, classes)
 
 
+@DATASETS.register("synthetic-cifar")
+def _synthetic_cifar(data_dir: str | Path | None = None, n: int = 2560, classes: int = 10, seed: int = 0) -> Dataset:
+    """CIFAR-shaped (3x32x32) and seeded: each class is a smooth random template (8x8 upsampled by 4, so random
+    crops of 4 pixels and flips keep most of it) plus per-pixel noise. Learnable, the same on every machine, and
+    ``n`` may be anything: a stand-in for CIFAR-10 where none is at hand (tests, ``bench scale``)."""
+    g = rng(seed, "synthetic-cifar")
+    templates = np.repeat(np.repeat(g.normal(0.0, 1.0, size=(classes, 3, 8, 8)), 4, axis=2), 4, axis=3)
+    y = g.integers(0, classes, size=n)
+    x = (templates[y] + g.normal(0.0, 1.0, size=(n, 3, 32, 32))).astype(np.float32)
+    return _split("synthetic-cifar", x, y, classes)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # user files
 
@@ -304,6 +372,38 @@ def _read_idx(path: Path, expected_dims: int) -> np.ndarray:
     if len(body) != int(np.prod(dims)):
         raise DataError(f"{path.name}: header says {dims} but the file holds {len(body)} bytes")
     return np.frombuffer(body, dtype=np.uint8).reshape(dims)
+
+
+TENSORS_FILE = "dataset.safetensors"
+_TENSOR_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+@DATASETS.register("tensors")
+def _tensors_file(data_dir: str | Path | None = None) -> Dataset:
+    """A user's in-memory data as the API saved it (``save_tensors``): ``DIR/dataset.safetensors`` (never pickle)."""
+    from safetensors.torch import load_file
+
+    (path,) = _require(data_dir, "tensors", [[TENSORS_FILE]])
+    try:
+        tensors = load_file(str(path))
+    except Exception as exc:  # the Rust parser's SafetensorError, or an OS error: the file is unusable
+        raise DataError(f"{path.name}: not a readable safetensors file ({type(exc).__name__})") from None
+    missing = [k for k in _TENSOR_KEYS if k not in tensors]
+    if missing:
+        raise DataError(f"{path.name}: missing tensors {missing}")
+    x_tr, y_tr, x_te, y_te = (tensors[k] for k in _TENSOR_KEYS)
+    return as_dataset("tensors", (x_tr, y_tr), (x_te, y_te))
+
+
+def save_tensors(ds: Dataset, folder: str | Path) -> Path:
+    """Write ``ds`` where every rank and the verifier read it back as dataset ``tensors`` (``--data-dir folder``)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = dict(zip(_TENSOR_KEYS, (ds.x_train, ds.y_train, ds.x_test, ds.y_test)))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / TENSORS_FILE))
+    return folder
 
 
 @DATASETS.register("mnist")

@@ -1,4 +1,10 @@
-"""The model zoo (a registry). Every model is an ``nn.Sequential`` so pipelines can cut it into stages.
+"""The model zoo (a registry). The small models are ``nn.Sequential`` so pipelines can cut them into stages; the
+32x32 image models with BatchNorm (``cnn-bn``, and ``resnet18`` from torchvision) are for the data-parallel patterns
+(``splittable`` says which a pipeline or tensor split accepts; docs/models.md says what every pattern does with the
+BatchNorm buffers).
+
+A user's own model (any ``nn.Module``) is named by its factory, ``"package.module:name"`` (``trustgrad.factories``),
+called as ``factory(input_shape, num_classes)`` under the same seeded generator as the zoo's.
 
 Initial weights derive from the run's committed seed (``seeding.derive_seed(seed, "init")``): a verifier regenerates
 W0 exactly instead of testing its distribution (DESIGN: nothing the prover may choose).
@@ -16,26 +22,60 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from . import factories
 from .config import ModelConfig
 from .errors import ConfigError
 from .registry import Registry
 from .seeding import derive_seed
 
-__all__ = ["MODELS", "LOSSES", "POLY_SIGMOID", "build_model", "loss_for", "poly_bce", "PolySigmoid", "Square"]
+__all__ = [
+    "MODELS",
+    "LOSSES",
+    "POLY_SIGMOID",
+    "build_model",
+    "loss_for",
+    "loss_named",
+    "poly_bce",
+    "PolySigmoid",
+    "Square",
+    "has_batch_stats",
+    "recalibrate_batch_stats",
+    "splittable",
+]
 
-ModelFactory = Callable[[tuple[int, ...], int, ModelConfig], nn.Sequential]
+ModelFactory = Callable[[tuple[int, ...], int, ModelConfig], nn.Module]
 MODELS: Registry[ModelFactory] = Registry("model")
 
 
 def build_model(
     name: str, input_shape: tuple[int, ...], num_classes: int, seed: int, config: ModelConfig | None = None
-) -> nn.Sequential:
-    """Build model ``name`` for inputs of ``input_shape`` with weights drawn from PRF(seed, "init")."""
-    factory = MODELS.get(name)
+) -> nn.Module:
+    """Build model ``name`` (a zoo name or a user's factory) for inputs of ``input_shape`` with weights drawn from
+    PRF(seed, "init")."""
+    factory = _user_model if factories.is_factory(name) else MODELS.get(name)
     config = config or ModelConfig(name=name)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(seed, "init"))
-        return factory(tuple(input_shape), num_classes, config)
+        model = factory(tuple(input_shape), num_classes, config)
+    if config.loss:  # the run chose a loss other than the model's own: the replica, audits and proofs use it
+        _check_loss(config.loss)
+        model.trustgrad_loss = config.loss
+    return model
+
+
+def _user_model(shape: tuple[int, ...], classes: int, cfg: ModelConfig) -> nn.Module:
+    model = factories.call(cfg.name, "model factory", shape, classes)
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model factory {cfg.name!r} returned a {type(model).__name__}, not a torch.nn.Module")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ConfigError(f"model factory {cfg.name!r} returned a model without trainable parameters")
+    return model
+
+
+def _check_loss(name: str) -> None:
+    if not (factories.is_factory(name) or name in LOSSES or name == "cross-entropy"):
+        known = ", ".join(["cross-entropy", *sorted(LOSSES)])
+        raise ConfigError(f"unknown loss {name!r} (known: {known}, or a factory 'package.module:name')")
 
 
 def _features(shape: tuple[int, ...]) -> int:
@@ -77,9 +117,18 @@ LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {"poly
 
 
 def loss_for(model: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The training loss a model was built for (cross-entropy unless its factory named another)."""
-    name = getattr(model, "trustgrad_loss", None)
-    return LOSSES[name] if name is not None else nn.functional.cross_entropy
+    """The training loss a model was built for (cross-entropy unless its factory or the run named another)."""
+    return loss_named(getattr(model, "trustgrad_loss", None) or "cross-entropy")
+
+
+def loss_named(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """A loss by its name: cross-entropy, a zoo loss, or a user's ``module:name`` (resolved through the gate)."""
+    if factories.is_factory(name):
+        return factories.resolve(name, "loss")
+    if name == "cross-entropy":
+        return nn.functional.cross_entropy
+    _check_loss(name)
+    return LOSSES[name]
 
 
 @MODELS.register("logreg")
@@ -167,3 +216,84 @@ def _lenet(shape: tuple[int, ...], classes: int, cfg: ModelConfig) -> nn.Sequent
         nn.ReLU(),
         nn.Linear(cfg.hidden, classes),
     )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 32x32 image models with BatchNorm
+
+
+def has_batch_stats(model: nn.Module) -> bool:
+    """Whether ``model`` holds BatchNorm running statistics: state besides its parameters, and a forward pass in
+    training mode that couples the samples of a batch (so a batch split over workers is not the combined batch)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats for m in model.modules())
+
+
+def recalibrate_batch_stats(model: nn.Module, batches: list[torch.Tensor]) -> None:
+    """Recompute BatchNorm running statistics of ``model`` as the plain average of the batch statistics over
+    ``batches`` ("precise BN", Wu & Johnson 2021): for a model whose parameters changed without any forward pass in
+    training mode here (a parameter server's), so its stale statistics would make evaluation meaningless."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # None: a cumulative average over the batches, not an exponential one
+    model.train()
+    with torch.no_grad():
+        for x in batches:
+            model(x)
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+
+
+def splittable(model: nn.Module) -> str | None:
+    """Why a pipeline or tensor split cannot take ``model`` (None: it can). Both cut an ``nn.Sequential`` layer by
+    layer and move parameters only, so BatchNorm buffers would stay behind on the stage or shard that ran them."""
+    if not isinstance(model, nn.Sequential):
+        return f"it is a {type(model).__name__}, not an nn.Sequential"
+    if has_batch_stats(model):
+        return "it holds BatchNorm running statistics, which a split does not carry"
+    return None
+
+
+def _image_shape(name: str, shape: tuple[int, ...], smallest: int) -> tuple[int, int, int]:
+    if len(shape) != 3 or min(shape[1:]) < smallest:
+        raise ConfigError(f"model {name!r} needs image inputs (C, H, W) of at least {smallest}x{smallest}, got {shape}")
+    return shape  # type: ignore[return-value]
+
+
+@MODELS.register("cnn-bn")
+def _cnn_bn(shape: tuple[int, ...], classes: int, cfg: ModelConfig) -> nn.Sequential:
+    """A small CNN with BatchNorm for 32x32 inputs (three conv-BN-ReLU blocks, 16-32-64 channels; 24k parameters at
+    3 channels): cheap enough for the tests, with the state (running statistics) real models carry."""
+    channels = _image_shape("cnn-bn", shape, 8)[0]
+
+    def block(cin: int, cout: int) -> list[nn.Module]:
+        return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+
+    return nn.Sequential(
+        *block(channels, 16),
+        nn.MaxPool2d(2),
+        *block(16, 32),
+        nn.MaxPool2d(2),
+        *block(32, 64),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(64, classes),
+    )
+
+
+@MODELS.register("resnet18")
+def _resnet18(shape: tuple[int, ...], classes: int, cfg: ModelConfig) -> nn.Module:
+    """torchvision's ResNet-18 (11.2M parameters), CIFAR variant: a 3x3 stride-1 stem and no max-pool, so 32x32
+    inputs keep their resolution into the first stage (He et al. 2016, sec. 4.2). Random seeded weights: nothing is
+    downloaded."""
+    from torchvision.models import resnet18
+
+    channels = _image_shape("resnet18", shape, 8)[0]
+    model = resnet18(num_classes=classes)
+    model.conv1 = nn.Conv2d(channels, 64, 3, stride=1, padding=1, bias=False)
+    nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")  # torchvision's init of convs
+    model.maxpool = nn.Identity()
+    return model

@@ -8,11 +8,28 @@ import torch
 from torch import nn
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
-__all__ = ["Replica", "make_optimizer"]
+__all__ = ["Replica", "make_optimizer", "optimizer_for"]
 
 
 def make_optimizer(model: nn.Module, lr: float, momentum: float = 0.0, weight_decay: float = 0.0) -> torch.optim.SGD:
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+def optimizer_for(model: nn.Module, cfg: object, lr: float | None = None) -> torch.optim.Optimizer:
+    """The run's optimizer (``cfg.optimizer``: sgd or adam), built exactly as proofs and audits replay it
+    (``proof.replay.OPTIMIZERS``); ``lr``: a rate other than ``cfg.lr`` (a server's scaled one)."""
+    from .proof.replay import OPTIMIZERS, Hyper
+
+    hyper = Hyper.from_config(cfg, lr=lr)  # type: ignore[arg-type]
+    return OPTIMIZERS.get(hyper.optimizer)(model, hyper)
+
+
+#: the per-parameter state an optimizer carries from step to step, in the order of its flat copy; ``step`` (Adam's
+#: bias-correction count) is one number: every parameter steps together
+FLAT_STATE: dict[type, tuple[str, ...]] = {
+    torch.optim.SGD: ("momentum_buffer",),
+    torch.optim.Adam: ("exp_avg", "exp_avg_sq", "step"),
+}
 
 
 class Replica:
@@ -25,6 +42,10 @@ class Replica:
         self.optimizer = optimizer
         self.loss_fn = loss_fn or loss_for(model)  # the loss the model was built for (cross-entropy by default)
         self.params = [p for p in model.parameters() if p.requires_grad]
+        # state besides the parameters that training changes (BatchNorm running statistics): kept apart from the flat
+        # parameter vector, whose length and layout patterns, codecs and checkpoints rely on; integer buffers (steps
+        # counted) advance alike on every replica and are left out
+        self.buffers = [b for b in model.buffers() if b.is_floating_point()]
 
     @property
     def num_params(self) -> int:
@@ -60,16 +81,46 @@ class Replica:
     def step(self) -> None:
         self.optimizer.step()
 
+    def _state_keys(self) -> tuple[str, ...]:
+        kind = next((k for k in FLAT_STATE if isinstance(self.optimizer, k)), None)
+        if kind is None:
+            raise TypeError(f"no flat state layout for {type(self.optimizer).__name__}")
+        return FLAT_STATE[kind]
+
+    def flat_buffers(self) -> torch.Tensor:
+        """The floating-point buffers (BatchNorm running statistics) as one flat copy; empty for models without."""
+        if not self.buffers:
+            return torch.zeros(0)
+        return torch.cat([b.detach().reshape(-1) for b in self.buffers]).clone()
+
+    def set_flat_buffers(self, flat: torch.Tensor) -> None:
+        offset = 0
+        with torch.no_grad():
+            for b in self.buffers:
+                n = b.numel()
+                b.copy_(flat[offset : offset + n].view_as(b))
+                offset += n
+
     def flat_momentum(self) -> torch.Tensor | None:
-        """SGD's momentum buffers as one flat copy, or None before the first step has made them."""
-        bufs = [self.optimizer.state.get(p, {}).get("momentum_buffer") for p in self.params]
-        if any(b is None for b in bufs):
-            return None
-        return torch.cat([b.detach().reshape(-1) for b in bufs]).clone()
+        """The optimizer's state as one flat copy (SGD: momentum buffers; Adam: both moments, then the step count),
+        or None before the first step has made it. Server checkpoints and the audit's repair log keep this."""
+        parts = []
+        for key in self._state_keys():
+            bufs = [self.optimizer.state.get(p, {}).get(key) for p in self.params]
+            if any(b is None for b in bufs):
+                return None
+            parts += [bufs[0].detach().reshape(1).float()] if key == "step" else [b.detach().reshape(-1) for b in bufs]
+        return torch.cat(parts).clone()
 
     def set_flat_momentum(self, flat: torch.Tensor) -> None:
         offset = 0
-        for p in self.params:
-            n = p.numel()
-            self.optimizer.state[p]["momentum_buffer"] = flat[offset : offset + n].view_as(p).clone()
-            offset += n
+        for key in self._state_keys():
+            if key == "step":
+                for p in self.params:
+                    self.optimizer.state[p][key] = flat[offset].detach().clone().float()
+                offset += 1
+                continue
+            for p in self.params:
+                n = p.numel()
+                self.optimizer.state[p][key] = flat[offset : offset + n].view_as(p).clone()
+                offset += n

@@ -215,7 +215,8 @@ def count_model(
             for m in model.modules():
                 if m is not model:
                     m.register_forward_hook(hook)
-            model(torch.empty((1, *input_shape)))
+            # evaluation mode: the same outputs, and BatchNorm does not refuse the one sample of a 1x1 feature map
+            model.eval()(torch.empty((1, *input_shape)))
     except ConfigError:
         raise
     except (RuntimeError, ValueError, TypeError, OverflowError, MemoryError) as exc:
@@ -266,13 +267,18 @@ def estimate_job(cfg: RunConfig, world_size: int, machine: Machine | None = None
         "runtime": RUNTIME_BYTES,
         "weights": weights,
         "gradients": weights,
-        "momentum": weights if cfg.momentum > 0 else 0,
+        "momentum": _optimizer_state(cfg) * weights,
         "buffers": 2 * weights,
         "activations": 2 * cfg.batch_size * count.activations_per_sample * FLOAT_BYTES,
         "data": data,
     }
     server_extra = cfg.workers * weights if cfg.pattern.name == "ps" else 0
     return JobEstimate(world_size, count.parameters, per_process, server_extra, parent=RUNTIME_BYTES + weights + data)
+
+
+def _optimizer_state(cfg: RunConfig) -> int:
+    """Copies of the weights the optimizer keeps: SGD's momentum buffer (if any), Adam's two moments."""
+    return 2 if cfg.optimizer == "adam" else int(cfg.momentum > 0)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from . import factories
 from .config import RunConfig, config_to_dict
 from .data import load_dataset
 from .errors import ConfigError, LaunchError
@@ -45,6 +46,7 @@ class RunResult:
 
 def run(cfg: RunConfig) -> RunResult:
     """Validate ``cfg``, run the job (spawned locally or as a torchrun rank) and write its records."""
+    factories.allow(cfg.model.name, cfg.model.loss, cfg.dataset)  # the caller's own config names them
     pattern = PATTERNS.get(cfg.pattern.name)
     pattern.check(cfg)
     preflight(cfg)
@@ -76,6 +78,7 @@ def preflight(cfg: RunConfig) -> None:
     """Catch bad datasets, models and sizes here, as one clear error, before any process starts."""
     ds = load_dataset(cfg.dataset, cfg.data_dir)
     build_model(cfg.model.name, ds.input_shape, ds.num_classes, cfg.seed, cfg.model)
+    _check_augment(cfg, ds.input_shape)
     if cfg.crypto.encrypt == "ckks":  # insecure or impossible parameters fail here, not in a worker
         from .crypto import CKKSParams, Context
 
@@ -101,6 +104,13 @@ def preflight(cfg: RunConfig) -> None:
             f"batch_size {cfg.batch_size} is larger than a worker's shard ({shard} samples of {ds.name} over "
             f"{shards} shards); use a smaller --batch-size or fewer --workers"
         )
+
+
+def _check_augment(cfg: RunConfig, shape: tuple[int, ...]) -> None:
+    if cfg.augment == "none":
+        return
+    if len(shape) != 3:
+        raise ConfigError(f"--augment {cfg.augment} crops and flips images; dataset {cfg.dataset!r} has inputs {shape}")
 
 
 def _backend(cfg: RunConfig) -> str:
@@ -152,6 +162,7 @@ def _finish(cfg: RunConfig, ranks: list[dict[str, Any] | None], wall: float) -> 
         "steps": coord["steps"],
         "batch_size": cfg.batch_size,
         "lr": cfg.lr,
+        "optimizer": cfg.optimizer,
         "seed": cfg.seed,
         "final_loss": coord["final_loss"],
         "test_loss": coord["test_loss"],
@@ -179,6 +190,10 @@ def _finish(cfg: RunConfig, ranks: list[dict[str, Any] | None], wall: float) -> 
     result = RunResult(summary, coord["metrics"], state, ranks, Path(cfg.out) if cfg.out else None)
     if cfg.out:
         write_records(cfg, result)
+    if cfg.tensorboard:
+        from .tracking import write_tensorboard
+
+        write_tensorboard(cfg.tensorboard, result.summary, result.metrics)
     if failure:  # after the records: they say why the run failed
         raise LaunchError(failure)
     return result

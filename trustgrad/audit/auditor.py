@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from ..augment import augmenter
 from ..config import RunConfig
 from ..data import BatchPlan, Dataset
 from ..models import build_model
@@ -86,6 +87,7 @@ class Auditor:
         model = build_model(cfg.model.name, dataset.input_shape, dataset.num_classes, cfg.seed, cfg.model)
         self.replica = Replica(model, make_optimizer(model, cfg.lr))
         self.plan = BatchPlan.for_run(cfg, dataset, num_workers)  # the run's partition: IID or label-skewed
+        self.augment = augmenter(cfg)  # the worker's crops and flips at that step, from the seed (trustgrad.augment)
         self.rate = cfg.proof.audit_rate
         self.nonce, self.nonce_commitment = new_nonce()
         self.report = AuditReport()
@@ -100,7 +102,7 @@ class Auditor:
         batches = []
         for worker, step in picks:
             idx = torch.from_numpy(self.plan.at(worker, step))
-            batches.append((self.ds.x_train[idx], self.ds.y_train[idx]))
+            batches.append((self.augment(self.ds.x_train[idx], worker, step), self.ds.y_train[idx]))
         measured = calibrate(self.replica, batches, self.replica.flat_params(), self.cfg.threads, channel)
         calibration = decide(policy, measured)
         log.info("audit threshold %g (%s)", calibration.threshold, calibration.basis)
@@ -120,7 +122,7 @@ class Auditor:
         idx = torch.from_numpy(self.plan.at(worker, step))
         with threads(self.cfg.threads):  # the workers' thread count: same reductions, same bits
             self.replica.set_flat_params(params)
-            self.replica.compute_gradients(self.ds.x_train[idx], self.ds.y_train[idx])
+            self.replica.compute_gradients(self.augment(self.ds.x_train[idx], worker, step), self.ds.y_train[idx])
             return self.replica.flat_grad().clone()
 
     def check(self, worker: int, step: int, version: int, params: torch.Tensor, claimed: torch.Tensor) -> ClaimCheck:

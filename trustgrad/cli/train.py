@@ -14,6 +14,13 @@ from ..errors import ConfigError
 __all__ = ["add_parser", "config_from_args", "add_run_arguments", "render_summary", "prepare", "Prepared"]
 
 
+def _csv_floats(text: str) -> list[float]:
+    try:
+        return [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
 def _csv_ints(text: str) -> list[int]:
     try:
         return [int(t) for t in text.split(",") if t.strip()]
@@ -45,15 +52,33 @@ _GROUPS: list[tuple[str, list[tuple[str, str, Any, str]]]] = [
                 "dataset",
                 str,
                 "digits (default; embedded), digits32 (upsampled to 32x32), breast-cancer, "
-                "synthetic, mnist, cifar10 (these two from --data-dir)",
+                "synthetic, synthetic-cifar (seeded, 3x32x32), mnist, cifar10 (these two from --data-dir), or your "
+                "factory package.module:name (returns (train, test), each a torch Dataset or (x, y) tensors; "
+                "importable by every rank)",
             ),
             ("--data-dir", "data_dir", str, "folder with your MNIST idx files or CIFAR-10 batches (never downloaded)"),
+            (
+                "--augment",
+                "augment",
+                str,
+                "none (default), crop-flip (random crop, padding 4, and horizontal flip) or flip: every decision "
+                "a PRF of the seed, replayed exactly by verify and audits",
+            ),
             (
                 "--model",
                 "model.name",
                 str,
                 "logreg, logreg-poly (polynomial sigmoid: what --proof blind checks), mlp (default), lenet, "
-                "poly-mlp (square activation), lenet-sigmoid / lenet-relu (DLG's LeNet, 32x32 inputs)",
+                "poly-mlp (square activation), lenet-sigmoid / lenet-relu (DLG's LeNet, 32x32 inputs), "
+                "cnn-bn (small CNN with BatchNorm), resnet18 (torchvision, CIFAR stem; both for 32x32 images), or "
+                "your factory package.module:name, called as factory(input_shape, num_classes) -> nn.Module "
+                "(importable by every rank and the verifier: installed or on PYTHONPATH)",
+            ),
+            (
+                "--loss",
+                "model.loss",
+                str,
+                "training loss: the model's own (default: cross-entropy), poly-bce, or your package.module:name",
             ),
             ("--hidden", "model.hidden", int, "hidden width of mlp/lenet heads (default 64)"),
             ("--depth", "model.depth", int, "hidden layers of mlp (default 2)"),
@@ -65,8 +90,11 @@ _GROUPS: list[tuple[str, list[tuple[str, str, Any, str]]]] = [
             ("--epochs", "epochs", int, "passes over each worker's shard (default 10)"),
             ("--max-steps", "max_steps", int, "stop after this many steps per worker (tests, attacks)"),
             ("--batch-size", "batch_size", int, "per-worker batch size (default 32)"),
-            ("--lr", "lr", float, "SGD learning rate (default 0.1)"),
-            ("--momentum", "momentum", float, "SGD momentum (default 0.9)"),
+            ("--optimizer", "optimizer", str, "sgd (default) or adam; proofs, audits and repairs replay it"),
+            ("--lr", "lr", float, "learning rate (default 0.1)"),
+            ("--momentum", "momentum", float, "SGD momentum (default 0.9; adam uses --betas)"),
+            ("--betas", "betas", _csv_floats, "adam: B1,B2 (default 0.9,0.999)"),
+            ("--eps", "eps", float, "adam: epsilon (default 1e-8)"),
             ("--weight-decay", "weight_decay", float, "L2 weight decay (default 0)"),
             ("--seed", "seed", int, "the run's seed: initial weights, shards and batch order derive from it"),
         ],
@@ -208,6 +236,13 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         help="write summary.json, metrics.jsonl, config.json and model.safetensors here",
     )
     group.add_argument(
+        "--tensorboard",
+        dest="cfg:tensorboard",
+        metavar="DIR",
+        default=argparse.SUPPRESS,
+        help="also write per-epoch metrics and the protections' statistics as TensorBoard scalars here",
+    )
+    group.add_argument(
         "--resume",
         dest="cfg:resume",
         metavar="DIR",
@@ -264,10 +299,12 @@ class Prepared:
 def prepare_args(args: argparse.Namespace, machine: object = None) -> Prepared:
     """Everything ``trustgrad train`` does before it starts a process: the TOML file and flags into a validated
     config, the pattern's own checks, then what the job asks of the machine (``trustgrad.resources``)."""
+    from ..factories import allow
     from ..patterns import PATTERNS
     from ..resources import check_launch
 
     cfg = config_from_args(args)
+    allow(cfg.model.name, cfg.model.loss, cfg.dataset)  # factories this user named on the command line or in TOML
     oversubscribe = bool(getattr(args, "oversubscribe", False))
     # resources first: a pattern's checks may build the model (ps --resume), which must fit the budget
     estimate = check_launch(cfg, machine, oversubscribe)  # type: ignore[arg-type]
@@ -285,12 +322,12 @@ def prepare(argv: list[str], machine: object = None) -> Prepared:
 
 
 def _main(args: argparse.Namespace) -> int:
+    from ..api import run_job
     from ..resources import oversubscription
-    from ..run import run
 
     prepared = prepare_args(args)
     with oversubscription(prepared.oversubscribe):
-        result = run(prepared.cfg)
+        result = run_job(prepared.cfg)  # the API's own entry point: the CLI only parses and renders
     if not result.summary:  # a non-coordinating torchrun rank
         return 0
     if not args.json:

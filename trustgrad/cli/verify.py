@@ -62,6 +62,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--expect-seed", type=int, help="the seed this prover registered: rejects copied proofs")
     parser.add_argument("--expect-root", help="the commitment root the prover published when it trained")
     parser.add_argument("--data-dir", help="folder holding the training set, for datasets read from files")
+    for kind in ("model", "loss", "dataset"):
+        parser.add_argument(
+            f"--{kind}",
+            metavar="PKG.MOD:NAME",
+            help=f"the {kind} factory you trust, for a proof of a run with a user's {kind}: it must be the one the "
+            "proof names (a proof never makes verify import code by itself)",
+        )
     parser.add_argument(
         "--memory-budget",
         metavar="MIB",
@@ -81,6 +88,8 @@ def _main(args: argparse.Namespace) -> int:
             raise ConfigError(f"--{name} must be >= 1")
     if args.r is not None and args.r < 0:
         raise ConfigError("--r must be >= 0")
+    if args.naive and (args.model or args.loss or args.dataset):
+        raise ConfigError("--naive verifies zoo models only: it takes no --model, --loss or --dataset")
     if args.naive:
         verdict = verify_naive(args.proof, q=args.q, data_dir=args.data_dir)
     else:
@@ -96,6 +105,9 @@ def _main(args: argparse.Namespace) -> int:
             expected_root=args.expect_root,
             data_dir=args.data_dir,
             memory_budget=args.memory_budget,
+            model_factory=args.model,
+            loss_factory=args.loss,
+            dataset_factory=args.dataset,
         )
         verdict = verify(args.proof, options)
     print(json.dumps(verdict.to_dict()) if args.json else render_verdict(verdict))

@@ -33,6 +33,8 @@ class Pattern(ABC):
     encryption_note: ClassVar[str] = "it has no encrypted protocol"
     #: Proof-of-Learning modes this pattern supports (record: a proof of the global trajectory; audit/blind: per-claim)
     proof_modes: ClassVar[frozenset[str]] = frozenset()
+    #: model parallelism cuts the model's ``nn.Sequential`` into stages or shards: a user's factory must return one
+    splits_sequential: ClassVar[bool] = False
 
     def __init__(self, cfg: RunConfig, comm: Comm):
         self.cfg = cfg
@@ -61,6 +63,8 @@ class Pattern(ABC):
                 f"--proof {cfg.proof.mode} is not supported by pattern {cls.name!r}; "
                 f"patterns that support it: {', '.join(able) or 'none yet'}"
             )
+        if cls.splits_sequential:
+            _require_sequential(cls.name, cfg)
         cls.validate(cfg)
 
     @classmethod
@@ -160,6 +164,10 @@ class GradientAveraging(Pattern):
         self.tap("aggregate", flat)
         replica.set_flat_grad(flat)
         replica.step()
+        if replica.buffers:
+            # BatchNorm running statistics: averaged like the gradient (through the same sum, so encrypted where the
+            # gradient is), which keeps every replica's equal; the mean is exact for running means (docs/models.md)
+            replica.set_flat_buffers(self.sum(replica.flat_buffers()).div_(self.comm.world_size))
         return loss
 
     @abstractmethod
@@ -168,3 +176,20 @@ class GradientAveraging(Pattern):
 
 
 PATTERNS: Registry[type[Pattern]] = Registry("pattern")
+
+
+def _require_sequential(pattern: str, cfg: RunConfig) -> None:
+    """A user's model must be an ``nn.Sequential`` where a pattern cuts it (the zoo's always are)."""
+    from ..data import load_dataset
+    from ..factories import is_factory
+    from ..models import build_model
+
+    if not is_factory(cfg.model.name):
+        return
+    ds = load_dataset(cfg.dataset, cfg.data_dir)
+    model = build_model(cfg.model.name, ds.input_shape, ds.num_classes, cfg.seed, cfg.model)
+    if not isinstance(model, nn.Sequential):
+        raise ConfigError(
+            f"pattern {pattern!r} cuts the model into stages of an nn.Sequential; {cfg.model.name!r} returned a "
+            f"{type(model).__name__}: return an nn.Sequential, or use a data-parallel pattern"
+        )

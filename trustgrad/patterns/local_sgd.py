@@ -123,6 +123,9 @@ class LocalSGD(Pattern):
 
     def _merge(self, replica: Replica) -> None:
         replica.set_flat_params(self.merge(replica.flat_params(), self.rounds))
+        if replica.buffers and isinstance(self.merge, Average):
+            # model averaging averages BatchNorm statistics too; elastic workers keep their own (docs/models.md)
+            replica.set_flat_buffers(self.comm.all_reduce(replica.flat_buffers()).div_(self.comm.world_size))
         self.rounds += 1
 
     def epoch_end(self, replica: Replica, epoch: int) -> dict[str, Any]:

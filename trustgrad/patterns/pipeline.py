@@ -21,12 +21,22 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from ..config import RunConfig
 from ..data import load_dataset
 from ..errors import ConfigError
-from ..models import build_model
+from ..models import build_model, splittable
 from ..parallel import account, reject_protections
 from ..parallel.pipeline import SCHEDULES, Pipeline
 from ..parallel.split import balanced_split, check_split_points, split_model
 from ..replica import Replica
 from .base import PATTERNS, Pattern
+
+
+def refuse_unsplittable(cfg: RunConfig, model: nn.Module, pattern: str) -> None:
+    """One line, before launch, for a model a split cannot take (``models.splittable``)."""
+    why = splittable(model)
+    if why is not None:
+        raise ConfigError(
+            f"pattern {pattern!r} cannot split model {cfg.model.name!r}: {why}; train it with a data-parallel "
+            "pattern (allreduce, ring, ps, gossip, local-sgd)"
+        )
 
 
 def num_stages(cfg: RunConfig) -> int:
@@ -44,6 +54,7 @@ def stage_cuts(cfg: RunConfig, model: nn.Sequential) -> tuple[int, ...]:
 @PATTERNS.register("pipeline")
 class PipelineParallel(Pattern):
     name = "pipeline"
+    splits_sequential = True
 
     @classmethod
     def validate(cls, cfg: RunConfig) -> None:
@@ -60,7 +71,9 @@ class PipelineParallel(Pattern):
             raise ConfigError(f"--microbatches {p.microbatches} must divide --batch-size {cfg.batch_size}")
         SCHEDULES.get(p.pipeline_schedule)
         ds = load_dataset(cfg.dataset, cfg.data_dir)
-        stage_cuts(cfg, build_model(cfg.model.name, ds.input_shape, ds.num_classes, cfg.seed, cfg.model))
+        model = build_model(cfg.model.name, ds.input_shape, ds.num_classes, cfg.seed, cfg.model)
+        refuse_unsplittable(cfg, model, cls.name)
+        stage_cuts(cfg, model)
 
     @property
     def stages(self) -> int:

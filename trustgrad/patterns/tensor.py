@@ -20,17 +20,21 @@ from ..parallel import account, reject_protections
 from ..parallel.tensor import full_state, shard_plan, tensor_parallel, unsharded_copy
 from ..replica import Replica
 from .base import PATTERNS, Pattern
+from .pipeline import refuse_unsplittable
 
 
 @PATTERNS.register("tensor")
 class TensorParallel(Pattern):
     name = "tensor"
+    splits_sequential = True
 
     @classmethod
     def validate(cls, cfg: RunConfig) -> None:
         reject_protections(cfg, cls.name)
         ds = load_dataset(cfg.dataset, cfg.data_dir)
-        shard_plan(build_model(cfg.model.name, ds.input_shape, ds.num_classes, cfg.seed, cfg.model), cfg.workers)
+        model = build_model(cfg.model.name, ds.input_shape, ds.num_classes, cfg.seed, cfg.model)
+        refuse_unsplittable(cfg, model, cls.name)
+        shard_plan(model, cfg.workers)
 
     @property
     def worker_index(self) -> int:

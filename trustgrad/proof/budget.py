@@ -71,7 +71,8 @@ def _activations(model: nn.Module, input_shape: tuple[int, ...]) -> int:
 
     handles = [m.register_forward_hook(count) for m in model.modules() if m is not model]
     try:
-        model(torch.empty((1, *input_shape), device="meta"))
+        # evaluation mode: the same outputs, and BatchNorm does not refuse the one sample of a 1x1 feature map
+        model.eval()(torch.empty((1, *input_shape), device="meta"))
     finally:
         for h in handles:
             h.remove()

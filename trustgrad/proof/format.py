@@ -83,14 +83,22 @@ def proof_files(checkpoints: list[int]) -> list[str]:
 # state <-> flat dict of tensors (one naming scheme for prover, verifier, replay and attacks)
 
 
+#: optimizer state entry -> checkpoint prefix (SGD's momentum buffer keeps schema 2's ``momentum/``; Adam's moments
+#: and step count are ``exp_avg/``, ``exp_avg_sq/``, ``step/``)
+STATE_KEYS = {"momentum_buffer": "momentum", "exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq", "step": "step"}
+_PREFIX_KEYS = {prefix: key for key, prefix in STATE_KEYS.items()}
+
+
 def capture_state(model: nn.Module, optimizer: torch.optim.Optimizer, rng: bool = True) -> dict[str, torch.Tensor]:
-    """A detached copy of the full training state: model state_dict, SGD momentum buffers, torch RNG state."""
+    """A detached copy of the full training state: model state_dict, the optimizer's per-parameter state (SGD's
+    momentum buffers; Adam's moments and step count), torch RNG state."""
     state = {f"model/{k}": v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     names = {id(p): n for n, p in model.named_parameters()}
     for p, s in optimizer.state.items():
-        buf = s.get("momentum_buffer")
-        if buf is not None:
-            state[f"momentum/{names[id(p)]}"] = buf.detach().clone().contiguous()
+        for key, prefix in STATE_KEYS.items():
+            value = s.get(key)
+            if isinstance(value, torch.Tensor):
+                state[f"{prefix}/{names[id(p)]}"] = value.detach().clone().contiguous()
     if rng:
         state["rng/torch"] = torch.get_rng_state()
     return state
@@ -102,8 +110,10 @@ def restore_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dic
     params = dict(model.named_parameters())
     optimizer.state.clear()
     for key, value in state.items():
-        if key.startswith("momentum/"):
-            optimizer.state[params[key[9:]]]["momentum_buffer"] = value.detach().clone().to(params[key[9:]].dtype)
+        prefix, _, name = key.partition("/")
+        if prefix in _PREFIX_KEYS:
+            dtype = torch.float32 if prefix == "step" else params[name].dtype  # Adam keeps its count as float32
+            optimizer.state[params[name]][_PREFIX_KEYS[prefix]] = value.detach().clone().to(dtype)
 
 
 def state_spec(model: nn.Module, with_momentum: bool) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:

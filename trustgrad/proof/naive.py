@@ -30,6 +30,7 @@ from .verifier import (
     _report_replay,
     _top_q,
     log,
+    trust_named_factories,
 )
 
 __all__ = ["verify_naive", "NAIVE_THRESHOLDS"]
@@ -47,6 +48,7 @@ def verify_naive(path: str | Path, q: int = 1, alpha: float = 0.01, data_dir: st
     """
     started, audit = time.perf_counter(), _Audit()
     manifest = _read_manifest(path)
+    trust_named_factories(manifest, VerifyOptions())  # the baseline names no user code: a proof naming some is refused
     verdict = Verdict(False, audit.reasons, mode="naive", thresholds=dict(NAIVE_THRESHOLDS), checks=audit.checks)
     try:
         proof = _open(Path(path), manifest, audit, VerifyOptions(data_dir=data_dir), commit=False)

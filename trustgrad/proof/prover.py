@@ -183,6 +183,7 @@ def build_manifest(
         "randomness": {
             "init": "build_model(seed): torch seeded with PRF(seed, 'init')",
             "order": "seeding.batch_indices: PRF(seed, 'order', worker, epoch)",
+            "augment": f"{cfg.augment}: trustgrad.augment, PRF(seed, 'augment', worker, step) per sample position",
             "rng_state": "torch RNG state in every checkpoint (rng/torch)",
         },
         "environment": {

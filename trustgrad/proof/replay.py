@@ -10,6 +10,12 @@ applies the mean of the workers' gradients, each the mean loss gradient of that 
 that is the gradient of the mean loss on the concatenation of the batches, so one process replays the global
 trajectory by stepping on the concatenated batch. (It agrees with the distributed run to float32 rounding, see
 ``calibrate``.)
+
+Two things break "one step on the concatenated batch", and both are replayed as the workers ran them
+(docs/models.md): seeded augmentation (each worker's crops and flips are a PRF of (seed, worker, step, sample):
+``trustgrad.augment``) and BatchNorm, whose training-mode forward normalises each worker's batch by that batch's own
+statistics and whose running statistics the patterns average after every step. A model with BatchNorm is therefore
+replayed worker by worker from the same running statistics, which are then averaged.
 """
 
 from __future__ import annotations
@@ -22,9 +28,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..augment import Augment
 from ..config import RunConfig
-from ..errors import ProofError
+from ..errors import ConfigError, ProofError
 from ..models import LOSSES as MODEL_LOSSES
+from ..models import has_batch_stats
 from ..registry import Registry
 from .format import capture_state, restore_state
 
@@ -39,6 +47,9 @@ __all__ = [
     "LOSSES",
     "OPTIMIZERS",
     "loss_name",
+    "loss_fn_of",
+    "STATE_PREFIXES",
+    "optimizer_state_spec",
 ]
 
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -53,6 +64,17 @@ for _name, _fn in MODEL_LOSSES.items():
 OPTIMIZERS: Registry[Callable[..., torch.optim.Optimizer]] = Registry("optimizer")
 
 
+#: per optimizer: its per-parameter state entries and their checkpoint prefixes (``<prefix>/<param>``); SGD's buffer
+#: keeps the ``momentum/`` prefix of schema 2. Adam's ``step`` is a count: checked for equality, not by distance.
+STATE_PREFIXES: dict[str, dict[str, str]] = {
+    "sgd": {"momentum_buffer": "momentum"},
+    "adam": {"exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq", "step": "step"},
+}
+#: checkpoint prefixes compared by distance (weights and moments), and those that must be equal (counts)
+MOMENT_PREFIXES = ("momentum", "exp_avg", "exp_avg_sq")
+COUNT_PREFIXES = ("step",)
+
+
 @OPTIMIZERS.register("sgd")
 def _sgd(model: nn.Module, h: Hyper) -> torch.optim.Optimizer:
     return torch.optim.SGD(
@@ -63,6 +85,34 @@ def _sgd(model: nn.Module, h: Hyper) -> torch.optim.Optimizer:
         weight_decay=h.weight_decay,
         nesterov=h.nesterov,
     )
+
+
+@OPTIMIZERS.register("adam")
+def _adam(model: nn.Module, h: Hyper) -> torch.optim.Optimizer:
+    # foreach=False: the single-tensor loop on every device and build, so a replay takes the trainer's exact steps
+    return torch.optim.Adam(
+        model.parameters(), lr=h.lr, betas=h.betas, eps=h.eps, weight_decay=h.weight_decay, foreach=False
+    )
+
+
+def optimizer_state_spec(
+    hyper: Hyper, params: dict[str, tuple[tuple[int, ...], torch.dtype]]
+) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """The optimizer-state tensors a checkpoint after step 0 holds, from ``{param name: (shape, dtype)}``."""
+    if hyper.optimizer == "sgd" and hyper.momentum == 0:  # plain SGD keeps no state
+        return {}
+    spec = {}
+    for key, prefix in STATE_PREFIXES[hyper.optimizer].items():
+        for name, (shape, dtype) in params.items():
+            spec[f"{prefix}/{name}"] = ((), torch.float32) if key == "step" else (shape, dtype)
+    return spec
+
+
+def loss_fn_of(hyper: Hyper) -> Loss:
+    """The loss a trajectory was trained with: a registered one, or a user's factory (through the import gate)."""
+    from ..models import loss_named
+
+    return LOSSES.get(hyper.loss) if hyper.loss in LOSSES else loss_named(hyper.loss)
 
 
 def loss_name(model: nn.Module) -> str:
@@ -90,24 +140,27 @@ class Hyper:
     optimizer: str = "sgd"
     dampening: float = 0.0
     nesterov: bool = False
+    betas: tuple[float, float] = (0.9, 0.999)  # adam only
+    eps: float = 1e-8  # adam only
 
     @classmethod
-    def from_config(cls, cfg: RunConfig, loss: str = "cross-entropy") -> Hyper:
-        return cls(cfg.lr, cfg.momentum, cfg.weight_decay, loss)
+    def from_config(cls, cfg: RunConfig, loss: str = "cross-entropy", lr: float | None = None) -> Hyper:
+        """The run's optimizer (``lr``: a server's scaled rate). Adam has no SGD momentum: it is 0 in its Hyper."""
+        lr = cfg.lr if lr is None else lr
+        if cfg.optimizer == "adam":
+            return cls(lr, 0.0, cfg.weight_decay, loss, "adam", betas=tuple(cfg.betas), eps=cfg.eps)  # type: ignore[arg-type]
+        return cls(lr, cfg.momentum, cfg.weight_decay, loss)
 
     def as_manifest(self) -> dict[str, object]:
         """The manifest's ``training.optimizer`` and ``training.loss`` entries (read by :meth:`from_manifest`)."""
-        return {
-            "optimizer": {
-                "name": self.optimizer,
-                "lr": self.lr,
-                "momentum": self.momentum,
-                "dampening": self.dampening,
-                "nesterov": self.nesterov,
-                "weight_decay": self.weight_decay,
-            },
-            "loss": self.loss,
-        }
+        opt: dict[str, object] = {"name": self.optimizer, "lr": self.lr}
+        if self.optimizer == "adam":
+            opt.update(betas=list(self.betas), eps=self.eps, weight_decay=self.weight_decay)
+        else:  # schema 2's SGD entry, unchanged
+            opt.update(
+                momentum=self.momentum, dampening=self.dampening, nesterov=self.nesterov, weight_decay=self.weight_decay
+            )
+        return {"optimizer": opt, "loss": self.loss}
 
     @classmethod
     def from_manifest(cls, training: object) -> Hyper:
@@ -115,11 +168,13 @@ class Hyper:
         if not isinstance(training, dict) or not isinstance(training.get("optimizer"), dict):
             raise ProofError("training: the manifest declares no optimizer")
         opt, loss = training["optimizer"], training.get("loss")
-        if not isinstance(loss, str) or loss not in LOSSES:
+        if not isinstance(loss, str) or not (loss in LOSSES or _factory_syntax(loss)):
             raise ProofError(f"training: unknown loss {str(loss)[:40]!r} (known: {', '.join(LOSSES.names())})")
         name = opt.get("name")
         if not isinstance(name, str) or name not in OPTIMIZERS:
             raise ProofError(f"training: unknown optimizer {str(name)[:40]!r} (known: {', '.join(OPTIMIZERS.names())})")
+        if name == "adam":
+            return cls._adam_from_manifest(opt, loss)
         values = {}
         for key, lo, hi in (("lr", 0.0, MAX_HYPER), ("momentum", 0.0, 1.0), ("dampening", 0.0, 1.0)):
             values[key] = _number(opt.get(key), key, lo, hi)
@@ -129,6 +184,34 @@ class Hyper:
         if values["lr"] <= 0.0 or values["momentum"] >= 1.0:
             raise ProofError("training: lr must be > 0 and momentum < 1")
         return cls(loss=loss, optimizer=name, nesterov=opt["nesterov"], **values)
+
+    @classmethod
+    def _adam_from_manifest(cls, opt: dict[str, object], loss: str) -> Hyper:
+        if set(opt) != {"name", "lr", "betas", "eps", "weight_decay"}:
+            raise ProofError("training: adam takes exactly lr, betas, eps and weight_decay")
+        betas = opt["betas"]
+        if not isinstance(betas, list) or len(betas) != 2:
+            raise ProofError("training: betas must be a list of two numbers")
+        b1, b2 = (_number(b, "betas", 0.0, 1.0) for b in betas)
+        lr = _number(opt["lr"], "lr", 0.0, MAX_HYPER)
+        eps = _number(opt["eps"], "eps", 0.0, 1.0)
+        wd = _number(opt["weight_decay"], "weight_decay", 0.0, MAX_HYPER)
+        if lr <= 0.0 or eps <= 0.0 or b1 >= 1.0 or b2 >= 1.0:
+            raise ProofError("training: adam needs lr > 0, eps > 0 and betas < 1")
+        return cls(lr, 0.0, wd, loss, "adam", betas=(b1, b2), eps=eps)
+
+
+def _factory_syntax(name: str) -> bool:
+    """A user's loss (``module:name``): syntax only here; the verifier imports it only if its user named it."""
+    from ..factories import is_factory, parse
+
+    if not is_factory(name):
+        return False
+    try:
+        parse(name)
+    except ConfigError:
+        return False
+    return True
 
 
 def _number(value: object, name: str, lo: float, hi: float) -> float:
@@ -144,46 +227,114 @@ def replay_segment(
     x: torch.Tensor,
     y: torch.Tensor,
     hyper: Hyper,
+    *,
+    workers: int = 1,
+    augment: Augment | None = None,
+    first_step: int = 0,
 ) -> dict[str, torch.Tensor]:
     """Load ``state`` into ``model`` and a fresh SGD, take one step per batch of global indices; return the new state.
 
-    ``batches[i]`` holds step i's indices of every worker, concatenated in worker order. The caller's global RNG is left
-    untouched; the segment runs from the RNG state recorded in ``state`` (if any).
+    ``batches[i]`` holds step ``first_step + i``'s indices of every worker (``workers`` equal batches), concatenated in
+    worker order. The caller's global RNG is left untouched; the segment runs from the RNG state recorded in
+    ``state`` (if any).
     """
     optimizer = OPTIMIZERS.get(hyper.optimizer)(model, hyper)
-    loss_fn = LOSSES.get(hyper.loss)
+    loss_fn = loss_fn_of(hyper)
     restore_state(model, optimizer, state)
     with torch.random.fork_rng(devices=[]):
         if "rng/torch" in state:
             torch.set_rng_state(state["rng/torch"].to(torch.uint8))
         model.train()
-        for idx in batches:
+        for i, idx in enumerate(batches):
             optimizer.zero_grad(set_to_none=False)
-            loss_fn(model(x[idx]), y[idx]).backward()
+            step_backward(model, loss_fn, x, y, idx, workers, augment, first_step + i)
             optimizer.step()
         out = capture_state(model, optimizer, rng=False)
         out["rng/torch"] = torch.get_rng_state()
     return out
 
 
-def gradient_step_norm(
-    model: nn.Module, state: dict[str, torch.Tensor], idx: torch.Tensor, x: torch.Tensor, y: torch.Tensor, hyper: Hyper
-) -> float:
-    """``lr * ||grad + weight_decay * w||_2`` at the state's weights on one batch: the size of a plain SGD step there.
+def step_backward(
+    model: nn.Module,
+    loss_fn: Loss,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    idx: torch.Tensor,
+    workers: int = 1,
+    augment: Augment | None = None,
+    step: int = 0,
+) -> None:
+    """Accumulate a synchronous step's mean gradient into ``p.grad``: of the concatenated batch's loss, or, where the
+    workers' inputs differ from it (augmentation) or their batches do not mix (BatchNorm), of the mean of each
+    worker's mean loss on its own batch, with BatchNorm's running statistics updated as the patterns do (averaged)."""
+    augmenting = augment is not None and augment.active
+    coupled = workers > 1 and has_batch_stats(model)
+    if not (augmenting or coupled):
+        loss_fn(model(x[idx]), y[idx]).backward()  # the path of every model without BatchNorm: unchanged, bit for bit
+        return
+    chunks = idx.chunk(workers)
+    inputs = [augment.apply(x[c], w, step) if augmenting else x[c] for w, c in enumerate(chunks)]  # type: ignore[union-attr]
+    if not coupled:
+        loss_fn(model(torch.cat(inputs)), y[idx]).backward()
+        return
+    buffers = list(model.buffers())  # running statistics, and the counters every worker advances alike
+    start = [b.detach().clone() for b in buffers]
+    ends = []
+    for xb, c in zip(inputs, chunks):
+        with torch.no_grad():
+            for b, s0 in zip(buffers, start):
+                b.copy_(s0)
+        # backward before the next worker's forward: batch_norm's backward checks the running statistics it saw
+        (loss_fn(model(xb), y[c]) / workers).backward()
+        ends.append([b.detach().clone() for b in buffers])
+    with torch.no_grad():
+        for b, *mine in zip(buffers, *ends):
+            # statistics summed in worker order, then divided, as the patterns do; counters as every worker has them
+            b.copy_(torch.stack(mine).sum(0).div_(workers) if b.is_floating_point() else mine[-1])
 
-    Momentum is left out on purpose: the momentum buffer is written by the prover, the gradient is not (weights are
-    committed, the batch comes from the PRF), so a forger cannot shrink this bound.
+
+def gradient_step_norm(
+    model: nn.Module,
+    state: dict[str, torch.Tensor],
+    idx: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    hyper: Hyper,
+    *,
+    workers: int = 1,
+    augment: Augment | None = None,
+    step: int = 0,
+) -> float:
+    """The size of one state-free step of the run's optimizer at the state's weights on one batch: SGD
+    ``lr * ||g||_2``, Adam its first step ``lr * ||g / (|g| + eps)||_2`` (about ``lr * sqrt(parameters)``), with
+    ``g = grad + weight_decay * w``.
+
+    Optimizer state is left out on purpose: momentum and Adam's moments are written by the prover, the gradient is not
+    (weights are committed, the batch comes from the PRF), so a forger cannot shrink this bound.
     """
     model.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("model/")}, strict=True)
     model.train()
     model.zero_grad(set_to_none=True)
     with torch.random.fork_rng(devices=[]):
-        LOSSES.get(hyper.loss)(model(x[idx]), y[idx]).backward()
+        step_backward(model, loss_fn_of(hyper), x, y, idx, workers, augment, step)
     total = 0.0
     for p in model.parameters():
         g = p.grad.detach().double() + hyper.weight_decay * p.detach().double()
-        total += float((g * g).sum())
+        step = STEP_DIRECTIONS[hyper.optimizer](g, hyper)
+        total += float((step * step).sum())
     return hyper.lr * math.sqrt(total)
+
+
+#: per optimizer, its first (state-free) step's direction for a gradient (times lr: the step)
+STEP_DIRECTIONS: dict[str, Callable[[torch.Tensor, Hyper], torch.Tensor]] = {
+    "sgd": lambda g, h: g,
+    "adam": lambda g, h: g / (g.abs() + h.eps),  # m_hat = g, sqrt(v_hat) = |g| after one step from zero moments
+}
+#: the share of ``Thresholds.min_update_ratio`` each optimizer is held to. Adam's steps shrink as its moments see
+#: noisy gradients (|m| / sqrt(v) < 1): honest 10-step segments of a residual CNN on digits moved 0.45-4.7 first
+#: steps (lr 0.01, 20 epochs: 0.45; lr 0.001: 1.4), SGD's >= 3.6 plain steps; 0.05 stays 9x under Adam's honest
+#: worst while an interpolated or infinitesimal update is orders of magnitude smaller.
+UPDATE_RATIO_SHARE: dict[str, float] = {"sgd": 1.0, "adam": 0.05}
 
 
 def update_norm(start: dict[str, torch.Tensor], end: dict[str, torch.Tensor], params: Sequence[str]) -> float:
@@ -222,7 +373,8 @@ def distances(
     start: dict[str, torch.Tensor], replayed: dict[str, torch.Tensor], claimed: dict[str, torch.Tensor]
 ) -> Distances:
     """Distances over the floating-point entries that ``replayed`` and ``claimed`` share (model and momentum)."""
-    keys = sorted(k for k in claimed if k in replayed and (k.startswith("model/") or k.startswith("momentum/")))
+    prefixes = tuple(f"{p}/" for p in ("model", *MOMENT_PREFIXES))
+    keys = sorted(k for k in claimed if k in replayed and k.startswith(prefixes))
     keys = [k for k in keys if claimed[k].is_floating_point()]
     r, c = _flat(replayed, keys), _flat(claimed, keys)
     s = (

@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..augment import Augment
 from ..config import RunConfig, config_from_dict
 from ..data import BatchPlan, Dataset, load_dataset
 from ..errors import ConfigError, ProofError, TrustgradError
@@ -64,10 +65,22 @@ from .format import (
     read_bounded,
     read_json,
 )
-from .replay import Distances, Hyper, Thresholds, distances, gradient_step_norm, loss_name, replay_segment, update_norm
+from .replay import (
+    COUNT_PREFIXES,
+    UPDATE_RATIO_SHARE,
+    Distances,
+    Hyper,
+    Thresholds,
+    distances,
+    gradient_step_norm,
+    loss_name,
+    optimizer_state_spec,
+    replay_segment,
+    update_norm,
+)
 from .soundness import Soundness, miss_probability, plan, random_draws, wrong_at_least
 
-__all__ = ["Verdict", "SegmentCheck", "VerifyOptions", "verify"]
+__all__ = ["Verdict", "SegmentCheck", "VerifyOptions", "verify", "trust_named_factories"]
 
 log = logging.getLogger(__name__)
 
@@ -113,8 +126,18 @@ class VerifyOptions:
     data_dir: str | None = None
     thresholds: Thresholds = field(default_factory=Thresholds)
     memory_budget: int | None = None  #: bytes; None: half of the memory available to this process (budget.py)
+    #: user code the verifying user trusts, by kind: a proof that names a model, loss or dataset factory is verified
+    #: only if the same ``module:name`` is given here (``trustgrad verify --model``); a proof never chooses an import
+    model_factory: str | None = None
+    loss_factory: str | None = None
+    dataset_factory: str | None = None
 
     def __post_init__(self) -> None:
+        from ..factories import check
+
+        for name in (self.model_factory, self.loss_factory, self.dataset_factory):
+            if name is not None:
+                check(name)
         if self.q < 0 or (self.r is not None and self.r < 0):
             raise ConfigError("q and r must be >= 0")
         if not 0.0 < self.max_forgery_acceptance <= 1.0:
@@ -229,8 +252,10 @@ class _Proof:
         return self.checkpoints[seg] // self.steps_per_epoch
 
     def spec(self, step: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        with_momentum = self.hyper.momentum > 0 and step > 0
-        return {**self.shapes.spec, **(self.shapes.momentum if with_momentum else {})}
+        if step == 0:  # a fresh optimizer holds no state
+            return dict(self.shapes.spec)
+        params = {k.removeprefix("momentum/"): v for k, v in self.shapes.momentum.items()}
+        return {**self.shapes.spec, **optimizer_state_spec(self.hyper, params)}
 
 
 class _States:
@@ -271,6 +296,7 @@ def verify(path: str | Path, options: VerifyOptions | None = None) -> Verdict:
     options = options or VerifyOptions()
     started, audit = time.perf_counter(), _Audit()
     manifest = _read_manifest(path)
+    trust_named_factories(manifest, options)
     nonce = options.nonce if options.nonce is not None else secrets.token_hex(16)
     verdict = Verdict(False, audit.reasons, thresholds=options.thresholds.as_dict(), checks=audit.checks, nonce=nonce)
     verdict.claims = claims_of(manifest)
@@ -298,6 +324,44 @@ def verify(path: str | Path, options: VerifyOptions | None = None) -> Verdict:
     verdict.seconds = time.perf_counter() - started
     log.info("proof %s: %s (%d reasons)", path, "valid" if verdict.valid else "INVALID", len(audit.reasons))
     return verdict
+
+
+# ====================================================================================================================
+# 0: user code the proof names (before anything is built)
+
+#: where a manifest names user code, and the flag its verifying user names it with
+_FACTORY_FIELDS = (
+    ("model", ("config", "model", "name"), "model_factory"),
+    ("loss", ("config", "model", "loss"), "loss_factory"),
+    ("loss", ("training", "loss"), "loss_factory"),
+    ("dataset", ("config", "dataset"), "dataset_factory"),
+)
+
+
+def trust_named_factories(manifest: dict[str, Any], options: VerifyOptions) -> None:
+    """The import rule: a factory the proof names is imported only if the verifying user named the same one.
+
+    The proof is untrusted: importing a module it names would run code the prover chose. So each ``module:name`` in
+    the manifest's config must equal the one in ``options`` (``--model``, ``--loss``, ``--dataset``), and a factory
+    given for a proof that names none is refused too (the user expects to verify something else); either is a
+    ``ProofError`` (exit 2), raised before anything is imported or built. Then the named ones are allowed.
+    """
+    from ..factories import allow, is_factory
+
+    for kind, path, option in _FACTORY_FIELDS:
+        declared: Any = manifest
+        for key in path:
+            declared = declared.get(key) if isinstance(declared, dict) else None
+        given = getattr(options, option)
+        if is_factory(declared) and declared != given:
+            shown = _one_line(str(declared))[:120]
+            raise ProofError(
+                f"the proof's {kind} is user code {shown!r}: verify imports only code you name; if you trust it, "
+                f"pass --{kind} {shown}" + (f" (you named {given!r})" if given else "")
+            )
+        if given is not None and not is_factory(declared):
+            raise ProofError(f"--{kind} {given!r} was given, but the proof's {kind} is {str(declared)[:60]!r}")
+    allow(options.model_factory, options.loss_factory, options.dataset_factory)
 
 
 # ====================================================================================================================
@@ -562,6 +626,9 @@ def _check_hyperparameters(proof: _Proof, audit: _Audit) -> None:
 
 
 def _describe(h: Hyper) -> str:
+    if h.optimizer == "adam":
+        b1, b2 = h.betas
+        return f"adam lr {h.lr:g} betas {b1:g},{b2:g} eps {h.eps:g} wd {h.weight_decay:g}, loss {h.loss}"
     return f"{h.optimizer} lr {h.lr:g} momentum {h.momentum:g} wd {h.weight_decay:g}, loss {h.loss}"
 
 
@@ -604,9 +671,11 @@ def _check_checkpoints_and_bound(proof: _Proof, audit: _Audit, th: Thresholds | 
         if th is None:
             continue
         idx = torch.from_numpy(proof.indices[a].reshape(-1).copy())
-        step = gradient_step_norm(proof.model, start, idx, ds.x_train, ds.y_train, proof.hyper)
+        step = gradient_step_norm(
+            proof.model, start, idx, ds.x_train, ds.y_train, proof.hyper, **_semantics(proof), step=a
+        )
         # short segments get a proportionally lower bar: over one step, momentum may legitimately oppose the gradient
-        ratio = th.min_update_ratio * min(1.0, (b - a) / 10)
+        ratio = th.min_update_ratio * UPDATE_RATIO_SHARE[proof.hyper.optimizer] * min(1.0, (b - a) / 10)
         if not math.isfinite(step) or not math.isfinite(moved):
             failures.append(f"{a}-{b} is not finite (one SGD step {step:.3g}, update {moved:.3g})")
         elif moved < ratio * step:
@@ -641,7 +710,16 @@ def _top_q(proof: _Proof, q: int) -> list[int]:
 def _replay(proof: _Proof, start: int, end: int) -> dict[str, torch.Tensor]:
     ds = proof.dataset
     batches = [torch.from_numpy(proof.indices[t].reshape(-1).copy()) for t in range(start, end)]
-    return replay_segment(proof.model, proof.store.get(start), batches, ds.x_train, ds.y_train, proof.hyper)
+    state = proof.store.get(start)
+    return replay_segment(
+        proof.model, state, batches, ds.x_train, ds.y_train, proof.hyper, **_semantics(proof), first_step=start
+    )
+
+
+def _semantics(proof: _Proof) -> dict[str, Any]:
+    """How the workers' batches combine into a step: their number (BatchNorm normalises each worker's batch alone)
+    and the run's seeded augmentation, both from the committed manifest (docs/models.md)."""
+    return {"workers": proof.workers, "augment": Augment(proof.cfg.augment, proof.cfg.seed)}
 
 
 def _choose(proof: _Proof, options: VerifyOptions, nonce: str) -> tuple[list[tuple[int, str]], Soundness]:
@@ -674,6 +752,7 @@ def _check_replay(proof: _Proof, audit: _Audit, options: VerifyOptions, nonce: s
             replayed, claimed = _replay(proof, a, b), _state(proof, audit, b)
             d = distances(_state(proof, audit, a), replayed, claimed)
             bad = tuple(options.thresholds.violations(d)) + _generator_follows(replayed, claimed)
+            bad += _counts_follow(replayed, claimed)
         except (RuntimeError, ValueError, ArithmeticError) as exc:  # e.g. a declared lr that overflows float32
             d, bad = None, (f"re-execution failed ({type(exc).__name__}: {_one_line(str(exc))[:120]})",)
         checks.append(SegmentCheck(a, b, proof.epoch(i), why, not bad, d, bad))
@@ -686,6 +765,13 @@ def _generator_follows(replayed: dict[str, torch.Tensor], claimed: dict[str, tor
     if not torch.equal(replayed["rng/torch"], claimed["rng/torch"]):
         return ("rng/torch is not the generator state the replay leaves",)
     return ()
+
+
+def _counts_follow(replayed: dict[str, torch.Tensor], claimed: dict[str, torch.Tensor]) -> tuple[str, ...]:
+    """Optimizer step counts (Adam's bias correction) must be exactly the replay's: a count is not a distance."""
+    keys = sorted(k for k in claimed if k.startswith(tuple(f"{p}/" for p in COUNT_PREFIXES)))
+    wrong = [k for k in keys if k not in replayed or not torch.equal(replayed[k], claimed[k])]
+    return (f"{wrong[0]} is not the step count the replay leaves",) if wrong else ()
 
 
 def _report_replay(audit: _Audit, checks: list[SegmentCheck]) -> None:

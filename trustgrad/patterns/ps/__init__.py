@@ -192,7 +192,7 @@ class ParameterServer(Pattern):
             "batch_size": cfg.batch_size,
             # the optimizer state in a checkpoint (one momentum buffer, or one per worker) belongs to these
             "schedule": cfg.pattern.schedule,
-            "optimizer": f"sgd/lr={cfg.lr}/momentum={cfg.momentum}/wd={cfg.weight_decay}",
+            "optimizer": _optimizer_identity(cfg),
         }
 
     def run_identity(self) -> dict[str, object]:
@@ -349,3 +349,10 @@ def _first_line(exc: BaseException) -> str:
     from ...launch import engine_message
 
     return engine_message(exc)
+
+
+def _optimizer_identity(cfg: RunConfig) -> str:
+    """The optimizer a checkpoint's state belongs to (SGD's string is the one checkpoints always carried)."""
+    if cfg.optimizer == "adam":
+        return f"adam/lr={cfg.lr}/betas={list(cfg.betas)}/eps={cfg.eps}/wd={cfg.weight_decay}"
+    return f"sgd/lr={cfg.lr}/momentum={cfg.momentum}/wd={cfg.weight_decay}"

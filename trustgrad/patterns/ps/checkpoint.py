@@ -83,9 +83,15 @@ class ServerCheckpoint:
             and version >= 0
             and (
                 momentum is None
-                or (momentum.dtype == torch.float32 and momentum.shape in ((num_params,), (workers, num_params)))
+                or (momentum.dtype == torch.float32 and momentum.shape in _state_shapes(num_params, workers))
             )
         )
         if not ok:
             raise ConfigError(f"--resume: {os.fspath(path)!r} holds tensors of the wrong dtype or shape for this model")
         return cls(params, momentum, [int(c) for c in clocks], version, saved_run)
+
+
+def _state_shapes(num_params: int, workers: int) -> tuple[tuple[int, ...], ...]:
+    """Optimizer state shapes a checkpoint may hold: SGD's flat buffer, DANA's per-worker rows, Adam's two moments
+    and its step count (``Replica.flat_momentum``)."""
+    return ((num_params,), (workers, num_params), (2 * num_params + 1,))

@@ -27,7 +27,8 @@ from ...audit import Auditor, ClaimChain
 from ...crypto import EncryptedVector, decrypt, encrypt
 from ...data import load_dataset
 from ...models import build_model
-from ...replica import Replica, make_optimizer
+from ...replica import Replica, optimizer_for
+from ...secure.grid import fixed_point, quantize, snap
 
 if TYPE_CHECKING:
     from . import ParameterServer
@@ -100,15 +101,21 @@ class CiphertextAuditor:
         self.secure = SecureWorker(self.comm, cfg)  # a key party: it decrypts claims and aggregates
         self.ds = load_dataset(cfg.dataset, cfg.data_dir)
         model = build_model(cfg.model.name, self.ds.input_shape, self.ds.num_classes, cfg.seed, cfg.model)
-        self.replica = Replica(model, make_optimizer(model, cfg.lr, cfg.momentum, cfg.weight_decay))
+        self.replica = Replica(model, optimizer_for(model, cfg))
         # claims arrive through CKKS: the calibration measures what an encrypt/decrypt round trip adds
         self.auditor = Auditor(cfg, self.ds, cfg.workers, channel=self._round_trip)
 
     def _round_trip(self, grad: torch.Tensor) -> torch.Tensor:
         """An honest gradient as this auditor receives it: encrypted as g / W by a worker, decrypted, times W."""
         keys, w = self.secure.keys, self.cfg.workers
-        vector = encrypt(keys.public_key, grad.detach().double().numpy() / w)
-        return torch.from_numpy(decrypt(keys.secret, vector)).float() * w  # type: ignore[arg-type]
+        values = grad.detach().double().numpy() / w
+        vector = encrypt(keys.public_key, quantize(values) if fixed_point(self.cfg) else values)
+        return torch.from_numpy(self._decrypt(vector)).float() * w
+
+    def _decrypt(self, vector: EncryptedVector) -> Any:
+        """A claim's ``g / W``; on the grid where workers put it (Adam: trustgrad/secure/grid.py)."""
+        values = decrypt(self.secure.keys.secret, vector)  # type: ignore[arg-type]
+        return snap(values) if fixed_point(self.cfg) else values
 
     def serve(self) -> dict[str, Any]:
         n = self.replica.num_params
@@ -136,7 +143,7 @@ class CiphertextAuditor:
         rank, step, version = (int(v) for v in header.tolist())
         payload, _ = self.comm.recv_bytes(0, _TAG, max_bytes=self.secure.max_payload(n))
         vector = EncryptedVector.from_bytes(self.secure.keys.context, payload)
-        claimed = torch.from_numpy(decrypt(self.secure.keys.secret, vector)).float() * self.cfg.workers  # type: ignore[arg-type]
+        claimed = torch.from_numpy(self._decrypt(vector)).float() * self.cfg.workers
         check = self.auditor.check(rank - 1, step, version, self.replica.flat_params(), claimed)
         if not check.ok:
             self.auditor.report.excluded.append(rank - 1)  # the server excludes it on this verdict

@@ -47,6 +47,7 @@ from ...crypto import EncryptedVector, aggregate, decrypt, encrypt, fuse, layout
 from ...crypto.threshold import PartialDecryption
 from ...errors import CryptoError, LaunchError
 from ...secure import CryptoStats, KeyRing, setup_keys
+from ...secure.grid import fixed_point, quantize, snap_mean
 from ...secure.rogue import behaviour
 from .protocol import REPLY, SERVICE
 
@@ -152,6 +153,8 @@ class SecureWorker:
 
     def encode(self, flat: torch.Tensor) -> bytes:
         values = self.values = flat.detach().double().numpy() / self.cfg.workers
+        if fixed_point(self.cfg):  # Adam: every party must decrypt the same bits (trustgrad/secure/grid.py)
+            values = self.values = quantize(values)
         with self.stats.timing("encrypt"):
             payload = encrypt(self.keys.public_key, values).to_bytes()
         if self.tamper is not None:
@@ -173,6 +176,8 @@ class SecureWorker:
             self.joint = None
         if len(mean) != num_params:
             raise CryptoError(f"the server sent an aggregate of {len(mean)} values for a model of {num_params}")
+        if fixed_point(self.cfg):
+            mean = snap_mean(mean, self.cfg.workers)
         return torch.from_numpy(np.asarray(mean, dtype=np.float32))
 
     def apply(self, replica: Any, payload: bytes) -> None:
