@@ -11,9 +11,9 @@ from trustgrad.cli import main
 from trustgrad.comm import Comm
 from trustgrad.config import CryptoConfig, RunConfig
 from trustgrad.crypto import FLOODING
+from trustgrad.protect.codecs.ring import encrypted_ring_all_reduce
 from trustgrad.run import run
 from trustgrad.secure import CryptoStats, setup_keys
-from trustgrad.secure.ring import encrypted_ring_all_reduce
 
 
 def _encrypted_vs_builtin(ctx, n):

@@ -95,34 +95,22 @@ def _post_receives(
 
 @PATTERNS.register("ring")
 class Ring(GradientAveraging):
-    """With ``--encrypt ckks --keys threshold`` the ring carries ciphertexts (``secure.ring``); every rank is a key
-    party, so shared keys would let any neighbour decrypt what it relays: only threshold keys are accepted."""
+    """With ``--encrypt ckks --keys threshold`` the ring carries ciphertexts (the job's codec,
+    ``protect.codecs.ring``); every rank is a key party, so shared keys would let any neighbour decrypt what it
+    relays: the ring offers no keyless aggregator, which shared keys need."""
 
     name = "ring"
-    encryption_keys = frozenset({"threshold"})
+    offers = GradientAveraging.offers | {"codec-payload", "no-plaintext-state"}
     encryption_note = "in a ring every peer relays its neighbours' data, so only threshold keys protect it"
 
     def attach(self, replica: Replica) -> None:
         super().attach(replica)
-        self.keys, self.crypto = None, None
-        if self.cfg.crypto.encrypt == "ckks":
-            from ..attacks.poisoning import wire_tamper
-            from ..secure import CryptoStats, setup_keys
-            from ..secure.rogue import behaviour
-
-            self.crypto = CryptoStats()
-            self.tamper = wire_tamper(self.cfg.malicious, self.comm.rank)  # --malicious ...,attack=crafted-*
-            conduct = behaviour(self.cfg.malicious, self.comm.rank)  # a rogue key party, in tests of the set-up
-            self.keys = setup_keys(
-                self.comm, self.cfg.crypto, range(self.comm.world_size), (), self.crypto, None, conduct
-            )
+        self.codec = self.protections.peer_codec(self.comm)  # None: plaintext
 
     def sum(self, flat: torch.Tensor) -> torch.Tensor:
-        if self.keys is not None:
-            from ..secure.ring import encrypted_ring_all_reduce
-
-            return encrypted_ring_all_reduce(self.comm, flat, self.keys, self.crypto, self.tap, self.tamper)
+        if self.codec is not None:
+            return self.codec.all_reduce(flat, self.tap)
         return ring_all_reduce(self.comm, flat, self.cfg.pattern.segment_kb * 1024)
 
     def stats(self) -> dict[str, Any]:
-        return self.crypto.summary() if self.crypto is not None else {}
+        return self.codec.cost() if self.codec is not None else {}

@@ -34,7 +34,7 @@ from typing import Any
 
 from ...config import RunConfig
 from ...errors import TrustgradError
-from ...patterns.ps.blind import check_threads
+from ...protect.codecs.blind import check_threads
 from .detection import MALICIOUS_WORKER, mean_of
 
 __all__ = ["measure", "blind_config"]

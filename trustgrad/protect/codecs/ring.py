@@ -30,16 +30,36 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..comm import Comm
-from ..crypto import EncryptedVector, encrypt, fuse, partial_decrypt
-from ..crypto.threshold import PartialDecryption
-from ..errors import CryptoError, LaunchError
-from .keys import KeyRing
-from .stats import CryptoStats
+from ...comm import Comm
+from ...config import RunConfig
+from ...crypto import EncryptedVector, encrypt, fuse, partial_decrypt
+from ...crypto.threshold import PartialDecryption
+from ...errors import CryptoError, LaunchError
+from ...secure import CryptoStats, KeyRing, setup_keys
+from ...tags import RING_CIPHERTEXT as _TAG
 
-__all__ = ["encrypted_ring_all_reduce"]
+__all__ = ["encrypted_ring_all_reduce", "RingKeys"]
 
-_TAG = 72
+
+class RingKeys:
+    """The ring's codec under threshold keys: every rank a key party (set up on construction, collectively)."""
+
+    encrypted = True
+
+    def __init__(self, comm: Comm, cfg: RunConfig):
+        from ...attacks.poisoning import wire_tamper
+        from ...secure.rogue import behaviour
+
+        self.comm, self.stats = comm, CryptoStats()
+        self.tamper = wire_tamper(cfg.malicious, comm.rank)  # --malicious ...,attack=crafted-*
+        conduct = behaviour(cfg.malicious, comm.rank)  # a rogue key party, in tests of the set-up
+        self.keys = setup_keys(comm, cfg.crypto, range(comm.world_size), (), self.stats, None, conduct)
+
+    def all_reduce(self, flat: torch.Tensor, observe: Callable[[str, Any], None] | None) -> torch.Tensor:
+        return encrypted_ring_all_reduce(self.comm, flat, self.keys, self.stats, observe, self.tamper)
+
+    def cost(self) -> dict[str, Any]:
+        return self.stats.summary()
 
 
 def encrypted_ring_all_reduce(
