@@ -74,7 +74,7 @@ import numpy as np
 
 from trustgrad.blind.models import KINDS, SIGMOID
 from trustgrad.blind.packing import Layout
-from trustgrad.crypto import Context, EncryptedVector, PublicKey, _wire, encrypt
+from trustgrad.crypto import Context, EncryptedVector, PublicKey, encrypt, wire
 from trustgrad.errors import ConfigError, CryptoError
 
 __all__ = [
@@ -291,7 +291,7 @@ class BlindVerifier:
             raise CryptoError("the stored samples were not encrypted under the verifier's public key")
         w_ct, b_ct = model.ciphertexts
         t_parts, tb_parts = [], []
-        with _wire.openfhe_errors("blind step check"):
+        with wire.openfhe_errors("blind step check"):
             for group in store.groups(batch):
                 xs, ys, positions = [], [], []
                 for sid, pos in group.items():
@@ -334,7 +334,7 @@ class BlindVerifier:
             raise ConfigError(f"claim_scale must be a positive number, got {claim_scale}")
         cc, lay = self._cc, self.layout
         cw, cb = claim.ciphertexts
-        with _wire.openfhe_errors("blind distance"):
+        with wire.openfhe_errors("blind distance"):
             if weights is None:
                 gmask = self._plain("gmask", lambda: lay.gradient_mask() * self.gain)
                 bmask = self._plain("bmask", lambda: lay.bias_mask() * self.gain)

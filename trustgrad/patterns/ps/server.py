@@ -241,10 +241,7 @@ class Server:
 
     def _admit(self, claim: Claim) -> bool:
         """Asynchronous schedules: one claim through every gate."""
-        for gate in self.gates:
-            if not self._apply(gate.screen_one(claim), gate):
-                return False
-        return True
+        return all(self._apply(gate.screen_one(claim), gate) for gate in self.gates)
 
     def _apply(self, verdict: Verdict, gate: Any) -> dict[int, Any]:
         """A gate's verdict: its corrections to our state first, then its exclusions; returns what it admitted."""
