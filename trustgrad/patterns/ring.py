@@ -25,6 +25,7 @@ import torch
 
 from ..comm import Comm
 from ..replica import Replica
+from ..tags import PATTERN_ROUNDS
 from .base import PATTERNS, GradientAveraging
 
 __all__ = ["ring_all_reduce", "Ring"]
@@ -60,7 +61,8 @@ def ring_all_reduce(comm: Comm, flat: torch.Tensor, segment_bytes: int = 1 << 20
         send_chunk = steps[k][0]
         s0, s1 = bounds[send_chunk], bounds[send_chunk + 1]
         nxt = (rank + 1) % world
-        sends = [comm.isend(flat[start : min(start + segment, s1)], nxt, k) for start in range(s0, s1, segment)]
+        tag = PATTERN_ROUNDS + k
+        sends = [comm.isend(flat[start : min(start + segment, s1)], nxt, tag) for start in range(s0, s1, segment)]
         for work, start, stop, target, reduce in posted:
             comm.wait(work)
             if reduce:
@@ -89,7 +91,7 @@ def _post_receives(
     for start in range(r0, r1, segment):
         stop = min(start + segment, r1)
         target = scratch[k % 2][start - r0 : stop - r0] if reduce else flat[start:stop]
-        out.append((comm.irecv(target, prv, k), start, stop, target, reduce))
+        out.append((comm.irecv(target, prv, PATTERN_ROUNDS + k), start, stop, target, reduce))
     return out
 
 
