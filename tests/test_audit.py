@@ -71,6 +71,12 @@ def test_claim_chains_bind_bytes_and_audit_draws_are_uniform():
         (["--pattern", "ps", "--audit-threshold", "loose"], "audit_threshold must be one of calibrated, cross-thread"),
         (["--pattern", "ps", "--audit-threshold", "-1"], "or a number in [0, 1), got '-1'"),
         (["--pattern", "ps", "--audit-threshold", "nan"], "or a number in [0, 1), got 'nan'"),
+        (["--pattern", "ps", "--excluded-shard", "auditor"], "--excluded-shard auditor needs --proof audit"),
+        (["--pattern", "ps", "--excluded-shard", "keep"], "excluded_shard must be one of drop, auditor"),
+        (
+            ["--pattern", "ps", "--proof", "audit", "--excluded-shard", "auditor", "--schedule", "async"],
+            "--excluded-shard auditor runs plaintext --schedule sync audits",
+        ),
     ],
 )
 def test_bad_audit_input_is_one_line_exit_2(capsys, argv, needle):
@@ -219,6 +225,29 @@ def test_a_late_caught_ps_run_ends_bit_exactly_where_the_run_caught_at_once_ends
     assert s2["excluded_workers"] == [1] and s2["audit_repairs"][0]["workers"] == [1]  # P(never caught) = 2^-12
     assert s2["rolled_back_steps"] == s2["audit_repairs"][0]["caught_at_version"]  # every round since step 0
     assert all(torch.equal(m1[k], m2[k]) for k in m1) and s1["test_accuracy"] == s2["test_accuracy"]
+
+
+@pytest.mark.parametrize("rate", [1.0, 0.5])
+def test_with_the_auditor_standing_in_an_attacked_skewed_run_ends_on_the_all_honest_model(tmp_path, rate):
+    """--excluded-shard auditor: the liar's shard (label-skewed, so dropping it costs accuracy) keeps contributing the
+    gradient the auditor computes, from the liar's first lie on (rate 0.5: a late catch, repaired from step 0)."""
+    from safetensors.torch import load_file
+
+    def job(folder, malicious):
+        cfg = RunConfig(
+            workers=3, epochs=100, max_steps=10, seed=3, progress=False, out=str(tmp_path / folder),
+            malicious=malicious, partition="dirichlet", partition_alpha=0.1,
+        )  # fmt: skip
+        proof = {"mode": "audit", "audit_rate": rate, "excluded_shard": "auditor"}
+        summary = run(cfg.replace(pattern={"name": "ps"}, proof=proof)).summary
+        return summary, load_file(str(tmp_path / folder / "model.safetensors"))
+
+    (s, m), (h, mh) = job("attacked", ("rank=2,attack=scale,strength=0.5",)), job("honest", ())
+    assert s["excluded_workers"] == [1] and h["excluded_workers"] == []
+    assert s["excluded_shard"] == "auditor" and s["stand_in_gradients"] >= 1
+    # bit-exact: the auditor's replay reproduces a worker's gradient bit for bit at its thread count, and rounds are
+    # summed in worker order, so standing in changes nothing but who computed the shard's gradient
+    assert all(torch.equal(m[k], mh[k]) for k in m) and s["test_accuracy"] == h["test_accuracy"]
 
 
 def test_a_steering_worker_passes_the_old_fixed_threshold_and_is_caught_by_the_calibrated_one():

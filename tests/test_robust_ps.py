@@ -76,7 +76,7 @@ def test_experiment_robustness_quick(tmp_path):
     assert main(["experiment", "robustness", "--quick", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "results.json").read_text())
     cells = {(c["attack"], c["defence"]): c for c in data["cells"]}
-    assert len(cells) == 9 and (tmp_path / "robustness.png").read_bytes()[:4] == b"\x89PNG"
+    assert len(cells) == 11 and (tmp_path / "robustness.png").read_bytes()[:4] == b"\x89PNG"
     assert "| ipm |" in (tmp_path / "results.md").read_text()
     assert cells[("ipm", "audit-1")]["caught_at_first_push"] and cells[("ipm", "audit-1")]["false_exclusions"] == 0
     assert cells[("none", "audit-1")]["false_exclusions"] == 0
@@ -85,5 +85,8 @@ def test_experiment_robustness_quick(tmp_path):
     assert abs(cells[("ipm", "audit-1")]["accuracy_mean"] - cells[("none", "mean")]["accuracy_mean"]) < 0.1
     assert cells[("ipm", "audit-1")]["accuracy"] == cells[("honest-only", "mean")]["accuracy"]
     assert cells[("ipm", "audit-1")]["drop_vs_honest_only_points"] == 0.0
+    # the auditor trains the excluded shards in their place: the run is the all-honest run itself
+    stand_in = cells[("ipm", "audit-1-stand-in")]
+    assert stand_in["caught_at_first_push"] and stand_in["accuracy"] == cells[("none", "mean")]["accuracy"]
     assert len(data["attackers_class_share"]["iid"][0]) == 10
     assert cells[("ipm", "krum")]["colluders_admitted_per_round"] > 0.5  # Krum takes the colluders' vector

@@ -123,11 +123,17 @@ class ProofConfig:
     # calibrated (a multiple of measured honest replay noise; exact where replay is bit-exact), cross-thread, or a
     # number (an explicit relative-l2 threshold); see trustgrad/audit/calibration.py
     audit_threshold: str = "calibrated"
+    # what becomes of an excluded worker's shard: drop (its data leaves the run) or auditor (the data owners'
+    # verifier, which holds that data, computes the shard's honest gradient in its place; docs/audits.md)
+    excluded_shard: str = "drop"
 
     def __post_init__(self) -> None:
         from .audit.calibration import parse_policy
 
         _one_of(self, "mode", ("none", "record", "audit", "blind"))
+        _one_of(self, "excluded_shard", ("drop", "auditor"))
+        if self.excluded_shard != "drop" and self.mode != "audit":
+            raise ConfigError("--excluded-shard auditor needs --proof audit (the auditor holds the shard's data)")
         _in_ranges(self, _PROOF_RANGES)
         parse_policy(self.audit_threshold)
 

@@ -86,8 +86,12 @@ class RepairLog:
         aggregate: Callable[[list[torch.Tensor]], torch.Tensor],
         judge: Judge,
         recompute: Recompute,
+        stand_in: bool = False,
     ) -> Repaired:
-        """Step 3: put ``replica`` on the trajectory without the liars' lies; return the current round's gradients."""
+        """Step 3: put ``replica`` on the trajectory without the liars' lies; return the current round's gradients.
+
+        ``stand_in``: a liar's dropped contributions are replaced by the honest gradient the auditor recomputes (the
+        auditor trains the excluded shard in its place), so the result is the trajectory of an all-honest run."""
         start = min(self.window.get(rank, current.version) for rank in liars)
         replay = [rnd for rnd in self.rounds if rnd.version >= start]
         drop: set[int] = set()  # a liar's claims before its first lie are kept, as a rate-1 audit would have
@@ -95,7 +99,7 @@ class RepairLog:
         if replay:
             _restore(replica, replay[0].params, replay[0].momentum)
         for rnd in replay:
-            contributions = self._contributions(rnd, replica.flat_params(), drop, judge, recompute, counts)
+            contributions = self._contributions(rnd, replica.flat_params(), drop, judge, recompute, counts, stand_in)
             rnd.params, rnd.momentum = replica.flat_params(), replica.flat_momentum()
             rnd.members = {r: (rnd.members[r][0], g) for r, g in contributions.items()}
             rnd.verified = set(contributions)
@@ -103,7 +107,7 @@ class RepairLog:
                 replica.set_flat_grad(aggregate([contributions[r] for r in sorted(contributions)]))
                 replica.step()
         drop |= liars  # caught now: none of its claims counts from here, whatever the replay found
-        contributions = self._contributions(current, replica.flat_params(), drop, judge, recompute, counts)
+        contributions = self._contributions(current, replica.flat_params(), drop, judge, recompute, counts, stand_in)
         self._prune(current.version)  # everything since `start` is now audited or the auditor's own computation
         log.warning("audit repair: %d rounds replayed from version %d without %s", len(replay), start, sorted(drop))
         return Repaired(contributions, frozenset(drop), len(replay), counts["recomputed"], counts["audited"])
@@ -116,18 +120,21 @@ class RepairLog:
         judge: Judge,
         recompute: Recompute,
         counts: dict[str, int],
+        stand_in: bool = False,
     ) -> dict[int, torch.Tensor]:
         same = torch.equal(params, rnd.params)  # still on the logged trajectory: logged gradients are exact
         out = {}
         for rank in sorted(rnd.members):
             step, claim = rnd.members[rank]
-            if rank in drop:
-                continue
-            if rank not in rnd.verified:
+            if rank not in drop and rank not in rnd.verified:
                 counts["audited"] += 1
                 if not judge(rank, step, rnd.version, rnd.params, claim):  # at the parameters it was computed on
                     drop.add(rank)
-                    continue
+            if rank in drop:
+                if stand_in:  # the auditor's own computation of the liar's shard, never its claim
+                    out[rank] = recompute(rank, step, params)
+                    counts["recomputed"] += 1
+                continue
             if same:
                 out[rank] = claim
             else:

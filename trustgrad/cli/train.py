@@ -148,6 +148,12 @@ _GROUPS: list[tuple[str, list[tuple[str, str, Any, str]]]] = [
             ("--proof-k", "proof.k", int, "steps between proof checkpoints (default 10)"),
             ("--audit-rate", "proof.audit_rate", float, "fraction of claims audited, in (0, 1]"),
             (
+                "--excluded-shard",
+                "proof.excluded_shard",
+                str,
+                "ps --proof audit: drop (default) an excluded worker's shard, or let the auditor train it in its place",
+            ),
+            (
                 "--aggregate",
                 "aggregate",
                 str,
@@ -306,6 +312,8 @@ def render_summary(s: dict[str, Any]) -> str:
     ]
     if s.get("dropped_ranks"):
         lines.append(f"  dropped ranks: {s['dropped_ranks']}")
+    if s.get("stand_in_gradients"):
+        lines.append(f"  the auditor trained the excluded shards in their place: {s['stand_in_gradients']} gradients")
     if "replicas_final" in s:  # patterns that survive losses say who trained to the end
         lost = ", ".join(
             f"{'rank' if 'rank' in e else 'worker'} {e.get('rank', e.get('worker'))}"

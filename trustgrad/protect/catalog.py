@@ -127,6 +127,16 @@ def _cipher_audit_job(cfg: RunConfig, offers: frozenset[str], pattern: str) -> N
             "--proof audit with --encrypt ckks needs --keys shared and --audit-rate 1: the auditor rank "
             "decrypts claims with the shared key and every claim is checked before it is aggregated"
         )
+    _stand_in_runs_plain_sync(cfg, frozenset())  # the auditor rank holds no round's plaintext model
+
+
+def _stand_in_runs_plain_sync(cfg: RunConfig, offers: frozenset[str], pattern: str = "ps") -> None:
+    """``--excluded-shard auditor``: the auditor computes an excluded shard's gradient at each round's model."""
+    if cfg.proof.excluded_shard == "auditor" and "sync-rounds" not in offers:
+        raise ConfigError(
+            "--excluded-shard auditor runs plaintext --schedule sync audits: the auditor computes the excluded "
+            "shard's gradient at each round's model, which only a synchronous plaintext server holds"
+        )
 
 
 def _blind_gate(comm: Any, cfg: RunConfig, ds: Any, num_params: int, asynchronous: bool, codec: Any) -> Any:
@@ -156,7 +166,7 @@ def check_rule(cfg: RunConfig, offers: frozenset[str] = frozenset({"sync-rounds"
         raise ConfigError(f"--aggregate: {problem}, and this job has --workers {cfg.workers}")
 
 
-GATES.register("audit")(Spec(server=_audit))
+GATES.register("audit")(Spec(validate=_stand_in_runs_plain_sync, server=_audit))
 GATES.register("cipher-audit")(
     Spec(validate=_cipher_audit_job, server=_remote_audit, worker=_ciphertext_auditor, extra_rank=True)
 )

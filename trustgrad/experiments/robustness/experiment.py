@@ -51,6 +51,8 @@ DEFENCES = {
     "cc-momentum": lambda n, f: {"aggregate": "centered-clipping,tau=1,beta=0.9", "momentum": 0.0},
     "audit-1": lambda n, f: {"proof": ProofConfig(mode="audit", audit_rate=1.0)},
     "audit-0.1": lambda n, f: {"proof": ProofConfig(mode="audit", audit_rate=0.1)},
+    # the auditor holds every shard's data: it trains an excluded worker's shard in its place (--excluded-shard)
+    "audit-1-stand-in": lambda n, f: {"proof": ProofConfig(mode="audit", audit_rate=1.0, excluded_shard="auditor")},
 }
 #: attacks (``--malicious attack=``); ``none`` is the all-honest job
 ATTACKS = ("none", "alie", "ipm", "min-max", "min-sum", "backdoor", "sign-flip", "label-flip")
@@ -59,7 +61,7 @@ ATTACKS = ("none", "alie", "ipm", "min-max", "min-sum", "backdoor", "sign-flip",
 HONEST_ONLY = "honest-only"
 QUICK = {
     "attacks": ["none", "ipm"],
-    "defences": ["mean", "krum", "median", "audit-1"],
+    "defences": ["mean", "krum", "median", "audit-1", "audit-1-stand-in"],
     "partitions": ["iid"],
     "epochs": 2,
     "seeds": 1,

@@ -9,6 +9,7 @@ from typing import Any
 __all__ = ["table", "plot", "claims"]
 
 HONEST_ONLY = "honest-only"  # the anchor row (experiment.HONEST_ONLY; not imported, so old results.json still render)
+AUDITS = ("audit-1", "audit-0.1", "audit-1-stand-in")
 
 
 def _acc(c: dict[str, Any]) -> str:
@@ -45,7 +46,7 @@ def table(data: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in cells:
-        if c["attack"] == "none" and not c["false_exclusions"] and c["defence"] not in ("audit-1", "audit-0.1"):
+        if c["attack"] == "none" and not c["false_exclusions"] and c["defence"] not in AUDITS:
             continue
         bd = "-" if c["backdoor_success"] is None else f"{sum(c['backdoor_success']) / len(c['backdoor_success']):.3f}"
         caught = ", ".join(
@@ -140,16 +141,16 @@ def claims(data: dict[str, Any]) -> str:
             f"all-honest run); classes of which the attackers' shards hold at least half: "
             f"{'; '.join(per_seed) or '-'}"
         )
-    for partition in honest:
+    for partition, defence in ((p, d) for p in honest for d in ("audit-1", "audit-1-stand-in")):
         audited = [c for (p, a, d), c in cells.items() if p == partition and a not in ("none", HONEST_ONLY) and
-                   d == "audit-1"]  # fmt: skip
+                   d == defence]  # fmt: skip
         if audited:
             first = all(c["caught_at_first_push"] for c in audited)
             false = sum(c["false_exclusions"] for c in cells.values() if c["partition"] == partition and
-                        c["defence"] == "audit-1")  # fmt: skip
+                        c["defence"] == defence)  # fmt: skip
             gaps = [100 * abs(h - a) for c in audited for h, a in zip(honest[partition], c["accuracy"])]
             text = (
-                f"- audits at rate 1 ({partition}): {len(audited)} attacks, every attacker excluded at its first "
+                f"- {defence} ({partition}): {len(audited)} attacks, every attacker excluded at its first "
                 f"poisoned push: {first}; false exclusions {false}; largest gap to the all-honest run "
                 f"{max(gaps):.1f} points"
             )
@@ -159,7 +160,7 @@ def claims(data: dict[str, Any]) -> str:
             lines.append(text)
     if "dirichlet" in honest:
         rules = ("krum", "multi-krum", "median", "trimmed-mean", "bulyan", "centered-clipping", "cc-tau2")
-        for d in (*rules, "cc-momentum", "audit-1", "audit-0.1"):
+        for d in (*rules, "cc-momentum", *AUDITS):
             lines.append(f"- no attacker, Dirichlet {data['settings']['dirichlet_alpha']}, {d}: "
                          f"{drops(('dirichlet', 'none', d))}")  # fmt: skip
     return "\n".join(lines)

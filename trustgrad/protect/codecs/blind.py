@@ -2,8 +2,9 @@
 
 The paper's literal proposal, inside training (``logreg-poly`` on features x classes that fit one ciphertext). The
 server holds the context, the joint public key and the evaluation keys, never a share; the W workers are the key
-parties (n-of-n threshold CKKS) and the data owners. This module is the workers' side and the shared definitions;
-the server's side is ``BlindServer`` below and the gate :mod:`trustgrad.protect.gates.blind`. One synchronous round at model version v:
+parties (n-of-n threshold CKKS) and the data owners. This module is the codec: the workers' side, the shared
+definitions and the server's side (``BlindServer``); the checks are the gate :mod:`trustgrad.protect.gates.blind`.
+One synchronous round at model version v:
 
 1. Set-up, at job start: threshold keys, then the joint eval-mult and rotation keys of the check
    (``secure.evaluation_keys``); each worker encrypts its own shard once (``blind.encrypt_samples``) and sends it;

@@ -61,6 +61,11 @@ class ServerAudit(Gate):
         self.versions: dict[int, torch.Tensor] = {}
         self.verified_now: set[int] = set()  # sync: ranks whose claim of this round is verified
         self.reasons: dict[int, str] = {}
+        # --excluded-shard auditor: the excluded ranks whose shard the auditor trains in their place (sync)
+        self.stand_in = cfg.proof.excluded_shard == "auditor"
+        self.stood_in: set[int] = set()
+        self.stand_in_steps: dict[int, int] = {}
+        self.stand_in_gradients = 0
 
     # ------------------------------------------------------------------ claims
     def observe(self, claim: Claim) -> None:
@@ -87,10 +92,26 @@ class ServerAudit(Gate):
                     current.verified.add(rank)
                 else:
                     liars.add(rank)
-        if not liars:
+        if liars:
+            verdict = self._repair(liars, current, batch)
+        else:
             self.verified_now = current.verified
-            return Verdict.admit_all(grads)
-        return self._repair(liars, current, batch)
+            verdict = Verdict.admit_all(grads)
+        return self._stand_in(verdict, steps, params)
+
+    def _stand_in(self, verdict: Verdict, steps: dict[int, int], params: torch.Tensor) -> Verdict:
+        """--excluded-shard auditor: each excluded worker's shard contributes the gradient the auditor computes at
+        this round's model (sync: every member is at the round's step), so the round is the all-honest round."""
+        if not self.stand_in or not self.stood_in or not steps:
+            return verdict
+        admitted = dict(verdict.admitted)
+        step = next(iter(steps.values()))
+        for rank in sorted(self.stood_in - set(admitted)):
+            admitted[rank] = self.auditor.replay(rank - 1, step, params)
+            self.stand_in_steps[rank] = step  # the step it stands in at, for the repair log (``applied``)
+            self.verified_now.add(rank)
+            self.stand_in_gradients += 1
+        return Verdict(dict(sorted(admitted.items())), verdict.excluded, verdict.corrections)
 
     def _judge(self, rank: int, step: int, version: int, params: torch.Tensor, claim: torch.Tensor) -> bool:
         check = self.auditor.check(rank - 1, step, version, params, claim)
@@ -111,12 +132,15 @@ class ServerAudit(Gate):
             batch.combine,  # type: ignore[arg-type]
             judge=self._judge,
             recompute=lambda r, step, p: self.auditor.replay(r - 1, step, p),
+            stand_in=self.stand_in,
         )
         excluded = {}
         for rank in sorted(repaired.liars):
             if rank in batch.standing:
                 self.auditor.report.excluded.append(rank - 1)
                 excluded[rank] = f"audit: {self.reasons.get(rank, 'a logged claim did not reproduce')}"
+                if self.stand_in:
+                    self.stood_in.add(rank)
         self.auditor.report.rolled_back_steps += repaired.rounds
         self.repairs.append(
             {
@@ -146,7 +170,8 @@ class ServerAudit(Gate):
     # ------------------------------------------------------------------ contributions and rollback
     def applied(self, batch: Batch) -> None:
         """Log the round about to be applied while any worker has an unverified contribution in the model."""
-        members = {r: (batch.steps[r], g) for r, g in batch.values.items()}
+        steps = {**batch.steps, **self.stand_in_steps}
+        members = {r: (steps[r], g) for r, g in batch.values.items()}
         momentum = batch.replica.flat_momentum()
         self.log.record(Round(batch.version, batch.replica.flat_params(), momentum, members, set(self.verified_now)))
 
@@ -171,5 +196,7 @@ class ServerAudit(Gate):
             "audit_repairs": self.repairs,
             "audit_repair_reach_rounds": 0 if self.asynchronous else self.log.max_rounds,
             "audit_rate": self.auditor.rate,
+            "excluded_shard": "auditor" if self.stand_in else "drop",
+            "stand_in_gradients": self.stand_in_gradients,
             "audit_nonce_commitment": self.auditor.nonce_commitment,
         }
