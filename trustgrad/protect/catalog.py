@@ -43,9 +43,9 @@ def _ckks_worker(comm: Any, cfg: RunConfig, parties: list[int], rank: int, initi
 
 
 def _ckks_ring(comm: Any, cfg: RunConfig) -> Any:
-    from .codecs.ring import RingKeys
+    from .codecs.ring import RingCodec
 
-    return RingKeys(comm, cfg)
+    return RingCodec.for_job(comm, cfg)
 
 
 def _blind_server(comm: Any, cfg: RunConfig, parties: list[int], initial: Any) -> Any:

@@ -1,4 +1,7 @@
-"""Ring all-reduce on CKKS ciphertexts under threshold keys: no peer ever sees another's gradient.
+"""The ring's codec: CKKS ciphertexts under threshold keys, so no peer ever sees another's gradient.
+
+The ring algorithm is ``patterns/ring.ring_all_reduce``, the same for plaintext and ciphertexts; this codec fills
+steps 1-5 (``encode``, ``exchange`` + ``combine``, ``reveal``), and step 6 is the plaintext ring's all-gather.
 
 Protocol, for W ranks that each hold a share of an n-of-n threshold key (``secure.keys``) and a flat vector cut into
 W chunks (chunk j is *owned* by rank j-1, the rank that finishes reducing it in a plaintext ring):
@@ -11,10 +14,11 @@ W chunks (chunk j is *owned* by rank j-1, the rank that finishes reducing it in 
 4. Partial decryption: every rank computes its decryption share of every reduced chunk and sends the share of chunk
    j only to chunk j's owner (OpenFHE's advice: partials go to the party that fuses, never broadcast).
 5. The owner fuses the W shares into the plaintext sum of its chunk (all W are required: one missing share fails).
-6. All-gather of the plaintext sums: every rank learns the sum, which is what all-reduce is for, and nothing else.
+6. All-gather of the plaintext sums around the ring: every rank learns the sum, which is what all-reduce is for,
+   and nothing else.
 
 What is revealed: the sum (as with any all-reduce). What each peer sees of others: ciphertexts and decryption shares
-of sums. Steps 3-6 exchange with every peer by cyclic shifts, so no ordering can deadlock.
+of sums. Steps 3-5 exchange with every peer by cyclic shifts, so no ordering can deadlock; step 6 is the ring's.
 
 Every ciphertext and partial decryption a rank receives is validated before OpenFHE parses it, against what the
 receiver knows: the chunk's length, the joint key, the layout of a fresh (step 2) or summed (step 3) encryption
@@ -38,98 +42,75 @@ from ...errors import CryptoError, LaunchError
 from ...secure import CryptoStats, KeyRing, setup_keys
 from ...tags import RING_CIPHERTEXT as _TAG
 
-__all__ = ["encrypted_ring_all_reduce", "RingKeys"]
+__all__ = ["RingCodec"]
 
 
-class RingKeys:
-    """The ring's codec under threshold keys: every rank a key party (set up on construction, collectively)."""
+class RingCodec:
+    """One rank's side of the encrypted ring: every rank a key party of the job's threshold key."""
 
     encrypted = True
 
-    def __init__(self, comm: Comm, cfg: RunConfig):
+    def __init__(
+        self, comm: Comm, keys: KeyRing, stats: CryptoStats, tamper: Callable[[str, bytes], bytes] | None = None
+    ):
+        self.comm, self.keys, self.stats = comm, keys, stats
+        self.tamper = tamper or (lambda kind, payload: payload)  # --malicious ...,attack=crafted-*: what we send
+
+    @classmethod
+    def for_job(cls, comm: Comm, cfg: RunConfig) -> RingCodec:
+        """Key set-up among every rank of the job (collective), with this rank's conduct under ``--malicious``."""
         from ...attacks.poisoning import wire_tamper
         from ...secure.rogue import behaviour
 
-        self.comm, self.stats = comm, CryptoStats()
-        self.tamper = wire_tamper(cfg.malicious, comm.rank)  # --malicious ...,attack=crafted-*
+        stats = CryptoStats()
         conduct = behaviour(cfg.malicious, comm.rank)  # a rogue key party, in tests of the set-up
-        self.keys = setup_keys(comm, cfg.crypto, range(comm.world_size), (), self.stats, None, conduct)
+        keys = setup_keys(comm, cfg.crypto, range(comm.world_size), (), stats, None, conduct)
+        return cls(comm, keys, stats, wire_tamper(cfg.malicious, comm.rank))
 
-    def all_reduce(self, flat: torch.Tensor, observe: Callable[[str, Any], None] | None) -> torch.Tensor:
-        return encrypted_ring_all_reduce(self.comm, flat, self.keys, self.stats, observe, self.tamper)
+    def encode(self, chunks: list[torch.Tensor]) -> list[EncryptedVector]:
+        """Step 1: every chunk encrypted under the joint public key."""
+        with self.stats.timing("encrypt"):
+            return [encrypt(self.keys.public_key, c.detach().cpu().numpy().astype(np.float64)) for c in chunks]
+
+    def exchange(self, chunk: EncryptedVector, dst: int, src: int, length: int) -> tuple[bytes, EncryptedVector]:
+        """Step 2's message: ``chunk`` to ``dst``; ``src``'s chunk of ``length`` values back, validated."""
+        payload = self.tamper("ciphertext", chunk.to_bytes())
+        self.stats.sent(len(payload), len(chunk))
+        received = self.comm.exchange_bytes(payload, dst, src, _TAG)
+        return received, _vector(self.keys, received, src, length)
+
+    def combine(self, vectors: list[EncryptedVector]) -> EncryptedVector:
+        """Homomorphic addition."""
+        with self.stats.timing("aggregate"):
+            total = vectors[0]
+            for v in vectors[1:]:
+                total = total + v
+            return total
+
+    def reveal(self, reduced: EncryptedVector, mine: int, bounds: list[int]) -> torch.Tensor:
+        """Steps 3-5: this rank's reduced chunk ``mine`` to every rank, every rank's partial decryption of each chunk
+        to that chunk's owner, fused here: the plaintext sum of chunk ``mine`` (float32)."""
+        comm, world, rank = self.comm, self.comm.world_size, self.comm.rank
+        chunks = {mine: reduced}
+        blob = self.tamper("ciphertext", reduced.to_bytes())
+        for shift in range(1, world):  # 3. every rank gets every reduced chunk
+            dst, src = (rank + shift) % world, (rank - shift) % world
+            self.stats.sent(len(blob), bounds[mine + 1] - bounds[mine])
+            j = (src + 1) % world
+            chunks[j] = _vector(self.keys, comm.exchange_bytes(blob, dst, src, _TAG), src, bounds[j + 1] - bounds[j])
+        with self.stats.timing("decrypt"):  # 4. shares of chunk j go to its owner
+            shares = {j: partial_decrypt(self.keys.secret, chunks[j]) for j in range(world)}  # type: ignore[arg-type]
+        collected = [shares[mine]]
+        for shift in range(1, world):
+            dst, src = (rank + shift) % world, (rank - shift) % world
+            payload = self.tamper("partial", shares[(dst + 1) % world].to_bytes())
+            self.stats.sent(len(payload), 0)
+            collected.append(_partial(self.keys, comm.exchange_bytes(payload, dst, src, _TAG), src, reduced))
+        with self.stats.timing("decrypt"):  # 5. fuse
+            return torch.from_numpy(np.asarray(fuse(collected), dtype=np.float32))
 
     def cost(self) -> dict[str, Any]:
         return self.stats.summary()
-
-
-def encrypted_ring_all_reduce(
-    comm: Comm,
-    flat: torch.Tensor,
-    keys: KeyRing,
-    stats: CryptoStats,
-    observe: Callable[[str, Any], None] | None = None,
-    tamper: Callable[[str, bytes], bytes] | None = None,
-) -> torch.Tensor:
-    """Sum ``flat`` over all ranks in place; only ciphertexts, decryption shares and the final sum travel.
-
-    ``observe("ciphertext", (bytes, sender))`` is shown the first ciphertext received from the previous rank;
-    ``tamper(kind, bytes)`` rewrites what this rank sends (``--malicious ...,attack=crafted-*``).
-    """
-    tamper = tamper or (lambda kind, payload: payload)
-    world, rank = comm.world_size, comm.rank
-    if world == 1:
-        return flat
-    values = flat.detach().cpu().numpy().astype(np.float64)
-    bounds = [len(values) * i // world for i in range(world + 1)]
-
-    with stats.timing("encrypt"):
-        chunks = [encrypt(keys.public_key, values[bounds[j] : bounds[j + 1]]) for j in range(world)]
-
-    nxt, prv = (rank + 1) % world, (rank - 1) % world
-    for s in range(world - 1):  # 2. reduce-scatter on ciphertexts
-        send_j, recv_j = (rank - s) % world, (rank - s - 1) % world
-        payload = tamper("ciphertext", chunks[send_j].to_bytes())
-        stats.sent(len(payload), bounds[send_j + 1] - bounds[send_j])
-        received = comm.exchange_bytes(payload, nxt, prv, _TAG)
-        if observe is not None and s == 0:  # what a peer sees of its neighbour: ciphertext bytes
-            observe("ciphertext", (received, prv))
-        incoming = _vector(keys, received, prv, bounds[recv_j + 1] - bounds[recv_j])
-        with stats.timing("aggregate"):
-            chunks[recv_j] = chunks[recv_j] + incoming
-
-    mine = (rank + 1) % world  # the chunk this rank owns, fully reduced
-    reduced = {mine: chunks[mine]}
-    blob = tamper("ciphertext", chunks[mine].to_bytes())
-    for shift in range(1, world):  # 3. every rank gets every reduced chunk
-        dst, src = (rank + shift) % world, (rank - shift) % world
-        stats.sent(len(blob), bounds[mine + 1] - bounds[mine])
-        j = (src + 1) % world
-        reduced[j] = _vector(keys, comm.exchange_bytes(blob, dst, src, _TAG), src, bounds[j + 1] - bounds[j])
-
-    with stats.timing("decrypt"):  # 4. shares of chunk j go to its owner
-        shares = {j: partial_decrypt(keys.secret, reduced[j]) for j in range(world)}  # type: ignore[arg-type]
-    collected = [shares[mine]]
-    for shift in range(1, world):
-        dst, src = (rank + shift) % world, (rank - shift) % world
-        payload = tamper("partial", shares[(dst + 1) % world].to_bytes())
-        stats.sent(len(payload), 0)
-        collected.append(_partial(keys, comm.exchange_bytes(payload, dst, src, _TAG), src, reduced[mine]))
-    with stats.timing("decrypt"):  # 5. fuse
-        total = np.asarray(fuse(collected), dtype=np.float32)
-
-    out = np.empty(len(values), dtype=np.float32)  # 6. all-gather of the plaintext sums
-    out[bounds[mine] : bounds[mine + 1]] = total
-    for shift in range(1, world):
-        dst, src = (rank + shift) % world, (rank - shift) % world
-        theirs = (src + 1) % world
-        got = np.frombuffer(comm.exchange_bytes(total.tobytes(), dst, src, _TAG), dtype=np.float32)
-        if got.size != bounds[theirs + 1] - bounds[theirs]:
-            raise ValueError(
-                f"rank {src} sent a sum of {got.size} values for a chunk of {bounds[theirs + 1] - bounds[theirs]}"
-            )
-        out[bounds[theirs] : bounds[theirs + 1]] = got
-    flat.copy_(torch.from_numpy(out).to(flat.dtype))
-    return flat
 
 
 def _vector(keys: KeyRing, data: bytes, sender: int, length: int) -> EncryptedVector:
