@@ -3,6 +3,7 @@ multi-process tests that run them inside real jobs (test_ps.py, test_audit.py, t
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -158,3 +159,51 @@ def test_build_names_the_codec_and_gates_from_the_flags():
                                                                                   (1, 2, 3, 4))  # fmt: skip
     assert protect.key_modes(PATTERNS.get("ring").offers) == ["threshold"]
     assert protect.key_modes(PATTERNS.get("ps").offers) == ["shared", "threshold"]
+
+
+# ------------------------------------------------------------------ the CKKS codec's receiver check
+@pytest.fixture(scope="module")
+def shared_ring():
+    from trustgrad.crypto import CKKSParams, Context, keygen
+    from trustgrad.secure import KeyRing
+
+    context = Context(
+        CKKSParams.for_aggregation("shared", depth=2, ring_dim=1024, security="none", allow_insecure=True)
+    )
+    public, secret = keygen(context)
+    return KeyRing("shared", context, public, secret, (1, 2))
+
+
+def test_ckks_codec_admits_a_fresh_encryption_of_the_model_length(shared_ring):
+    from trustgrad.crypto import decrypt, encrypt
+    from trustgrad.protect.codecs.ckks import decode_fresh
+
+    values = np.linspace(-1, 1, 700)
+    vector = decode_fresh(shared_ring, encrypt(shared_ring.public_key, values).to_bytes(), 2, 700)
+    np.testing.assert_allclose(decrypt(shared_ring.secret, vector), values, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "make, needle",
+    [
+        (lambda ring, v: (v * 0.5).to_bytes(), "expected a fresh encryption, got one at level"),  # a product
+        (lambda ring, v: v.to_bytes()[:-9], "worker 1 \\(rank 2\\) pushed an invalid ciphertext"),  # truncated
+        (lambda ring, v: b"\x00" * 64, "worker 1 \\(rank 2\\) pushed an invalid ciphertext"),  # not a frame
+    ],
+)
+def test_ckks_codec_refuses_what_a_fresh_push_is_not_naming_its_sender(shared_ring, make, needle):
+    from trustgrad.crypto import encrypt
+    from trustgrad.protect.codecs.ckks import RefusedPayload, decode_fresh
+
+    vector = encrypt(shared_ring.public_key, np.linspace(-1, 1, 700))
+    with pytest.raises(RefusedPayload, match=needle) as caught:
+        decode_fresh(shared_ring, make(shared_ring, vector), 2, 700)
+    assert caught.value.rank == 2
+
+
+def test_ckks_codec_refuses_a_push_of_another_length(shared_ring):
+    from trustgrad.crypto import encrypt
+    from trustgrad.protect.codecs.ckks import RefusedPayload, decode_fresh
+
+    with pytest.raises(RefusedPayload, match="worker 0 \\(rank 1\\)"):
+        decode_fresh(shared_ring, encrypt(shared_ring.public_key, np.ones(300)).to_bytes(), 1, 700)
