@@ -22,11 +22,11 @@ from ..config import RunConfig
 from ..errors import ConfigError
 from . import catalog  # noqa: F401  (registers the protections)
 from .needs import CAPABILITIES, CODECS, GATES, PROOFS, Need, Spec
-from .slots import Batch, Claim, Correction, Gate, Observer, ServerCodec, Verdict, WorkerCodec
+from .slots import Batch, Claim, Correction, Gate, Observer, Received, ServerCodec, Verdict, WorkerCodec
 
 __all__ = [
     "build", "check", "key_modes", "Protections", "Need", "Spec", "CODECS", "GATES", "PROOFS", "CAPABILITIES",
-    "Batch", "Claim", "Correction", "Gate", "Observer", "ServerCodec", "Verdict", "WorkerCodec",
+    "Batch", "Claim", "Correction", "Gate", "Observer", "Received", "ServerCodec", "Verdict", "WorkerCodec",
 ]  # fmt: skip
 
 

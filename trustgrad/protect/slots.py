@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import torch
 
 __all__ = [
-    "Batch", "Claim", "Correction", "Verdict", "Gate", "ServerCodec", "WorkerCodec", "Observer", "Combine",
+    "Batch", "Claim", "Correction", "Verdict", "Gate", "ServerCodec", "WorkerCodec", "Observer", "Combine", "Received",
 ]  # fmt: skip
 
 #: a round's admitted contributions, in sender order -> the update (the codec's mean, or a robust rule's)
@@ -220,6 +220,19 @@ class WorkerCodec(ABC):
     def cost(self) -> dict[str, Any]:
         """Cost of the codec (seconds, bytes) for the run's summary."""
         return {}
+
+
+@dataclass(frozen=True)
+class Received:
+    """A push as a server received it (``kind == "received"`` on its taps), shown only when it was computed on the
+    model the server holds: ``replica`` is that model, to read."""
+
+    sender: int  # worker index
+    step: int
+    payload: bytes
+    value: Any  # what the codec decoded
+    encrypted: bool
+    replica: Any
 
 
 class Observer(Protocol):

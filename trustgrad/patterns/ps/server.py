@@ -34,7 +34,7 @@ from ...data import BatchPlan, load_dataset
 from ...errors import LaunchError
 from ...launch import engine_message
 from ...models import build_model
-from ...protect import Batch, Claim, Correction, Verdict
+from ...protect import Batch, Claim, Correction, Received, Verdict
 from ...replica import Replica, make_optimizer
 from .checkpoint import ServerCheckpoint
 from .protocol import ACK, BYE, CLOSE, DONE, DROPPED, GRADIENT, LOST, OK, REPLY, Inbox, Message
@@ -86,7 +86,6 @@ class Server:
         if cfg.resume:
             self._restore(pattern.load_checkpoint(cfg.resume, self.replica.num_params))
         self.epochs_logged = self._floor(include_done=True) // max(1, self.steps_per_epoch)
-        self.view_recorded = False
         self.in_flight: dict[int, list[tuple[Any, torch.Tensor]]] = {}  # rank -> the last reply's sends and tensors
         self.buffer_steps: dict[int, int] = {}
         # the slots (docs/architecture.md §3): encrypted codecs never let a plaintext update reach this process
@@ -95,6 +94,10 @@ class Server:
         self.encrypted = self.codec.encrypted
         n_params, asynchronous = self.replica.num_params, self.velocity is not None
         self.gates = protections.server_gates(self.comm, self.ds, n_params, asynchronous, self.codec)
+        if cfg.record_server_view:  # an observer of what this server receives, as hooks attach the workers' own
+            from ...attacks.recorder import ReceivedViewRecorder
+
+            pattern.taps.append(ReceivedViewRecorder(cfg, self.ds, self.steps_per_epoch))
 
     # ------------------------------------------------------------------ the loop
     def serve(self) -> dict[str, Any]:
@@ -186,8 +189,10 @@ class Server:
                     return
                 self._refuse(w, str(exc))
                 return
-            if self.cfg.record_server_view and not self.view_recorded and msg.version == self.version:
-                self._record_view(msg, grad)
+            if msg.version == self.version:  # observers see pushes computed on the model held here
+                self.pattern.tap(
+                    "received", Received(w.rank - 1, msg.step, msg.payload, grad, self.encrypted, self.replica)
+                )
             claim = Claim(w.rank, msg.step, msg.version, msg.payload, grad)
             for gate in self.gates:
                 gate.observe(claim)
@@ -439,19 +444,6 @@ class Server:
         if self.velocity is None:
             return self.replica.flat_params()
         return self.theta - (self.lr * self.cfg.momentum) * self.velocity.sum(0)
-
-    def _record_view(self, msg: Message, grad: Any) -> None:
-        """``--record-server-view``: the first push this server receives, exactly as received (attack material)."""
-        from ...attacks.recorder import write_view
-
-        self.view_recorded = True
-        epoch, epoch_step = divmod(msg.step, max(1, self.steps_per_epoch))
-        write_view(
-            self.cfg, self.ds, kind="ciphertext" if self.encrypted else "gradient",
-            state={k: v.detach().clone() for k, v in self.replica.model.state_dict().items()},
-            params=self.replica.params, senders=[msg.src - 1], num_workers=self.n, epoch=epoch,
-            epoch_step=epoch_step, step=msg.step, payload=msg.payload if self.encrypted else grad,
-        )  # fmt: skip
 
     # ------------------------------------------------------------------ bookkeeping
     def _floor(self, include_done: bool = False) -> float:
