@@ -3,8 +3,8 @@
 ``build(cfg)`` is the one place that reads ``--encrypt``, ``--keys``, ``--proof`` and ``--aggregate``: it names the
 job's codec and gates (``Protections``), which then build their parts on each rank. Which combinations run follows
 from what a pattern *offers* (``Pattern.offers``: capabilities such as ``sync-rounds``) and what each protection
-*needs* (``CODECS`` / ``GATES`` / ``PROOFS`` below), not from per-pattern lists: ``check`` refuses a job whose pattern
-lacks a need, with the need's one-line message.
+*needs* (the registries ``CODECS``, ``GATES``, ``PROOFS``, filled in ``catalog``), not from per-pattern lists:
+``check`` refuses a job whose pattern lacks a need, with the need's one-line message.
 
 >>> from trustgrad.config import RunConfig
 >>> p = build(RunConfig().replace(crypto={"encrypt": "ckks", "keys": "threshold"}, proof={"mode": "none"}))

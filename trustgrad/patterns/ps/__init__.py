@@ -23,7 +23,6 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -39,19 +38,9 @@ from .protocol import ACK, BYE, DONE, DROPPED, GRADIENT, OK, PAYLOAD, PUSH, REPL
 from .schedules import SCHEDULES, Schedule, schedule_for
 from .straggler import Straggler
 
-__all__ = ["ParameterServer", "PushClaim", "SCHEDULES", "Schedule", "Straggler"]
+__all__ = ["ParameterServer", "SCHEDULES", "Schedule", "Straggler"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class PushClaim:
-    """What a worker asserts with each push: its index, its step (clock), the model version it computed on."""
-
-    worker: int
-    step: int
-    version: int
-    nbytes: int
 
 
 @PATTERNS.register("ps")
@@ -68,7 +57,6 @@ class ParameterServer(Pattern):
         self.straggler = Straggler.parse(spec, cfg.workers) if spec else None
         self.clock = self.version = 0
         self.detached = False
-        self.last_claim: PushClaim | None = None
         self._server = None
         self._start = 0
         self.codec: Any = None  # this worker's side of the job's codec (``attach``)
@@ -199,8 +187,6 @@ class ParameterServer(Pattern):
         if not self.encrypted:  # with encryption the server records the ciphertext it receives instead
             self.tap("gradient", flat)
         payload = self.codec.encode(flat)
-        self.last_claim = PushClaim(self.comm.rank - 1, self.clock, self.version, len(payload))
-        self.observe_push(self.last_claim)
         with self._server_may_vanish():
             self.link.send(push_header(GRADIENT, self.clock, self.version, len(payload), loss), 0, PUSH)
             self.link.send(torch.frombuffer(bytearray(payload), dtype=torch.uint8), 0, PAYLOAD)
@@ -223,9 +209,6 @@ class ParameterServer(Pattern):
                 raise
             log.warning("ps: worker %d lost the server (%s); it stops pushing", self.comm.rank - 1, _first_line(exc))
             self.detached = True
-
-    def observe_push(self, claim: PushClaim) -> None:
-        """Called before every push (a proof or audit layer overrides this)."""
 
     def finish(self, replica: Replica) -> None:
         if self.detached:
