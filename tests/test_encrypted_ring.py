@@ -11,9 +11,10 @@ from trustgrad.cli import main
 from trustgrad.comm import Comm
 from trustgrad.config import CryptoConfig, RunConfig
 from trustgrad.crypto import FLOODING
+from trustgrad.patterns.ring import ring_all_reduce
+from trustgrad.protect.codecs.ring import RingCodec
 from trustgrad.run import run
 from trustgrad.secure import CryptoStats, setup_keys
-from trustgrad.secure.ring import encrypted_ring_all_reduce
 
 
 def _encrypted_vs_builtin(ctx, n):
@@ -21,7 +22,7 @@ def _encrypted_vs_builtin(ctx, n):
     stats = CryptoStats()
     keys = setup_keys(comm, CryptoConfig(encrypt="ckks", keys="threshold"), range(ctx.world_size), (), stats)
     x = torch.randn(n, generator=torch.Generator().manual_seed(ctx.rank))
-    ours = encrypted_ring_all_reduce(comm, x.clone(), keys, stats)
+    ours = ring_all_reduce(comm, x.clone(), codec=RingCodec(comm, keys, stats))  # the ring, through the codec
     ref = x.clone()
     dist.all_reduce(ref)
     return {"err": float((ours - ref).abs().max()), "scale": float(ref.abs().max()), **stats.summary()}

@@ -9,7 +9,7 @@ from trustgrad.cli import main
 from trustgrad.config import RunConfig
 from trustgrad.crypto import FLOODING
 from trustgrad.models import build_model, poly_bce
-from trustgrad.patterns.ps.blind import K
+from trustgrad.protect.codecs.blind import K
 from trustgrad.run import run
 
 

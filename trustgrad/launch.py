@@ -121,7 +121,7 @@ def spawn(
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
-    from .resources import check_processes
+    from .machine import check_processes
 
     check_processes(world_size)  # before anything forks: a job of 1000 ranks is refused, not started (docs/limits.md)
     ctx = _context()

@@ -60,7 +60,8 @@ def test_psnr_and_mse_properties(pair):
     assert M.mse(a, a) == 0.0
     assert M.psnr(a, b) == M.psnr(b, a)
     if M.mse(a, b) > 0:
-        assert M.psnr(a, b) >= 0.0  # values in [0, 1] so MSE <= 1
+        # the peak enters as range^2: doubling the range adds exactly 20 log10(2) dB
+        assert M.psnr(a, b, data_range=2.0) == pytest.approx(M.psnr(a, b) + 20 * math.log10(2.0))
         assert M.psnr(a, b) == pytest.approx(-10 * math.log10(M.mse(a, b)))
 
 

@@ -101,10 +101,10 @@ def test_inconsistent_metadata_is_rejected(small_ctx, wire, mutate, match):
 
 def test_garbage_payload_with_valid_frame_is_a_crypto_error(small_ctx, wire):
     """A well-framed item that is not an OpenFHE ciphertext never reaches OpenFHE: its layout is refused."""
-    from trustgrad.crypto import _wire
+    from trustgrad.crypto import wire as frame
 
     with pytest.raises(CryptoError, match="has exactly|isolated parser"):
-        EncryptedVector.from_bytes(small_ctx, _wire.pack(4, _wire_meta(wire), [b"\x00" * 64, b"\x01" * 10]))
+        EncryptedVector.from_bytes(small_ctx, frame.pack(4, _wire_meta(wire), [b"\x00" * 64, b"\x01" * 10]))
 
 
 def _wire_meta(data: bytes) -> dict:

@@ -13,7 +13,6 @@ from trustgrad.crypto import (
     PartialDecryption,
     PublicKey,
     SecretKey,
-    _wire,
     aggregate,
     decrypt,
     encrypt,
@@ -22,6 +21,7 @@ from trustgrad.crypto import (
     keygen,
     layout,
     partial_decrypt,
+    wire,
 )
 from trustgrad.crypto.flooding import NO_FLOODING
 from trustgrad.crypto.sandbox import sandbox_for
@@ -29,13 +29,13 @@ from trustgrad.errors import CryptoError
 
 
 def _reframe(data: bytes, kind: int, edit_meta=None, edit_item=None, reserved: int = 0) -> bytes:
-    meta, items = _wire.unpack(data, kind)
+    meta, items = wire.unpack(data, kind)
     items = [bytes(i) for i in items]
     if edit_meta is not None:
         edit_meta(meta)
     if edit_item is not None:
         items[0] = edit_item(bytearray(items[0]))
-    out = bytearray(_wire.pack(kind, meta, items))
+    out = bytearray(wire.pack(kind, meta, items))
     if reserved:  # the reserved header bytes, with the CRC recomputed over them as the sender would
         import struct
         import zlib
@@ -76,7 +76,7 @@ def test_every_openfhe_metadata_byte_is_checked_exactly(job):
     ctx, pk, _, _, v = job
     data = v.to_bytes()
     variant = layout.layouts_for(ctx, layout.CIPHERTEXT, layout.shape_of(v.ciphertexts[0]))
-    item = bytes(_wire.unpack(data, _wire.KIND_VECTOR)[1][0])
+    item = bytes(wire.unpack(data, wire.KIND_VECTOR)[1][0])
     (lay,) = [x for x in variant if x.size == len(item)]
     fixed = np.flatnonzero(lay.fixed)
     assert 1000 < fixed.size < len(item) // 4  # parameters and headers; the rest are coefficients
@@ -98,7 +98,7 @@ def test_coefficients_at_or_above_the_modulus_are_refused(job, offset):
         return bytes(item)
 
     with pytest.raises(CryptoError, match="not below its modulus"):
-        EncryptedVector.from_bytes(ctx, _reframe(v.to_bytes(), _wire.KIND_VECTOR, edit_item=edit))
+        EncryptedVector.from_bytes(ctx, _reframe(v.to_bytes(), wire.KIND_VECTOR, edit_item=edit))
 
 
 def test_a_coefficient_changed_in_range_decrypts_to_noise_and_is_refused(job):
@@ -110,14 +110,14 @@ def test_a_coefficient_changed_in_range_decrypts_to_noise_and_is_refused(job):
         item[at : at + 8] = ((int.from_bytes(item[at : at + 8], "little") + 1) % q).to_bytes(8, "little")
         return bytes(item)
 
-    crafted = EncryptedVector.from_bytes(ctx, _reframe(v.to_bytes(), _wire.KIND_VECTOR, edit_item=edit))
+    crafted = EncryptedVector.from_bytes(ctx, _reframe(v.to_bytes(), wire.KIND_VECTOR, edit_item=edit))
     with pytest.raises(CryptoError, match="decryption is noise|approximation error is too high"):
         decrypt(sk, crafted)  # OpenFHE's own check or ours, depending on how far the error spreads
 
 
 def test_a_cut_length_is_refused_not_truncated(job):
     ctx, _, sk, _, v = job
-    cut = _reframe(v.to_bytes(), _wire.KIND_VECTOR, edit_meta=lambda m: m.update(length=999))
+    cut = _reframe(v.to_bytes(), wire.KIND_VECTOR, edit_meta=lambda m: m.update(length=999))
     with pytest.raises(CryptoError, match="holds 999 values, expected 1000"):
         EncryptedVector.from_bytes(ctx, cut, length=1000)
     with pytest.raises(CryptoError, match="past the declared length 999 hold data"):
@@ -142,7 +142,7 @@ def test_metadata_lies_are_refused(job, edit, match):
     with pytest.raises(CryptoError, match=match) as err:
         EncryptedVector.from_bytes(
             ctx,
-            _reframe(v.to_bytes(), _wire.KIND_VECTOR, edit_meta=edit),
+            _reframe(v.to_bytes(), wire.KIND_VECTOR, edit_meta=edit),
             length=1000,
             dtype="float64",
             padded=True,
@@ -154,12 +154,12 @@ def test_metadata_lies_are_refused(job, edit, match):
 def test_deeply_nested_metadata_and_reserved_bytes(job):
     ctx, _, _, _, v = job
     data = v.to_bytes()
-    items = [bytes(i) for i in _wire.unpack(data, _wire.KIND_VECTOR)[1]]
+    items = [bytes(i) for i in wire.unpack(data, wire.KIND_VECTOR)[1]]
     deep = b"[" * 30000 + b"]" * 30000  # under the 64 KB cap: Python's parser would recurse into a RecursionError
     with pytest.raises(CryptoError, match="nested too deeply"):
-        EncryptedVector.from_bytes(ctx, _pack_raw(_wire.KIND_VECTOR, deep, items))
+        EncryptedVector.from_bytes(ctx, _pack_raw(wire.KIND_VECTOR, deep, items))
     with pytest.raises(CryptoError, match="reserved header bytes are 0x0001"):
-        EncryptedVector.from_bytes(ctx, _reframe(data, _wire.KIND_VECTOR, reserved=1))
+        EncryptedVector.from_bytes(ctx, _reframe(data, wire.KIND_VECTOR, reserved=1))
     import struct
     import zlib
 
@@ -173,7 +173,7 @@ def _pack_raw(kind: int, meta_raw: bytes, items: list[bytes]) -> bytes:
     import struct
     import zlib
 
-    head = struct.pack("<4sBBHII", b"TGHE", _wire.VERSION, kind, 0, len(meta_raw), len(items))
+    head = struct.pack("<4sBBHII", b"TGHE", wire.VERSION, kind, 0, len(meta_raw), len(items))
     head += b"".join(struct.pack("<Q", len(i)) for i in items)
     body = meta_raw + b"".join(items)
     return head + struct.pack("<I", zlib.crc32(body, zlib.crc32(head))) + body
@@ -191,7 +191,7 @@ def test_a_crashing_evaluation_key_kills_the_isolated_parser_not_the_receiver(sm
             item[pos] = 0xFF
             return bytes(item)
 
-        crafted = _reframe(honest, _wire.KIND_EVAL_ROUND1, edit_item=edit)
+        crafted = _reframe(honest, wire.KIND_EVAL_ROUND1, edit_item=edit)
         with pytest.raises(CryptoError) as err:
             joint_eval_mult_round1(shares[1], pk, crafted)
         assert len(str(err.value).splitlines()) == 1
@@ -215,6 +215,6 @@ def test_a_rotated_ciphertext_is_parsed_in_isolation_unless_the_receiver_wants_e
     with pytest.raises(layout.NoLayout):
         EncryptedVector.from_bytes(small_ctx, data, exact=True)
     np.testing.assert_allclose(decrypt(sk, EncryptedVector.from_bytes(small_ctx, data)), np.roll(x, -1), atol=1e-6)
-    lied = _reframe(data, _wire.KIND_VECTOR, edit_meta=lambda m: m.update(shape=[1, 2]))
+    lied = _reframe(data, wire.KIND_VECTOR, edit_meta=lambda m: m.update(shape=[1, 2]))
     with pytest.raises(CryptoError, match="not those of an honest ciphertext"):
         EncryptedVector.from_bytes(small_ctx, lied)

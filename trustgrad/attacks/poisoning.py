@@ -251,10 +251,10 @@ class _Tamper:
 def craft_modulus(payload: bytes) -> bytes:
     """A trustgrad crypto frame whose first OpenFHE item names another first modulus, re-framed with a valid CRC:
     what a worker holding valid keys can send, and no checksum can stop."""
-    from ..crypto import _wire
+    from ..crypto import wire
 
     kind = payload[5]
-    meta, items = _wire.unpack(payload, kind)
+    meta, items = wire.unpack(payload, kind)
     item = bytearray(items[0])
     # the first tower modulus is the first 60-bit NTT prime word after the embedded parameter block's header
     for at in range(0, len(item) - 8):
@@ -262,4 +262,4 @@ def craft_modulus(payload: bytes) -> bytes:
         if q.bit_length() in range(50, 61) and q & 1 and q % 1024 == 1:
             item[at : at + 8] = (q ^ (1 << 33)).to_bytes(8, "little")
             break
-    return _wire.pack(kind, meta, [bytes(item), *items[1:]])
+    return wire.pack(kind, meta, [bytes(item), *items[1:]])

@@ -75,7 +75,7 @@ def target_from_state(state_dict: dict[str, torch.Tensor]) -> State:
     return {k if k.startswith("model/") else f"model/{k}": v.detach().clone().float() for k, v in state_dict.items()}
 
 
-class _Plan:
+class SpoofPlan:
     """What an attacker can compute from its own config: dataset, PRF batches, W0, step counts."""
 
     def __init__(self, cfg: RunConfig):
@@ -126,14 +126,14 @@ def _lerp(a: State, b: State, t: float) -> State:
     return {k: a[k] + t * (b[k] - a[k]) for k in a}
 
 
-def _line_momentum(plan: _Plan, a: State, b: State, steps: int) -> State:
+def _line_momentum(plan: SpoofPlan, a: State, b: State, steps: int) -> State:
     """Momentum buffers that look consistent with moving from a to b in ``steps`` plain steps: -(b - a) / (steps lr)."""
     return {k: -(b[k] - a[k]) / (steps * plan.cfg.lr) for k in a if k.startswith("model/")}
 
 
 def infinitesimal_spoof(cfg: RunConfig, target: State, out: str | Path) -> Path:
     """Fang et al.'s infinitesimal-update spoof: W_t = W0 + (t / T) (W_target - W0), nothing trained."""
-    plan = _Plan(cfg)
+    plan = SpoofPlan(cfg)
     w0, cps = plan.w0, plan.checkpoints
     states = {}
     for i, step in enumerate(cps):
@@ -151,7 +151,7 @@ def blindfold_topq_spoof(cfg: RunConfig, target: State, out: str | Path, q: int 
     so that the honest segments are exactly the top-Q a verifier picks by update size. Where the cap binds, the proof
     ends short of the target (logged): that is the price of hiding from top-Q with this step budget.
     """
-    plan = _Plan(cfg)
+    plan = SpoofPlan(cfg)
     cps = plan.checkpoints
     segs = list(zip(cps, cps[1:]))
     names = [f"model/{n}" for n, _ in plan.model.named_parameters()]
@@ -180,7 +180,7 @@ def blindfold_topq_spoof(cfg: RunConfig, target: State, out: str | Path, q: int 
 
 def zhang_spoof(cfg: RunConfig, target: State, out: str | Path) -> Path:
     """Zhang et al.'s spoof: KS-passing permuted W0, a straight line to the target, low-loss (crafted) batches."""
-    plan = _Plan(cfg)
+    plan = SpoofPlan(cfg)
     w0 = {}
     for k, genuine in plan.w0.items():  # genuine init values placed in the rank order of the target's values
         flat, order = genuine.reshape(-1).sort().values, target[k].reshape(-1).argsort()
@@ -244,7 +244,7 @@ def tamper_indices(src: str | Path, out: str | Path, step: int = 1, commit: bool
 
 def honest_proof(cfg: RunConfig, out: str | Path) -> Path:
     """An honest proof of ``cfg``'s run, trained in this process (the data-parallel mean as one concatenated batch)."""
-    plan = _Plan(cfg)
+    plan = SpoofPlan(cfg)
     cps = plan.checkpoints
     states = {0: plan.start()}
     for a, b in zip(cps, cps[1:]):
@@ -296,7 +296,7 @@ def momentum_decoy_spoof(
     latest decoy's update, except the decoys, which are trained.
     Wrong segments: every interpolated one and every segment ending at a decoy checkpoint.
     """
-    plan = _Plan(cfg)
+    plan = SpoofPlan(cfg)
     cps = plan.checkpoints
     segs = list(zip(cps, cps[1:]))
     by_epoch: dict[int, list[int]] = {}
@@ -337,7 +337,7 @@ def partial_interpolation_spoof(
     soundness bound is about; the cap may leave the proof short of the target (its price). ``None``: the last
     ``fraction`` of the segments, uncapped.
     """
-    plan = _Plan(cfg)
+    plan = SpoofPlan(cfg)
     cps = plan.checkpoints
     segs = list(zip(cps, cps[1:]))
     forged_count = max(1, math.ceil(fraction * len(segs) - 1e-9))  # at least the fraction asked for
@@ -359,7 +359,7 @@ def partial_interpolation_spoof(
     return plan.write(out, states)
 
 
-def _hidden_segments(plan: _Plan, segs: list[tuple[int, int]], count: int) -> set[int]:
+def _hidden_segments(plan: SpoofPlan, segs: list[tuple[int, int]], count: int) -> set[int]:
     """Up to ``count`` segments, latest first, neither an epoch's first nor (but in the last epoch) its last."""
     by_epoch: dict[int, list[int]] = {}
     for i, (a, _) in enumerate(segs):

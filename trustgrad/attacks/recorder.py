@@ -115,6 +115,28 @@ class ServerViewRecorder:
         return {"server_view": str(Path(state.cfg.out) / "server_view")} if self.done else {}  # type: ignore[arg-type]
 
 
+class ReceivedViewRecorder:
+    """A server's own view (an observer on its taps, ``kind == "received"``): the first push computed on the model
+    the server holds, exactly as received (a plaintext gradient, or ciphertext bytes), with that model's state."""
+
+    def __init__(self, cfg: RunConfig, ds: Dataset, steps_per_epoch: int):
+        self.cfg, self.ds, self.steps_per_epoch = cfg, ds, steps_per_epoch
+        self.recorded = False
+
+    def __call__(self, kind: str, push: Any) -> None:
+        if kind != "received" or self.recorded:
+            return
+        self.recorded = True
+        replica = push.replica
+        epoch, epoch_step = divmod(push.step, max(1, self.steps_per_epoch))
+        write_view(
+            self.cfg, self.ds, kind="ciphertext" if push.encrypted else "gradient",
+            state={k: v.detach().clone() for k, v in replica.model.state_dict().items()},
+            params=replica.params, senders=[push.sender], num_workers=self.cfg.workers, epoch=epoch,
+            epoch_step=epoch_step, step=push.step, payload=push.payload if push.encrypted else push.value,
+        )  # fmt: skip
+
+
 @HOOKS.register("server-view")
 def _factory(cfg: RunConfig, ctx: RankContext) -> ServerViewRecorder | None:
     return ServerViewRecorder() if cfg.record_server_view else None

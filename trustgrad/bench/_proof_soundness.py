@@ -34,9 +34,9 @@ TRAINING: dict[str, dict[str, float]] = {"logreg-poly": {"momentum": 0.0}}
 
 def stolen_target(cfg: RunConfig, seed: int = 99, steps: int = 300) -> dict[str, torch.Tensor]:
     """A trained model the forger did not train: ``steps`` honest SGD steps of someone else's run (another seed)."""
-    from ..attacks.pol_spoof import _Plan
+    from ..attacks.pol_spoof import SpoofPlan
 
-    other = _Plan(cfg.replace(seed=seed, max_steps=steps, epochs=max(cfg.epochs, 1000)))
+    other = SpoofPlan(cfg.replace(seed=seed, max_steps=steps, epochs=max(cfg.epochs, 1000)))
     state = other.start()
     state = other.train(state, 0, steps)
     return {k: v for k, v in state.items() if k.startswith("model/")}

@@ -13,6 +13,7 @@ from typing import Any
 from ..config import RunConfig
 from ..options import OptionParser
 from ..patterns import PATTERNS
+from ..protect import key_modes
 from ..run import run as run_job
 from . import BENCHMARKS, BenchResult, he_raw
 
@@ -20,7 +21,7 @@ from . import BENCHMARKS, BenchResult, he_raw
 def step_costs(workers: int, steps: int) -> list[dict[str, Any]]:
     rows = []
     for name in PATTERNS.names():
-        for keys in sorted(PATTERNS.get(name).encryption_keys):
+        for keys in key_modes(PATTERNS.get(name).offers):
             base = RunConfig(workers=workers, epochs=1, max_steps=steps, progress=False).replace(pattern={"name": name})
             plain = run_job(base).summary
             secret = run_job(base.replace(crypto={"encrypt": "ckks", "keys": keys})).summary

@@ -29,7 +29,7 @@ from typing import Any
 
 import openfhe
 
-from trustgrad.crypto import CKKSParams, Context, _wire
+from trustgrad.crypto import CKKSParams, Context, wire
 from trustgrad.errors import ConfigError, CryptoError
 
 __all__ = ["BlindParams", "DEPTH", "context_from_bytes"]
@@ -82,13 +82,13 @@ class BlindParams(CKKSParams):
 
 def context_from_bytes(data: bytes) -> Context:
     """Receive a context sent with ``Context.to_bytes()`` whose parameters may be :class:`BlindParams`."""
-    meta, _ = _wire.unpack(data, _wire.KIND_CONTEXT)
-    text = _wire.field(meta, "params", str, "context")
+    meta, _ = wire.unpack(data, wire.KIND_CONTEXT)
+    text = wire.field(meta, "params", str, "context")
     try:
         params: CKKSParams = BlindParams._from_json(text)
     except CryptoError:
         params = CKKSParams._from_json(text)
     ctx = Context(params)
-    if ctx.fingerprint != _wire.field(meta, "ctx", str, "context"):
+    if ctx.fingerprint != wire.field(meta, "ctx", str, "context"):
         raise CryptoError("context: rebuilding it from its parameters gave a different OpenFHE context")
     return ctx

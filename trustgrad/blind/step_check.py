@@ -94,7 +94,7 @@ import numpy as np
 
 from trustgrad.blind.models import KINDS, SIGMOID
 from trustgrad.blind.packing import Layout
-from trustgrad.crypto import Context, EncryptedVector, PublicKey, _wire, encrypt
+from trustgrad.crypto import Context, EncryptedVector, PublicKey, encrypt, wire
 from trustgrad.errors import ConfigError, CryptoError
 
 __all__ = [
@@ -347,7 +347,7 @@ class BlindVerifier:
             raise CryptoError("the stored samples were not encrypted under the verifier's public key")
         w_ct, b_ct = model.ciphertexts
         t_parts, tb_parts = [], []
-        with _wire.openfhe_errors("blind step check"):
+        with wire.openfhe_errors("blind step check"):
             for group in store.groups(batch):
                 xs, ys, positions = [], [], []
                 for sid, pos in group.items():
@@ -390,7 +390,7 @@ class BlindVerifier:
             raise ConfigError(f"claim_scale must be a positive number, got {claim_scale}")
         cc, lay = self._cc, self.layout
         cw, cb = claim.ciphertexts
-        with _wire.openfhe_errors("blind distance"):
+        with wire.openfhe_errors("blind distance"):
             gmask, bmask, gclaim, bclaim = self._distance_masks(claim_scale, weights)
             d = cc.EvalSub(cc.EvalMult(gradient.weights, gmask), cc.EvalMult(cw, gclaim))
             db = cc.EvalSub(cc.EvalMult(gradient.bias, bmask), cc.EvalMult(cb, bclaim))
@@ -527,7 +527,7 @@ class BlindVerifier:
         n = len(claims)
         t_parts: list[list[Any]] = [[] for _ in range(n)]
         tb_parts: list[list[Any]] = [[] for _ in range(n)]
-        with _wire.openfhe_errors("blind round check"):
+        with wire.openfhe_errors("blind round check"):
             for group in store.round_groups(batches):  # step 1, over the union of the batches
                 xs: dict[int, list[Any]] = {}
                 ys, cells = [], {}
@@ -585,7 +585,7 @@ class BlindVerifier:
         lay = self.layout
         cc, rots = self._cc, lay.class_rotations + lay.feature_rotations
         each = []
-        with _wire.openfhe_errors("blind round check"):
+        with wire.openfhe_errors("blind round check"):
             for i, (q, claim) in enumerate(zip(packed.parts, packed.claims)):
                 wt = None if packed.weights is None else packed.weights[i]
                 shape = self._consistency(*claim.ciphertexts, packed.claim_scale, wt)

@@ -31,7 +31,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def _main(args: argparse.Namespace) -> int:
     from ..config import RunConfig
     from ..errors import ConfigError
-    from ..patterns.ps.blind import check_threads
+    from ..protect.codecs.blind import check_threads
     from ..run import run
 
     if not 1 <= args.epochs <= 100:

@@ -10,7 +10,7 @@ Threshold keys (n-of-n; see :mod:`trustgrad.crypto.threshold` for the protocol):
 committed and summed by every party (:mod:`trustgrad.crypto.keyset`; ``threshold_keys`` runs every party in one
 process), ``partial_decrypt`` per party (flooded, :mod:`trustgrad.crypto.flooding`), ``fuse``.
 Everything that crosses a process boundary has ``to_bytes`` /
-``from_bytes``, validated before OpenFHE parses it (:mod:`trustgrad.crypto._wire`).
+``from_bytes``, validated before OpenFHE parses it (:mod:`trustgrad.crypto.wire`).
 """
 
 from trustgrad.crypto.context import Context, PublicKey, SecretKey, keygen

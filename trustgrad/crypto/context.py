@@ -23,7 +23,7 @@ from typing import Any
 
 import openfhe
 
-from trustgrad.crypto import _wire, layout
+from trustgrad.crypto import layout, wire
 from trustgrad.crypto.params import CKKSParams
 from trustgrad.errors import CryptoError
 
@@ -46,7 +46,7 @@ class Context:
 
     def __init__(self, params: CKKSParams) -> None:
         self.params = params
-        with _wire.openfhe_errors("creating the CKKS context"):
+        with wire.openfhe_errors("creating the CKKS context"):
             cc = openfhe.GenCryptoContext(params._openfhe())
             for feature in _FEATURES:
                 cc.Enable(getattr(openfhe, feature))
@@ -76,14 +76,14 @@ class Context:
 
     def to_bytes(self) -> bytes:
         """The parameters and a digest of the OpenFHE context (about 300 bytes; no key material)."""
-        return _wire.pack(_wire.KIND_CONTEXT, {"params": self.params._to_json(), "ctx": self.fingerprint}, [])
+        return wire.pack(wire.KIND_CONTEXT, {"params": self.params._to_json(), "ctx": self.fingerprint}, [])
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Context:
-        meta, _ = _wire.unpack(data, _wire.KIND_CONTEXT)
-        params = CKKSParams._from_json(_wire.field(meta, "params", str, "context"))
+        meta, _ = wire.unpack(data, wire.KIND_CONTEXT)
+        params = CKKSParams._from_json(wire.field(meta, "params", str, "context"))
         ctx = cls(params)
-        if ctx.fingerprint != _wire.field(meta, "ctx", str, "context"):
+        if ctx.fingerprint != wire.field(meta, "ctx", str, "context"):
             raise CryptoError(
                 "context: rebuilding it from its parameters gave a different OpenFHE context "
                 "(sender uses another OpenFHE version or build)"
@@ -105,7 +105,7 @@ class Context:
         return {"ctx": self.fingerprint, "ring_dim": self.ring_dim, **fields}
 
     def _parse(self, item: memoryview, parse: Callable[[bytes], Any], what: str) -> Any:
-        with _wire.openfhe_errors(f"parsing {what}"):
+        with wire.openfhe_errors(f"parsing {what}"):
             return parse(bytes(item))
 
     def _parse_isolated(self, item: memoryview, parse: Callable[[bytes], Any], kind: str, what: str) -> Any:
@@ -149,7 +149,7 @@ class PublicKey:
         """The key in its canonical (deserialized) form: what it encrypts serializes in the canonical layout as it
         is, so senders skip the round trip that ``layout.canonical`` costs."""
         if self._enc is None:
-            with _wire.openfhe_errors("preparing the public key"):
+            with wire.openfhe_errors("preparing the public key"):
                 self._enc = _deser_pk(layout.canonical(self._pk, layout.PUBLIC_KEY))
         return self._enc
 
@@ -161,7 +161,7 @@ class PublicKey:
         return f"PublicKey(tag={self.tag[:8]}, parties={self.joined}/{self.parties}, eval_mult={self.eval_mult})"
 
     def to_bytes(self) -> bytes:
-        with _wire.openfhe_errors("serializing the public key"):
+        with wire.openfhe_errors("serializing the public key"):
             items = [layout.serialize(self.context, self._pk, layout.PUBLIC_KEY, (0, 0), self.tag)]
             if self.eval_mult:
                 items.append(openfhe.SerializeEvalMultKeyString(openfhe.BINARY, self.tag))
@@ -170,20 +170,20 @@ class PublicKey:
         meta = self.context._meta(
             tag=self.tag, parties=self.parties, joined=self.joined, eval_mult=self.eval_mult, rotations=self.rotations
         )
-        return _wire.pack(_wire.KIND_PUBLIC_KEY, meta, items)
+        return wire.pack(wire.KIND_PUBLIC_KEY, meta, items)
 
     @classmethod
     def from_bytes(cls, context: Context, data: bytes) -> PublicKey:
         """Parse a public key (and install its evaluation keys in OpenFHE's key store)."""
         what = "public key"
-        meta, items = _wire.unpack(data, _wire.KIND_PUBLIC_KEY)
+        meta, items = wire.unpack(data, wire.KIND_PUBLIC_KEY)
         context._check_meta(meta, what)
-        tag = _wire.field(meta, "tag", str, what)
-        parties = _wire.field(meta, "parties", int, what)
-        joined = _wire.field(meta, "joined", int, what)
-        eval_mult = _wire.field(meta, "eval_mult", bool, what)
-        rotations = _wire.field(meta, "rotations", list, what)
-        if not 1 <= joined <= parties <= _MAX_PARTIES:
+        tag = wire.field(meta, "tag", str, what)
+        parties = wire.field(meta, "parties", int, what)
+        joined = wire.field(meta, "joined", int, what)
+        eval_mult = wire.field(meta, "eval_mult", bool, what)
+        rotations = wire.field(meta, "rotations", list, what)
+        if not 1 <= joined <= parties <= MAX_PARTIES:
             raise CryptoError(f"{what}: invalid party counts {joined}/{parties}")
         if not all(isinstance(r, int) and not isinstance(r, bool) for r in rotations) or len(rotations) > 4096:
             raise CryptoError(f"{what}: malformed rotation index list")
@@ -227,18 +227,16 @@ class SecretKey:
                 "refusing to serialize a secret key; pass include_secret=True to write it to trusted local storage"
             )
         meta = self.context._meta(tag=self.tag, secret=True, **self._extra_meta())
-        return _wire.pack(_wire.KIND_SECRET_KEY, meta, [layout.canonical(self._sk, layout.SECRET_KEY)])
+        return wire.pack(wire.KIND_SECRET_KEY, meta, [layout.canonical(self._sk, layout.SECRET_KEY)])
 
     @classmethod
     def from_bytes(cls, context: Context, data: bytes) -> SecretKey:
-        from trustgrad.crypto.threshold import KeyShare  # a share is a secret key with a party index
-
         what = "secret key"
-        meta, items = _wire.unpack(data, _wire.KIND_SECRET_KEY)
+        meta, items = wire.unpack(data, wire.KIND_SECRET_KEY)
         context._check_meta(meta, what)
-        tag = _wire.field(meta, "tag", str, what)
-        index = _wire.field(meta, "index", int, what)
-        parties = _wire.field(meta, "parties", int, what)
+        tag = wire.field(meta, "tag", str, what)
+        index = wire.field(meta, "index", int, what)
+        parties = wire.field(meta, "parties", int, what)
         if len(items) != 1:
             raise CryptoError(f"{what}: expected 1 item, got {len(items)}")
         layout.check(context, layout.SECRET_KEY, (0, 0), items[0], tag, what)
@@ -247,12 +245,12 @@ class SecretKey:
             raise CryptoError(f"{what}: key tag does not match its header")
         if parties == 1 and index == 0:
             return cls(context, sk)
-        if not 1 <= index <= parties <= _MAX_PARTIES:
+        if not 1 <= index <= parties <= MAX_PARTIES:
             raise CryptoError(f"{what}: invalid party index {index}/{parties}")
         return KeyShare(context, sk, index=index, parties=parties)
 
 
-_MAX_PARTIES = 1024
+MAX_PARTIES = 1024
 
 
 def keygen(context: Context, *, eval_mult: bool = False, rotations: Sequence[int] = ()) -> tuple[PublicKey, SecretKey]:
@@ -261,7 +259,7 @@ def keygen(context: Context, *, eval_mult: bool = False, rotations: Sequence[int
     ``eval_mult`` adds the relinearisation key (ciphertext x ciphertext products; 1.2 MB at N=8192), ``rotations``
     rotation keys for those slot offsets. Aggregation needs neither.
     """
-    with _wire.openfhe_errors("key generation"):
+    with wire.openfhe_errors("key generation"):
         kp = context.cc.KeyGen()
         if eval_mult:
             context.cc.EvalMultKeyGen(kp.secretKey)
@@ -301,3 +299,20 @@ def _install(
     except Exception:  # OpenFHE raises when no key is stored for the tag: the normal case on a receiver
         pass
     ctx._parse_isolated(item, deser, what, f"public key: {what}")
+
+
+class KeyShare(SecretKey):
+    """One party's secret share of a threshold key: party ``index`` (1-based) of ``parties``."""
+
+    __slots__ = ("index", "parties")
+
+    def __init__(self, context: Context, sk: Any, *, index: int, parties: int) -> None:
+        super().__init__(context, sk)
+        self.index = index
+        self.parties = parties
+
+    def __repr__(self) -> str:
+        return f"KeyShare(party={self.index}/{self.parties}, tag={self.tag[:8]})"
+
+    def _extra_meta(self) -> dict[str, Any]:
+        return {"index": self.index, "parties": self.parties}

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import openfhe
 
-from trustgrad.crypto import _wire
+from trustgrad.crypto import wire
 from trustgrad.crypto.context import Context
 from trustgrad.errors import CryptoError
 
@@ -102,7 +102,7 @@ class CommonElement:
         self.tag = ""  # the joint key's tag, for the public key's element (set by ``keyset``)
         self.indices: list[int] = []  # rotation indices, for the rotation keys' element
         n = context.ring_dim
-        with _wire.openfhe_errors(f"common element ({label})"):
+        with wire.openfhe_errors(f"common element ({label})"):
             x, y = pair()
             bx, by = openfhe.Serialize(x, openfhe.BINARY), openfhe.Serialize(y, openfhe.BINARY)
         tx, ty = towers(bx, n), towers(by, n)
@@ -112,7 +112,7 @@ class CommonElement:
         if not any(shared) or all(shared):
             raise CryptoError(f"common element ({label}): cannot tell the public element from the key part")
         if template is not None:
-            with _wire.openfhe_errors(f"common element ({label})"):
+            with wire.openfhe_errors(f"common element ({label})"):
                 bx = openfhe.Serialize(template(), openfhe.BINARY)
         del x, y
         if release is not None:

@@ -30,8 +30,8 @@ from typing import Any
 
 import openfhe
 
-from trustgrad.crypto import _wire
-from trustgrad.crypto.context import _MAX_PARTIES, Context, PublicKey
+from trustgrad.crypto import wire
+from trustgrad.crypto.context import MAX_PARTIES, Context, PublicKey
 from trustgrad.crypto.crs import CommonElement
 from trustgrad.crypto.threshold import KeyShare
 from trustgrad.errors import CryptoError
@@ -110,10 +110,10 @@ def common_public_key(context: Context, seed: bytes) -> CommonElement:
 
 def threshold_share(common: CommonElement, *, index: int, parties: int) -> tuple[bytes, KeyShare]:
     """Party ``index``'s contribution (its public key part, bytes) and its secret share, on ``common``."""
-    if not 2 <= parties <= _MAX_PARTIES or not 1 <= index <= parties:
-        raise CryptoError(f"threshold keys need 2 to {_MAX_PARTIES} parties and 1 <= index <= parties")
+    if not 2 <= parties <= MAX_PARTIES or not 1 <= index <= parties:
+        raise CryptoError(f"threshold keys need 2 to {MAX_PARTIES} parties and 1 <= index <= parties")
     cc = common.context.cc
-    with _wire.openfhe_errors("threshold key share"):
+    with wire.openfhe_errors("threshold key share"):
         kp = cc.MultipartyKeyGen(common.value, False, True)  # fresh: b_i = -a s_i + e_i, not added to anything
         data = openfhe.Serialize(kp.publicKey, openfhe.BINARY)
     return data, KeyShare(common.context, kp.secretKey, index=index, parties=parties)
@@ -144,7 +144,7 @@ def common_eval_mult(context: Context, seed: bytes) -> CommonElement:
 
 def eval_mult_round1(share: KeyShare, common: CommonElement) -> bytes:
     """Round 1: this party's key-switching key from ``s_i`` to ``s_i`` on the common element."""
-    with _wire.openfhe_errors("relinearisation key round 1"):
+    with wire.openfhe_errors("relinearisation key round 1"):
         return openfhe.Serialize(share.context.cc.MultiKeySwitchGen(share._sk, share._sk, common.value), openfhe.BINARY)
 
 
@@ -157,7 +157,7 @@ def joint_eval_round1(
 
 def eval_mult_round2(share: KeyShare, round1: Any, tag: str) -> bytes:
     """Round 2: ``s_i`` times the joint round-1 key."""
-    with _wire.openfhe_errors("relinearisation key round 2"):
+    with wire.openfhe_errors("relinearisation key round 2"):
         return openfhe.Serialize(share.context.cc.MultiMultEvalKey(share._sk, round1, tag), openfhe.BINARY)
 
 
@@ -169,7 +169,7 @@ def joint_eval_mult(context: Context, contributions: Mapping[int, bytes], partie
         for i in sorted(contributions)
     ]
     cc = context.cc
-    with _wire.openfhe_errors("summing relinearisation round 2"):
+    with wire.openfhe_errors("summing relinearisation round 2"):
         return functools.reduce(lambda x, y: cc.MultiAddEvalMultKeys(x, y, tag), keys)
 
 
@@ -204,7 +204,7 @@ def common_rotations(context: Context, seed: bytes, indices: Sequence[int]) -> C
 
 def rotation_contribution(share: KeyShare, common: CommonElement, tag: str) -> bytes:
     idx = common.indices
-    with _wire.openfhe_errors("rotation key contribution"):
+    with wire.openfhe_errors("rotation key contribution"):
         mine = share.context.cc.MultiEvalAtIndexKeyGen(share._sk, common.value, idx, tag)
         return openfhe.Serialize(mine, openfhe.BINARY)
 
@@ -223,7 +223,7 @@ def install(
 ) -> PublicKey:
     """Install joint evaluation keys under the joint key's tag; returns the public key that carries them."""
     cc = public_key.context.cc
-    with _wire.openfhe_errors("installing the joint evaluation keys"):
+    with wire.openfhe_errors("installing the joint evaluation keys"):
         if eval_mult is not None:
             cc.InsertEvalMultKey([eval_mult])
         if rotations is not None:
@@ -278,7 +278,7 @@ def _fold(
         common.check(contributions[index], who)
         kind = _ISOLATED_KIND[parse]
         key = common.context._parse_isolated(memoryview(contributions[index]), parse, kind, f"{who}'s {common.label}")
-        with _wire.openfhe_errors(f"summing the {common.label}"):
+        with wire.openfhe_errors(f"summing the {common.label}"):
             total = key if total is None else add(total, key)
     return total
 

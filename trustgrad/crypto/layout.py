@@ -150,7 +150,7 @@ _LOCK = threading.Lock()
 class NoLayout(CryptoError):
     """The item's size is none of the learnt layouts of its kind and shape. Ciphertexts that went through key
     switching (rotations, relinearisation) have layouts of their own that are not learnt; receivers that accept them
-    parse them in isolation instead (``vector._parse_checked``)."""
+    parse them in isolation instead (``vector.parse_checked``)."""
 
 
 def expected_meta(context: Any, kind: str, shape: tuple[int, int]) -> dict[str, Any]:

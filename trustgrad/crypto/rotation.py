@@ -29,9 +29,9 @@ from typing import Any
 
 import openfhe
 
-from trustgrad.crypto import _wire
+from trustgrad.crypto import wire
 from trustgrad.crypto.context import PublicKey
-from trustgrad.crypto.threshold import KeyShare, _check_joint, _require_all_parties
+from trustgrad.crypto.threshold import KeyShare, check_joint, require_all_parties
 from trustgrad.errors import CryptoError
 
 __all__ = ["joint_rotation_base", "joint_rotation_part", "joint_rotation_finish"]
@@ -43,12 +43,12 @@ _MAX_INDICES = 4096
 
 def joint_rotation_base(share: KeyShare, public_key: PublicKey, indices: Sequence[int]) -> bytes:
     """Step 1, party 1 only: its rotation keys for ``indices`` (the common reference of the other parties)."""
-    _check_joint(share, public_key)
+    check_joint(share, public_key)
     if share.index != 1:
         raise CryptoError(f"the rotation-key base comes from party 1, not party {share.index}")
     idx = _indices(indices)
     cc = share.context.cc
-    with _wire.openfhe_errors("rotation key generation (party 1)"):
+    with wire.openfhe_errors("rotation key generation (party 1)"):
         cc.EvalAtIndexKeyGen(share._sk, idx)
         keys = cc.GetEvalAutomorphismKeyMap(share.tag)
         blob = openfhe.Serialize(keys, openfhe.BINARY)
@@ -57,12 +57,12 @@ def joint_rotation_base(share: KeyShare, public_key: PublicKey, indices: Sequenc
 
 def joint_rotation_part(share: KeyShare, public_key: PublicKey, base: bytes) -> bytes:
     """Step 2, every party i >= 2: its rotation keys, generated against party 1's ``base``."""
-    _check_joint(share, public_key)
+    check_joint(share, public_key)
     if share.index == 1:
         raise CryptoError("party 1 contributes the base (joint_rotation_base), not a part")
     idx, base_keys = _unpack(_KIND_BASE, public_key, base, "rotation-key base")[1:]
     cc = share.context.cc
-    with _wire.openfhe_errors(f"rotation key generation (party {share.index})"):
+    with wire.openfhe_errors(f"rotation key generation (party {share.index})"):
         mine = cc.MultiEvalAtIndexKeyGen(share._sk, base_keys, idx, public_key.tag)
         blob = openfhe.Serialize(mine, openfhe.BINARY)
     return _pack(_KIND_PART, public_key, share, idx, blob)
@@ -80,9 +80,9 @@ def joint_rotation_finish(public_key: PublicKey, base: bytes, parts: Sequence[by
             raise CryptoError(f"rotation-key part of party {i} is for other indices than the base")
         seen.append(i)
         keys.append(k)
-    _require_all_parties(seen, public_key.parties, "rotation-key parts")
+    require_all_parties(seen, public_key.parties, "rotation-key parts")
     cc = public_key.context.cc
-    with _wire.openfhe_errors("combining rotation keys"):
+    with wire.openfhe_errors("combining rotation keys"):
         joint = functools.reduce(lambda a, b: cc.MultiAddEvalAutomorphismKeys(a, b, public_key.tag), keys)
         cc.InsertEvalAutomorphismKey(joint, public_key.tag)
     return PublicKey(
@@ -109,17 +109,17 @@ def _pack(kind: str, public_key: PublicKey, share: KeyShare, idx: list[int], blo
     meta = public_key.context._meta(
         tag=public_key.tag, index=share.index, parties=share.parties, indices=idx, kind=kind
     )
-    return _wire.pack(_wire.KIND_EVAL_ROUND2, meta, [blob])
+    return wire.pack(wire.KIND_EVAL_ROUND2, meta, [blob])
 
 
 def _unpack(kind: str, public_key: PublicKey, data: bytes, what: str) -> tuple[int, list[int], Any]:
-    meta, items = _wire.unpack(data, _wire.KIND_EVAL_ROUND2)
+    meta, items = wire.unpack(data, wire.KIND_EVAL_ROUND2)
     ctx = public_key.context
     ctx._check_meta(meta, what)
-    if meta.get("kind") != kind or _wire.field(meta, "tag", str, what) != public_key.tag or len(items) != 1:
+    if meta.get("kind") != kind or wire.field(meta, "tag", str, what) != public_key.tag or len(items) != 1:
         raise CryptoError(f"{what}: not a {kind} message for this joint public key")
-    index = _wire.field(meta, "index", int, what)
-    idx = _wire.field(meta, "indices", list, what)
+    index = wire.field(meta, "index", int, what)
+    idx = wire.field(meta, "indices", list, what)
     if not 1 <= index <= public_key.parties:
         raise CryptoError(f"{what}: invalid party index {index}")
     if not all(isinstance(i, int) and not isinstance(i, bool) for i in idx):

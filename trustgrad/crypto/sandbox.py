@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import resource
 import signal
 import struct
 import subprocess
@@ -30,7 +29,7 @@ from typing import IO, Any
 
 from trustgrad.errors import CryptoError
 
-__all__ = ["Sandbox", "sandbox_for", "PARSERS"]
+__all__ = ["Sandbox", "sandbox_for", "PARSERS", "PARAM_CLASSES", "send_frame", "recv_frame"]
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +42,7 @@ PARSERS = {
     "eval key": "DeserializeEvalKeyString",
     "eval key map": "DeserializeEvalKeyMapString",
 }
-_PARAM_CLASSES = {"CKKSParams": "trustgrad.crypto.params", "BlindParams": "trustgrad.blind.params"}
+PARAM_CLASSES = {"CKKSParams": "trustgrad.crypto.params", "BlindParams": "trustgrad.blind.params"}
 BASE_MEMORY = 1 << 30  # bytes a parse may allocate beyond the helper's size, plus 4x the payload (a parsed key map
 # measured 2-3x its serialization)
 BASE_SECONDS = 30.0  # CPU and wall seconds per parse, plus one per MB (a 215 MB rotation-key map parses in ~2 s)
@@ -69,9 +68,9 @@ class Sandbox:
         with self.lock:
             proc = self._helper()
             try:
-                _send(proc.stdin, json.dumps(request).encode())  # type: ignore[arg-type]
-                _send(proc.stdin, bytes(data))  # type: ignore[arg-type]
-                reply = _recv(proc.stdout, seconds + 5.0, proc)  # type: ignore[arg-type]
+                send_frame(proc.stdin, json.dumps(request).encode())  # type: ignore[arg-type]
+                send_frame(proc.stdin, bytes(data))  # type: ignore[arg-type]
+                reply = recv_frame(proc.stdout, seconds + 5.0, proc)  # type: ignore[arg-type]
             except (OSError, TimeoutError, EOFError) as exc:
                 why = self._failure(proc, exc)
                 raise CryptoError(f"{what}: the isolated parser {why}; the bytes were not parsed here") from None
@@ -94,10 +93,10 @@ class Sandbox:
             return self.proc
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "trustgrad.crypto.sandbox"],
+            [sys.executable, "-m", "trustgrad.crypto.sandbox_helper"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env,
         )  # fmt: skip
-        _send(self.proc.stdin, json.dumps(self.spec).encode())  # type: ignore[arg-type]
+        send_frame(self.proc.stdin, json.dumps(self.spec).encode())  # type: ignore[arg-type]
         log.debug("crypto sandbox started (pid %d)", self.proc.pid)
         return self.proc
 
@@ -129,12 +128,12 @@ def sandbox_for(context: Any) -> Sandbox:
         return box
 
 
-def _send(stream: IO[bytes], payload: bytes) -> None:
+def send_frame(stream: IO[bytes], payload: bytes) -> None:
     stream.write(_LEN.pack(len(payload)) + payload)
     stream.flush()
 
 
-def _recv(stream: IO[bytes], timeout: float, proc: subprocess.Popen[bytes] | None = None) -> bytes:
+def recv_frame(stream: IO[bytes], timeout: float, proc: subprocess.Popen[bytes] | None = None) -> bytes:
     """One length-prefixed message; ``TimeoutError`` after ``timeout`` seconds (the helper is then killed)."""
     if proc is not None:
         timer = threading.Timer(timeout, lambda: proc.poll() is None and proc.kill())
@@ -157,49 +156,3 @@ def _recv(stream: IO[bytes], timeout: float, proc: subprocess.Popen[bytes] | Non
 
 
 # -- the helper -----------------------------------------------------------------------------------------------------
-
-
-def _serve() -> None:  # pragma: no cover - runs in the helper process
-    import importlib
-
-    import openfhe
-
-    from trustgrad.crypto.context import Context
-
-    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
-    spec = json.loads(_recv(stdin, 1e9))
-    cls = getattr(importlib.import_module(_PARAM_CLASSES[spec["class"]]), spec["class"])
-    Context(cls._from_json(spec["params"]))  # the receiver's context: the parse attaches to it
-    while True:
-        try:
-            request = json.loads(_recv(stdin, 1e9))
-            data = _recv(stdin, 1e9)
-        except EOFError:
-            return
-        _limit(request["memory"], request["seconds"])
-        try:
-            obj = getattr(openfhe, PARSERS[request["kind"]])(data, openfhe.BINARY)
-            reply: dict[str, Any] = {"ok": True}
-            if request["kind"] == "ciphertext":
-                from trustgrad.crypto.layout import describe
-
-                reply["meta"] = {**describe(obj), "tag": str(obj.GetKeyTag())}
-        except Exception as exc:  # OpenFHE's C++ exceptions arrive as RuntimeError and friends
-            reply = {"ok": False, "error": str(exc) or type(exc).__name__}
-        _send(stdout, json.dumps(reply).encode())
-
-
-def _limit(memory: int, seconds: float) -> None:  # pragma: no cover - runs in the helper process
-    with open("/proc/self/statm") as f:
-        size = int(f.read().split()[0]) * resource.getpagesize()
-    _, hard = resource.getrlimit(resource.RLIMIT_AS)
-    want = size + memory
-    resource.setrlimit(resource.RLIMIT_AS, (want if hard == resource.RLIM_INFINITY else min(want, hard), hard))
-    used = resource.getrusage(resource.RUSAGE_SELF)
-    _, hard = resource.getrlimit(resource.RLIMIT_CPU)
-    cpu = int(used.ru_utime + used.ru_stime + seconds) + 1
-    resource.setrlimit(resource.RLIMIT_CPU, (cpu if hard == resource.RLIM_INFINITY else min(cpu, hard), hard))
-
-
-if __name__ == "__main__":
-    _serve()

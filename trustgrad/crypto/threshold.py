@@ -53,16 +53,16 @@ from typing import Any
 import numpy as np
 import openfhe
 
-from trustgrad.crypto import _wire, layout
-from trustgrad.crypto.context import _MAX_PARTIES, Context, PublicKey, SecretKey
+from trustgrad.crypto import layout, wire
+from trustgrad.crypto.context import MAX_PARTIES, Context, KeyShare, PublicKey
 from trustgrad.crypto.flooding import FLOODING, Flooding, flood
 from trustgrad.crypto.vector import (
     EncryptedVector,
-    _canonical,
-    _parse_checked,
-    _read_vector_meta,
-    _shape,
-    _unpack,
+    canonical_items,
+    ciphertexts_shape,
+    parse_checked,
+    read_vector_meta,
+    unpack_values,
 )
 from trustgrad.errors import CryptoError
 
@@ -80,29 +80,12 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-class KeyShare(SecretKey):
-    """One party's secret share of a threshold key: party ``index`` (1-based) of ``parties``."""
-
-    __slots__ = ("index", "parties")
-
-    def __init__(self, context: Context, sk: Any, *, index: int, parties: int) -> None:
-        super().__init__(context, sk)
-        self.index = index
-        self.parties = parties
-
-    def __repr__(self) -> str:
-        return f"KeyShare(party={self.index}/{self.parties}, tag={self.tag[:8]})"
-
-    def _extra_meta(self) -> dict[str, Any]:
-        return {"index": self.index, "parties": self.parties}
-
-
 def threshold_keygen(context: Context, parties: int, previous: PublicKey | None = None) -> tuple[PublicKey, KeyShare]:
     """One party's key-generation step: party 1 passes no ``previous``, party i the public key of party i-1."""
-    if not 2 <= parties <= _MAX_PARTIES:
-        raise CryptoError(f"threshold keys need 2 to {_MAX_PARTIES} parties, got {parties}")
+    if not 2 <= parties <= MAX_PARTIES:
+        raise CryptoError(f"threshold keys need 2 to {MAX_PARTIES} parties, got {parties}")
     cc = context.cc
-    with _wire.openfhe_errors("threshold key generation"):
+    with wire.openfhe_errors("threshold key generation"):
         if previous is None:
             index, kp = 1, cc.KeyGen()
         else:
@@ -123,39 +106,39 @@ def threshold_keygen(context: Context, parties: int, previous: PublicKey | None 
 def joint_eval_mult_round1(share: KeyShare, public_key: PublicKey, previous: bytes | None = None) -> bytes:
     """Round 1 of the joint relinearisation key, run by every party in turn (the first passes ``None``)."""
     ctx, cc = share.context, share.context.cc
-    _check_joint(share, public_key)
+    check_joint(share, public_key)
     if previous is None:
         contributors: list[int] = []
-        with _wire.openfhe_errors("eval-mult key round 1"):
+        with wire.openfhe_errors("eval-mult key round 1"):
             joint = cc.KeySwitchGen(share._sk, share._sk)
     else:
         what = "eval-mult round 1 message"
-        meta, items = _wire.unpack(previous, _wire.KIND_EVAL_ROUND1)
+        meta, items = wire.unpack(previous, wire.KIND_EVAL_ROUND1)
         contributors = _contributors(ctx, meta, items, public_key, what)
         if share.index in contributors:
             raise CryptoError(f"{what}: party {share.index} has already contributed")
         prev = ctx._parse_isolated(items[0], _deser_evk, "eval key", what)
-        with _wire.openfhe_errors("eval-mult key round 1"):
+        with wire.openfhe_errors("eval-mult key round 1"):
             mine = cc.MultiKeySwitchGen(share._sk, share._sk, prev)
             joint = cc.MultiAddEvalKeys(prev, mine, public_key.tag)
     meta = ctx._meta(tag=public_key.tag, parties=share.parties, contributors=[*contributors, share.index])
-    return _wire.pack(_wire.KIND_EVAL_ROUND1, meta, [openfhe.Serialize(joint, openfhe.BINARY)])
+    return wire.pack(wire.KIND_EVAL_ROUND1, meta, [openfhe.Serialize(joint, openfhe.BINARY)])
 
 
 def joint_eval_mult_round2(share: KeyShare, public_key: PublicKey, round1: bytes) -> bytes:
     """Round 2: each party turns the complete round-1 key into its part of ``s * (s_1 + ... + s_n)``."""
     ctx, cc = share.context, share.context.cc
-    _check_joint(share, public_key)
+    check_joint(share, public_key)
     what = "eval-mult round 1 message"
-    meta, items = _wire.unpack(round1, _wire.KIND_EVAL_ROUND1)
+    meta, items = wire.unpack(round1, wire.KIND_EVAL_ROUND1)
     contributors = _contributors(ctx, meta, items, public_key, what)
     if sorted(contributors) != list(range(1, share.parties + 1)):
         raise CryptoError(f"{what}: round 1 is incomplete (parties {sorted(contributors)} of {share.parties})")
     joint = ctx._parse_isolated(items[0], _deser_evk, "eval key", what)
-    with _wire.openfhe_errors("eval-mult key round 2"):
+    with wire.openfhe_errors("eval-mult key round 2"):
         part = cc.MultiMultEvalKey(share._sk, joint, public_key.tag)
     meta = ctx._meta(tag=public_key.tag, parties=share.parties, index=share.index)
-    return _wire.pack(_wire.KIND_EVAL_ROUND2, meta, [openfhe.Serialize(part, openfhe.BINARY)])
+    return wire.pack(wire.KIND_EVAL_ROUND2, meta, [openfhe.Serialize(part, openfhe.BINARY)])
 
 
 def joint_eval_mult_finish(public_key: PublicKey, parts: Sequence[bytes]) -> PublicKey:
@@ -164,14 +147,14 @@ def joint_eval_mult_finish(public_key: PublicKey, parts: Sequence[bytes]) -> Pub
     what = "eval-mult round 2 message"
     keys, seen = [], []
     for data in parts:
-        meta, items = _wire.unpack(data, _wire.KIND_EVAL_ROUND2)
+        meta, items = wire.unpack(data, wire.KIND_EVAL_ROUND2)
         ctx._check_meta(meta, what)
-        if _wire.field(meta, "tag", str, what) != public_key.tag or len(items) != 1:
+        if wire.field(meta, "tag", str, what) != public_key.tag or len(items) != 1:
             raise CryptoError(f"{what}: not for this joint public key")
-        seen.append(_wire.field(meta, "index", int, what))
+        seen.append(wire.field(meta, "index", int, what))
         keys.append(ctx._parse_isolated(items[0], _deser_evk, "eval key", what))
-    _require_all_parties(seen, public_key.parties, "eval-mult round 2 parts")
-    with _wire.openfhe_errors("combining eval-mult keys"):
+    require_all_parties(seen, public_key.parties, "eval-mult round 2 parts")
+    with wire.openfhe_errors("combining eval-mult keys"):
         final = functools.reduce(lambda a, b: cc.MultiAddEvalMultKeys(a, b, public_key.tag), keys)
         cc.InsertEvalMultKey([final])
     return PublicKey(
@@ -215,11 +198,11 @@ class PartialDecryption:
             index=self.index,
             parties=self.parties,
             n=len(self.ciphertexts),
-            shape=list(_shape(self.ciphertexts)),
+            shape=list(ciphertexts_shape(self.ciphertexts)),
             padded=self.padded,
         )
-        return _wire.pack(
-            _wire.KIND_PARTIAL, meta, _canonical(self.context, self.ciphertexts, layout.PARTIAL, self.tag)
+        return wire.pack(
+            wire.KIND_PARTIAL, meta, canonical_items(self.context, self.ciphertexts, layout.PARTIAL, self.tag)
         )
 
     @classmethod
@@ -238,13 +221,13 @@ class PartialDecryption:
         ``parties``, ``padded`` and ``dtype`` are what the receiver expects (checked against what the sender
         declares); ``exact`` as there."""
         what = "partial decryption"
-        meta, items = _wire.unpack(data, _wire.KIND_PARTIAL)
-        head = _read_vector_meta(context, meta, items, what, length, padded, dtype)
-        index = _wire.field(meta, "index", int, what)
-        count = _wire.field(meta, "parties", int, what)
-        if not 1 <= index <= count <= _MAX_PARTIES or (parties is not None and count != parties):
+        meta, items = wire.unpack(data, wire.KIND_PARTIAL)
+        head = read_vector_meta(context, meta, items, what, length, padded, dtype)
+        index = wire.field(meta, "index", int, what)
+        count = wire.field(meta, "parties", int, what)
+        if not 1 <= index <= count <= MAX_PARTIES or (parties is not None and count != parties):
             raise CryptoError(f"{what}: invalid party index {index}/{count}")
-        cts = _parse_checked(context, items, layout.PARTIAL, head, what, exact)
+        cts = parse_checked(context, items, layout.PARTIAL, head, what, exact)
         shell = EncryptedVector(context, [], head.length, head.dtype, head.tag, head.mults, head.padded)
         shell.id = head.id
         return cls(shell, cts, index, count)
@@ -258,7 +241,7 @@ def partial_decrypt(share: KeyShare, vector: EncryptedVector, flooding: Flooding
     if vector.context.fingerprint != share.context.fingerprint:
         raise CryptoError("the vector and the key share belong to different CKKS contexts")
     cc = share.context.cc
-    with _wire.openfhe_errors("partial decryption"):
+    with wire.openfhe_errors("partial decryption"):
         step = cc.MultipartyDecryptLead if share.index == 1 else cc.MultipartyDecryptMain
         cts = step(vector.ciphertexts, share._sk)
         sigma = flooding.sigma(share.context.params.scale_bits)
@@ -278,21 +261,21 @@ def fuse(partials: Sequence[PartialDecryption]) -> np.ndarray:
             raise CryptoError("cannot fuse partial decryptions of different encrypted vectors")
         if p.parties != first.parties:
             raise CryptoError(f"partial decryptions disagree on the party count ({first.parties} vs {p.parties})")
-    _require_all_parties([p.index for p in partials], first.parties, "partial decryptions")
+    require_all_parties([p.index for p in partials], first.parties, "partial decryptions")
     cc = first.context.cc
     ordered = sorted(partials, key=lambda p: p.index)
-    with _wire.openfhe_errors("fusing partial decryptions"):
+    with wire.openfhe_errors("fusing partial decryptions"):
         plaintexts = [cc.MultipartyDecryptFusion(list(group)) for group in zip(*(p.ciphertexts for p in ordered))]
     # every party floods its partial (FLOODING): padding slots hold that noise, up to 8 sigma of the sum (~1e-15
     # per slot to exceed), and a cut length must stand out above it
     noise = 8.0 * np.sqrt(first.parties) * FLOODING.sigma(first.context.params.scale_bits)
-    return _unpack(plaintexts, first.length, first.dtype, first.context.slots, first.padded, noise)
+    return unpack_values(plaintexts, first.length, first.dtype, first.context.slots, first.padded, noise)
 
 
 # -- helpers ------------------------------------------------------------------------------------------------------
 
 
-def _require_all_parties(indices: list[int], parties: int, what: str) -> None:
+def require_all_parties(indices: list[int], parties: int, what: str) -> None:
     dupes = sorted({i for i in indices if indices.count(i) > 1})
     if dupes:
         raise CryptoError(f"{what}: parties {dupes} appear more than once")
@@ -304,7 +287,7 @@ def _require_all_parties(indices: list[int], parties: int, what: str) -> None:
         raise CryptoError(f"{what}: unknown parties {extra} (expected 1..{parties})")
 
 
-def _check_joint(share: KeyShare, public_key: PublicKey) -> None:
+def check_joint(share: KeyShare, public_key: PublicKey) -> None:
     if not isinstance(share, KeyShare):
         raise CryptoError("the joint eval-mult protocol needs a threshold KeyShare")
     if not public_key.complete or public_key.parties != share.parties:
@@ -317,9 +300,9 @@ def _contributors(
     ctx: Context, meta: dict[str, Any], items: list[memoryview], public_key: PublicKey, what: str
 ) -> list[int]:
     ctx._check_meta(meta, what)
-    if _wire.field(meta, "tag", str, what) != public_key.tag or len(items) != 1:
+    if wire.field(meta, "tag", str, what) != public_key.tag or len(items) != 1:
         raise CryptoError(f"{what}: not for this joint public key")
-    contributors = _wire.field(meta, "contributors", list, what)
+    contributors = wire.field(meta, "contributors", list, what)
     if not all(isinstance(i, int) and 1 <= i <= public_key.parties for i in contributors) or len(
         set(contributors)
     ) != len(contributors):

@@ -27,8 +27,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import openfhe
 
-from trustgrad.crypto import _wire, layout
-from trustgrad.crypto.context import Context, PublicKey, SecretKey
+from trustgrad.crypto import layout, wire
+from trustgrad.crypto.context import Context, KeyShare, PublicKey, SecretKey
 from trustgrad.errors import CryptoError
 
 __all__ = ["EncryptedVector", "encrypt", "decrypt", "aggregate"]
@@ -89,7 +89,7 @@ class EncryptedVector:
     def __sub__(self, other: EncryptedVector) -> EncryptedVector:
         _check_compatible([self, other])
         cc = self.context.cc
-        with _wire.openfhe_errors("homomorphic subtraction"):
+        with wire.openfhe_errors("homomorphic subtraction"):
             cts = [cc.EvalSub(a, b) for a, b in zip(self.ciphertexts, other.ciphertexts, strict=True)]
         return self._derive(cts, _result_dtype([self, other]), self.mults, self.padded and other.padded)
 
@@ -105,7 +105,7 @@ class EncryptedVector:
                 f"vector was already multiplied {self.mults} time(s); raise CKKSParams.depth"
             )
         cc = self.context.cc
-        with _wire.openfhe_errors("multiplication by a scalar"):
+        with wire.openfhe_errors("multiplication by a scalar"):
             cts = [cc.EvalMult(ct, scalar) for ct in self.ciphertexts]
         return self._derive(cts, self.dtype, self.mults + 1)
 
@@ -119,13 +119,13 @@ class EncryptedVector:
 
     def to_bytes(self) -> bytes:
         """The canonical OpenFHE form of each ciphertext (``crypto.layout``), framed with the vector's metadata."""
-        items = _canonical(self.context, self.ciphertexts, layout.CIPHERTEXT, self.tag)
-        return _wire.pack(_wire.KIND_VECTOR, self._meta(), items)
+        items = canonical_items(self.context, self.ciphertexts, layout.CIPHERTEXT, self.tag)
+        return wire.pack(wire.KIND_VECTOR, self._meta(), items)
 
     def _meta(self) -> dict[str, Any]:
         return self.context._meta(
             tag=self.tag, length=self.length, dtype=self.dtype, mults=self.mults, id=self.id,
-            n=len(self.ciphertexts), shape=list(_shape(self.ciphertexts)), padded=self.padded,
+            n=len(self.ciphertexts), shape=list(ciphertexts_shape(self.ciphertexts)), padded=self.padded,
         )  # fmt: skip
 
     @classmethod
@@ -140,7 +140,7 @@ class EncryptedVector:
         dtype: str | None = None,
         exact: bool = False,
     ) -> EncryptedVector:
-        """Parse and validate before OpenFHE sees a byte (``crypto._wire``, ``crypto.layout``); with
+        """Parse and validate before OpenFHE sees a byte (``crypto.wire``, ``crypto.layout``); with
         ``public_key``, also require that the vector was encrypted under it; with ``length`` / ``padded``, that it
         holds that many values / zero padding / decrypts to ``dtype`` (what the receiver expects, not what the sender
         declares: a dtype lie would round the values silently). ``exact``: only ciphertexts of a learnt layout (fresh,
@@ -148,13 +148,13 @@ class EncryptedVector:
         relinearisation) is parsed in the isolated helper first and its level, degree, scaling factor, slots and
         element count compared with an honest one's."""
         what = "encrypted vector"
-        meta, items = _wire.unpack(data, _wire.KIND_VECTOR)
-        head = _read_vector_meta(context, meta, items, what, length, padded, dtype)
+        meta, items = wire.unpack(data, wire.KIND_VECTOR)
+        head = read_vector_meta(context, meta, items, what, length, padded, dtype)
         if public_key is not None and head.tag != public_key.tag:
             raise CryptoError(
                 f"{what} was encrypted under key {head.tag[:8]}, not under the expected key {public_key.tag[:8]}"
             )
-        cts = _parse_checked(context, items, layout.CIPHERTEXT, head, what, exact)
+        cts = parse_checked(context, items, layout.CIPHERTEXT, head, what, exact)
         vec = cls(context, cts, head.length, head.dtype, head.tag, head.mults, head.padded)
         vec.id = head.id
         return vec
@@ -184,15 +184,13 @@ def encrypt(public_key: PublicKey, values: np.ndarray) -> EncryptedVector:
     if not peak < bound:  # also catches NaN
         raise CryptoError(f"values must be finite with |x| < {bound:g} for these parameters; max |x| is {peak:g}")
     cc, pk, s = ctx.cc, public_key._encryption_key(), ctx.slots
-    with _wire.openfhe_errors("encryption"):
+    with wire.openfhe_errors("encryption"):
         cts = [cc.Encrypt(pk, cc.MakeCKKSPackedPlaintext(x[i : i + s])) for i in range(0, x.size, s)]
     return EncryptedVector(ctx, cts, x.size, dtype, public_key.tag, padded=True)
 
 
 def decrypt(secret_key: SecretKey, vector: EncryptedVector) -> np.ndarray:
     """Decrypt with a shared secret key; returns the original length and dtype."""
-    from trustgrad.crypto.threshold import KeyShare
-
     if isinstance(secret_key, KeyShare):
         raise CryptoError(
             "a threshold key share cannot decrypt alone: use partial_decrypt() by every party, then fuse()"
@@ -202,9 +200,9 @@ def decrypt(secret_key: SecretKey, vector: EncryptedVector) -> np.ndarray:
             f"the vector was encrypted under key {vector.tag[:8]}, this secret key is {secret_key.tag[:8]}"
         )
     cc, sk = vector.context.cc, secret_key._sk
-    with _wire.openfhe_errors("decryption"):
+    with wire.openfhe_errors("decryption"):
         plaintexts = [cc.Decrypt(sk, ct) for ct in vector.ciphertexts]
-    return _unpack(plaintexts, vector.length, vector.dtype, vector.context.slots, vector.padded)
+    return unpack_values(plaintexts, vector.length, vector.dtype, vector.context.slots, vector.padded)
 
 
 def aggregate(vectors: Sequence[EncryptedVector], scale: float | None = None) -> EncryptedVector:
@@ -217,7 +215,7 @@ def aggregate(vectors: Sequence[EncryptedVector], scale: float | None = None) ->
     _check_compatible(vectors)
     first = vectors[0]
     cc = first.context.cc
-    with _wire.openfhe_errors("homomorphic addition"):
+    with wire.openfhe_errors("homomorphic addition"):
         if len(vectors) == 1:
             cts = list(first.ciphertexts)
         else:
@@ -229,7 +227,7 @@ def aggregate(vectors: Sequence[EncryptedVector], scale: float | None = None) ->
 # -- helpers shared with threshold.py -----------------------------------------------------------------------------
 
 
-def _unpack(
+def unpack_values(
     plaintexts: list[Any], length: int, dtype: str, slots: int, padded: bool = False, noise: float = 0.0
 ) -> np.ndarray:
     """The decrypted values; ``noise`` bounds what honest decryption noise (flooding) may leave in padding slots."""
@@ -280,7 +278,7 @@ class _Head(NamedTuple):
     padded: bool
 
 
-def _read_vector_meta(
+def read_vector_meta(
     context: Context,
     meta: dict[str, Any],
     items: list[memoryview],
@@ -292,13 +290,13 @@ def _read_vector_meta(
     """The vector fields of a frame's metadata, each checked against the context and the receiver's expectations."""
     context._check_meta(meta, what)
     head = _Head(
-        _wire.field(meta, "length", int, what),
-        _wire.field(meta, "dtype", str, what),
-        _wire.field(meta, "tag", str, what),
-        _wire.field(meta, "mults", int, what),
-        _wire.field(meta, "id", str, what),
-        tuple(_wire.field(meta, "shape", list, what)),  # type: ignore[arg-type]
-        _wire.field(meta, "padded", bool, what),
+        wire.field(meta, "length", int, what),
+        wire.field(meta, "dtype", str, what),
+        wire.field(meta, "tag", str, what),
+        wire.field(meta, "mults", int, what),
+        wire.field(meta, "id", str, what),
+        tuple(wire.field(meta, "shape", list, what)),  # type: ignore[arg-type]
+        wire.field(meta, "padded", bool, what),
     )
     if head.dtype not in _DTYPES:
         raise CryptoError(f"{what}: unsupported dtype {head.dtype!r}")
@@ -308,7 +306,7 @@ def _read_vector_meta(
         raise CryptoError(
             f"{what}: {len(items)} ciphertexts cannot hold {head.length} values at {context.slots} slots each"
         )
-    if _wire.field(meta, "n", int, what) != len(items):
+    if wire.field(meta, "n", int, what) != len(items):
         raise CryptoError(f"{what}: the header announces {meta['n']} ciphertexts, the frame holds {len(items)}")
     if len(head.id) != _ID_HEX or not all(c in "0123456789abcdef" for c in head.id):
         raise CryptoError(f"{what}: the vector id is not {_ID_HEX} lowercase hex digits")
@@ -323,7 +321,7 @@ def _read_vector_meta(
     return head
 
 
-def _parse_checked(
+def parse_checked(
     context: Context, items: list[memoryview], kind: str, head: _Head, what: str, exact: bool = True
 ) -> list[Any]:
     """Each item against the exact layout of its kind and shape in this context (or, when ``exact`` is off and no
@@ -348,15 +346,15 @@ def _isolated(context: Context, item: memoryview, kind: str, head: _Head, what: 
         raise CryptoError(f"{what}: its OpenFHE fields {', '.join(wrong)} are not those of an honest {kind}")
 
 
-def _shape(cts: list[Any]) -> tuple[int, int]:
+def ciphertexts_shape(cts: list[Any]) -> tuple[int, int]:
     shapes = {layout.shape_of(ct) for ct in cts}
     if len(shapes) != 1:
         raise CryptoError(f"the ciphertexts of one vector are at different levels {sorted(shapes)}")
     return shapes.pop()
 
 
-def _canonical(context: Context, objs: list[Any], kind: str, tag: str) -> list[bytes]:
-    with _wire.openfhe_errors(f"serializing a {kind}"):
+def canonical_items(context: Context, objs: list[Any], kind: str, tag: str) -> list[bytes]:
+    with wire.openfhe_errors(f"serializing a {kind}"):
         return [layout.serialize(context, obj, kind, layout.shape_of(obj), tag) for obj in objs]
 
 

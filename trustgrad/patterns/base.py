@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from .. import protect
 from ..comm import Comm
 from ..config import RunConfig
 from ..errors import ConfigError
@@ -28,11 +29,11 @@ class Pattern(ABC):
     name: ClassVar[str]
     #: whether a worker may die mid-run and the job still finish (asynchronous patterns)
     tolerates_worker_loss: ClassVar[bool] = False
-    #: CKKS key modes with which this pattern encrypts what it sends (empty: it cannot), and why not otherwise
-    encryption_keys: ClassVar[frozenset[str]] = frozenset()
+    #: what this pattern's protocol offers protections (``trustgrad.protect.CAPABILITIES``): which codecs, gates and
+    #: proof modes it runs with follows from what they need
+    offers: ClassVar[frozenset[str]] = frozenset()
+    #: why it cannot carry an encrypted payload, shown when a codec's need is not offered
     encryption_note: ClassVar[str] = "it has no encrypted protocol"
-    #: Proof-of-Learning modes this pattern supports (record: a proof of the global trajectory; audit/blind: per-claim)
-    proof_modes: ClassVar[frozenset[str]] = frozenset()
     #: model parallelism cuts the model's ``nn.Sequential`` into stages or shards: a user's factory must return one
     splits_sequential: ClassVar[bool] = False
 
@@ -41,6 +42,13 @@ class Pattern(ABC):
         self.comm = comm
         #: observers of what crosses the wire, ``fn(kind, payload)``: the server-view recorder, audits
         self.taps: list[Callable[[str, Any], None]] = []
+        #: the job's protections by name (``protect.build``, the one reader of the protection flags)
+        self.protections = protect.build(cfg)
+
+    @property
+    def encrypted(self) -> bool:
+        """What this rank sends is encrypted (observers are shown ciphertexts, not gradients)."""
+        return self.protections.encrypted
 
     def tap(self, kind: str, payload: Any) -> None:
         """Show observers a payload this rank sends or receives (``"gradient"``, ``"aggregate"``, ...)."""
@@ -50,22 +58,16 @@ class Pattern(ABC):
     # ------------------------------------------------------------------ job shape
     @classmethod
     def check(cls, cfg: RunConfig) -> None:
-        """Every check a job's config must pass for this pattern: the shared ones, then ``validate``."""
-        if cfg.crypto.encrypt != "none" and cfg.crypto.keys not in cls.encryption_keys:
-            able = [n for n in PATTERNS if cfg.crypto.keys in PATTERNS.get(n).encryption_keys]
-            raise ConfigError(
-                f"--encrypt {cfg.crypto.encrypt} --keys {cfg.crypto.keys} is not supported by pattern {cls.name!r} "
-                f"({cls.encryption_note}); patterns that support it: {', '.join(able) or 'none'}"
-            )
-        if cfg.proof.mode != "none" and cfg.proof.mode not in cls.proof_modes:
-            able = [n for n in PATTERNS if cfg.proof.mode in PATTERNS.get(n).proof_modes]
-            raise ConfigError(
-                f"--proof {cfg.proof.mode} is not supported by pattern {cls.name!r}; "
-                f"patterns that support it: {', '.join(able) or 'none yet'}"
-            )
+        """Every check a job's config must pass for this pattern: its protections' needs, then ``validate``."""
+        protect.check(cfg, cls, {n: PATTERNS.get(n).offers for n in PATTERNS})
         if cls.splits_sequential:
             _require_sequential(cls.name, cfg)
         cls.validate(cfg)
+
+    @classmethod
+    def offers_for(cls, cfg: RunConfig) -> frozenset[str]:
+        """What this job's shape offers (a schedule or checkpoints may take some of ``offers`` away)."""
+        return cls.offers
 
     @classmethod
     def validate(cls, cfg: RunConfig) -> None:
@@ -153,12 +155,12 @@ class GradientAveraging(Pattern):
     follow the trajectory of one process on the concatenated batches (tested to 1e-5).
     """
 
-    proof_modes = frozenset({"record"})
+    offers = frozenset({"sync-rounds", "replicated-steps"})
 
     def step(self, replica: Replica, x: torch.Tensor, y: torch.Tensor) -> float:
         loss = replica.compute_gradients(x, y)
         flat = replica.flat_grad()
-        if self.cfg.crypto.encrypt == "none":  # encrypted patterns tap the ciphertexts they send instead
+        if not self.encrypted:  # encrypted patterns tap the ciphertexts they send instead
             self.tap("gradient", flat)
         flat = self.sum(flat).div_(self.comm.world_size)
         self.tap("aggregate", flat)

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from ..comm import Comm
+from ..tags import CONSENSUS_MONITOR
 from .links import DONE, PeerLinks
 
 __all__ = ["Consensus", "ConsensusMonitor"]
@@ -34,7 +35,7 @@ __all__ = ["Consensus", "ConsensusMonitor"]
 log = logging.getLogger(__name__)
 
 #: message tags of the observer, far from the protocols' per-round tags
-MONITOR_TAG = 1 << 30
+MONITOR_TAG = CONSENSUS_MONITOR  # + round (trustgrad.tags)
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,7 @@ from ..config import RunConfig
 from ..errors import ConfigError
 from ..faults import KILL_ENV, SETUP, Faults
 from ..replica import Replica
+from ..tags import PATTERN_ROUNDS
 from .base import PATTERNS, Pattern
 from .consensus import ConsensusMonitor
 from .links import DONE, FAILED, PENDING, Op, PeerLinks, release
@@ -111,10 +112,10 @@ class PushSum:
         msg = torch.cat([z * share, z.new_tensor([share])])
         current = []
         for p in (p for p in peers.inn if p not in lost):
-            op = self.links.recv(torch.empty_like(msg), p, t)
+            op = self.links.recv(torch.empty_like(msg), p, PATTERN_ROUNDS + t)
             self._recvs.append(op)
             current.append(op)
-        self._sends += [self.links.send(msg, p, t) for p in outs]
+        self._sends += [self.links.send(msg, p, PATTERN_ROUNDS + t) for p in outs]
         self._pending = (z, share, current)
 
     def finish(self) -> torch.Tensor:
@@ -168,7 +169,7 @@ class PushSum:
                 if not bool(torch.isfinite(mixed).all()):  # finite values chosen to overflow our sum
                     self.links.evict(op.peer, "sent a message whose sum with ours overflows")
                     continue
-                if op.tag < self.rounds:
+                if op.tag - PATTERN_ROUNDS < self.rounds:
                     self.messages_late += 1
                 x = mixed
                 w += float(op.tensor[-1])

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from ..comm import Comm
+from ..tags import LINK_RELEASE
 
 __all__ = ["Op", "PeerLinks", "release"]
 
@@ -45,7 +46,7 @@ log = logging.getLogger(__name__)
 PENDING, DONE, FAILED = "pending", "done", "failed"
 FOREVER = 7 * 24 * 3600.0  # seconds: a gloo wait that cannot expire within any run
 #: tag of the receive that ``release`` times out on purpose (never sent by anyone)
-RELEASE_TAG = (1 << 31) - 1
+RELEASE_TAG = LINK_RELEASE  # trustgrad.tags
 
 
 @dataclass(eq=False)

@@ -36,6 +36,7 @@ from ..config import RunConfig
 from ..errors import ConfigError
 from ..registry import Registry
 from ..replica import Replica
+from ..tags import LOCAL_SGD_MERGE
 from .base import PATTERNS, Pattern
 from .consensus import ConsensusMonitor
 
@@ -43,7 +44,7 @@ __all__ = ["LocalSGD", "MERGES", "Average", "Elastic"]
 
 MERGES: Registry[type] = Registry("merge")
 
-_MERGE_TAG = 1 << 29  # point-to-point tags of elastic rounds, apart from other protocols'
+_MERGE_TAG = LOCAL_SGD_MERGE  # + round: point-to-point tags of elastic rounds (trustgrad.tags)
 
 
 @MERGES.register("average")

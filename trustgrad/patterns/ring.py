@@ -19,19 +19,32 @@ segments 1.6x the built-in, whole chunks 1.07x).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from ..comm import Comm
 from ..replica import Replica
+from ..tags import PATTERN_ROUNDS
 from .base import PATTERNS, GradientAveraging
 
 __all__ = ["ring_all_reduce", "Ring"]
 
 
-def ring_all_reduce(comm: Comm, flat: torch.Tensor, segment_bytes: int = 1 << 20) -> torch.Tensor:
-    """Sum the 1-D tensor ``flat`` over all ranks in place, over point-to-point messages only."""
+def ring_all_reduce(
+    comm: Comm,
+    flat: torch.Tensor,
+    segment_bytes: int = 1 << 20,
+    codec: Any = None,
+    observe: Callable[[str, Any], None] | None = None,
+) -> torch.Tensor:
+    """Sum the 1-D tensor ``flat`` over all ranks in place, over point-to-point messages only.
+
+    ``codec``: what the reduce-scatter carries (``protect.codecs.ring.RingCodec``: ciphertexts, combined
+    homomorphically, each rank's chunk revealed by every key holder's partial decryption); None: plaintext, added in
+    place. Both follow the same schedule and end with the same all-gather of plaintext sums. ``observe(kind,
+    payload)`` is shown the first ciphertext received from the previous rank."""
     world, rank = comm.world_size, comm.rank
     if world == 1:
         return flat
@@ -47,10 +60,46 @@ def ring_all_reduce(comm: Comm, flat: torch.Tensor, segment_bytes: int = 1 << 20
     # (chunk sent, chunk received, reduce?) per step: W-1 reduce-scatter steps, then W-1 all-gather steps
     steps = [((rank - s) % world, (rank - s - 1) % world, True) for s in range(world - 1)]
     steps += [((rank + 1 - s) % world, (rank - s) % world, False) for s in range(world - 1)]
+    first = 0
+    if codec is not None:  # the reduce-scatter on the codec's payloads; the all-gather below, on the sums
+        _codec_reduce_scatter(comm, flat, bounds, steps[: world - 1], codec, observe)
+        first = world - 1
+    _run_steps(comm, flat, bounds, steps, first, segment, largest)
+    return flat
+
+
+def _codec_reduce_scatter(
+    comm: Comm,
+    flat: torch.Tensor,
+    bounds: list[int],
+    steps: list[tuple[int, int, bool]],
+    codec: Any,
+    observe: Callable[[str, Any], None] | None,
+) -> None:
+    """Reduce-scatter through ``codec``: encode every chunk, pass one chunk a step to the next rank and combine what
+    the previous one sends (validated by ``codec.exchange`` first), then reveal the chunk this rank owns into
+    ``flat``: afterwards rank r holds chunk r+1 summed over all ranks, as the plaintext reduce-scatter leaves it."""
+    rank, world = comm.rank, comm.world_size
+    chunks = codec.encode([flat[bounds[j] : bounds[j + 1]] for j in range(world)])
+    nxt, prv = (rank + 1) % world, (rank - 1) % world
+    for s, (send_j, recv_j, _) in enumerate(steps):
+        raw, incoming = codec.exchange(chunks[send_j], nxt, prv, bounds[recv_j + 1] - bounds[recv_j])
+        if observe is not None and s == 0:  # what a peer sees of its neighbour: the codec's bytes
+            observe("ciphertext", (raw, prv))
+        chunks[recv_j] = codec.combine([chunks[recv_j], incoming])
+    mine = (rank + 1) % world
+    flat[bounds[mine] : bounds[mine + 1]] = codec.reveal(chunks[mine], mine, bounds).to(flat.dtype)
+
+
+def _run_steps(
+    comm: Comm, flat: torch.Tensor, bounds: list[int], steps: list[tuple], first: int, segment: int, largest: int
+) -> None:
+    """Steps ``first``.. of the ring on plaintext tensors, each step's receives posted one step ahead."""
+    world, rank = comm.world_size, comm.rank
     # two scratch buffers (one for W = 2): a step's receives are posted while the step before adds from the other
     scratch = [torch.empty(largest, dtype=flat.dtype, device=flat.device) for _ in range(min(2, world - 1))]
-    posted = _post_receives(comm, flat, bounds, steps, 0, segment, scratch)
-    for k in range(len(steps)):
+    posted = _post_receives(comm, flat, bounds, steps, first, segment, scratch)
+    for k in range(first, len(steps)):
         # Post the next step's receives before this step's messages are waited for. gloo sends only once the peer
         # has posted the matching receive (docs/faults.md), so a receive posted when its step starts costs a second
         # one-way hop per step (the notice, then the data). Measured with 4 ranks and 50 ms one way: a training
@@ -60,7 +109,8 @@ def ring_all_reduce(comm: Comm, flat: torch.Tensor, segment_bytes: int = 1 << 20
         send_chunk = steps[k][0]
         s0, s1 = bounds[send_chunk], bounds[send_chunk + 1]
         nxt = (rank + 1) % world
-        sends = [comm.isend(flat[start : min(start + segment, s1)], nxt, k) for start in range(s0, s1, segment)]
+        tag = PATTERN_ROUNDS + k
+        sends = [comm.isend(flat[start : min(start + segment, s1)], nxt, tag) for start in range(s0, s1, segment)]
         for work, start, stop, target, reduce in posted:
             comm.wait(work)
             if reduce:
@@ -68,7 +118,6 @@ def ring_all_reduce(comm: Comm, flat: torch.Tensor, segment_bytes: int = 1 << 20
         for work in sends:
             comm.wait(work)
         posted = ahead
-    return flat
 
 
 def _post_receives(
@@ -89,40 +138,26 @@ def _post_receives(
     for start in range(r0, r1, segment):
         stop = min(start + segment, r1)
         target = scratch[k % 2][start - r0 : stop - r0] if reduce else flat[start:stop]
-        out.append((comm.irecv(target, prv, k), start, stop, target, reduce))
+        out.append((comm.irecv(target, prv, PATTERN_ROUNDS + k), start, stop, target, reduce))
     return out
 
 
 @PATTERNS.register("ring")
 class Ring(GradientAveraging):
-    """With ``--encrypt ckks --keys threshold`` the ring carries ciphertexts (``secure.ring``); every rank is a key
-    party, so shared keys would let any neighbour decrypt what it relays: only threshold keys are accepted."""
+    """With ``--encrypt ckks --keys threshold`` the ring carries ciphertexts (the job's codec,
+    ``protect.codecs.ring``); every rank is a key party, so shared keys would let any neighbour decrypt what it
+    relays: the ring offers no keyless aggregator, which shared keys need."""
 
     name = "ring"
-    encryption_keys = frozenset({"threshold"})
+    offers = GradientAveraging.offers | {"codec-payload", "no-plaintext-state"}
     encryption_note = "in a ring every peer relays its neighbours' data, so only threshold keys protect it"
 
     def attach(self, replica: Replica) -> None:
         super().attach(replica)
-        self.keys, self.crypto = None, None
-        if self.cfg.crypto.encrypt == "ckks":
-            from ..attacks.poisoning import wire_tamper
-            from ..secure import CryptoStats, setup_keys
-            from ..secure.rogue import behaviour
-
-            self.crypto = CryptoStats()
-            self.tamper = wire_tamper(self.cfg.malicious, self.comm.rank)  # --malicious ...,attack=crafted-*
-            conduct = behaviour(self.cfg.malicious, self.comm.rank)  # a rogue key party, in tests of the set-up
-            self.keys = setup_keys(
-                self.comm, self.cfg.crypto, range(self.comm.world_size), (), self.crypto, None, conduct
-            )
+        self.codec = self.protections.peer_codec(self.comm)  # None: plaintext
 
     def sum(self, flat: torch.Tensor) -> torch.Tensor:
-        if self.keys is not None:
-            from ..secure.ring import encrypted_ring_all_reduce
-
-            return encrypted_ring_all_reduce(self.comm, flat, self.keys, self.crypto, self.tap, self.tamper)
-        return ring_all_reduce(self.comm, flat, self.cfg.pattern.segment_kb * 1024)
+        return ring_all_reduce(self.comm, flat, self.cfg.pattern.segment_kb * 1024, self.codec, self.tap)
 
     def stats(self) -> dict[str, Any]:
-        return self.crypto.summary() if self.crypto is not None else {}
+        return self.codec.cost() if self.codec is not None else {}

@@ -37,6 +37,7 @@ from ..comm import Comm
 from ..crypto import KeyShare, PublicKey
 from ..crypto import keyset as ks
 from ..errors import CryptoError
+from ..tags import EVALUATION_KEYS
 from .keys import KeyRing, all_to_all, check_openings, compare_views, recv_patient
 from .stats import CryptoStats
 
@@ -44,7 +45,7 @@ __all__ = ["joint_evaluation_keys"]
 
 log = logging.getLogger(__name__)
 
-_TAG = 72
+_TAG = EVALUATION_KEYS  # trustgrad.tags
 _SMALL = 1 << 16  # commitments
 _MAX_KEYS = 1 << 30  # one party's rotation keys at N = 16384 are ~245 MB; refuse a peer that announces more
 

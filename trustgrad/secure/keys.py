@@ -40,6 +40,7 @@ from ..crypto.keyset import (
     threshold_share,
 )
 from ..errors import CryptoError
+from ..tags import KEY_SETUP
 from .rogue import Honest
 from .stats import CryptoStats
 
@@ -50,7 +51,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_TAG = 71  # point-to-point tag for key set-up traffic
+_TAG = KEY_SETUP  # point-to-point tag for key set-up traffic (trustgrad.tags)
 _SMALL = 1 << 16  # commitments, seeds, digests and views
 
 

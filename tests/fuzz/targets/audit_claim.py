@@ -3,7 +3,7 @@
 The bytes a worker pushes are the claim itself (the server hash-chains exactly them), so a forger controls all of
 them. Mutants: bit flips anywhere (sign, exponent, mantissa), NaN / inf / huge / subnormal values, one-ulp pushes, a
 push just under the old fixed threshold, truncation and extension. The server refuses a payload of the wrong length
-before anything reads it (``ParameterServer.decode``); every payload of the right length gets a verdict. Outcomes:
+before anything reads it (``PlainServer.decode``); every payload of the right length gets a verdict. Outcomes:
 ``refused`` (wrong length), ``invalid-verdict`` (replay differs, with a one-line reason), ``accepted`` only when the
 mutant equals the honest gradient value for value (e.g. a zero's sign bit flipped: the update is the same).
 """

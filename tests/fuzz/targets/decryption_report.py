@@ -1,4 +1,4 @@
-"""Fuzz ``trustgrad.patterns.ps.secure.parse_decryption_report``: what a worker tells the ps server about the partial
+"""Fuzz ``trustgrad.protect.codecs.ckks.parse_decryption_report``: what a worker tells the ps server about the partial
 decryptions it received (threshold keys; docs/wire.md).
 
 The property: anything that is not ``{"invalid": [ranks]}`` naming live workers other than the reporter is refused
@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 
 from tests.fuzz.harness import Finding
-from trustgrad.patterns.ps.secure import MAX_REPORT_BYTES, parse_decryption_report
+from trustgrad.protect.codecs.ckks import MAX_REPORT_BYTES, parse_decryption_report
 
 NAME = "decryption_report"
 RANK, LIVE = 2, [1, 2, 3, 4]

@@ -1,7 +1,7 @@
 """Part 5: blind verification inside training, in real ``ps --encrypt ckks --keys threshold --proof blind`` jobs.
 
 ``logreg-poly`` on digits, ``blind_workers`` workers (4), batch 32, SGD at ``blind_lr`` without momentum (what the
-server's encrypted model can take, ``patterns/ps/blind.py``):
+server's encrypted model can take, ``protect/codecs/blind.py``):
 
 1. **Detection**: per attack and seed, worker 1 (rank 2) malicious from step 0, ``blind_steps`` rounds (the attack's
    round: rejected, the survivors re-key; then rounds checked under the new keys). Recorded: excluded or not, at
@@ -34,7 +34,7 @@ from typing import Any
 
 from ...config import RunConfig
 from ...errors import TrustgradError
-from ...patterns.ps.blind import check_threads
+from ...protect.codecs.blind import check_threads
 from .detection import MALICIOUS_WORKER, mean_of
 
 __all__ = ["measure", "blind_config"]

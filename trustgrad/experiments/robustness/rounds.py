@@ -27,6 +27,7 @@ from ...attacks.poisoning import wrap_replica
 from ...config import RunConfig
 from ...data import BatchPlan, load_dataset
 from ...models import build_model
+from ...protect import Batch, Claim
 from ...replica import Replica, make_optimizer
 from ...train import evaluate
 
@@ -71,21 +72,21 @@ class SyncRounds:
         ]  # fmt: skip
         self.gate = None
         if cfg.aggregate != "mean":
-            from ...patterns.ps import ParameterServer
+            from ...protect.catalog import check_rule
             from ...robust import Gate
 
-            ParameterServer._check_gate(cfg)  # the same one-line refusal as a real job (a rule too big for n)
+            check_rule(cfg)  # the same one-line refusal as a real job (a rule too big for n)
             self.gate = Gate.from_spec(cfg.aggregate)
         self.audit = None
         if cfg.proof.mode == "audit":
-            from ...patterns.ps.audit import ServerAudit
+            from ...protect.gates.audit import ServerAudit
 
-            self.audit = ServerAudit(self)  # type: ignore[arg-type]
+            self.audit = ServerAudit(cfg, self.ds, self.n, self.replica.num_params, asynchronous=False)
         self.excluded_at: dict[int, int] = {}
         self.defence_seconds = 0.0
         self._step = 0
 
-    def exclude(self, w: _Worker, reason: str) -> None:  # what ServerAudit calls on a rejected claim
+    def exclude(self, w: _Worker, reason: str) -> None:  # a rejected claim's sender, as the ps server excludes it
         w.dropped = reason
         self.excluded_at[w.rank - 1] = self._step
 
@@ -120,12 +121,10 @@ class SyncRounds:
             self.pushers[r - 1].compute_gradients(self.ds.x_train[idx], self.ds.y_train[idx])
             buffer[r] = self.pushers[r - 1].flat_grad().detach().to(torch.float32).clone()
             if self.audit is not None:
-                self.audit.claim(r, step, self.version, buffer[r].numpy().tobytes())
+                self.audit.observe(Claim(r, step, self.version, buffer[r].numpy().tobytes(), buffer[r]))
         started = time.perf_counter()
         if self.audit is not None:
-            self.buffer_steps = dict.fromkeys(buffer, step)  # what ServerAudit reads of a server's round
-            buffer = self.audit.screen_round(buffer, self.buffer_steps)
-            self.audit.applied_round(buffer)
+            buffer = self._screen(buffer, step)
         if buffer:
             grads = [buffer[r] for r in sorted(buffer)]
             update = self.aggregate(grads, [r - 1 for r in sorted(buffer)])
@@ -136,9 +135,17 @@ class SyncRounds:
         else:
             self.defence_seconds += time.perf_counter() - started
 
-    @property
-    def pattern(self) -> SyncRounds:  # ServerAudit's exact repair aggregates through ``server.pattern``, as in ps
-        return self
+    def _screen(self, buffer: dict[int, torch.Tensor], step: int) -> dict[int, torch.Tensor]:
+        """The audit gate's verdict on the round, applied as the ps server applies it (``Server._apply``)."""
+        standing = frozenset(r for r, w in self.workers.items() if not w.dropped)
+        batch = Batch(self.version, buffer, dict.fromkeys(buffer, step), standing, self.replica, self.aggregate)
+        verdict = self.audit.screen(batch)  # type: ignore[union-attr]
+        for correction in verdict.corrections:
+            correction.restore(self.replica)
+        for rank, reason in verdict.excluded.items():
+            self.exclude(self.workers[rank], reason)
+        self.audit.applied(batch.with_values(verdict.admitted))  # type: ignore[union-attr]
+        return verdict.admitted
 
     def aggregate(self, grads: list[torch.Tensor], senders: list[int] | None = None) -> torch.Tensor:
         if self.gate is not None:

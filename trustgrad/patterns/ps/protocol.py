@@ -45,6 +45,7 @@ import torch.distributed as dist
 from ...comm import Comm
 from ...errors import LaunchError
 from ...launch import RankContext, engine_message
+from ...tags import BYE, DROPPED, OK, PS_CLOSE, PS_PAYLOAD, PS_PUSH, PS_REPLY, SERVICE
 
 __all__ = [
     "Inbox", "Message", "PUSH", "PAYLOAD", "REPLY", "GRADIENT", "DONE", "ACK", "LOST", "OK", "DROPPED", "BYE",
@@ -53,12 +54,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-PUSH, PAYLOAD, REPLY = 11, 12, 13  # tags
-CLOSE = 14  # never sent: the server's deliberately timed-out receive that closes a dropped worker's own group
+# tags, and the server's reply statuses (SERVICE: it asks a key party for work first), all in ``trustgrad.tags``
+PUSH, PAYLOAD, REPLY, CLOSE = PS_PUSH, PS_PAYLOAD, PS_REPLY, PS_CLOSE
 GRADIENT, DONE, ACK = 1, 2, 3  # worker message kinds
 LOST = -1  # never on the wire: the inbox's note that a worker's connection failed (``Message.reason`` says how)
-OK, DROPPED, BYE = 0, 1, 2  # server reply statuses
-SERVICE = 3  # before replying, the server asks a key party for work: [SERVICE, request, count] (see ps.blind)
 HEADER = 5
 _KINDS = (GRADIENT, DONE, ACK)
 

@@ -34,6 +34,7 @@ from ...data import BatchPlan, load_dataset
 from ...errors import LaunchError
 from ...launch import engine_message
 from ...models import build_model, recalibrate_batch_stats
+from ...protect import Batch, Claim, Correction, Received, Verdict
 from ...replica import Replica, optimizer_for
 from .checkpoint import ServerCheckpoint
 from .protocol import ACK, BYE, CLOSE, DONE, DROPPED, GRADIENT, LOST, OK, REPLY, Inbox, Message
@@ -85,43 +86,32 @@ class Server:
         if cfg.resume:
             self._restore(pattern.load_checkpoint(cfg.resume, self.replica.num_params))
         self.epochs_logged = self._floor(include_done=True) // max(1, self.steps_per_epoch)
-        self.view_recorded = False
         self.in_flight: dict[int, list[tuple[Any, torch.Tensor]]] = {}  # rank -> the last reply's sends and tensors
         self.buffer_steps: dict[int, int] = {}
-        self.secure = None  # SecureServer with --encrypt ckks: no plaintext update ever reaches this process
-        self.audit = None  # ServerAudit with --proof audit
-        if cfg.proof.mode == "blind":  # the server keeps the model encrypted and verifies claims on ciphertexts
-            from .blind_server import BlindAudit, BlindServer
+        # the slots (docs/architecture.md §3): encrypted codecs never let a plaintext update reach this process
+        protections = pattern.protections
+        self.codec = protections.server_codec(self.comm, self.replica.flat_params())
+        self.encrypted = self.codec.encrypted
+        n_params, asynchronous = self.replica.num_params, self.velocity is not None
+        self.gates = protections.server_gates(self.comm, self.ds, n_params, asynchronous, self.codec)
+        if cfg.record_server_view:  # an observer of what this server receives, as hooks attach the workers' own
+            from ...attacks.recorder import ReceivedViewRecorder
 
-            self.secure = BlindServer(self.comm, cfg, self.replica.flat_params())
-            self.audit = BlindAudit(self)
-        elif cfg.crypto.encrypt != "none":
-            from .secure import SecureServer
-
-            self.secure = SecureServer(self.comm, cfg)
-        if cfg.proof.mode == "audit" and cfg.crypto.encrypt != "none":
-            from .cipher_audit import RemoteAudit
-
-            self.audit = RemoteAudit(self)
-        elif cfg.proof.mode == "audit":
-            from .audit import ServerAudit
-
-            self.audit = ServerAudit(self)
+            pattern.taps.append(ReceivedViewRecorder(cfg, self.ds, self.steps_per_epoch))
 
     # ------------------------------------------------------------------ the loop
     def serve(self) -> dict[str, Any]:
         from ...train import evaluate, model_report
 
         self.started = time.perf_counter()
-        if self.secure is None:
+        if not self.encrypted:
             self.trace.append((0.0, self._applied(), self._train_loss()))
-        limit = 64 * 4 * self.replica.num_params + 4096
-        if self.secure is not None:  # ciphertexts: ~0.4 MB per 4096 slots, generously bounded
-            limit += self.secure.max_payload(self.replica.num_params)
+        # ciphertexts: ~0.4 MB per 4096 slots, generously bounded by the codec
+        limit = 64 * 4 * self.replica.num_params + 4096 + self.codec.max_payload(self.replica.num_params)
         self.inbox = Inbox(self.pattern.links, max_payload=limit)
-        for rank, reason in getattr(self.secure, "refused_at_setup", {}).items():  # a crafted copy of the joint key
+        for rank, reason in self.codec.refused_at_setup().items():  # a crafted copy of the joint key
             self.exclude(self.workers[rank], reason)
-            self.secure.refused(rank, reason)  # type: ignore[union-attr]
+            self.codec.refused(rank, reason)
         self._release()
         while any(not w.done and not w.dropped for w in self.workers.values()):
             msg = self.inbox.get(timeout=self._next_deadline() - time.perf_counter())
@@ -130,14 +120,14 @@ class Server:
             else:
                 self._handle(msg)
             self._release()
-        if self.losses and self.secure is None:
+        if self.losses and not self.encrypted:
             self._log_epoch()
-        if self.audit is not None:
-            self.audit.close()
+        for gate in self.gates:
+            gate.close()
         self._goodbye()
         self._close_dropped()
-        if self.secure is not None:  # nothing to evaluate here: worker 0 coordinates
-            stats = {**self.secure.stats.summary(), "server_key_material": self.secure.key_material()}
+        if self.encrypted:  # nothing to evaluate here: worker 0 coordinates
+            stats = {**self.codec.cost(), "server_key_material": self.codec.key_material()}
             return {"steps": max(w.clock for w in self.workers.values()), "stats": stats}
         x, y, xt, yt = self.ds.x_train, self.ds.y_train, self.ds.x_test, self.ds.y_test
         if self.velocity is not None:
@@ -167,8 +157,8 @@ class Server:
             "resumed_at_version": self.resumed_at,
             "dropped_workers": dropped,
             "dropped_reasons": {str(r - 1): w.dropped for r, w in self.workers.items() if w.dropped},
-            **(self.audit.summary() if self.audit is not None else {}),
-            **getattr(self.secure, "report", {}),
+            **{k: v for gate in self.gates for k, v in gate.summary().items()},
+            **self.codec.decisions(),
         }
 
     # ------------------------------------------------------------------ messages
@@ -192,17 +182,20 @@ class Server:
                                 f"version {w.read_version}")  # fmt: skip
                 return
             try:
-                grad = self.pattern.decode(msg.payload, w.rank)
+                grad = self.codec.decode(msg.payload, w.rank, self.replica.num_params)
             except LaunchError as exc:  # a refused push: excluded where the codec can go on without the worker
-                if not getattr(self.secure, "excludes_refused", False) or getattr(exc, "rank", None) != w.rank:
+                if not self.codec.excludes_refused or getattr(exc, "rank", None) != w.rank:
                     self._violation(w, str(exc))
                     return
                 self._refuse(w, str(exc))
                 return
-            if self.cfg.record_server_view and not self.view_recorded and msg.version == self.version:
-                self._record_view(msg, grad)
-            if self.audit is not None:
-                self.audit.claim(w.rank, msg.step, msg.version, msg.payload)
+            if msg.version == self.version:  # observers see pushes computed on the model held here
+                self.pattern.tap(
+                    "received", Received(w.rank - 1, msg.step, msg.payload, grad, self.encrypted, self.replica)
+                )
+            claim = Claim(w.rank, msg.step, msg.version, msg.payload, grad)
+            for gate in self.gates:
+                gate.observe(claim)
             self.staleness.append(int(msg.step - w.read_floor))
             self.lags.append(self.version - msg.version)
             self.losses.append(msg.loss)
@@ -210,7 +203,7 @@ class Server:
             if self.schedule.aggregate:
                 self.buffer[w.rank], self.buffer_steps[w.rank] = grad, msg.step
                 self._complete_round()
-            elif self.audit is None or self.audit.admit(w.rank, msg.step, msg.version, grad):
+            elif self._admit(claim):
                 self._update(grad, 1, w.rank)
         elif msg.kind == DONE:
             w.done, w.waiting, w.deadline = True, False, math.inf
@@ -219,50 +212,90 @@ class Server:
     def _refuse(self, w: _Worker, reason: str) -> None:
         """A worker's push failed validation (docs/wire.md): name it, exclude it, and finish the round without it."""
         self.exclude(w, reason)
-        self.secure.refused(w.rank, reason)  # type: ignore[union-attr]
+        self.codec.refused(w.rank, reason)
         self._complete_round()
 
     def _complete_round(self) -> None:
         live = {r for r, w in self.workers.items() if not w.done and not w.dropped}
-        if getattr(self.secure, "rekey_pending", False) and live and live <= set(self.buffer):
+        if self.codec.rekey_pending and live and live <= set(self.buffer):
             # threshold keys: the excluded worker shares the key of this round; the survivors re-key and push again
-            self.buffer = self.secure.rekey(sorted(live), self.replica.num_params)  # type: ignore[union-attr]
+            self.buffer = self.codec.rekey(sorted(live), self.replica.num_params)
         if self.buffer and live <= set(self.buffer):
             buffer, self.buffer = self.buffer, {}
-            if self.audit is not None:  # claims that fail their replay never reach the model
-                buffer = self.audit.screen_round(buffer, self.buffer_steps)
-                self.audit.applied_round(buffer)
-                if not buffer and self.secure is not None:  # nothing admitted: no update, nothing to re-send
-                    self.secure.latest = b""
-                    self.audit.published(b"")  # the auditor's model stays where it is
+            buffer = self._screen(buffer)  # claims the gates refuse never reach the model
             if buffer:
                 grads = [buffer[r] for r in sorted(buffer)]
-                self._update(self.pattern.aggregate(grads, [r - 1 for r in sorted(buffer)]), len(grads))
+                self._update(self._combine(grads, [r - 1 for r in sorted(buffer)]), len(grads))
                 self._settle()
 
+    def _batch(self, values: dict[int, Any]) -> Batch:
+        standing = frozenset(r for r, w in self.workers.items() if not w.dropped)
+        return Batch(self.version, values, dict(self.buffer_steps), standing, self.replica, self._combine)
+
+    def _screen(self, buffer: dict[int, Any]) -> dict[int, Any]:
+        """A complete round through every gate in turn; each verdict is applied before the next gate sees it."""
+        for gate in self.gates:
+            buffer = self._apply(gate.screen(self._batch(buffer)), gate)
+        for gate in self.gates:
+            gate.applied(self._batch(buffer))
+        if self.gates and not buffer and self.encrypted:  # nothing admitted: no update, nothing to re-send
+            self.codec.latest = b""
+            for gate in self.gates:
+                gate.published(b"")  # the auditor's model stays where it is
+        return buffer
+
+    def _admit(self, claim: Claim) -> bool:
+        """Asynchronous schedules: one claim through every gate."""
+        return all(self._apply(gate.screen_one(claim), gate) for gate in self.gates)
+
+    def _apply(self, verdict: Verdict, gate: Any) -> dict[int, Any]:
+        """A gate's verdict: its corrections to our state first, then its exclusions; returns what it admitted."""
+        for correction in verdict.corrections:
+            self._correct(correction)
+        for rank, reason in verdict.excluded.items():
+            self.exclude(self.workers[rank], reason)
+        if verdict.excluded:
+            gate.after_exclusion([r for r, w in sorted(self.workers.items()) if not w.dropped and not w.done])
+        return verdict.admitted
+
+    def _correct(self, c: Correction) -> None:
+        c.restore(self.replica)  # an exact repair: the model and momentum where the replay ended
+        if c.rollback_rank is not None:  # DANA: a worker's accumulated effect back, and its buffer cleared
+            if c.delta is not None:
+                self.theta.add_(c.delta)
+                self.replica.set_flat_params(self.theta)
+            self.velocity[c.rollback_rank - 1].zero_()  # type: ignore[index]
+
+    def _combine(self, values: list[Any], senders: list[int] | None = None) -> Any:
+        """A round's update: a gate's own rule (robust aggregation) where one has it, else the codec's mean."""
+        for gate in self.gates:
+            combined = gate.combine(values, senders)
+            if combined is not None:
+                return combined
+        return self.codec.combine(values)
+
     def _settle(self) -> None:
-        """Threshold keys: the round is decrypted jointly before it is answered. A worker whose partial decryption
-        fails the server's check is excluded, and the survivors re-key and push the round again (they have not
-        stepped yet), until a round decrypts (``SecureServer.settle``, docs/wire.md)."""
-        settle = getattr(self.secure, "settle", None)
-        while settle is not None:
+        """Reveal: the round is decrypted jointly before it is answered (threshold keys). A worker whose partial
+        decryption fails the server's check is excluded, and the survivors re-key and push the round again (they
+        have not stepped yet), until a round decrypts (``SecureServer.settle``, docs/wire.md)."""
+        while True:
             live = sorted(r for r, w in self.workers.items() if not w.done and not w.dropped)
-            culprits = settle(live)
+            culprits = self.codec.settle(live)
             if not culprits:
                 return
             for rank, reason in culprits.items():
                 self.exclude(self.workers[rank], reason)
-                self.secure.refused(rank, reason)  # type: ignore[union-attr]
+                self.codec.refused(rank, reason)
             survivors = [r for r in live if r not in culprits]
-            again = self.secure.rekey(survivors, self.replica.num_params)  # type: ignore[union-attr]
-            self.secure.publish(self.pattern.aggregate([again[r] for r in survivors]))  # type: ignore[union-attr]
+            again = self.codec.rekey(survivors, self.replica.num_params)
+            self.codec.publish(self._combine([again[r] for r in survivors]))
 
     def _update(self, grad: torch.Tensor, gradients: int, rank: int = 0) -> None:
         before = self._applied() - gradients
-        if self.secure is not None:  # the encrypted mean goes back to the workers as it is
-            self.secure.publish(grad)  # type: ignore[arg-type]
-            if self.audit is not None:
-                self.audit.published(self.secure.latest)
+        if self.encrypted:  # the encrypted mean goes back to the workers as it is
+            self.codec.publish(grad)
+            for gate in self.gates:
+                gate.published(self.codec.latest)
             self.version += 1
             return
         if self.velocity is None:  # sync: the optimizer's step on the mean, exactly as allreduce takes it
@@ -274,8 +307,8 @@ class Server:
             v = self.velocity[rank - 1]
             v.mul_(self.cfg.momentum).add_(grad)
             self.theta.sub_(self.lr * v)
-            if self.audit is not None:
-                self.audit.applied_async(rank, self.lr * v)
+            for gate in self.gates:
+                gate.stepped(rank, self.lr * v)
             self.replica.set_flat_params(self.theta)
         self.version += 1
         if self._applied() // self.n > before // self.n:  # about once per W gradients, for every schedule alike
@@ -299,14 +332,16 @@ class Server:
 
     def _send(self, w: _Worker, status: int) -> bool:
         parts = [torch.tensor([status, self.version, w.clock], dtype=torch.int64)]
-        if status == OK and self.secure is not None:  # Comm.send_bytes' framing: a length, then the bytes
-            latest = self.secure.latest
+        if status == OK and self.encrypted:  # Comm.send_bytes' framing: a length, then the bytes
+            latest = self.codec.latest
             parts.append(torch.tensor([len(latest)], dtype=torch.int64))
             parts += [torch.frombuffer(bytearray(latest), dtype=torch.uint8)] if latest else []
         elif status == OK:
             outgoing = self._outgoing()
-            if self.audit is not None and self.velocity is not None:
-                self.audit.remember(self.version, outgoing)
+            if self.velocity is not None:  # async: gates may replay a claim at the parameters it was computed on
+                held = {v.read_version for v in self.workers.values() if not v.dropped and not v.done}
+                for gate in self.gates:
+                    gate.sent(self.version, outgoing, held)
             parts.append(outgoing)
         try:
             if self.schedule.tolerates_loss:
@@ -409,19 +444,6 @@ class Server:
         if self.velocity is None:
             return self.replica.flat_params()
         return self.theta - (self.lr * self.cfg.momentum) * self.velocity.sum(0)
-
-    def _record_view(self, msg: Message, grad: Any) -> None:
-        """``--record-server-view``: the first push this server receives, exactly as received (attack material)."""
-        from ...attacks.recorder import write_view
-
-        self.view_recorded = True
-        epoch, epoch_step = divmod(msg.step, max(1, self.steps_per_epoch))
-        write_view(
-            self.cfg, self.ds, kind="ciphertext" if self.secure is not None else "gradient",
-            state={k: v.detach().clone() for k, v in self.replica.model.state_dict().items()},
-            params=self.replica.params, senders=[msg.src - 1], num_workers=self.n, epoch=epoch,
-            epoch_step=epoch_step, step=msg.step, payload=msg.payload if self.secure is not None else grad,
-        )  # fmt: skip
 
     # ------------------------------------------------------------------ bookkeeping
     def _floor(self, include_done: bool = False) -> float:

@@ -49,17 +49,14 @@ from ...errors import CryptoError, LaunchError
 from ...secure import CryptoStats, KeyRing, setup_keys
 from ...secure.grid import fixed_point, quantize, snap_mean
 from ...secure.rogue import behaviour
-from .protocol import REPLY, SERVICE
+from ...tags import DECRYPT, DECRYPTION_STATUS, PARTIAL_DECRYPTION, REKEY, RELAY, REPUSH, SERVICE, SHOW
+from ...tags import PS_REPLY as REPLY
+from ..slots import ServerCodec, WorkerCodec
 
 __all__ = ["SecureWorker", "SecureServer", "RefusedPayload", "decode_fresh", "check_partial", "parse_decryption_report"]
 
 log = logging.getLogger(__name__)
 
-_TAG = 73  # worker <-> worker partial decryptions
-_REPUSH = 74  # worker -> server: the round's gradient again, under the keys made after an exclusion
-_STATUS = 76  # worker -> server: the partials that failed validation; a worker's own partial when accused
-REKEY = 2  # SERVICE request: new threshold keys among the parties the server names (the value blind uses too)
-DECRYPT, SHOW, RELAY = 4, 5, 6  # SERVICE requests of a round's joint decryption (``SecureServer.settle``)
 MAX_REPORT_BYTES = 1 << 16  # a decryption report names at most every other worker
 
 
@@ -68,12 +65,10 @@ class RefusedPayload(LaunchError):
     caller lets it end the job, named (it is a ``LaunchError`` carrying the sender's rank)."""
 
 
-def _setup(comm: Comm, cfg: RunConfig, stats: CryptoStats, exclude_refused: bool = False) -> KeyRing:
-    from .cipher_audit import auditor_rank
-
-    parties = list(range(1, cfg.workers + 1))  # the workers, and the auditor rank when it audits ciphertexts
-    auditor = auditor_rank(cfg)
-    parties += [auditor] if auditor is not None else []
+def _setup(
+    comm: Comm, cfg: RunConfig, parties: list[int], stats: CryptoStats, exclude_refused: bool = False
+) -> KeyRing:
+    """The job's keys among ``parties`` (the workers, and the auditor rank when it audits ciphertexts)."""
     conduct = behaviour(cfg.malicious, comm.rank)
     return setup_keys(comm, cfg.crypto, parties, [0], stats, behaviour=conduct, exclude_refused=exclude_refused)
 
@@ -140,13 +135,15 @@ def _max_payload(keys: KeyRing, num_params: int) -> int:
     return (num_params // keys.context.slots + 2) * (8 << 20)  # a ciphertext is ~0.4 MB per 4096 slots
 
 
-class SecureWorker:
-    def __init__(self, comm: Comm, cfg: RunConfig):
+class SecureWorker(WorkerCodec):
+    encrypted = True
+
+    def __init__(self, comm: Comm, cfg: RunConfig, parties: list[int]):
         from ...attacks.poisoning import wire_tamper
 
         self.comm, self.cfg = comm, cfg
         self.stats = CryptoStats()
-        self.keys = _setup(comm, cfg, self.stats)
+        self.keys = _setup(comm, cfg, parties, self.stats)
         self.tamper = wire_tamper(cfg.malicious, comm.rank)  # --malicious ...,attack=crafted-*: this rank's bytes
         self.values: np.ndarray | None = None  # the last pushed gradient / W, pushed again after a re-keying
         self.joint: _JointRound | None = None  # threshold keys: the round being decrypted jointly
@@ -180,6 +177,9 @@ class SecureWorker:
             mean = snap_mean(mean, self.cfg.workers)
         return torch.from_numpy(np.asarray(mean, dtype=np.float32))
 
+    def cost(self) -> dict[str, Any]:
+        return self.stats.summary()
+
     def apply(self, replica: Any, payload: bytes) -> None:
         """Step 4: the round's encrypted mean -> the local optimizer step."""
         replica.set_flat_grad(self.decode_mean(payload, replica.num_params))
@@ -209,7 +209,7 @@ class SecureWorker:
         if self.tamper is not None:  # --malicious ...,attack=false-report
             invalid = self.tamper.reports(invalid, [r for r in self.keys.parties if r != self.comm.rank])
         self.joint.reported = set(invalid)
-        self.comm.send_bytes(json.dumps({"invalid": invalid}).encode(), 0, _STATUS)
+        self.comm.send_bytes(json.dumps({"invalid": invalid}).encode(), 0, DECRYPTION_STATUS)
 
     def _exchange(self, payload: bytes, vector: EncryptedVector) -> _JointRound:
         """Our partial of ``vector`` to every other party and theirs from each, checked (``check_partial``)."""
@@ -223,7 +223,7 @@ class SecureWorker:
             dst, src = workers[(me + shift) % len(workers)], workers[(me - shift) % len(workers)]
             self.stats.sent(len(joint.sent), 0)
             try:
-                data = self.comm.exchange_bytes(joint.sent, dst, src, _TAG, max_bytes=joint.max_bytes)
+                data = self.comm.exchange_bytes(joint.sent, dst, src, PARTIAL_DECRYPTION, max_bytes=joint.max_bytes)
             except ValueError as exc:  # an announced size past any partial's: refused before allocating
                 joint.invalid[src] = f"worker {src - 1} (rank {src}) sent an invalid partial decryption: {exc}"
                 continue
@@ -244,7 +244,7 @@ class SecureWorker:
         if self.joint is None:
             raise LaunchError(f"ps: the server asked worker {self.comm.rank - 1} for a partial of no round")
         honest, sent = self.joint.partials[self.comm.rank].to_bytes(), self.joint.sent
-        self.comm.send_bytes(self.tamper.shows(honest, sent) if self.tamper is not None else sent, 0, _STATUS)
+        self.comm.send_bytes(self.tamper.shows(honest, sent) if self.tamper is not None else sent, 0, DECRYPTION_STATUS)
 
     def _relay(self, replica: Any) -> None:
         """``RELAY``: the partial the server checked, of a worker whose partial to us failed."""
@@ -268,31 +268,41 @@ class SecureWorker:
         with self.stats.timing("encrypt"):
             payload = encrypt(self.keys.public_key, self.values).to_bytes()
         self.stats.sent(len(payload), self.values.size)  # type: ignore[union-attr]
-        self.comm.send_bytes(payload, 0, _REPUSH)
+        self.comm.send_bytes(payload, 0, REPUSH)
 
     def max_payload(self, num_params: int) -> int:
         """The most ciphertext bytes an honest aggregate of ``num_params`` values takes (bounds what we allocate)."""
         return _max_payload(self.keys, num_params)
 
 
-class SecureServer:
+class SecureServer(ServerCodec):
+    encrypted = True
     #: a refused push excludes its sender and the run goes on (``Server._refuse``)
     excludes_refused = True
 
-    def __init__(self, comm: Comm, cfg: RunConfig):
+    def __init__(self, comm: Comm, cfg: RunConfig, parties: list[int]):
         self.comm, self.cfg = comm, cfg
         self.stats = CryptoStats()
         # threshold keys: a worker whose copy of the joint key fails validation is excluded before the first round
         # (``refused_at_setup``), and the survivors re-key before anything is decrypted
-        self.keys = _setup(comm, cfg, self.stats, exclude_refused=cfg.crypto.keys == "threshold")
+        self.keys = _setup(comm, cfg, parties, self.stats, exclude_refused=cfg.crypto.keys == "threshold")
         assert not self.keys.holds_secret  # by construction: the server is not a key party
         self.latest: bytes = b""  # the encrypted mean of the last round
         self.mean: EncryptedVector | None = None  # the same, parsed: what partials of it are checked against
         self.rekey_pending = False  # threshold keys: an excluded worker holds a share; re-key before decrypting
-        self.refused_at_setup = dict(self.keys.refused)  # rank -> why; the server excludes them before round 0
+        self._refused_at_setup = dict(self.keys.refused)  # rank -> why; the server excludes them before round 0
         self.report: dict[str, Any] = {
             "refused_payloads": [], "rekeys": 0, "rekey_seconds": 0.0, "partials_relayed": 0, "partials_shown": 0,
         }  # fmt: skip
+
+    def refused_at_setup(self) -> dict[int, str]:
+        return self._refused_at_setup
+
+    def cost(self) -> dict[str, Any]:
+        return self.stats.summary()
+
+    def decisions(self) -> dict[str, Any]:
+        return self.report
 
     def refused(self, rank: int, reason: str) -> None:
         """A push of ``rank`` was refused and the server excluded it (called by ``Server._refuse``)."""
@@ -317,7 +327,7 @@ class SecureServer:
         self.keys = setup_keys(self.comm, self.cfg.crypto, survivors, [0], self.stats, context=self.keys.context)
         limit = self.max_payload(num_params)
         again = {
-            r: decode_fresh(self.keys, self.comm.recv_bytes(r, _REPUSH, limit)[0], r, num_params) for r in survivors
+            r: decode_fresh(self.keys, self.comm.recv_bytes(r, REPUSH, limit)[0], r, num_params) for r in survivors
         }
         self.rekey_pending = False
         self.report["rekeys"] += 1
@@ -336,7 +346,7 @@ class SecureServer:
     def decode(self, payload: bytes, rank: int, num_params: int) -> EncryptedVector:
         return decode_fresh(self.keys, payload, rank, num_params)
 
-    def aggregate(self, vectors: list[EncryptedVector]) -> EncryptedVector:
+    def combine(self, vectors: list[EncryptedVector]) -> EncryptedVector:
         """The sum of the pushes (each pre-scaled by 1/W), times W/k when only k workers count: the survivors' mean."""
         with self.stats.timing("aggregate"):
             k = len(vectors)
@@ -370,7 +380,7 @@ class SecureServer:
             self.comm.send(torch.tensor([SERVICE, SHOW, 1], dtype=torch.int64), accused, REPLY)
             self.report["partials_shown"] += 1
             try:
-                data, _ = self.comm.recv_bytes(accused, _STATUS, max_bytes=len(self.latest) + (1 << 16))
+                data, _ = self.comm.recv_bytes(accused, DECRYPTION_STATUS, max_bytes=len(self.latest) + (1 << 16))
                 check_partial(self.keys, self.mean, data, accused)  # type: ignore[arg-type]
             except (CryptoError, ValueError) as exc:  # ValueError: a size past any partial's, refused unallocated
                 who = f"worker {accused - 1} (rank {accused})"
@@ -385,7 +395,7 @@ class SecureServer:
 
     def _report(self, rank: int, live: list[int]) -> list[int] | None:
         try:
-            data, _ = self.comm.recv_bytes(rank, _STATUS, max_bytes=MAX_REPORT_BYTES)
+            data, _ = self.comm.recv_bytes(rank, DECRYPTION_STATUS, max_bytes=MAX_REPORT_BYTES)
         except ValueError:  # it announced more than any report takes: refused before allocating
             return None
         return parse_decryption_report(data, rank, live)

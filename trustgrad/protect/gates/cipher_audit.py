@@ -19,48 +19,41 @@ on ciphertexts. Threshold keys would need every worker's partial decryption of e
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from ...audit import Auditor, ClaimChain
+from ...comm import Comm
+from ...config import RunConfig
 from ...crypto import EncryptedVector, decrypt, encrypt
 from ...data import load_dataset
 from ...models import build_model
 from ...replica import Replica, optimizer_for
 from ...secure.grid import fixed_point, quantize, snap
+from ...tags import CIPHER_AUDIT as _TAG
+from ..codecs.ckks import SecureWorker
+from ..slots import Batch, Claim, Gate, Verdict
 
-if TYPE_CHECKING:
-    from . import ParameterServer
-    from .server import Server
-
-__all__ = ["auditor_rank", "RemoteAudit", "CiphertextAuditor"]
+__all__ = ["RemoteAudit", "CiphertextAuditor"]
 
 log = logging.getLogger(__name__)
 
-_TAG = 74
 
+class RemoteAudit(Gate):
+    """The server's side: chain claims, ask the auditor rank (``peer``), exclude the rejected."""
 
-def auditor_rank(cfg: Any) -> int | None:
-    """The auditor's rank when claims are audited on ciphertexts (after the server and the workers), else None."""
-    audits_ciphertexts = cfg.proof.mode == "audit" and cfg.crypto.encrypt != "none"
-    return cfg.workers + 1 if audits_ciphertexts else None
-
-
-class RemoteAudit:
-    """The server's side: chain claims, ask the auditor rank, exclude the rejected (same interface as ServerAudit)."""
-
-    def __init__(self, server: Server):
-        self.server, self.comm = server, server.comm
-        self.peer = auditor_rank(server.cfg)
-        self.chains = {r: ClaimChain(server.cfg.seed, r - 1) for r in server.workers}
+    def __init__(self, comm: Comm, seed: int, workers: int, peer: int):
+        self.comm, self.peer = comm, peer
+        self.chains = {r: ClaimChain(seed, r - 1) for r in range(1, workers + 1)}
         self.payloads: dict[int, tuple[int, int, bytes]] = {}
 
-    def claim(self, rank: int, step: int, version: int, payload: bytes) -> None:
-        self.chains[rank].extend(step, version, payload)
-        self.payloads[rank] = (step, version, payload)
+    def observe(self, claim: Claim) -> None:
+        self.chains[claim.rank].extend(claim.step, claim.version, claim.payload)
+        self.payloads[claim.rank] = (claim.step, claim.version, claim.payload)
 
-    def screen_round(self, grads: dict[int, Any], steps: dict[int, int]) -> dict[int, Any]:
+    def screen(self, batch: Batch) -> Verdict:
+        grads = batch.values
         ranks = sorted(grads)
         self.comm.send(torch.tensor([len(ranks)], dtype=torch.int64), self.peer, _TAG)  # type: ignore[arg-type]
         for rank in ranks:
@@ -69,16 +62,13 @@ class RemoteAudit:
             self.comm.send_bytes(payload, self.peer, _TAG)  # type: ignore[arg-type]
         verdicts = torch.zeros(len(ranks), dtype=torch.int64)
         self.comm.recv(verdicts, self.peer, _TAG)
-        admitted = {}
+        admitted, excluded = {}, {}
         for rank, ok in zip(ranks, verdicts.tolist()):
             if ok:
                 admitted[rank] = grads[rank]
             else:
-                self.server.exclude(self.server.workers[rank], "audit: its claim did not reproduce (see the auditor)")
-        return admitted
-
-    def applied_round(self, shares: dict[int, Any]) -> None:
-        """Every claim was audited before aggregation: nothing unverified is ever applied, nothing to roll back."""
+                excluded[rank] = "audit: its claim did not reproduce (see the auditor)"
+        return Verdict(admitted, excluded)
 
     def published(self, aggregate: bytes) -> None:
         self.comm.send_bytes(aggregate, self.peer, _TAG)  # type: ignore[arg-type]
@@ -93,12 +83,9 @@ class RemoteAudit:
 class CiphertextAuditor:
     """The auditor rank's loop (steps 2 and 3)."""
 
-    def __init__(self, pattern: ParameterServer):
-        from .secure import SecureWorker
-
-        cfg = self.cfg = pattern.cfg
-        self.comm = pattern.comm
-        self.secure = SecureWorker(self.comm, cfg)  # a key party: it decrypts claims and aggregates
+    def __init__(self, comm: Comm, cfg: RunConfig, parties: list[int]):
+        self.cfg, self.comm = cfg, comm
+        self.secure = SecureWorker(comm, cfg, parties)  # a key party: it decrypts claims and aggregates
         self.ds = load_dataset(cfg.dataset, cfg.data_dir)
         model = build_model(cfg.model.name, self.ds.input_shape, self.ds.num_classes, cfg.seed, cfg.model)
         self.replica = Replica(model, optimizer_for(model, cfg))

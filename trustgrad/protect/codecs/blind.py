@@ -2,8 +2,9 @@
 
 The paper's literal proposal, inside training (``logreg-poly`` on features x classes that fit one ciphertext). The
 server holds the context, the joint public key and the evaluation keys, never a share; the W workers are the key
-parties (n-of-n threshold CKKS) and the data owners. This module is the workers' side and the shared definitions;
-the server's side is :mod:`.blind_server`. One synchronous round at model version v:
+parties (n-of-n threshold CKKS) and the data owners. This module is the codec: the workers' side, the shared
+definitions and the server's side (``BlindServer``); the checks are the gate :mod:`trustgrad.protect.gates.blind`.
+One synchronous round at model version v:
 
 1. Set-up, at job start: threshold keys, then the joint eval-mult and rotation keys of the check
    (``secure.evaluation_keys``); each worker encrypts its own shard once (``blind.encrypt_samples``) and sends it;
@@ -46,6 +47,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from typing import Any
 
 import numpy as np
@@ -54,11 +56,15 @@ import torch
 from ...attacks.poisoning import owner_labels, wire_tamper
 from ...blind import (
     BlindParams,
+    BlindVerifier,
+    EncryptedSamples,
     Layout,
+    SampleStore,
     encrypt_claim,
     encrypt_model,
     encrypt_samples,
 )
+from ...blind.step_check import to_last_level
 from ...comm import Comm
 from ...config import RunConfig
 from ...crypto import Context, EncryptedVector, partial_decrypt
@@ -67,17 +73,17 @@ from ...errors import ConfigError, CryptoError, LaunchError
 from ...secure import CryptoStats, KeyRing, setup_keys
 from ...secure.evaluation_keys import joint_evaluation_keys
 from ...secure.rogue import behaviour
-from .protocol import REPLY
-from .secure import SecureWorker
+from ...tags import BLIND, REKEY, VERDICTS
+from ...tags import PS_REPLY as REPLY
+from ..slots import ServerCodec
+from .ckks import SecureWorker, decode_fresh
 
-__all__ = ["BLIND_MODELS", "K", "check_blind_config", "check_threads", "BlindWorker"]
+__all__ = ["BLIND_MODELS", "K", "check_blind_config", "check_threads", "BlindWorker", "BlindServer"]
 
 log = logging.getLogger(__name__)
 
 BLIND_MODELS = ("logreg-poly",)  # models whose SGD step the blind check recomputes (trustgrad.blind)
 K = 1024.0  # claims are pushed as K * gradient (see the module docstring)
-VERDICTS, REKEY = 1, 2  # SERVICE requests: partial decryptions of verdicts; re-keying among the survivors
-TAG = 75  # worker -> server: partial decryptions, samples, models after re-keying
 
 
 def check_threads() -> int:
@@ -169,7 +175,7 @@ class BlindWorker(SecureWorker):
         joint_evaluation_keys(self.comm, ring, self.layout.rotations, [0], self.stats)
         with self.stats.timing("encrypt"):
             samples = encrypt_samples(ring.public_key, self.layout, self.x, self.y, self.shard).to_bytes()
-        self.comm.send_bytes(samples, 0, TAG)
+        self.comm.send_bytes(samples, 0, BLIND)
         self.stats.sent(len(samples), self.x.size)
         return ring
 
@@ -201,13 +207,92 @@ class BlindWorker(SecureWorker):
             for data in blobs:
                 vector = EncryptedVector.from_bytes(self.keys.context, data, public_key=self.keys.public_key)
                 with self.stats.timing("decrypt"):
-                    self.comm.send_bytes(partial_decrypt(self.keys.secret, vector).to_bytes(), 0, TAG)  # type: ignore[arg-type]
+                    self.comm.send_bytes(partial_decrypt(self.keys.secret, vector).to_bytes(), 0, BLIND)  # type: ignore[arg-type]
         elif request == REKEY:
             data, _ = self.comm.recv_bytes(0, REPLY, max_bytes=1 << 16)
             parties = [int(r) for r in json.loads(data)["parties"]]
             log.info("worker %d: re-keying among ranks %s", self.worker, parties)
             self.keys = self._make_keys(parties, self.keys.context)
             model = encrypt_model(self.keys.public_key, self.layout, *split_flat(self.master, self.layout)).to_bytes()
-            self.comm.send_bytes(model, 0, TAG)
+            self.comm.send_bytes(model, 0, BLIND)
         else:
             raise LaunchError(f"ps: the server sent an unknown request {request}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# server side (steps 1 and 5; the checks, steps 3, 4 and 6, are the gate ``protect.gates.blind``)
+
+
+class BlindServer(ServerCodec):
+    encrypted = True
+
+    """The server's codec: validates claims, aggregates admitted ones, keeps the model encrypted (steps 1 and 5)."""
+
+    def __init__(self, comm: Comm, cfg: RunConfig, initial: torch.Tensor):
+        self.comm, self.cfg = comm, cfg
+        self.stats = CryptoStats()
+        started = time.perf_counter()
+        context, self.layout = blind_context(cfg)
+        ds = load_dataset(cfg.dataset, cfg.data_dir)
+        self.plan = BatchPlan(len(ds.x_train), cfg.workers, cfg.seed, cfg.batch_size)  # shards and PRF batches
+        self.receive_keys(key_parties(cfg), context)
+        with self.stats.timing("encrypt"):  # W0 derives from the public seed: the server may encrypt it itself
+            self.model = encrypt_model(
+                self.keys.public_key, self.layout, *split_flat(initial.double().numpy(), self.layout)
+            )
+        self.setup_seconds = time.perf_counter() - started
+        self.latest: bytes = b""
+
+    def receive_keys(self, parties: list[int], context: Context) -> None:
+        """Keys among ``parties`` (at set-up, and after an exclusion), their evaluation keys and encrypted samples."""
+        self.keys, self.store, self.verifier = self._receive(parties, context)
+
+    def _receive(self, parties: list[int], context: Context) -> tuple[KeyRing, SampleStore, BlindVerifier]:
+        ring = setup_keys(self.comm, self.cfg.crypto, parties, [0], self.stats, context=context)
+        assert not ring.holds_secret  # by construction: the server is not a key party
+        public = joint_evaluation_keys(self.comm, ring, self.layout.rotations, [0], self.stats)
+        ring = KeyRing(ring.mode, ring.context, public, None, ring.parties)
+        store = SampleStore(self.layout)
+        for rank in parties:
+            shard = self.plan.shards[rank - 1]
+            limit = (len(shard) // self.layout.per_ct + 2) * 2 * CT_BYTES
+            data, _ = self.comm.recv_bytes(rank, BLIND, max_bytes=limit)
+            try:
+                samples = EncryptedSamples.from_bytes(context, data, public_key=public)
+                if sorted(samples.ids) != sorted(int(i) for i in shard):
+                    raise CryptoError("they are not the samples of its shard")
+                store.add(samples)
+            except (CryptoError, ConfigError) as exc:
+                raise LaunchError(f"ps: worker {rank - 1} sent invalid encrypted samples: {exc}", rank=rank) from None
+        return ring, store, BlindVerifier(public, self.layout, "poly")
+
+    def key_material(self) -> list[str]:
+        held = ["context", f"public key with eval-mult and {len(self.keys.public_key.rotations)} rotation keys "
+                f"({self.keys.mode}, {len(self.keys.parties)} parties)"]  # fmt: skip
+        return held + (["SECRET KEY"] if self.keys.holds_secret else [])
+
+    def max_payload(self, num_params: int) -> int:
+        return 2 * CT_BYTES
+
+    def decode(self, payload: bytes, rank: int, num_params: int) -> EncryptedVector:
+        """A claim: a fresh encryption in the model layout (weights and bias ciphertexts)."""
+        return decode_fresh(self.keys, payload, rank, 2 * self.layout.slots, "claim")
+
+    def combine(self, claims: list[EncryptedVector]) -> EncryptedVector:
+        """Step 5: the published mean, and the encrypted model's SGD step (both one scalar product of the sum)."""
+        cc, k = self.keys.context.cc, len(claims)
+        with self.stats.timing("aggregate"):
+            total = [cc.EvalAddMany([c.ciphertexts[i] for c in claims]) if k > 1 else claims[0].ciphertexts[i]
+                     for i in range(2)]  # fmt: skip
+            step = -self.cfg.lr / (K * k)
+            cts = [cc.EvalAdd(m, cc.EvalMult(t, step)) for m, t in zip(self.model.ciphertexts, total)]
+            self.model = EncryptedVector(self.keys.context, cts, self.model.length, "float64", self.model.tag, 1)
+            depth = self.keys.context.params.depth  # only decrypted: sent with the fewest towers (4x fewer bytes)
+            mean = to_last_level(cc, [cc.EvalMult(t, 1.0 / k) for t in total], depth - 1)
+        return EncryptedVector(self.keys.context, mean, self.model.length, "float64", self.model.tag, depth)
+
+    def publish(self, mean: EncryptedVector) -> None:
+        self.latest = mean.to_bytes()
+
+    def cost(self) -> dict[str, Any]:
+        return self.stats.summary()
