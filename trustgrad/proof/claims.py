@@ -37,8 +37,8 @@ CHECKED: dict[str, str] = {
     "config.weight_decay": "replayed",
     "config.optimizer": "replayed with it; its state (momentum, Adam's moments and count) checked against the "
     "predecessor's replay",
-    "config.betas": "replayed (adam)",
-    "config.eps": "replayed (adam)",
+    "config.betas": "replayed (adam); must hold Adam's defaults under sgd",
+    "config.eps": "replayed (adam); must hold Adam's defaults under sgd",
     "config.model.name": "W0 regenerated; shapes checked; replayed (a user's factory only if the verifier named it)",
     "config.model.loss": "replayed with it (a user's loss only if the verifier named it)",
     "config.augment": "replayed: every worker's crops and flips recomputed from the seed's PRF",

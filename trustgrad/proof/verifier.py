@@ -611,6 +611,10 @@ def _check_w0(proof: _Proof, audit: _Audit) -> None:
     audit.ok("w0")
 
 
+#: Adam's betas and eps as a config without Adam holds them (``RunConfig``'s defaults)
+_ADAM_DEFAULTS = ((0.9, 0.999), 1e-8)
+
+
 def _check_hyperparameters(proof: _Proof, audit: _Audit) -> None:
     cfg, declared = proof.cfg, proof.manifest.get("training")
     implied = Hyper.from_config(cfg, loss_name(proof.model))
@@ -622,6 +626,9 @@ def _check_hyperparameters(proof: _Proof, audit: _Audit) -> None:
         )
     elif declared.get("schedule") != {"name": "constant", "lr": cfg.lr} or declared.get("batch_size") != cfg.batch_size:
         audit.fail("hyperparameters", "the declared schedule or batch size is not the one the proof's config implies")
+    elif cfg.optimizer == "sgd" and (tuple(cfg.betas) != _ADAM_DEFAULTS[0] or cfg.eps != _ADAM_DEFAULTS[1]):
+        # SGD never reads Adam's fields: a proof that sets them would carry a config its replay never checked
+        audit.fail("hyperparameters", "the config sets Adam's betas or eps, but the run's optimizer is sgd")
     audit.ok("hyperparameters")
 
 
