@@ -97,15 +97,15 @@ class ServerAudit(Gate):
         else:
             self.verified_now = current.verified
             verdict = Verdict.admit_all(grads)
-        return self._stand_in(verdict, steps, params)
+        # the round's step from this round's pushes: ``steps`` may still hold an excluded worker's last step
+        return self._stand_in(verdict, steps[min(grads)] if grads else None, params)
 
-    def _stand_in(self, verdict: Verdict, steps: dict[int, int], params: torch.Tensor) -> Verdict:
+    def _stand_in(self, verdict: Verdict, step: int | None, params: torch.Tensor) -> Verdict:
         """--excluded-shard auditor: each excluded worker's shard contributes the gradient the auditor computes at
         this round's model (sync: every member is at the round's step), so the round is the all-honest round."""
-        if not self.stand_in or not self.stood_in or not steps:
+        if not self.stand_in or not self.stood_in or step is None:
             return verdict
         admitted = dict(verdict.admitted)
-        step = next(iter(steps.values()))
         for rank in sorted(self.stood_in - set(admitted)):
             admitted[rank] = self.auditor.replay(rank - 1, step, params)
             self.stand_in_steps[rank] = step  # the step it stands in at, for the repair log (``applied``)
