@@ -221,22 +221,9 @@ class SampleStore:
         return len(self._where)
 
     def groups(self, batch: Sequence[int]) -> list[dict[int, list[int]]]:
-        """Step 1's assignment: per group, ``id(ciphertext pair) -> positions``; a position is used once per group."""
-        missing = [int(i) for i in batch if int(i) not in self._where]
-        if missing:
-            raise ConfigError(f"batch names samples the server does not hold: {missing[:5]}")
-        used: list[set[int]] = []
-        groups: list[dict[int, list[int]]] = []
-        for i in batch:
-            _, _, j = self._where[int(i)]
-            g = next((n for n, u in enumerate(used) if j not in u), None)
-            if g is None:
-                used.append(set())
-                groups.append({})
-                g = len(used) - 1
-            used[g].add(j)
-            groups[g].setdefault(int(i), []).append(j)
-        return groups
+        """Step 1's assignment: per group, ``id(ciphertext pair) -> positions``; a position is used once per group
+        (``round_groups`` of this one batch)."""
+        return [{s: positions for (_, s), positions in group.items()} for group in self.round_groups([batch])]
 
     def round_groups(self, batches: Sequence[Sequence[int]]) -> list[dict[tuple[int, int], list[int]]]:
         """Step 1 over the samples of several batches (batch i's sample s is ``(i, s)``): per group,

@@ -39,12 +39,13 @@ from ..crypto.keyset import (
     key_digest,
     threshold_share,
 )
-from ..errors import CryptoError
-from ..tags import KEY_SETUP
+from ..errors import CryptoError, LaunchError
+from ..tags import KEY_SETUP, REKEY, SERVICE
 from .rogue import Honest
 from .stats import CryptoStats
 
 __all__ = [
+    "announce_rekey",
     "KeyRing", "setup_keys", "all_to_all", "check_openings", "compare_views", "receive_agreed", "receive_checked",
     "recv_patient",
 ]  # fmt: skip
@@ -341,3 +342,14 @@ def receive_checked(
         sides = " vs ".join(str(sorted(ranks)) for _, ranks in valid) or "none valid"
         raise CryptoError(f"key set-up: the parties sent different valid copies of the {what} ({sides}); refusing all")
     return valid[0][0], refused
+
+
+def announce_rekey(comm: Comm, survivors: list[int], reply_tag: int, too_few: str) -> None:
+    """The server tells each survivor of an exclusion to re-key among ``survivors`` (a SERVICE REKEY request and the
+    party list); threshold keys need 2 parties, so fewer is ``LaunchError(too_few)``."""
+    if len(survivors) < 2:
+        raise LaunchError(too_few)
+    message = json.dumps({"parties": survivors}).encode()
+    for rank in survivors:
+        comm.send(torch.tensor([SERVICE, REKEY, 1], dtype=torch.int64), rank, reply_tag)
+        comm.send_bytes(message, rank, reply_tag)

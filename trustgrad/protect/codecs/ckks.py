@@ -48,6 +48,7 @@ from ...crypto.threshold import PartialDecryption
 from ...errors import CryptoError, LaunchError
 from ...secure import CryptoStats, KeyRing, setup_keys
 from ...secure.grid import fixed_point, quantize, snap_mean
+from ...secure.keys import announce_rekey
 from ...secure.rogue import behaviour
 from ...tags import DECRYPT, DECRYPTION_STATUS, PARTIAL_DECRYPTION, REKEY, RELAY, REPUSH, SERVICE, SHOW
 from ...tags import PS_REPLY as REPLY
@@ -315,15 +316,13 @@ class SecureServer(ServerCodec):
         import time
 
         started = time.perf_counter()
-        if len(survivors) < 2:
-            raise LaunchError(
-                f"ps: only worker {survivors[0] - 1 if survivors else '-'} is left after excluding a worker; "
-                "threshold keys need 2 parties (run with more workers)"
-            )
-        message = json.dumps({"parties": survivors}).encode()
-        for rank in survivors:
-            self.comm.send(torch.tensor([SERVICE, REKEY, 1], dtype=torch.int64), rank, REPLY)
-            self.comm.send_bytes(message, rank, REPLY)
+        announce_rekey(
+            self.comm,
+            survivors,
+            REPLY,
+            f"ps: only worker {survivors[0] - 1 if survivors else '-'} is left after excluding a worker; "
+            "threshold keys need 2 parties (run with more workers)",
+        )
         self.keys = setup_keys(self.comm, self.cfg.crypto, survivors, [0], self.stats, context=self.keys.context)
         limit = self.max_payload(num_params)
         again = {

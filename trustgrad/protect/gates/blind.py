@@ -4,7 +4,6 @@ and the evaluation keys, never a share."""
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import secrets
@@ -22,7 +21,8 @@ from ...crypto import EncryptedVector, fuse
 from ...crypto.flooding import FLOODING
 from ...crypto.threshold import PartialDecryption
 from ...errors import CryptoError, LaunchError
-from ...tags import BLIND, PS_REPLY, REKEY, SERVICE, VERDICTS
+from ...secure.keys import announce_rekey
+from ...tags import BLIND, PS_REPLY, SERVICE, VERDICTS
 from ..codecs.blind import CT_BYTES, BlindServer, K
 from ..codecs.ckks import decode_fresh
 from ..slots import Batch, Claim, Gate, Verdict
@@ -167,15 +167,13 @@ class BlindAudit(Gate):
         started = time.perf_counter()
         if not survivors:
             return
-        if len(survivors) < 2:
-            raise LaunchError(
-                f"ps --proof blind: only worker {survivors[0] - 1} is left after the exclusion; threshold keys need "
-                "2 parties (run with more workers)"
-            )
-        message = json.dumps({"parties": survivors}).encode()
-        for rank in survivors:
-            self.comm.send(torch.tensor([SERVICE, REKEY, 1], dtype=torch.int64), rank, PS_REPLY)
-            self.comm.send_bytes(message, rank, PS_REPLY)
+        announce_rekey(
+            self.comm,
+            survivors,
+            PS_REPLY,
+            f"ps --proof blind: only worker {survivors[0] - 1} is left after the exclusion; threshold keys need "
+            "2 parties (run with more workers)",
+        )
         codec = self.codec
         codec.receive_keys(survivors, codec.keys.context)
         models = []
