@@ -139,6 +139,17 @@ def test_no_private_name_is_imported_from_another_module():
     assert not private, private
 
 
+def test_names_declared_low_are_the_names_registered_high():
+    """config validates optimizer and key-attack names without importing what builds them: the lists must agree."""
+    from trustgrad.attacks.specs import KEY_ATTACK_NAMES
+    from trustgrad.config import OPTIMIZER_NAMES
+    from trustgrad.optim import OPTIMIZERS
+    from trustgrad.secure.rogue import KEY_ATTACKS
+
+    assert sorted(OPTIMIZER_NAMES) == OPTIMIZERS.names()
+    assert sorted(KEY_ATTACK_NAMES) == sorted(KEY_ATTACKS)
+
+
 #: a pattern calls the protections' slots (``trustgrad.protect``), never an implementation
 PROTECTION_IMPLEMENTATIONS = (
     "trustgrad.protect.codecs", "trustgrad.protect.gates", "trustgrad.protect.catalog", "trustgrad.secure",
