@@ -105,6 +105,9 @@ _MANIFEST_KEYS = frozenset(
 
 @dataclass(frozen=True)
 class VerifyOptions:
+    """How :func:`.verifier.verify` samples and bounds a verification, and what it trusts (the naive baseline reads
+    only ``data_dir`` and ``memory_budget``)."""
+
     q: int = 1  #: top-Q largest updates re-executed per epoch (Jia et al.; not counted in the soundness bound)
     #: random segments re-executed besides; None: the fewest giving ``max_forgery_acceptance`` at ``forged_fraction``
     r: int | None = None
@@ -158,6 +161,8 @@ class Invalid(Exception):
 
 
 class Audit:
+    """What one verification found: ``reasons`` (``"<check>: <detail>"`` lines) and each check's outcome."""
+
     def __init__(self) -> None:
         self.reasons: list[str] = []
         self.checks: dict[str, bool] = {}
