@@ -93,7 +93,7 @@ def preflight(cfg: RunConfig) -> None:
         check_replaceable(Path(cfg.out) / "proof")  # type: ignore[arg-type]
     world = PATTERNS.get(cfg.pattern.name).world_size(cfg)
     for text in cfg.malicious:
-        from .attacks.poisoning import parse_malicious
+        from .attacks.specs import parse_malicious
 
         if parse_malicious(text).rank >= world:
             raise ConfigError(f"--malicious {text!r} names a rank outside the job's {world} processes")

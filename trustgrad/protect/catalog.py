@@ -64,7 +64,7 @@ def _coordinator_stays(cfg: RunConfig, offers: frozenset[str], pattern: str) -> 
     """Encrypted, worker 0 (rank 1) evaluates the model for the run's records: it must not be one that is excluded."""
     if "excludes-workers" not in offers:
         return
-    from ..attacks.poisoning import WIRE_ATTACKS, parse_malicious
+    from ..attacks.specs import WIRE_ATTACKS, parse_malicious
 
     specs = [parse_malicious(text) for text in cfg.malicious]
     excludable = cfg.proof.mode != "none" or any(s.attack in {*WIRE_ATTACKS, "crafted-key"} for s in specs)
