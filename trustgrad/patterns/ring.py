@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from .. import protect
 from ..comm import Comm
 from ..config import RunConfig
 from ..errors import ConfigError
@@ -183,7 +184,7 @@ class Ring(GradientAveraging):
     @classmethod
     def offers_for(cls, cfg: RunConfig) -> frozenset[str]:
         """Encrypted, the ring excludes a member whose bytes fail validation and goes on (the codec's dispute mode)."""
-        return cls.offers | {"excludes-workers"} if cfg.crypto.encrypt != "none" else cls.offers
+        return cls.offers | {"excludes-workers"} if protect.build(cfg).encrypted else cls.offers
 
     @classmethod
     def validate(cls, cfg: RunConfig) -> None:
