@@ -95,8 +95,8 @@ class RingCodec:
         self.refusals: dict[int, str] = {}  # this round's complaints: sender -> why
         self.unfinished = False  # this rank could not fuse its chunk this round
         self.report: dict[str, Any] = {
-            "exclusions": [], "complaints": [], "dispute_rounds": 0, "dispute_seconds": 0.0, "rekeys": 0,
-            "rekey_seconds": 0.0,
+            "exclusions": [], "complaints": [], "dispute_rounds": 0, "dispute_seconds": 0.0,
+            "dispute_round_seconds": [], "rekeys": 0, "rekey_seconds": 0.0,
         }  # fmt: skip
 
     @classmethod
@@ -213,7 +213,9 @@ class RingCodec:
             if self.comm.rank not in self.members:
                 return flat
         flat.copy_(total.to(flat.dtype))
-        self.report["dispute_seconds"] += time.perf_counter() - started
+        seconds = time.perf_counter() - started
+        self.report["dispute_seconds"] += seconds
+        self.report["dispute_round_seconds"].append(round(seconds, 3))  # a round with an exclusion: with the re-key
         return flat
 
     def _dispute_round(self, flat: torch.Tensor) -> tuple[torch.Tensor, dict[int, str]]:
