@@ -119,16 +119,27 @@ def test_the_ring_excludes_the_forger_and_follows_the_plaintext_audit(attack, st
         torch.testing.assert_close(s.state[name], ref, atol=tolerance, rtol=0)
 
 
-def test_a_false_complaint_in_the_ring_excludes_nobody():
-    """Rank 1 reports both honest neighbours' (valid) payloads invalid from round 1: the round goes to dispute mode,
-    where every rank holds and validates the same bytes of every sender, so nobody is excluded; the liar's only gain
-    is that every later round is settled in dispute mode too. The model is the plaintext ring's (flooding)."""
-    s = run(_ring(("rank=1,attack=false-report,from-step=2",)))
+@pytest.mark.parametrize(
+    "attack, complaints",
+    [("false-report", [(1, 1, [0, 2])]), ("equivocate-partial", [(1, 0, [1]), (1, 2, [1])])],
+)
+def test_a_false_complaint_or_an_equivocation_in_the_ring_excludes_nobody(attack, complaints):
+    """From round 1, rank 1 reports both honest neighbours' (valid) payloads invalid, resp. sends its peers crafted
+    partials but hands the all-gather its honest one (``equivocate-partial``: what it would show a ps server). The
+    round goes to dispute mode, where every rank holds and validates the same bytes of every sender, so nobody is
+    excluded; either's only gain is that every later round is settled in dispute mode too. The model is the
+    plaintext ring's (flooding)."""
+    s = run(_ring((f"rank=1,attack={attack},from-step=2",)))
     assert s.summary["excluded_ranks"] == [] and s.summary["exclusions"] == [] and s.summary["rekeys"] == 0
-    assert [(c["round"], c["by"], c["against"]) for c in s.summary["complaints"]] == [(1, 1, [0, 2])]
+    assert [(c["round"], c["by"], c["against"]) for c in s.summary["complaints"]] == complaints
     assert s.summary["dispute_rounds"] == 3 and "replicas_lost" not in s.summary
-    for name, ref in run(_ring((), encrypt="none")).state.items():
+    for name, ref in _plain_ring().state.items():
         torch.testing.assert_close(s.state[name], ref, atol=flooding_tolerance(_ring(())), rtol=0)
+
+
+@functools.cache
+def _plain_ring():
+    return run(_ring((), encrypt="none"))
 
 
 @pytest.mark.parametrize(

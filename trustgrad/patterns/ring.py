@@ -15,6 +15,10 @@ Chunks are cut into segments of ``segment_bytes`` so a large tensor is never one
 measured 2.2-2.5x the built-in at 400 MB here); every segment's receive is posted up front and added as soon as it
 lands, overlapping the additions with the transfers. Chunks of at most four segments go whole (measured at 4 MB: 1 MB
 segments 1.6x the built-in, whole chunks 1.07x).
+
+Encrypted (``protect.codecs.ring``), the codec names the ring's members: a member whose ciphertext or partial
+decryption fails validation is excluded by all the others alike, and the ring closes over the survivors
+(docs/wire.md, "The encrypted ring's dispute mode"). The plaintext ring is every rank of the job, always.
 """
 
 from __future__ import annotations

@@ -84,6 +84,8 @@ class RingCodec:
         self.tamper = tamper or (lambda kind, payload: payload)  # --malicious ...,attack=crafted-*: what we send
         # --malicious ...,attack=false-report: whom it says it refused (as SecureWorker's report to the ps server)
         self.reports = getattr(tamper, "reports", None)
+        # --malicious ...,attack=equivocate-partial: crafted to its peers, honest when everyone looks (dispute mode)
+        self.shows = getattr(tamper, "shows", None)
         self.crypto = crypto or CryptoConfig(encrypt="ckks", keys="threshold")
         self.conduct = conduct  # this rank as a key party when the survivors re-key
         self.min_members = max(2, min_members)
@@ -223,7 +225,7 @@ class RingCodec:
         n = flat.numel()
         with self.stats.timing("encrypt"):
             own = encrypt(self.keys.public_key, flat.detach().cpu().numpy().astype(np.float64))
-        payload = self.tamper("ciphertext", own.to_bytes())
+        payload = self._shown("ciphertext", own.to_bytes())
         vectors, refused = {}, {}
         gathered = self._gather_bytes(payload, n)
         for rank, data in gathered.items():  # 7. every member validates the same bytes
@@ -239,7 +241,7 @@ class RingCodec:
         with self.stats.timing("decrypt"):
             share = partial_decrypt(self.keys.secret, total)  # type: ignore[arg-type]
         partials = {}
-        for rank, data in self._gather_bytes(self.tamper("partial", share.to_bytes()), 0).items():
+        for rank, data in self._gather_bytes(self._shown("partial", share.to_bytes()), 0).items():
             try:
                 partials[rank] = check_partial(self.keys, total, data, rank)
             except CryptoError as exc:
@@ -256,6 +258,12 @@ class RingCodec:
                     "be attributed without verifiable decryption"
                 ) from None
         return torch.from_numpy(np.asarray(values, dtype=np.float32)), {}
+
+    def _shown(self, kind: str, honest: bytes) -> bytes:
+        """What this rank hands the all-gather: what it sends, or (a rank that equivocates) what it shows when every
+        member sees the same bytes, as ``SecureWorker`` shows the ps server."""
+        sent = self.tamper(kind, honest)
+        return self.shows(honest, sent) if self.shows is not None else sent
 
     def _gather_bytes(self, payload: bytes, values: int) -> dict[int, bytes]:
         """Every member's ``payload``, through the engine's all-gather: the same bytes of each sender at every
