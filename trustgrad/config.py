@@ -61,7 +61,7 @@ class PatternConfig:
     merge: str = "average"  # average | elastic
     alpha: float = 0.5
     peer_timeout: float = 10.0
-    min_replicas: int = 0  # gossip: fewer replicas at the end fail the run; 0: a majority of the workers
+    min_replicas: int = 0  # gossip, encrypted ring: fewer replicas at the end fail the run; 0: a majority
     # model parallel
     stages: int = 0  # 0: one stage per rank
     microbatches: int = 4
