@@ -84,7 +84,8 @@ def test_blind_part_catches_the_liar_on_ciphertexts(quick):
     assert row["detection_step_max"] == 0 and row["false_exclusions"] == 0
     # the bound includes 7 sigma of the verdicts' flooding noise (~2.4e-2, docs/threshold-keys.md; 2.3e-10 before)
     assert row["min_distance"] > 100 * row["bound"] and row["worst_honest_distance"] <= row["bound"]
-    assert b["honest"]["false_rejections"] == 0 and b["honest"]["claims"] == 3 and b["honest"]["errors"] == 0
+    # --quick runs no all-honest blind job (tests/test_ps_blind.py does): the attacked round's two honest claims pass
+    assert b["honest"]["runs"] == 0 and row["honest_claims_checked"] == 2
     assert b["cost"]["check_seconds_per_claim"] > 0 and "SECRET KEY" not in b["cost"]["server_key_material"]
     assert "blind verification" in data["answer"]["text"]
 

@@ -9,7 +9,7 @@ from trustgrad.cli import main
 from trustgrad.config import RunConfig
 from trustgrad.crypto import FLOODING
 from trustgrad.models import build_model, poly_bce
-from trustgrad.protect.codecs.blind import K
+from trustgrad.protect.codecs.blind import K, check_threads
 from trustgrad.run import run
 
 
@@ -17,8 +17,10 @@ def _cfg(steps: int, blind: bool = True, malicious: tuple[str, ...] = ()) -> Run
     cfg = RunConfig(workers=3, epochs=1, max_steps=steps, seed=5, lr=0.3, momentum=0.0, progress=False)
     cfg = cfg.replace(pattern={"name": "ps"}, model={"name": "logreg-poly"}, malicious=malicious)
     if blind:
-        # two server threads, as the demo runs them
-        cfg = cfg.replace(crypto={"encrypt": "ckks", "keys": "threshold"}, proof={"mode": "blind"}, server_threads=2)
+        # the server's threads as the demo chooses them (the idle cores)
+        cfg = cfg.replace(
+            crypto={"encrypt": "ckks", "keys": "threshold"}, proof={"mode": "blind"}, server_threads=check_threads()
+        )
     return cfg
 
 

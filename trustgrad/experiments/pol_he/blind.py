@@ -137,7 +137,10 @@ def measure(s: Any, out: Path, data: dict[str, Any]) -> dict[str, Any]:
     }
     result["accuracy"] = _accuracy(s)
     result["owner_poison"] = _owner_poison(s) if s.owner_poison_steps else []
-    result["cost"] = _cost(s, ok)
+    # with no all-honest run (--quick), the attacked runs' rounds price a verified round: set-up and checks are the
+    # same work whether a claim passes or not
+    attacked = [r for row in result["rows"] for r in row["runs_detail"] if "error" not in r]
+    result["cost"] = _cost(s, ok or attacked)
     return result
 
 

@@ -72,12 +72,13 @@ def answer(data: dict[str, Any]) -> dict[str, Any]:
         runs = sum(r["runs"] - r["errors"] for r in b["rows"])
         false = sum(r["false_exclusions"] for r in b["rows"]) + b["honest"]["false_rejections"]
         honest_claims = sum(r["honest_claims_checked"] for r in b["rows"]) + b["honest"]["claims"]
-        worst = max([b["honest"]["worst_distance"], *(r["worst_honest_distance"] for r in b["rows"])])
+        worst = max(d for d in [b["honest"]["worst_distance"], *(r["worst_honest_distance"] for r in b["rows"])]
+                    if not math.isnan(d)) if b["rows"] or b["honest"]["runs"] else math.nan  # fmt: skip
         out.update(blind_detected=detected, blind_runs=runs, blind_false=false, blind_honest_claims=honest_claims)
         lines.append(
             f"blind verification (threshold CKKS, ciphertexts only at the server): malicious worker excluded in "
             f"{detected}/{runs} attacked runs; {false} honest claims rejected of {honest_claims} checked; worst honest "
-            f"distance {_g(worst)} against the bound {_g(b['honest']['bound'])}"
+            f"distance {_g(worst)} against the bound {_g(b['rows'][0]['bound'] if b['rows'] else b['honest']['bound'])}"
         )
         blind_owner = [r for r in b.get("owner_poison", []) if r["check"].startswith("blind") and "error" not in r]
         if blind_owner:

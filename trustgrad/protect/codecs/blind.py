@@ -88,9 +88,13 @@ K = 1024.0  # claims are pushed as K * gradient (see the module docstring)
 
 def check_threads() -> int:
     """``--server-threads`` for a blind job: the server checks while every worker waits for the round, so its checks
-    can use the machine's cores (OpenFHE parallelises over the ~9 RNS limbs: more than 8 threads idle). Measured on 2
-    cores: 2.1 s per check on one thread, 1.3 s on two."""
-    return max(1, min(8, os.cpu_count() or 1))
+    can use the machine's idle cores (OpenFHE parallelises over the ~9 RNS limbs: more than 8 threads idle). Measured
+    on 2 cores: 2.1 s per check on one thread, 1.3 s on two when the machine is quiet; at load 6.5, a round's three
+    checks took 49.7 s on two threads and 11.8 s on one (OpenMP's barriers wait on threads the kernel descheduled).
+    So only the cores the load average leaves idle, at least one."""
+    cores = os.cpu_count() or 1
+    busy = int(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0
+    return max(1, min(8, cores - busy))
 
 
 _SLOTS = 8192  # BlindParams.for_check("poly") at 128-bit security: N = 16384
