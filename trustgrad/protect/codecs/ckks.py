@@ -67,11 +67,17 @@ class RefusedPayload(LaunchError):
 
 
 def _setup(
-    comm: Comm, cfg: RunConfig, parties: list[int], stats: CryptoStats, exclude_refused: bool = False
+    comm: Comm,
+    cfg: RunConfig,
+    parties: list[int],
+    stats: CryptoStats,
+    exclude_refused: bool = False,
+    others: tuple[int, ...] = (0,),
 ) -> KeyRing:
-    """The job's keys among ``parties`` (the workers, and the auditor rank when it audits ciphertexts)."""
+    """The job's keys among ``parties`` (the workers, and the auditor rank when it audits ciphertexts); ``others``
+    receive the public key only (the server; the auditor rank under threshold keys: ``codecs.audited``)."""
     conduct = behaviour(cfg.malicious, comm.rank)
-    return setup_keys(comm, cfg.crypto, parties, [0], stats, behaviour=conduct, exclude_refused=exclude_refused)
+    return setup_keys(comm, cfg.crypto, parties, others, stats, behaviour=conduct, exclude_refused=exclude_refused)
 
 
 def decode_fresh(keys: KeyRing, payload: bytes, rank: int, length: int, what: str = "ciphertext") -> EncryptedVector:
@@ -144,10 +150,15 @@ class SecureWorker(WorkerCodec):
 
         self.comm, self.cfg = comm, cfg
         self.stats = CryptoStats()
-        self.keys = _setup(comm, cfg, parties, self.stats)
+        self.keys = _setup(comm, cfg, parties, self.stats, others=self.key_receivers(cfg))
         self.tamper = wire_tamper(cfg.malicious, comm.rank)  # --malicious ...,attack=crafted-*: this rank's bytes
         self.values: np.ndarray | None = None  # the last pushed gradient / W, pushed again after a re-keying
         self.joint: _JointRound | None = None  # threshold keys: the round being decrypted jointly
+
+    @staticmethod
+    def key_receivers(cfg: RunConfig) -> tuple[int, ...]:
+        """The ranks that receive the joint public key without being key parties."""
+        return (0,)
 
     def encode(self, flat: torch.Tensor) -> bytes:
         values = self.values = flat.detach().double().numpy() / self.cfg.workers
@@ -286,7 +297,7 @@ class SecureServer(ServerCodec):
         self.stats = CryptoStats()
         # threshold keys: a worker whose copy of the joint key fails validation is excluded before the first round
         # (``refused_at_setup``), and the survivors re-key before anything is decrypted
-        self.keys = _setup(comm, cfg, parties, self.stats, exclude_refused=cfg.crypto.keys == "threshold")
+        self.keys = _setup(comm, cfg, parties, self.stats, cfg.crypto.keys == "threshold", self.key_receivers(cfg))
         assert not self.keys.holds_secret  # by construction: the server is not a key party
         self.latest: bytes = b""  # the encrypted mean of the last round
         self.mean: EncryptedVector | None = None  # the same, parsed: what partials of it are checked against
@@ -295,6 +306,8 @@ class SecureServer(ServerCodec):
         self.report: dict[str, Any] = {
             "refused_payloads": [], "rekeys": 0, "rekey_seconds": 0.0, "partials_relayed": 0, "partials_shown": 0,
         }  # fmt: skip
+
+    key_receivers = staticmethod(SecureWorker.key_receivers)
 
     def refused_at_setup(self) -> dict[int, str]:
         return self._refused_at_setup
