@@ -33,12 +33,13 @@ from ...audit.auditor import ClaimCheck
 from ...comm import Comm
 from ...config import RunConfig
 from ...crypto import EncryptedVector, decrypt, encrypt
+from ...crypto.flooding import FLOODING
 from ...data import load_dataset
 from ...errors import CryptoError, LaunchError
 from ...models import build_model
 from ...replica import Replica, optimizer_for
 from ...secure import CryptoStats, setup_keys
-from ...secure.grid import fixed_point, quantize, snap
+from ...secure.grid import GainedGrid, fixed_point, quantize, snap
 from ...tags import AUDIT_CLAIM, AUDIT_MEAN
 from ...tags import CIPHER_AUDIT as _TAG
 from ..codecs.audited import (
@@ -187,7 +188,10 @@ class ThresholdAuditor:
         self.auditor = Auditor(cfg, self.ds, cfg.workers)  # claims arrive as exact bits: the plaintext threshold
         self.claims: dict[int, torch.Tensor] = {}  # the round's admitted claims (rank -> float32 gradient)
         self.encrypted: list[int] = []  # the ranks whose claims the round's aggregate holds
-        self.fused_error = 0.0  # largest |fused mean - exact mean of the admitted claims| over the run
+        self.grid = GainedGrid(1.0, 1.0)  # the round's (``secure/grid.py``), and the sum of its encrypted counts
+        self.total = np.zeros(0)
+        self.gains: list[float] = []
+        self.noise_steps = 0.0  # the largest fused flooding noise over the run, in steps of the grid (rounds at 0.5)
 
     def serve(self) -> dict[str, Any]:
         handlers = {REKEY_CMD: self._rekey, ENCRYPT_CMD: self._encrypt, DECRYPT_CMD: self._decrypt}
@@ -205,7 +209,9 @@ class ThresholdAuditor:
                 raise LaunchError(f"ps: the server sent the auditor an unknown command {code}", rank=0)
         report, calibration = self.auditor.report.summary(), self.auditor.calibration.summary()
         role = "separate rank, threshold keys: plaintext claims, encrypts the admitted, fuses the mean, no key share"
-        extra = {"audit_rate": 1.0, "auditor": role, "fused_mean_max_error": self.fused_error}
+        gains = {"encryption_gain_min": min(self.gains, default=1.0)}
+        gains["encryption_gain_max"] = max(self.gains, default=1.0)
+        extra = {"audit_rate": 1.0, "auditor": role, "fused_noise_max_steps": self.noise_steps, **gains}
         return {"stats": {**report, **calibration, **extra, **self.stats.summary()}}
 
     def _round(self, count: int) -> None:
@@ -254,19 +260,42 @@ class ThresholdAuditor:
         if len(ranks):
             self.comm.recv(ranks, 0, _TAG)
         self.encrypted = [int(r) for r in ranks.tolist()]
+        if any(rank not in self.claims for rank in self.encrypted):
+            raise LaunchError(f"ps: the server asked to encrypt claims {self.encrypted} nobody admitted", rank=0)
+        sigma = FLOODING.sigma(self.keys.context.params.scale_bits)
+        self.grid = GainedGrid.for_round([self.claims[r] for r in self.encrypted], sigma, len(self.keys.parties))
+        self.total = np.zeros(self.replica.num_params)
         for rank in self.encrypted:
-            if rank not in self.claims:
-                raise LaunchError(f"ps: the server asked to encrypt a claim of rank {rank} nobody admitted", rank=0)
+            counts = self.grid.counts(self.claims[rank], self.cfg.workers)
+            self.total += counts
             with self.stats.timing("encrypt"):
-                values = self.claims[rank].double().numpy() / self.cfg.workers
+                values = counts * self.grid.step
                 payload = encrypt(self.keys.public_key, values).to_bytes()
             self.stats.sent(len(payload), values.size)
             self.comm.send_bytes(payload, 0, _TAG)
 
+    def _mean(self, fused: np.ndarray) -> torch.Tensor:
+        """The fused ``(W / k) * sum`` back to whole steps of the grid: exactly the sum of the counts we encrypted, or
+        the server aggregated something else. The mean of those counts is what every replica steps on."""
+        k, w = len(self.encrypted), self.cfg.workers
+        got = self.grid.decode(fused, w, k)
+        noise = np.abs(np.asarray(fused) * (k / w) - self.total * self.grid.step)
+        self.noise_steps = max(self.noise_steps, float(noise.max()) / self.grid.step if noise.size else 0.0)
+        self.gains.append(self.grid.gain)
+        wrong = np.flatnonzero(got != self.total)
+        if wrong.size:
+            i = int(wrong[0])
+            raise LaunchError(
+                f"ps: the decrypted aggregate is not the sum of the {k} claims the auditor encrypted ({wrong.size} "
+                f"values differ, e.g. value {i} by {got[i] - self.total[i]:g} steps): the server aggregated something "
+                "else",
+                rank=0,
+            )
+        return torch.from_numpy(np.asarray(self.grid.mean(self.total, w, k), dtype=np.float32))
+
     def _decrypt(self) -> None:
-        """Step 4: every party's partial of the aggregate checked and fused once; the same bits to every worker
-        and to our own optimizer step. The fused mean's distance to the exact mean of the admitted claims is kept:
-        it is the flooding noise, plus anything a server that aggregated something else added."""
+        """Step 4: every party's partial of the aggregate checked and fused once, rounded back to the grid
+        (``_mean``); the same bits to every worker and to our own optimizer step."""
         n = self.replica.num_params
         payload, _ = self.comm.recv_bytes(0, _TAG, max_bytes=_max_payload(self.keys, n))
         try:
@@ -284,14 +313,12 @@ class ThresholdAuditor:
                 log.warning("auditor: rank %d's partial refused: %s", rank, exc)
         with self.stats.timing("decrypt"):
             fused, invalid = fuse_checked(self.keys, vector, partials)
-        mean = None if fused is None else torch.from_numpy(np.asarray(fused, dtype=np.float32))
+        mean = None if fused is None else self._mean(fused)
         for rank in self.keys.parties:
             self.comm.send(torch.tensor([int(mean is not None)], dtype=torch.int64), rank, AUDIT_MEAN)
             if mean is not None:
                 self.comm.send(mean, rank, AUDIT_MEAN)
         if mean is not None:
-            exact = sum(self.claims[r].double() for r in self.encrypted) / max(len(self.encrypted), 1)
-            self.fused_error = max(self.fused_error, float((mean.double() - exact).abs().max()))
             self.replica.set_flat_grad(mean)
             self.replica.step()
         report = {"invalid": {str(r): why for r, why in invalid.items()}}
