@@ -106,10 +106,44 @@ def test_claims_are_audited_on_ciphertexts_by_a_rank_that_is_not_the_server():
     assert auditor["role"] == "server" and auditor["stats"]["audited_claims"] >= 6  # a non-training rank
 
 
-def test_encrypted_audit_needs_shared_keys_and_full_rate(capsys):
+def test_encrypted_audit_needs_full_rate(capsys):
     argv = ["train", "--pattern", "ps", "--encrypt", "ckks", "--proof", "audit", "--keys", "threshold"]
-    assert main(argv) == 2
-    assert "needs --keys shared and --audit-rate 1" in capsys.readouterr().err
+    assert main([*argv, "--audit-rate", "0.5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "needs --audit-rate 1" in err and len(err.splitlines()) == 1, err
+
+
+def test_under_threshold_keys_a_liar_is_excluded_at_its_first_lie_and_the_run_matches_plaintext():
+    """The auditor gets plaintext claims and encrypts the admitted ones (protect/codecs/audited.py): the liar is
+    caught at its first lie, the survivors re-key, and the model is the plaintext audited run's up to the auditor's
+    grid (secure/grid.GainedGrid), whose rounding bounds the difference."""
+    from trustgrad.crypto.flooding import FLOODING
+    from trustgrad.crypto.params import CKKSParams
+    from trustgrad.secure.grid import GainedGrid
+
+    base = RunConfig(workers=3, epochs=1, max_steps=5, seed=3, progress=False,
+                     malicious=("rank=3,attack=noise,from-step=2",))  # fmt: skip
+    audit = {"mode": "audit", "audit_rate": 1.0}
+    enc = run(base.replace(pattern={"name": "ps"}, crypto={"encrypt": "ckks", "keys": "threshold"}, proof=audit))
+    ref = run(base.replace(pattern={"name": "ps"}, proof=audit))
+    s = enc.summary
+    assert s["excluded_workers"] == [2] == ref.summary["excluded_workers"]
+    assert [(r["worker"], r["step"]) for r in s["rejections"]] == [(2, 2)]  # its first lie, nothing before
+    assert s["audited_claims"] == 13 and s["worst_accepted_rel_l2"] == 0.0  # claims arrive as exact bits
+    assert s["rekeys"] == 1  # the liar's share decrypts nothing of step 2: the survivors re-keyed first
+    # the server never held a key share (nor, by construction, a plaintext claim: digests and ciphertexts only)
+    assert enc.ranks[0]["stats"]["server_key_material"] == ["context", "public key (threshold, 2 parties)"]
+    assert enc.ranks[4]["role"] == "server" and enc.ranks[4]["stats"]["audited_claims"] == 13  # the auditor rank
+    assert s["fused_noise_max_steps"] < 0.5  # the flooding noise was rounded away in every round
+    # tolerance: each round's mean is off by at most half a step per claim, step * W / (2 gain); SGD with momentum
+    # carries an error e into the weights as at most lr * T * e / (1 - momentum); 1e-6 for float32 summation order
+    sigma = FLOODING.sigma(CKKSParams.for_aggregation("threshold").scale_bits)
+    step = GainedGrid.for_round([], sigma, parties=3).step  # the widest step of the run (3 parties, then 2)
+    error = step * base.workers / (2 * s["encryption_gain_min"])
+    bound = base.lr * base.max_steps * error / (1 - base.momentum) + 1e-6
+    diff = max(float((enc.state[k] - ref.state[k]).abs().max()) for k in ref.state)
+    assert diff <= bound, (diff, bound)
+    assert s["test_accuracy"] == ref.summary["test_accuracy"]
 
 
 def _sync_rounds(cfg, auditor, rounds, lie_from, log=None, caught_at=None, lies=None, verified_at=()):

@@ -92,7 +92,7 @@ class GainedGrid:
     >>> total = counts[0] + counts[1]
     >>> fused = total * grid.step + 3e-4  # the flooding noise of a decryption
     >>> bool((grid.decode(fused, workers=2, k=2) == total).all()), grid.mean(total, workers=2, k=2).tolist()
-    (True, [0.29998779296875, -0.0999755859375])
+    (True, [0.3000030517578125, -0.100006103515625])
     """
 
     gain: float
