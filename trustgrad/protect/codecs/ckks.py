@@ -54,7 +54,10 @@ from ...tags import DECRYPT, DECRYPTION_STATUS, PARTIAL_DECRYPTION, REKEY, RELAY
 from ...tags import PS_REPLY as REPLY
 from ..slots import ServerCodec, WorkerCodec
 
-__all__ = ["SecureWorker", "SecureServer", "RefusedPayload", "decode_fresh", "check_partial", "parse_decryption_report"]
+__all__ = [
+    "SecureWorker", "SecureServer", "RefusedPayload", "decode_fresh", "check_partial", "parse_decryption_report",
+    "max_payload_for",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +141,7 @@ class _JointRound:
         return fuse(list(self.partials.values()))
 
 
-def _max_payload(keys: KeyRing, num_params: int) -> int:
+def max_payload_for(keys: KeyRing, num_params: int) -> int:
     return (num_params // keys.context.slots + 2) * (8 << 20)  # a ciphertext is ~0.4 MB per 4096 slots
 
 
@@ -284,7 +287,7 @@ class SecureWorker(WorkerCodec):
 
     def max_payload(self, num_params: int) -> int:
         """The most ciphertext bytes an honest aggregate of ``num_params`` values takes (bounds what we allocate)."""
-        return _max_payload(self.keys, num_params)
+        return max_payload_for(self.keys, num_params)
 
 
 class SecureServer(ServerCodec):
@@ -353,7 +356,7 @@ class SecureServer(ServerCodec):
         return held + (["SECRET KEY"] if self.keys.holds_secret else [])
 
     def max_payload(self, num_params: int) -> int:
-        return _max_payload(self.keys, num_params)
+        return max_payload_for(self.keys, num_params)
 
     def decode(self, payload: bytes, rank: int, num_params: int) -> EncryptedVector:
         return decode_fresh(self.keys, payload, rank, num_params)

@@ -51,7 +51,7 @@ from ..codecs.audited import (
     claim_digest,
     fuse_checked,
 )
-from ..codecs.ckks import SecureWorker, _max_payload
+from ..codecs.ckks import SecureWorker, max_payload_for
 from ..slots import Batch, Claim, Gate, Verdict
 
 __all__ = ["RemoteAudit", "CiphertextAuditor", "ThresholdRemoteAudit", "ThresholdAuditor"]
@@ -297,7 +297,7 @@ class ThresholdAuditor:
         """Step 4: every party's partial of the aggregate checked and fused once, rounded back to the grid
         (``_mean``); the same bits to every worker and to our own optimizer step."""
         n = self.replica.num_params
-        payload, _ = self.comm.recv_bytes(0, _TAG, max_bytes=_max_payload(self.keys, n))
+        payload, _ = self.comm.recv_bytes(0, _TAG, max_bytes=max_payload_for(self.keys, n))
         try:
             vector = EncryptedVector.from_bytes(
                 self.keys.context, payload, length=n, padded=True, dtype="float64", exact=True
