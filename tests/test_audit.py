@@ -158,16 +158,21 @@ def test_under_threshold_keys_a_liar_is_excluded_at_its_first_lie_and_the_run_ma
     _matches_plaintext(enc, plaintext_reference)
 
 
-def test_under_threshold_audits_a_crafted_partial_names_its_sender_and_the_round_is_decrypted_again(
-    plaintext_reference,
-):
-    """Step 5 of protect/codecs/audited.py: the auditor's check refuses worker 2's partial of round 2; the server
-    excludes it, the survivors re-key, the auditor encrypts round 2's claims again, and the round is theirs."""
+@pytest.mark.parametrize(
+    "attack, check",
+    [
+        # step 5 of protect/codecs/audited.py: the auditor refuses its partial of round 2, the server excludes it,
+        # the survivors re-key and the auditor encrypts round 2's claims again
+        ("crafted-partial", lambda s: "(rank 3) sent the auditor an invalid partial" in s["dropped_reasons"]["2"]),
+        # step 2: what it committed to at the server is not the claim it sent the auditor: rejected like a lie
+        ("split-claim", lambda s: s["rejections"][0]["reason"].startswith("its claim to the auditor is not the one")),
+    ],
+)
+def test_under_threshold_audits_a_forger_is_named_and_the_round_is_the_survivors(plaintext_reference, attack, check):
     enc = run(_THRESHOLD_AUDIT.replace(crypto={"encrypt": "ckks", "keys": "threshold"},
-                                       malicious=("rank=3,attack=crafted-partial,from-step=2",)))  # fmt: skip
+                                       malicious=(f"rank=3,attack={attack},from-step=2",)))  # fmt: skip
     s = enc.summary
-    assert s["dropped_workers"] == [2] and s["rekeys"] == 1 and s["rejected_claims"] == 0
-    assert "worker 2 (rank 3) sent the auditor an invalid partial decryption" in s["dropped_reasons"]["2"]
+    assert s["dropped_workers"] == [2] and s["rekeys"] == 1 and check(s)
     _matches_plaintext(enc, plaintext_reference)
 
 

@@ -17,6 +17,7 @@ wrapper changes only what the attack changes; the pattern, codec and prover arou
 | ``crafted-partial`` | ``--encrypt ckks --keys threshold``: likewise its partial decryptions | docs/wire.md |
 | ``equivocate-partial`` | ``crafted-partial`` to the workers, its honest one to the ps server | docs/wire.md |
 | ``false-report`` | ps, threshold keys: reports every other worker's valid partial invalid | docs/wire.md |
+| ``split-claim`` | ps, threshold audits: its digest at the server is not of the claim the auditor gets | docs/wire.md |
 | ``owner-poison`` | shifts its own labels ``y -> (y + S) mod C`` before training and encrypting them | data owner |
 | ``steer`` | pushes ``g + S |g| u``, ``u`` toward a patch backdoor (S = 2.9e-4) | BadNets; :mod:`.backdoor` |
 
@@ -66,6 +67,7 @@ POISONINGS: dict[str, float] = {
     "crafted-partial": 1.0,
     "equivocate-partial": 1.0,
     "false-report": 1.0,
+    "split-claim": 1.0,
     "steer": 2.9e-4,
     "owner-poison": 1.0,
 }
@@ -78,6 +80,7 @@ WIRE_ATTACKS = {
     "crafted-partial": "partial",
     "equivocate-partial": "partial",
     "false-report": "partial",
+    "split-claim": "digest",
 }
 
 
@@ -236,6 +239,8 @@ class _Tamper:
         if kind != self.kind:
             return payload
         self.seen += 1
+        if self.attack == "split-claim" and self.active:  # any other claim's digest: one bit suffices
+            return bytes([payload[0] ^ 1]) + payload[1:]
         crafts = self.attack in ("crafted-ciphertext", "crafted-partial", "equivocate-partial")
         return craft_modulus(payload) if crafts and self.active else payload
 

@@ -7,8 +7,8 @@ auditor, the data owners' verifier, which already sees every claim in the shared
 in plaintext and is the one that encrypts them (docs/audits.md, docs/threshold-keys.md). Protocol, one synchronous
 round (W workers are the key parties; the server and the auditor rank receive the joint public key only):
 
-1. Each worker sends its gradient (float32, exact bits) to the auditor over their own channel and pushes only its
-   digest (BLAKE2b-256, :func:`claim_digest`) to the server, which chains it as the claim.
+1. Each worker sends its gradient (float32, exact bits) and a fresh salt to the auditor over their own channel and
+   pushes only its salted digest (BLAKE2b-256, :func:`claim_digest`) to the server, which chains it as the claim.
 2. When the round is complete the server forwards every (rank, step, version, digest) to the auditor, which checks
    each claim against its digest and replays it (``trustgrad.audit.Auditor``, the plaintext threshold: exact).
 3. A rejected worker still holds a share of the key: the survivors re-key (the auditor receives the new joint key)
@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import secrets
 from typing import Any
 
 import numpy as np
@@ -58,11 +59,13 @@ DIGEST_BYTES = 32
 REKEY_CMD, ENCRYPT_CMD, DECRYPT_CMD = -2, -3, -4
 
 
-def claim_digest(claim: torch.Tensor) -> bytes:
-    """What a worker commits to at the server: BLAKE2b-256 of its claim's float32 bytes (shape and dtype fixed by
-    the model, so the raw bytes are the whole claim)."""
+def claim_digest(claim: torch.Tensor, salt: bytes) -> bytes:
+    """What a worker commits to at the server: BLAKE2b-256 of a fresh secret salt and its claim's float32 bytes (shape
+    and dtype fixed by the model, so the raw bytes are the whole claim). The salt, which only the auditor receives,
+    keeps the digest from confirming a guess: unsalted, a server that knows the model (W0 is public) could test a
+    guessed batch of a worker's data against it."""
     data = claim.detach().to(torch.float32).contiguous().numpy().tobytes()
-    return hashlib.blake2b(data, digest_size=DIGEST_BYTES, person=b"trustgrad-claim").digest()
+    return hashlib.blake2b(data, digest_size=DIGEST_BYTES, key=salt, person=b"trustgrad-claim").digest()
 
 
 def auditor_rank(cfg: RunConfig) -> int:
@@ -79,21 +82,24 @@ class AuditedWorker(SecureWorker):
     def __init__(self, comm: Comm, cfg: RunConfig, parties: list[int]):
         super().__init__(comm, cfg, parties)
         self.auditor = auditor_rank(cfg)
-        self.sending: tuple[Any, torch.Tensor] | None = None  # the claim on its way to the auditor
+        self.sending: list[tuple[Any, torch.Tensor]] = []  # the claim and its salt on their way to the auditor
         self.mean: tuple[bytes, torch.Tensor] | None = None  # (aggregate, the auditor's fused mean of it)
 
     def encode(self, flat: torch.Tensor) -> bytes:
         claim = flat.detach().to(torch.float32).contiguous().clone()
+        salt = secrets.token_bytes(DIGEST_BYTES)
         self._sent()
-        # not a blocking send: the auditor receives claims only once the server has the whole round
-        self.sending = (self.comm.isend(claim, self.auditor, AUDIT_CLAIM), claim)
-        self.stats.sent(claim.numel() * 4, 0)
-        return claim_digest(claim)
+        # not blocking sends: the auditor receives claims only once the server has the whole round
+        tensors = [claim, torch.frombuffer(bytearray(salt), dtype=torch.uint8)]
+        self.sending = [(self.comm.isend(t, self.auditor, AUDIT_CLAIM), t) for t in tensors]
+        self.stats.sent(claim.numel() * 4 + DIGEST_BYTES, 0)
+        digest = claim_digest(claim, salt)
+        return self.tamper("digest", digest) if self.tamper is not None else digest  # --malicious ...split-claim
 
     def _sent(self) -> None:
-        if self.sending is not None:
-            self.comm.wait(self.sending[0])
-            self.sending = None
+        for work, _ in self.sending:
+            self.comm.wait(work)
+        self.sending = []
 
     def serve(self, request: int, count: int, replica: Any) -> None:
         """``REKEY`` (after an exclusion; nothing is pushed again: the auditor holds the claims) or ``DECRYPT``."""

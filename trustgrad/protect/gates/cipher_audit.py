@@ -44,6 +44,7 @@ from ...tags import AUDIT_CLAIM, AUDIT_MEAN
 from ...tags import CIPHER_AUDIT as _TAG
 from ..codecs.audited import (
     DECRYPT_CMD,
+    DIGEST_BYTES,
     ENCRYPT_CMD,
     REKEY_CMD,
     AuditedServer,
@@ -231,8 +232,11 @@ class ThresholdAuditor:
             raise LaunchError(f"ps: the server forwarded a claim of rank {rank}, which is not a worker", rank=0)
         digest, _ = self.comm.recv_bytes(0, _TAG, max_bytes=64)
         claim = torch.empty(self.replica.num_params, dtype=torch.float32)
+        salt = torch.empty(DIGEST_BYTES, dtype=torch.uint8)
         self.comm.recv(claim, rank, AUDIT_CLAIM)
-        if claim_digest(claim) != digest:  # what the server chained is not what we were sent: the sender lies
+        self.comm.recv(salt, rank, AUDIT_CLAIM)
+        # what the server chained is not what we were sent: the sender lies
+        if claim_digest(claim, salt.numpy().tobytes()) != digest:
             why = "its claim to the auditor is not the one whose digest it pushed to the server"
             self.auditor.report.rejections.append(ClaimCheck(rank - 1, step, version, math.nan, 1.0, False, why))
             check_ok = False
@@ -288,7 +292,7 @@ class ThresholdAuditor:
             raise LaunchError(
                 f"ps: the decrypted aggregate is not the sum of the {k} claims the auditor encrypted ({wrong.size} "
                 f"values differ, e.g. value {i} by {got[i] - self.total[i]:g} steps): the server aggregated something "
-                "else",
+                "else, or a partial decryption carried wrong values (not attributable: docs/threshold-keys.md)",
                 rank=0,
             )
         return torch.from_numpy(np.asarray(self.grid.mean(self.total, w, k), dtype=np.float32))
