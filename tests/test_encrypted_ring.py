@@ -88,3 +88,43 @@ def test_the_encrypted_server_receives_no_secret_and_records_only_ciphertext(tmp
     assert [p.name for p in (tmp_path / "server_view").iterdir()] == ["ciphertext-step0.safetensors"]
     view = load_view(tmp_path / "server_view" / "ciphertext-step0.safetensors")
     assert view.kind == "ciphertext" and view.gradients is None and len(view.ciphertext) > 100_000
+
+
+def _two_forgers(ctx, n):
+    """Rank 2 crafts every ciphertext, rank 3 every partial decryption, from the first; two all-reduces."""
+    from trustgrad.attacks.poisoning import wire_tamper
+
+    comm = Comm(ctx, timeout=120)
+    stats = CryptoStats()
+    keys = setup_keys(comm, CryptoConfig(encrypt="ckks", keys="threshold"), range(ctx.world_size), (), stats)
+    malicious = ("rank=2,attack=crafted-ciphertext,from-step=0", "rank=3,attack=crafted-partial,from-step=0")
+    codec = RingCodec(comm, keys, stats, wire_tamper(malicious, ctx.rank))
+    x = torch.randn(n, generator=torch.Generator().manual_seed(ctx.rank))
+    ref = x.clone() if ctx.rank not in (2, 3) else torch.zeros(n)
+    dist.all_reduce(ref)  # the survivors' sum, by the engine
+    sums = [ring_all_reduce(comm, x.clone(), codec=codec) for _ in range(2)]  # the 2nd: survivors, dispute mode
+    return {
+        "err": max(float((s - ref).abs().max()) for s in sums),
+        "unchanged": all(torch.equal(s, x) for s in sums),
+        "scale": float(ref.abs().max()),
+        **{k: codec.report[k] for k in ("exclusions", "rekeys", "dispute_rounds")},
+        "members": codec.members,
+    }
+
+
+def test_the_encrypted_ring_excludes_two_forgers_and_sums_the_survivors():
+    """5 ranks: a crafted ciphertext (rank 2) and a crafted partial decryption (rank 3) in the first all-reduce. Each
+    is excluded in turn by every other rank (two re-keys), and ranks 0, 1 and 4 end both all-reduces with the
+    engine's sum of their own vectors; the forgers' vectors come back as they were."""
+    out = run_ranks(_two_forgers, 5, 3001)
+    for rank, r in enumerate(out):
+        reasons = [(e["rank"], e["round"], e["reason"].split(":")[0]) for e in r["exclusions"]]
+        if rank == 2:  # out at the first try: it never sees rank 3's partial
+            assert r["unchanged"] and reasons == [(2, 0, "ring")], r
+            continue
+        assert reasons == [(2, 0, "ring"), (3, 0, "ring")], r
+        if rank == 3:
+            assert r["unchanged"], r
+            continue
+        assert r["members"] == [0, 1, 4] and r["rekeys"] == 2 and r["dispute_rounds"] == 2, r
+        assert r["err"] <= 1e-6 * max(1.0, r["scale"]) + 7 * FLOODING.sigma(50) * 5**0.5, r

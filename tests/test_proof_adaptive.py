@@ -29,11 +29,11 @@ from trustgrad.bench._proof_soundness import stolen_target
 from trustgrad.config import RunConfig
 from trustgrad.errors import ProofError
 from trustgrad.proof import VerifyOptions, verify
+from trustgrad.proof.acceptance import measure_acceptance
 from trustgrad.proof.format import COMMITMENT, INDICES, MANIFEST, checkpoint_name
 from trustgrad.proof.soundness import (
     Soundness,
     exact_acceptance,
-    measure_acceptance,
     miss_probability,
     random_draws,
     wrong_at_least,

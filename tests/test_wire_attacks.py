@@ -1,5 +1,6 @@
-"""A malicious worker that sends crafted ciphertexts or partial decryptions (valid CRC) is refused and named; in ps the
-honest workers finish the run (docs/wire.md). Real processes, real crafted payloads (``attack=crafted-*``)."""
+"""A malicious worker that sends crafted ciphertexts or partial decryptions (valid CRC) is refused and named; in ps and
+the encrypted ring the honest workers finish the run without it (docs/wire.md). Real processes, real crafted payloads
+(``attack=crafted-*``)."""
 
 from __future__ import annotations
 
@@ -90,32 +91,77 @@ def _plain_audit(step: int):
     return run(_ps("shared", (f"rank=2,attack=noise,from-step={step}",), proof="audit"))
 
 
+def _ring(malicious: tuple[str, ...], encrypt: str = "ckks") -> RunConfig:
+    cfg = RunConfig(workers=3, epochs=1, max_steps=4, seed=1, progress=False, malicious=malicious)
+    return cfg.replace(pattern={"name": "ring"}, crypto={"encrypt": encrypt, "keys": "threshold"})
+
+
+@pytest.mark.parametrize(
+    "attack, start, reason",
+    [
+        ("crafted-ciphertext", 3, "ring: rank 1 sent an invalid ciphertext"),
+        ("crafted-partial", 2, "ring: rank 1 sent an invalid partial decryption"),
+    ],
+)
+def test_the_ring_excludes_the_forger_and_follows_the_plaintext_audit(attack, start, reason):
+    """Rank 1's first crafted payload goes out in round 1 (3 ciphertexts and 2 partials a round, 3 ranks): a
+    neighbour refuses it, every rank learns the complaint, the round is done again in dispute mode, where every rank
+    refuses the same bytes; rank 1 is excluded at round 1, ranks 0 and 2 re-key and redo it, and from then on step
+    on their own mean: the model of a plaintext audit that rejects worker 1 from step 1 (1e-5 + flooding)."""
+    s = run(_ring((f"rank=1,attack={attack},from-step={start}",)))
+    assert s.summary["excluded_ranks"] == [1] and s.summary["dropped_ranks"] == [1] and s.summary["rekeys"] == 1
+    [exclusion] = s.summary["exclusions"]
+    assert exclusion["round"] == 1 and reason in exclusion["reason"], exclusion
+    assert s.summary["replicas_final"] == 2 and s.summary["dispute_rounds"] == 3  # rounds 1-3, in dispute mode
+    assert {c["by"] for c in s.summary["complaints"] if c["against"] == [1]} <= {0, 2}  # honest complaints only
+    tolerance = 1e-5 + flooding_tolerance(_ring(()).replace(workers=2))
+    for name, ref in _plain_audit(1).state.items():
+        torch.testing.assert_close(s.state[name], ref, atol=tolerance, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "attack, complaints",
+    [("false-report", [(1, 1, [0, 2])]), ("equivocate-partial", [(1, 0, [1]), (1, 2, [1])])],
+)
+def test_a_false_complaint_or_an_equivocation_in_the_ring_excludes_nobody(attack, complaints):
+    """From round 1, rank 1 reports both honest neighbours' (valid) payloads invalid, resp. sends its peers crafted
+    partials but hands the all-gather its honest one (``equivocate-partial``: what it would show a ps server). The
+    round goes to dispute mode, where every rank holds and validates the same bytes of every sender, so nobody is
+    excluded; either's only gain is that every later round is settled in dispute mode too. The model is the
+    plaintext ring's (flooding)."""
+    s = run(_ring((f"rank=1,attack={attack},from-step=2",)))
+    assert s.summary["excluded_ranks"] == [] and s.summary["exclusions"] == [] and s.summary["rekeys"] == 0
+    assert [(c["round"], c["by"], c["against"]) for c in s.summary["complaints"]] == complaints
+    assert s.summary["dispute_rounds"] == 3 and "replicas_lost" not in s.summary
+    for name, ref in _plain_ring().state.items():
+        torch.testing.assert_close(s.state[name], ref, atol=flooding_tolerance(_ring(())), rtol=0)
+
+
+@functools.cache
+def _plain_ring():
+    return run(_ring((), encrypt="none"))
+
+
 @pytest.mark.parametrize(
     "argv, needle",
     [
-        (["--pattern", "ring", "--malicious", "rank=1,attack=crafted-ciphertext"], "ring: rank 1 sent an invalid "),
-        (["--pattern", "ring", "--malicious", "rank=2,attack=crafted-partial"], "ring: rank 2 sent an invalid partial"),
+        (["--workers", "3", "--min-replicas", "3"], "2 of 3 ranks remain, fewer than --min-replicas 3"),
+        (["--workers", "2"], "1 of 2 ranks remain, fewer than --min-replicas 2"),
     ],
 )
-def test_a_forger_that_all_parties_need_fails_the_job_fast_and_named(capsys, argv, needle):
-    """Ring all-reduce needs every rank's chunk and share: one line, the sender named."""
-    flags = ["--workers", "3", "--encrypt", "ckks", "--keys", "threshold", "--max-steps", "2", "--no-progress"]
-    assert main(["train", *flags, *argv]) == 1
+def test_a_ring_left_below_min_replicas_fails_in_one_line(capsys, argv, needle):
+    """Exclusion goes on only with enough survivors (and threshold keys need two): otherwise one line, named."""
+    flags = ["--pattern", "ring", "--encrypt", "ckks", "--keys", "threshold", "--max-steps", "2", "--no-progress"]
+    assert main(["train", *flags, *argv, "--malicious", "rank=1,attack=crafted-ciphertext"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and needle in err[0], err
+    assert len(err) == 1 and "ring: rank 1 sent an invalid ciphertext" in err[0] and needle in err[0], err
 
 
-def test_the_coordinator_cannot_be_the_forger(capsys):
-    flags = [
-        "--pattern",
-        "ps",
-        "--workers",
-        "3",
-        "--encrypt",
-        "ckks",
-        "--malicious",
-        "rank=1,attack=crafted-ciphertext",
-    ]
-    assert main(["train", *flags]) == 2
+@pytest.mark.parametrize(
+    "pattern, rank, who", [("ps", 1, "worker 0 (rank 1) evaluates the model"), ("ring", 0, "rank 0 evaluates")]
+)
+def test_the_coordinator_cannot_be_the_forger(capsys, pattern, rank, who):
+    flags = ["--pattern", pattern, "--workers", "3", "--encrypt", "ckks", "--keys", "threshold"]
+    assert main(["train", *flags, "--malicious", f"rank={rank},attack=crafted-ciphertext"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "worker 0 (rank 1) evaluates the model" in err[0], err
+    assert len(err) == 1 and who in err[0], err

@@ -46,6 +46,21 @@ class Comm:
                 self._count(_nbytes(tensor))
         return tensor
 
+    def all_gather(self, tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> list[torch.Tensor]:
+        """Every rank's ``tensor`` (same shape everywhere), in group-rank order, over ``group`` (default: the job's).
+
+        The engine hands every member the same list: what agreement among ranks rests on (docs/faults.md)."""
+        group = group or self.group
+        world = dist.get_world_size(group)
+        out = [torch.empty_like(tensor) for _ in range(world)]
+        dist.all_gather(out, tensor, group=group)
+        self._count((world - 1) * _nbytes(tensor))
+        return out
+
+    def new_group(self, ranks: list[int]) -> dist.ProcessGroup:
+        """A process group of ``ranks``, formed by those ranks alone: ranks left out (an excluded peer) take no part."""
+        return dist.new_group(ranks, timeout=timedelta(seconds=self.timeout), use_local_synchronization=True)
+
     def barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier(group=self.group)

@@ -24,7 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .attacks.specs import colluding_specs
 from .errors import ConfigError
+from .thresholds import parse_policy
 
 __all__ = [
     "RunConfig",
@@ -59,7 +61,7 @@ class PatternConfig:
     merge: str = "average"  # average | elastic
     alpha: float = 0.5
     peer_timeout: float = 10.0
-    min_replicas: int = 0  # gossip: fewer replicas at the end fail the run; 0: a majority of the workers
+    min_replicas: int = 0  # gossip, encrypted ring: fewer replicas at the end fail the run; 0: a majority
     # model parallel
     stages: int = 0  # 0: one stage per rank
     microbatches: int = 4
@@ -130,8 +132,6 @@ class ProofConfig:
     excluded_shard: str = "drop"
 
     def __post_init__(self) -> None:
-        from .audit.calibration import parse_policy
-
         _one_of(self, "mode", ("none", "record", "audit", "blind"))
         _one_of(self, "excluded_shard", ("drop", "auditor"))
         if self.excluded_shard != "drop" and self.mode != "audit":
@@ -249,8 +249,6 @@ class RunConfig:
                 "proofs, blind checks and recorded views name batches of the IID shards"
             )
         if self.malicious:
-            from .attacks.poisoning import colluding_specs
-
             colluding = colluding_specs(self.malicious)
             if colluding and (self.pattern.name != "ps" or self.pattern.schedule != "sync" or self.resume):
                 raise ConfigError(
@@ -297,7 +295,7 @@ MAX_SPLIT_POINTS = 1024
 MAX_LAYERS = 1 << 16
 MAX_MALICIOUS = 1024
 MAX_TEXT = 4096  # PATH_MAX on Linux
-#: optimizers a run can use; proof/replay.py registers how each is built and replayed
+#: optimizers a run can use; optim.py registers how each is built and replayed
 OPTIMIZER_NAMES = ("sgd", "adam")
 
 _RUN_RANGES: dict[str, Range] = {

@@ -64,8 +64,12 @@ def bounded_type(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 class OptionParser(argparse.ArgumentParser):
+    """argparse, but usage errors are one-line ``ConfigError`` s (the usage block is noise for a typo), and every
+    ``int`` / ``float`` option is range-checked where it is parsed."""
+
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise ConfigError(f"{self.prog}: {message}")
+        # the CLI prints "trustgrad: error: ..." already; a subcommand's or tool's own name is worth repeating
+        raise ConfigError(message if self.prog == "trustgrad" else f"{self.prog}: {message}")
 
     def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
         return super().add_argument(*args, **bounded_type(kwargs))

@@ -8,6 +8,9 @@ import torch
 from torch import nn
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
+from .models import loss_for
+from .optim import OPTIMIZERS, Hyper
+
 __all__ = ["Replica", "make_optimizer", "optimizer_for"]
 
 
@@ -17,9 +20,7 @@ def make_optimizer(model: nn.Module, lr: float, momentum: float = 0.0, weight_de
 
 def optimizer_for(model: nn.Module, cfg: object, lr: float | None = None) -> torch.optim.Optimizer:
     """The run's optimizer (``cfg.optimizer``: sgd or adam), built exactly as proofs and audits replay it
-    (``proof.replay.OPTIMIZERS``); ``lr``: a rate other than ``cfg.lr`` (a server's scaled one)."""
-    from .proof.replay import OPTIMIZERS, Hyper
-
+    (``optim.OPTIMIZERS``); ``lr``: a rate other than ``cfg.lr`` (a server's scaled one)."""
     hyper = Hyper.from_config(cfg, lr=lr)  # type: ignore[arg-type]
     return OPTIMIZERS.get(hyper.optimizer)(model, hyper)
 
@@ -36,8 +37,6 @@ class Replica:
     """One copy of the model being trained; patterns read and write it through flat vectors."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable | None = None):
-        from .models import loss_for
-
         self.model = model
         self.optimizer = optimizer
         self.loss_fn = loss_fn or loss_for(model)  # the loss the model was built for (cross-entropy by default)

@@ -93,7 +93,7 @@ def preflight(cfg: RunConfig) -> None:
         check_replaceable(Path(cfg.out) / "proof")  # type: ignore[arg-type]
     world = PATTERNS.get(cfg.pattern.name).world_size(cfg)
     for text in cfg.malicious:
-        from .attacks.poisoning import parse_malicious
+        from .attacks.specs import parse_malicious
 
         if parse_malicious(text).rank >= world:
             raise ConfigError(f"--malicious {text!r} names a rank outside the job's {world} processes")
@@ -142,9 +142,10 @@ def _exchange_reports(cfg: RunConfig, ctx: RankContext, store: Any, mine: dict[s
 
 def _named_dropped(stats: dict[str, Any]) -> set[int]:
     """Ranks the coordinator's own statistics say the run went on without (ps: ``dropped_workers`` are worker
-    indices, rank = index + 1; gossip's consensus monitor: ``peers_lost``, global ranks)."""
+    indices, rank = index + 1; gossip's consensus monitor: ``peers_lost``, and the encrypted ring's
+    ``excluded_ranks``: global ranks)."""
     ranks = {int(w) + 1 for w in stats.get("dropped_workers", [])}
-    return ranks | {int(r) for r in stats.get("peers_lost", [])}
+    return ranks | {int(r) for r in [*stats.get("peers_lost", []), *stats.get("excluded_ranks", [])]}
 
 
 def _finish(cfg: RunConfig, ranks: list[dict[str, Any] | None], wall: float) -> RunResult:

@@ -183,7 +183,7 @@ def colluding_replica(replica: Replica, spec, cfg, x: torch.Tensor, y: torch.Ten
     (worker R - 1); the other ``--malicious`` ranks are its colluders, every other worker is honest."""
     from ..data import BatchPlan, load_dataset
     from ..errors import ConfigError
-    from .poisoning import parse_malicious
+    from .specs import parse_malicious
 
     if cfg.pattern.name != "ps" or cfg.pattern.schedule != "sync" or cfg.resume:
         raise ConfigError(f"--malicious attack={spec.attack} colludes in ps --schedule sync rounds (without --resume)")

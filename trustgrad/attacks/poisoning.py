@@ -33,13 +33,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
-from ..errors import ConfigError
 from ..replica import Replica
 from ..seeding import derive_seed
+from .specs import COLLUDING_ATTACKS, POISONINGS, WIRE_ATTACKS, MaliciousSpec, colluding_specs, parse_malicious
 
 __all__ = [
     "MaliciousSpec",
@@ -53,74 +52,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-#: attack -> default strength
-POISONINGS: dict[str, float] = {
-    "sign-flip": 4.0,
-    "noise": 10.0,
-    "scale": 10.0,
-    "label-flip": 1.0,
-    "free-rider": 1.0,
-    "random-batch": 1.0,
-    "forged-proof": 10.0,
-    "crafted-ciphertext": 1.0,
-    "crafted-partial": 1.0,
-    "equivocate-partial": 1.0,
-    "false-report": 1.0,
-    "split-claim": 1.0,
-    "steer": 2.9e-4,
-    "owner-poison": 1.0,
-}
-# the colluding omniscient attacks and the backdoor (attacks.colluding): strength = ALIE's z (0: the paper's z_max),
-# IPM's epsilon, the backdoor's boost
-POISONINGS.update({"alie": 0.0, "ipm": 0.1, "min-max": 1.0, "min-sum": 1.0, "backdoor": 1.0})
-#: attacks on the bytes a worker sends -> the payload kind they craft
-WIRE_ATTACKS = {
-    "crafted-ciphertext": "ciphertext",
-    "crafted-partial": "partial",
-    "equivocate-partial": "partial",
-    "false-report": "partial",
-    "split-claim": "digest",
-}
-
-
-@dataclass(frozen=True)
-class MaliciousSpec:
-    rank: int
-    attack: str
-    from_step: int = 0
-    strength: float = 1.0
-
-
-def parse_malicious(text: str) -> MaliciousSpec:
-    """Parse ``rank=R,attack=A[,from-step=N][,strength=S]``; any problem is a one-line ``ConfigError``."""
-    fields: dict[str, str] = {}
-    for part in text.split(","):
-        key, sep, value = part.partition("=")
-        if not sep or not key.strip() or not value.strip():
-            raise ConfigError(f"malformed --malicious {text!r}: expected rank=R,attack=A[,from-step=N][,strength=S]")
-        fields[key.strip()] = value.strip()
-    unknown = sorted(set(fields) - {"rank", "attack", "from-step", "strength"})
-    if unknown:
-        raise ConfigError(f"malformed --malicious {text!r}: unknown field {unknown[0]!r}")
-    if "rank" not in fields or "attack" not in fields:
-        raise ConfigError(f"malformed --malicious {text!r}: rank= and attack= are required")
-    attack = fields["attack"]
-    from ..secure.rogue import KEY_ATTACKS  # key-party attacks (threshold key set-up); the gradient stays honest
-
-    known = {**POISONINGS, **dict.fromkeys(KEY_ATTACKS, 1.0)}
-    if attack not in known:
-        raise ConfigError(f"unknown malicious attack {attack!r} (known: {', '.join(sorted(known))})")
-    try:
-        rank, from_step = int(fields["rank"]), int(fields.get("from-step", "0"))
-        strength = float(fields.get("strength", known[attack]))
-    except ValueError:
-        raise ConfigError(
-            f"malformed --malicious {text!r}: rank and from-step are integers, strength a number"
-        ) from None
-    if rank < 0 or from_step < 0:
-        raise ConfigError(f"malformed --malicious {text!r}: rank and from-step must be >= 0")
-    return MaliciousSpec(rank, attack, from_step, strength)
 
 
 class MaliciousReplica(Replica):
@@ -165,14 +96,6 @@ def _noise(r: MaliciousReplica, g: torch.Tensor) -> torch.Tensor:
     return g + r.spec.strength * rms * torch.randn(g.shape, generator=r._gen, dtype=g.dtype)
 
 
-_COLLUDING_NAMES = ("alie", "ipm", "min-max", "min-sum", "backdoor")
-
-
-def colluding_specs(specs: tuple[str, ...]) -> list[MaliciousSpec]:
-    """The ``--malicious`` specs that name a colluding attack (``attacks.colluding``), parsed (one-line errors)."""
-    return [spec for spec in map(parse_malicious, specs) if spec.attack in _COLLUDING_NAMES]
-
-
 #: gradient rewrites of the model-poisoning attacks (label-flip and random-batch poison the data instead)
 _REWRITES = {
     "sign-flip": lambda r, g: -r.spec.strength * g,
@@ -208,7 +131,7 @@ def wrap_replica(
         spec = parse_malicious(text)
         if spec.rank == rank:
             log.warning("rank %d is malicious: %s from step %d", rank, spec.attack, spec.from_step)
-            if cfg is not None and spec.attack in _COLLUDING_NAMES:
+            if cfg is not None and spec.attack in COLLUDING_ATTACKS:
                 from .colluding import colluding_replica
 
                 return colluding_replica(replica, spec, cfg, x, y)

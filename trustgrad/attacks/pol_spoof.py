@@ -46,9 +46,10 @@ from torch.nn import functional as F
 from ..config import RunConfig
 from ..data import BatchPlan, load_dataset
 from ..models import build_model
+from ..optim import Hyper, loss_name
 from ..proof.format import INDICES, MANIFEST, checkpoint_name
 from ..proof.prover import build_manifest
-from ..proof.replay import Hyper, loss_name, replay_segment, update_norm
+from ..proof.replay import replay_segment, update_norm
 from ..proof.writer import ProofWriter, recommit
 
 __all__ = [

@@ -31,10 +31,10 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError
-from ..registry import Registry
 from ..replica import Replica, make_optimizer
+from ..thresholds import THRESHOLD_POLICIES, parse_policy
 
+#: THRESHOLD_POLICIES (and parse_policy) live in ``trustgrad.thresholds``, below the config that validates with them
 __all__ = ["MULTIPLE", "Calibration", "Measured", "THRESHOLD_POLICIES", "calibrate", "threads"]
 
 log = logging.getLogger(__name__)
@@ -86,35 +86,6 @@ class Calibration:
             "audit_threshold_multiple": self.multiple,
             "audit_calibration": asdict(self.measured) if self.measured is not None else None,
         }
-
-
-def _calibrated(m: Measured) -> tuple[float, str]:
-    return m.same_threads, "replay at the workers' thread count"
-
-
-def _cross_thread(m: Measured) -> tuple[float, str]:
-    return max(m.same_threads, m.cross_threads, m.float64), "replay across thread counts and float32/float64"
-
-
-#: policy -> (floor, what the floor measures). "calibrated" is for workers on the auditor's platform (every local
-#: job); "cross-thread" for workers whose thread count or precision may differ from the auditor's.
-THRESHOLD_POLICIES: Registry = Registry("audit threshold policy")
-THRESHOLD_POLICIES.register("calibrated")(_calibrated)
-THRESHOLD_POLICIES.register("cross-thread")(_cross_thread)
-
-
-def parse_policy(text: str) -> str | float:
-    """A policy name or an explicit threshold (a number >= 0); a one-line ``ConfigError`` otherwise."""
-    if text in THRESHOLD_POLICIES:
-        return text
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0.0 <= value < 1.0:
-        known = ", ".join(THRESHOLD_POLICIES.names())
-        raise ConfigError(f"audit_threshold must be one of {known} or a number in [0, 1), got {text!r}")
-    return value
 
 
 def decide(policy: str, measured: Measured | None) -> Calibration:

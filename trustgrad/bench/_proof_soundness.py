@@ -3,7 +3,7 @@
 
 Soundness: each forgery is written by ``attacks.pol_spoof`` against an honest digits/mlp run (2 workers), committed
 as any forger can. Its exact acceptance probability comes from re-executing every segment once and applying the
-sampling rule (``proof.soundness.measure_acceptance``); ``--nonces`` real verifications with fresh nonces confirm it.
+sampling rule (``proof.acceptance.measure_acceptance``); ``--nonces`` real verifications with fresh nonces confirm it.
 Both must stay at or below the bound the verifier reports, and at or below 0.01 at default settings when at least a
 tenth of the segments are wrong.
 """
@@ -89,7 +89,8 @@ def _forgeries(cfg: RunConfig, honest: Path, work: Path, rows: tuple[str, ...] =
 def soundness_bench(opts: argparse.Namespace) -> BenchResult:
     from ..attacks.pol_spoof import honest_proof
     from ..proof import VerifyOptions, verify
-    from ..proof.soundness import Soundness, measure_acceptance, miss_probability
+    from ..proof.acceptance import measure_acceptance
+    from ..proof.soundness import Soundness, miss_probability
 
     cfg = RunConfig().replace(workers=2, max_steps=opts.steps, epochs=1000, seed=1, progress=False, proof={"k": opts.k})
     rows, data, ok = [], [], True

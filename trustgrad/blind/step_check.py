@@ -338,20 +338,16 @@ class BlindVerifier:
             for group in store.groups(batch):
                 xs, ys, positions = [], [], []
                 for sid, pos in group.items():
-                    x_ct, y_ct = store.cts(sid)
-                    mask = self._plain(("pos", tuple(pos)), lambda pos=pos: lay.position_mask(pos))
-                    xs.append(cc.EvalMult(x_ct, mask))
-                    ys.append(cc.EvalMult(y_ct, mask))
+                    x, y = self._masked_sample(store, sid, pos)
+                    xs.append(x)
+                    ys.append(y)
                     positions += pos
                 xg, yg = _sum(cc, xs), _sum(cc, ys)  # step 1
                 z = self._rotsum(cc.EvalMult(xg, w_ct), lay.feature_rotations)  # step 2
                 z = cc.EvalAdd(z, b_ct)
                 r = cc.EvalSub(self._activation(z), yg)  # steps 3-4
                 t_parts.append(cc.EvalMult(r, cc.EvalMult(xg, 1.0 / B)))
-                cell = self._plain(
-                    ("cell", tuple(sorted(positions)), B), lambda p=positions: lay.bias_cell_mask(p, 1 / B)
-                )
-                tb_parts.append(cc.EvalMult(r, cell))
+                tb_parts.append(cc.EvalMult(r, self._bias_cell(positions, B)))
             s = self._rotsum(_sum(cc, t_parts), lay.sample_rotations)  # step 5
             sb = self._rotsum(_sum(cc, tb_parts), lay.sample_rotations)
         return EncryptedGradient(s, sb, B)
@@ -519,10 +515,9 @@ class BlindVerifier:
                 xs: dict[int, list[Any]] = {}
                 ys, cells = [], {}
                 for (i, sid), pos in group.items():
-                    x_ct, y_ct = store.cts(sid)
-                    mask = self._plain(("pos", tuple(pos)), lambda pos=pos: lay.position_mask(pos))
-                    xs.setdefault(i, []).append(cc.EvalMult(x_ct, mask))
-                    ys.append(cc.EvalMult(y_ct, mask))
+                    x, y = self._masked_sample(store, sid, pos)
+                    xs.setdefault(i, []).append(x)
+                    ys.append(y)
                     cells.setdefault(i, []).extend(pos)
                 xi = {i: _sum(cc, v) for i, v in xs.items()}
                 xg, yg = _sum(cc, list(xi.values())), _sum(cc, ys)
@@ -530,11 +525,7 @@ class BlindVerifier:
                 r = cc.EvalSub(self._activation(cc.EvalAdd(z, b_ct)), yg)  # steps 3-4
                 for i, x in xi.items():
                     t_parts[i].append(cc.EvalMultNoRelin(r, cc.EvalMult(x, 1.0 / sizes[i])))
-                    cell = self._plain(
-                        ("cell", tuple(sorted(cells[i])), sizes[i]),
-                        lambda p=cells[i], s=sizes[i]: lay.bias_cell_mask(p, 1 / s),
-                    )
-                    tb_parts[i].append(cc.EvalMult(r, cell))
+                    tb_parts[i].append(cc.EvalMult(r, self._bias_cell(cells[i], sizes[i])))
             parts = []
             for i, claim in enumerate(claims):
                 s = self._rotsum(cc.Relinearize(_sum(cc, t_parts[i])), lay.sample_rotations)  # step 5
@@ -600,6 +591,18 @@ class BlindVerifier:
         for r in rotations:
             ct = self._cc.EvalAdd(ct, self._cc.EvalRotate(ct, r))
         return ct
+
+    def _masked_sample(self, store: SampleStore, sid: int, pos: Sequence[int]) -> tuple[Any, Any]:
+        """Step 1's terms of one stored sample: its encrypted x and y kept at its group positions (0/1 mask)."""
+        x_ct, y_ct = store.cts(sid)
+        mask = self._plain(("pos", tuple(pos)), lambda: self.layout.position_mask(pos))
+        return self._cc.EvalMult(x_ct, mask), self._cc.EvalMult(y_ct, mask)
+
+    def _bias_cell(self, positions: Sequence[int], size: int) -> Any:
+        """The mask that keeps a group's bias residuals (at ``positions``) and divides them by the batch size."""
+        return self._plain(
+            ("cell", tuple(sorted(positions)), size), lambda: self.layout.bias_cell_mask(positions, 1 / size)
+        )
 
     def _plain(self, key: Any, make: Any) -> Any:
         pt = self._pt.get(key)

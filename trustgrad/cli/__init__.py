@@ -11,10 +11,9 @@ import importlib
 import logging
 import sys
 from collections.abc import Sequence
-from typing import Any
 
 from ..errors import ConfigError, LaunchError, TrustgradError
-from ..options import bounded_type
+from ..options import OptionParser
 
 __all__ = ["main"]
 
@@ -22,31 +21,14 @@ __all__ = ["main"]
 COMMANDS = ("train", "verify", "attack", "experiment", "bench", "demo")
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but usage errors are one-line ``ConfigError`` s (the usage block is noise for a typo), and every
-    ``int`` / ``float`` option of every subcommand is range-checked where it is parsed (:mod:`trustgrad.options`)."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise ConfigError(f"{self.prog}: {message}")
-
-    def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
-        return super().add_argument(*args, **bounded_type(kwargs))
-
-    def add_argument_group(self, *args: Any, **kwargs: Any) -> Any:
-        group = super().add_argument_group(*args, **kwargs)
-        plain = group.add_argument
-        group.add_argument = lambda *a, **kw: plain(*a, **bounded_type(kw))  # type: ignore[method-assign]
-        return group
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = OptionParser(
         prog="trustgrad",
         description="Secure distributed training on torch.distributed: every pattern of the taxonomy, "
         "Proof-of-Learning and CKKS-encrypted updates.",
     )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="log progress (-vv: debug)")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OptionParser)
     for name in COMMANDS:
         try:
             module = importlib.import_module(f"{__name__}.{name}")

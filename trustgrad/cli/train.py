@@ -139,7 +139,8 @@ _GROUPS: list[tuple[str, list[tuple[str, str, Any, str]]]] = [
                 "--min-replicas",
                 "pattern.min_replicas",
                 int,
-                "gossip: fail the run if fewer replicas train to the end (default: a majority of --workers)",
+                "gossip, encrypted ring: fail the run if fewer replicas train to the end (default: a majority of "
+                "--workers)",
             ),
             (
                 "--stages",

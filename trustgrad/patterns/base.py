@@ -162,15 +162,19 @@ class GradientAveraging(Pattern):
         flat = replica.flat_grad()
         if not self.encrypted:  # encrypted patterns tap the ciphertexts they send instead
             self.tap("gradient", flat)
-        flat = self.sum(flat).div_(self.comm.world_size)
+        flat = self.sum(flat).div_(self.replicas())
         self.tap("aggregate", flat)
         replica.set_flat_grad(flat)
         replica.step()
         if replica.buffers:
             # BatchNorm running statistics: averaged like the gradient (through the same sum, so encrypted where the
             # gradient is), which keeps every replica's equal; the mean is exact for running means (docs/models.md)
-            replica.set_flat_buffers(self.sum(replica.flat_buffers()).div_(self.comm.world_size))
+            replica.set_flat_buffers(self.sum(replica.flat_buffers()).div_(self.replicas()))
         return loss
+
+    def replicas(self) -> int:
+        """How many replicas a sum adds up (the ranks still in the job: a ring may exclude a forger)."""
+        return self.comm.world_size
 
     @abstractmethod
     def sum(self, flat: torch.Tensor) -> torch.Tensor:

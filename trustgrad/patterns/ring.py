@@ -15,6 +15,10 @@ Chunks are cut into segments of ``segment_bytes`` so a large tensor is never one
 measured 2.2-2.5x the built-in at 400 MB here); every segment's receive is posted up front and added as soon as it
 lands, overlapping the additions with the transfers. Chunks of at most four segments go whole (measured at 4 MB: 1 MB
 segments 1.6x the built-in, whole chunks 1.07x).
+
+Encrypted (``protect.codecs.ring``), the codec names the ring's members: a member whose ciphertext or partial
+decryption fails validation is excluded by all the others alike, and the ring closes over the survivors
+(docs/wire.md, "The encrypted ring's dispute mode"). The plaintext ring is every rank of the job, always.
 """
 
 from __future__ import annotations
@@ -24,7 +28,10 @@ from typing import Any
 
 import torch
 
+from .. import protect
 from ..comm import Comm
+from ..config import RunConfig
+from ..errors import ConfigError
 from ..replica import Replica
 from ..tags import PATTERN_ROUNDS
 from .base import PATTERNS, GradientAveraging
@@ -39,17 +46,20 @@ def ring_all_reduce(
     codec: Any = None,
     observe: Callable[[str, Any], None] | None = None,
 ) -> torch.Tensor:
-    """Sum the 1-D tensor ``flat`` over all ranks in place, over point-to-point messages only.
+    """Sum the 1-D tensor ``flat`` over the ring's members in place, over point-to-point messages only.
 
     ``codec``: what the reduce-scatter carries (``protect.codecs.ring.RingCodec``: ciphertexts, combined
     homomorphically, each rank's chunk revealed by every key holder's partial decryption); None: plaintext, added in
-    place. Both follow the same schedule and end with the same all-gather of plaintext sums. ``observe(kind,
-    payload)`` is shown the first ciphertext received from the previous rank."""
-    world, rank = comm.world_size, comm.rank
-    if world == 1:
+    place, over every rank of the job. Both follow the same schedule and end with the same all-gather of plaintext
+    sums. The codec names the members (ranks it excluded are left out: ``flat`` comes back unchanged on them) and
+    may settle a round in which a member refused a payload another way (``RingCodec.agree``, ``dispute_sum``).
+    ``observe(kind, payload)`` is shown the first ciphertext received from the previous rank."""
+    members = list(range(comm.world_size)) if codec is None else codec.begin_round()
+    if comm.rank not in members or len(members) == 1:
         return flat
     if flat.dim() != 1 or not flat.is_contiguous():
         raise ValueError("ring_all_reduce expects a contiguous 1-D tensor")
+    world, pos = len(members), members.index(comm.rank)
     n = flat.numel()
     bounds = [n * i // world for i in range(world + 1)]
     largest = max(b - a for a, b in zip(bounds, bounds[1:]))
@@ -57,60 +67,79 @@ def ring_all_reduce(
     segment = max(1, segment_bytes // flat.element_size())
     if largest <= 4 * segment:
         segment = max(1, largest)
-    # (chunk sent, chunk received, reduce?) per step: W-1 reduce-scatter steps, then W-1 all-gather steps
-    steps = [((rank - s) % world, (rank - s - 1) % world, True) for s in range(world - 1)]
-    steps += [((rank + 1 - s) % world, (rank - s) % world, False) for s in range(world - 1)]
+    # (chunk sent, chunk received, reduce?) per step, chunks by position in the ring: W-1 reduce-scatter steps, then
+    # W-1 all-gather steps
+    steps = [((pos - s) % world, (pos - s - 1) % world, True) for s in range(world - 1)]
+    steps += [((pos + 1 - s) % world, (pos - s) % world, False) for s in range(world - 1)]
+    ring = (members[(pos + 1) % world], members[(pos - 1) % world])  # (next, previous)
     first = 0
     if codec is not None:  # the reduce-scatter on the codec's payloads; the all-gather below, on the sums
-        _codec_reduce_scatter(comm, flat, bounds, steps[: world - 1], codec, observe)
+        if codec.disputed:
+            return codec.dispute_sum(flat)
+        original = flat.clone()
+        _codec_reduce_scatter(flat, bounds, steps[: world - 1], codec, observe, pos, ring)
+        if not codec.agree():  # a member refused a payload: every member settles the round again, together
+            return codec.dispute_sum(flat.copy_(original))
         first = world - 1
-    _run_steps(comm, flat, bounds, steps, first, segment, largest)
+    _run_steps(comm, flat, bounds, steps, first, segment, largest, ring)
     return flat
 
 
 def _codec_reduce_scatter(
-    comm: Comm,
     flat: torch.Tensor,
     bounds: list[int],
     steps: list[tuple[int, int, bool]],
     codec: Any,
     observe: Callable[[str, Any], None] | None,
+    pos: int,
+    ring: tuple[int, int],
 ) -> None:
     """Reduce-scatter through ``codec``: encode every chunk, pass one chunk a step to the next rank and combine what
-    the previous one sends (validated by ``codec.exchange`` first), then reveal the chunk this rank owns into
-    ``flat``: afterwards rank r holds chunk r+1 summed over all ranks, as the plaintext reduce-scatter leaves it."""
-    rank, world = comm.rank, comm.world_size
+    the previous one sends (validated by ``codec.exchange`` first; a refused one is left out and the codec flags
+    the round), then reveal the chunk this rank owns into ``flat``: afterwards the rank at position p holds chunk
+    p+1 summed over all members, as the plaintext reduce-scatter leaves it."""
+    world = len(bounds) - 1
     chunks = codec.encode([flat[bounds[j] : bounds[j + 1]] for j in range(world)])
-    nxt, prv = (rank + 1) % world, (rank - 1) % world
+    nxt, prv = ring
     for s, (send_j, recv_j, _) in enumerate(steps):
         raw, incoming = codec.exchange(chunks[send_j], nxt, prv, bounds[recv_j + 1] - bounds[recv_j])
         if observe is not None and s == 0:  # what a peer sees of its neighbour: the codec's bytes
             observe("ciphertext", (raw, prv))
-        chunks[recv_j] = codec.combine([chunks[recv_j], incoming])
-    mine = (rank + 1) % world
-    flat[bounds[mine] : bounds[mine + 1]] = codec.reveal(chunks[mine], mine, bounds).to(flat.dtype)
+        if incoming is not None:
+            chunks[recv_j] = codec.combine([chunks[recv_j], incoming])
+    mine = (pos + 1) % world
+    revealed = codec.reveal(chunks[mine], mine, bounds)
+    if revealed is not None:
+        flat[bounds[mine] : bounds[mine + 1]] = revealed.to(flat.dtype)
 
 
 def _run_steps(
-    comm: Comm, flat: torch.Tensor, bounds: list[int], steps: list[tuple], first: int, segment: int, largest: int
+    comm: Comm,
+    flat: torch.Tensor,
+    bounds: list[int],
+    steps: list[tuple],
+    first: int,
+    segment: int,
+    largest: int,
+    ring: tuple[int, int],
 ) -> None:
     """Steps ``first``.. of the ring on plaintext tensors, each step's receives posted one step ahead."""
-    world, rank = comm.world_size, comm.rank
+    world = len(bounds) - 1
     # two scratch buffers (one for W = 2): a step's receives are posted while the step before adds from the other
     scratch = [torch.empty(largest, dtype=flat.dtype, device=flat.device) for _ in range(min(2, world - 1))]
-    posted = _post_receives(comm, flat, bounds, steps, first, segment, scratch)
+    posted = _post_receives(comm, flat, bounds, steps, first, segment, scratch, ring[1])
     for k in range(first, len(steps)):
         # Post the next step's receives before this step's messages are waited for. gloo sends only once the peer
         # has posted the matching receive (docs/faults.md), so a receive posted when its step starts costs a second
         # one-way hop per step (the notice, then the data). Measured with 4 ranks and 50 ms one way: a training
         # step took 611 ms with receives posted at each step's start (12 hops, as the built-in's 609 ms), 366 ms now
         # (7 hops: the first step's notice, then one per step; docs/multihost.md, "Latency").
-        ahead = _post_receives(comm, flat, bounds, steps, k + 1, segment, scratch) if k + 1 < len(steps) else []
+        last = k + 1 >= len(steps)
+        ahead = [] if last else _post_receives(comm, flat, bounds, steps, k + 1, segment, scratch, ring[1])
         send_chunk = steps[k][0]
         s0, s1 = bounds[send_chunk], bounds[send_chunk + 1]
-        nxt = (rank + 1) % world
         tag = PATTERN_ROUNDS + k
-        sends = [comm.isend(flat[start : min(start + segment, s1)], nxt, tag) for start in range(s0, s1, segment)]
+        sends = [comm.isend(flat[start : min(start + segment, s1)], ring[0], tag) for start in range(s0, s1, segment)]
         for work, start, stop, target, reduce in posted:
             comm.wait(work)
             if reduce:
@@ -128,10 +157,10 @@ def _post_receives(
     k: int,
     segment: int,
     scratch: list[torch.Tensor],
+    prv: int,
 ) -> list[tuple]:
-    """Post step ``k``'s receives from the previous rank: into a scratch buffer to be added (reduce-scatter), or
-    straight into ``flat`` (all-gather: that chunk's reduce-scatter use ended before the previous rank can send it)."""
-    prv = (comm.rank - 1) % comm.world_size
+    """Post step ``k``'s receives from the previous rank ``prv``: into a scratch buffer to be added (reduce-scatter),
+    or straight into ``flat`` (all-gather: that chunk's reduce-scatter use ended before ``prv`` can send it)."""
     _, recv_chunk, reduce = steps[k]
     r0, r1 = bounds[recv_chunk], bounds[recv_chunk + 1]
     out = []
@@ -156,8 +185,24 @@ class Ring(GradientAveraging):
         super().attach(replica)
         self.codec = self.protections.peer_codec(self.comm)  # None: plaintext
 
+    @classmethod
+    def offers_for(cls, cfg: RunConfig) -> frozenset[str]:
+        """Encrypted, the ring excludes a member whose bytes fail validation and goes on (the codec's dispute mode)."""
+        return cls.offers | {"excludes-workers"} if protect.build(cfg).encrypted else cls.offers
+
+    @classmethod
+    def validate(cls, cfg: RunConfig) -> None:
+        if cfg.pattern.min_replicas > cfg.workers:
+            raise ConfigError(
+                f"--min-replicas {cfg.pattern.min_replicas} is more than the {cfg.workers} workers of the job"
+            )
+
     def sum(self, flat: torch.Tensor) -> torch.Tensor:
         return ring_all_reduce(self.comm, flat, self.cfg.pattern.segment_kb * 1024, self.codec, self.tap)
+
+    def replicas(self) -> int:
+        """The encrypted ring's members: the survivors once the codec excluded a sender."""
+        return len(self.codec.members) if self.codec is not None else self.comm.world_size
 
     def stats(self) -> dict[str, Any]:
         return self.codec.cost() if self.codec is not None else {}

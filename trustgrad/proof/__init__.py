@@ -4,9 +4,11 @@ Fang et al. EuroS&P 2023).
 - :mod:`.prover`: the training hook behind ``--proof record`` (writes ``OUT/proof``).
 - :mod:`.format`, :mod:`.commit`, :mod:`.writer`: the proof folder, its Merkle commitment, bounded safe readers.
 - :mod:`.replay`: :func:`replay_segment`, :func:`distances`, :class:`Thresholds` — reused by per-update audits.
-- :mod:`.verifier`: :func:`verify` -> :class:`Verdict`; :mod:`.naive`: the reference design's verifier, for comparison.
+- :mod:`.verifier`: :func:`verify` -> :class:`Verdict`; :mod:`.naive`: the reference design's verifier, for comparison;
+  :mod:`.checks`: the steps both are built from.
 - :mod:`.budget`, :mod:`.soundness`, :mod:`.claims`: the memory budget, the stated soundness (how many segments to
-  replay for a given forgery acceptance, and the exact acceptance of a given proof), and which claims are checked.
+  replay for a given forgery acceptance), and which claims are checked; :mod:`.acceptance`: the exact acceptance of
+  a given proof.
 - :mod:`.calibrate`: measures honest reproduction error, from which the thresholds are set.
 
 See docs/proof.md for the format, the threat model and what a valid proof does and does not establish.

@@ -55,7 +55,7 @@ MANIFEST = "manifest.json"
 COMMITMENT = "commitment.json"
 INDICES = "indices.safetensors"
 MAX_JSON_BYTES = 8 << 20  # a manifest of a huge run is well under a megabyte
-_HEADER_SLACK = 1 << 20  # safetensors JSON header and alignment, on top of the tensors' bytes
+HEADER_SLACK = 1 << 20  # safetensors JSON header and alignment, on top of the tensors' bytes
 
 _DTYPES: dict[str, tuple[torch.dtype, int]] = {
     "F64": (torch.float64, 8),
@@ -167,7 +167,7 @@ def _reject_constant(name: str) -> Any:
 
 def safetensors_limit(*specs: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> int:
     """The most bytes a safetensors file holding (a subset of) these tensors can take."""
-    return sum(math.prod(shape) * _itemsize(dtype) for spec in specs for shape, dtype in spec.values()) + _HEADER_SLACK
+    return sum(math.prod(shape) * _itemsize(dtype) for spec in specs for shape, dtype in spec.values()) + HEADER_SLACK
 
 
 def read_safetensors(
@@ -198,7 +198,7 @@ def parse_safetensors(
     if len(raw) < 8:
         raise ProofError(f"{what}: {file_name!r} is truncated (no safetensors header)")
     (header_len,) = struct.unpack("<Q", raw[:8])
-    if header_len > min(len(raw) - 8, _HEADER_SLACK):
+    if header_len > min(len(raw) - 8, HEADER_SLACK):
         raise ProofError(f"{what}: {file_name!r} declares a {header_len}-byte header in a {len(raw)}-byte file")
     try:
         header = json.loads(raw[8 : 8 + header_len].decode("utf-8"))

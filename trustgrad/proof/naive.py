@@ -14,24 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .verifier import (
-    SegmentCheck,
-    Verdict,
-    VerifyOptions,
-    _Audit,
-    _build_model,
-    _check_checkpoints_and_bound,
-    _Invalid,
-    _load_indices,
-    _open,
-    _Proof,
-    _read_manifest,
-    _replay,
-    _report_replay,
-    _top_q,
-    log,
-    trust_named_factories,
-)
+from . import checks
+from .verifier import Verdict, log, trust_named_factories
 
 __all__ = ["verify_naive", "NAIVE_THRESHOLDS"]
 
@@ -46,28 +30,29 @@ def verify_naive(path: str | Path, q: int = 1, alpha: float = 0.01, data_dir: st
     compares weights (not updates) at the reference thresholds — the gaps the published spoofs go through. (Sizes and
     the memory budget are still checked: the baseline must not crash either.)
     """
-    started, audit = time.perf_counter(), _Audit()
-    manifest = _read_manifest(path)
-    trust_named_factories(manifest, VerifyOptions())  # the baseline names no user code: a proof naming some is refused
+    started, audit = time.perf_counter(), checks.Audit()
+    manifest = checks.read_manifest(path)
+    # the baseline names no user code: a proof naming some is refused
+    trust_named_factories(manifest, checks.VerifyOptions())
     verdict = Verdict(False, audit.reasons, mode="naive", thresholds=dict(NAIVE_THRESHOLDS), checks=audit.checks)
     try:
-        proof = _open(Path(path), manifest, audit, VerifyOptions(data_dir=data_dir), commit=False)
+        proof = checks.open_proof(Path(path), manifest, audit, checks.VerifyOptions(data_dir=data_dir), commit=False)
         verdict.steps = proof.steps
-        _build_model(proof, audit)
-        _load_indices(proof, audit)
-        _check_checkpoints_and_bound(proof, audit, None)
+        checks.build_declared_model(proof, audit)
+        checks.load_indices(proof, audit)
+        checks.check_checkpoints_and_bound(proof, audit, None)
         _naive_ks(proof, audit, alpha)
         segments = []
-        for i in _top_q(proof, q):
+        for i in checks.top_q(proof, q):
             (a, b), epoch = proof.segments[i], proof.epoch(i)
-            replayed = _replay(proof, a, b)
+            replayed = checks.reexecute(proof, a, b)
             d = _weight_distances(replayed, proof.store.get(b), proof)
             bad = tuple(f"{m} {d[m]:.3g} > {t:.3g}" for m, t in NAIVE_THRESHOLDS.items() if not d[m] <= t)
-            segments.append(SegmentCheck(a, b, epoch, "top-q", not bad, None, bad))
-        _report_replay(audit, segments)
+            segments.append(checks.SegmentCheck(a, b, epoch, "top-q", not bad, None, bad))
+        checks.report_replay(audit, segments)
         verdict.segments = segments
         verdict.replayed_steps = sum(s.end - s.start for s in segments)
-    except _Invalid:
+    except checks.Invalid:
         pass
     except (RuntimeError, ValueError, ArithmeticError, IndexError, KeyError, TypeError) as exc:
         log.exception("unexpected error while verifying %s (naive)", path)
@@ -77,7 +62,7 @@ def verify_naive(path: str | Path, q: int = 1, alpha: float = 0.01, data_dir: st
     return verdict
 
 
-def _naive_ks(proof: _Proof, audit: _Audit, alpha: float) -> None:
+def _naive_ks(proof: checks.Proof, audit: checks.Audit, alpha: float) -> None:
     """Per-tensor KS test of W0 against PyTorch's default init U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (reference)."""
     from scipy.stats import kstest
 
@@ -98,7 +83,7 @@ def _naive_ks(proof: _Proof, audit: _Audit, alpha: float) -> None:
     audit.ok("ks")
 
 
-def _weight_distances(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], proof: _Proof) -> dict[str, float]:
+def _weight_distances(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], proof: checks.Proof) -> dict[str, float]:
     keys = [f"model/{n}" for n, _ in proof.model.named_parameters()]
     x = torch.cat([a[k].double().reshape(-1) for k in keys])
     y = torch.cat([b[k].double().reshape(-1) for k in keys])

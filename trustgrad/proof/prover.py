@@ -35,10 +35,10 @@ from ..config import RunConfig, config_to_dict
 from ..data import BatchPlan, Dataset
 from ..errors import ConfigError
 from ..launch import RankContext
+from ..optim import Hyper, loss_name
 from ..train import HOOKS, StepEvent, WorkerState
 from .commit import dataset_root
 from .format import SCHEMA, capture_state
-from .replay import Hyper, loss_name
 from .writer import ProofWriter
 
 __all__ = ["ProofRecorder", "PROOF_DIR", "build_manifest"]

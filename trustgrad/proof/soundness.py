@@ -25,8 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, replace
-from pathlib import Path
+from dataclasses import asdict, dataclass
 from typing import Any
 
 __all__ = [
@@ -36,7 +35,6 @@ __all__ = [
     "plan",
     "exact_acceptance",
     "wrong_at_least",
-    "measure_acceptance",
 ]
 
 
@@ -119,21 +117,3 @@ def exact_acceptance(wrong: set[int], top: Iterable[int], pool: list[int], draws
         return 0.0
     catching = sum(1 for i in pool if i in wrong or i - 1 in wrong)
     return miss_probability(len(pool), catching, draws)
-
-
-def measure_acceptance(path: str | Path, options: Any = None) -> tuple[float, Any]:
-    """The exact probability that ``verify(path, options)`` accepts, over its random nonce; and the ``--all`` verdict.
-
-    Every segment is re-executed once (``check_all``); a failure of any check that does not depend on the nonce
-    rejects with certainty (0.0); otherwise the probability follows from the sampling rule (:func:`exact_acceptance`).
-    """
-    from .verifier import VerifyOptions, verify
-
-    options = options or VerifyOptions()
-    full = verify(path, replace(options, check_all=True))
-    if not full.soundness or any(not r.startswith("replay:") for r in full.reasons):
-        return 0.0, full
-    s = Soundness(**full.soundness)
-    wrong = {i for i, seg in enumerate(full.segments) if not seg.passed}
-    pool = [i for i in range(s.segments) if i not in set(s.top)]
-    return exact_acceptance(wrong, s.top, pool, s.random), full

@@ -73,16 +73,18 @@ def _blind_worker(comm: Any, cfg: RunConfig, parties: list[int], rank: int, init
 
 
 def _coordinator_stays(cfg: RunConfig, offers: frozenset[str], pattern: str) -> None:
-    """Encrypted, worker 0 (rank 1) evaluates the model for the run's records: it must not be one that is excluded."""
+    """Encrypted, the coordinator evaluates the model for the run's records (ps: worker 0, rank 1; ring: rank 0): it
+    must not be one that is excluded."""
     if "excludes-workers" not in offers:
         return
-    from ..attacks.poisoning import WIRE_ATTACKS, parse_malicious
+    from ..attacks.specs import WIRE_ATTACKS, parse_malicious
 
     specs = [parse_malicious(text) for text in cfg.malicious]
     excludable = cfg.proof.mode != "none" or any(s.attack in {*WIRE_ATTACKS, "crafted-key"} for s in specs)
-    if excludable and any(s.rank == 1 for s in specs):
+    rank, who = (0, "rank 0") if pattern == "ring" else (1, "worker 0 (rank 1)")
+    if excludable and any(s.rank == rank for s in specs):
         raise ConfigError(
-            "--malicious rank=1 with --encrypt ckks and verification or a crafted-* attack: worker 0 (rank 1) "
+            f"--malicious rank={rank} with --encrypt ckks and verification or a crafted-* attack: {who} "
             "evaluates the model for the run's records, and once excluded its copy stops; make another rank malicious"
         )
 

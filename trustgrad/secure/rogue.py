@@ -99,7 +99,7 @@ KEY_ATTACKS: dict[str, type[Honest]] = {
 
 def behaviour(malicious: tuple[str, ...], rank: int) -> Honest:
     """The key-party behaviour of ``rank`` under ``--malicious`` specs (honest unless one names a key attack)."""
-    from ..attacks.poisoning import parse_malicious
+    from ..attacks.specs import parse_malicious
 
     for text in malicious:
         spec = parse_malicious(text)
