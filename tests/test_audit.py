@@ -144,12 +144,20 @@ def _matches_plaintext(enc, ref) -> None:
     assert enc.ranks[0]["stats"]["server_key_material"] == ["context", "public key (threshold, 2 parties)"]
 
 
-def test_under_threshold_keys_a_liar_is_excluded_at_its_first_lie_and_the_run_matches_plaintext(plaintext_reference):
+def test_under_threshold_keys_a_liar_is_excluded_at_its_first_lie_and_the_run_matches_plaintext(
+    plaintext_reference, tmp_path
+):
     """The auditor gets plaintext claims and encrypts the admitted ones (protect/codecs/audited.py): the liar is
     caught at its first lie and the survivors re-key before anything of that round is encrypted."""
-    enc = run(_THRESHOLD_AUDIT.replace(crypto={"encrypt": "ckks", "keys": "threshold"},
-                                       malicious=("rank=3,attack=noise,from-step=2",)))  # fmt: skip
+    from safetensors.torch import load_file
+
+    liar = ("rank=3,attack=noise,from-step=2",)
+    enc = run(_THRESHOLD_AUDIT.replace(crypto={"encrypt": "ckks", "keys": "threshold"}, out=str(tmp_path),
+                                       record_server_view=True, malicious=liar))  # fmt: skip
     s = enc.summary
+    # what the server received from the workers: one 32-byte salted digest per push, never a gradient
+    views = sorted((tmp_path / "server_view").glob("*.safetensors"))
+    assert views and all(load_file(str(v))["ciphertext"].numel() == 32 for v in views)
     assert s["excluded_workers"] == [2] == plaintext_reference.summary["excluded_workers"]
     assert [(r["worker"], r["step"]) for r in s["rejections"]] == [(2, 2)]  # its first lie, nothing before
     assert s["audited_claims"] == 13 and s["worst_accepted_rel_l2"] == 0.0  # claims arrive as exact bits
