@@ -116,7 +116,8 @@ def test_the_verifier_never_imports_a_module_a_proof_names(tmp_path, adam_proof)
         (["--loss", "nope"], "unknown loss 'nope'"),
         (["--optimizer", "rmsprop"], "optimizer must be one of sgd, adam"),
         (["--optimizer", "adam", "--betas", "0.9"], "betas must be two numbers"),
-        (["--optimizer", "adam", "--encrypt", "ckks", "--keys", "threshold"], "needs --keys shared"),
+        (["--optimizer", "adam", "--encrypt", "ckks", "--keys", "threshold"], "needs --pattern ps --proof audit"),
+        (["--optimizer", "adam", "--pattern", "ring", "--encrypt", "ckks", "--keys", "threshold"], "rounds the noise"),
         (["--optimizer", "adam", "--pattern", "ps", "--schedule", "async"], "needs --pattern ps --schedule sync"),
         (["--pattern", "pipeline", "--workers", "2", "--model", MODEL], "return an nn.Sequential"),
     ],
@@ -193,10 +194,12 @@ def test_the_readme_example_runs_and_matches_the_same_job_through_the_cli(tmp_pa
     assert done.returncode == 0 and "rejected 0" in done.stdout, done.stdout + done.stderr
     api = json.loads((tmp_path / "runs" / "readme" / "summary.json").read_text())
     assert api["encryption"] == "ckks" and api["proof"] == "audit" and api["audited_claims"] == 24
+    assert api["server_key_material"] == ["context", "public key (threshold, 2 parties)"]  # no share, no secret
     cli = _cli(*argv, "--out", str(tmp_path / "cli"), "--no-progress", cwd=tmp_path, path=(tmp_path,))
     assert cli.returncode == 0, cli.stderr
     via_cli = json.loads((tmp_path / "cli" / "summary.json").read_text())
-    # tolerance 0: Adam's encrypted updates travel on a fixed-point grid, so every decryption gives the same bits
+    # tolerance 0: under threshold keys the auditor encrypts the admitted claims on its grid and rounds each fused
+    # mean back to it (secure/grid.GainedGrid), so the flooding noise of the two runs' decryptions leaves no trace
     # and the two runs are the same computation (plaintext jobs are bit-exact anyway)
     for key in ("test_accuracy", "final_loss", "test_loss", "steps", "audited_claims", "rejected_claims"):
         assert api[key] == via_cli[key], key

@@ -106,10 +106,82 @@ def test_claims_are_audited_on_ciphertexts_by_a_rank_that_is_not_the_server():
     assert auditor["role"] == "server" and auditor["stats"]["audited_claims"] >= 6  # a non-training rank
 
 
-def test_encrypted_audit_needs_shared_keys_and_full_rate(capsys):
+def test_encrypted_audit_needs_full_rate(capsys):
     argv = ["train", "--pattern", "ps", "--encrypt", "ckks", "--proof", "audit", "--keys", "threshold"]
-    assert main(argv) == 2
-    assert "needs --keys shared and --audit-rate 1" in capsys.readouterr().err
+    assert main([*argv, "--audit-rate", "0.5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "needs --audit-rate 1" in err and len(err.splitlines()) == 1, err
+
+
+_THRESHOLD_AUDIT = RunConfig(workers=3, epochs=1, max_steps=5, seed=3, progress=False).replace(
+    pattern={"name": "ps"}, proof={"mode": "audit", "audit_rate": 1.0}
+)
+
+
+@pytest.fixture(scope="module")
+def plaintext_reference():
+    """The plaintext audited run whose worker 2 is excluded at step 2 (its noise is rejected there)."""
+    return run(_THRESHOLD_AUDIT.replace(malicious=("rank=3,attack=noise,from-step=2",)))
+
+
+def _matches_plaintext(enc, ref) -> None:
+    """The threshold run's model is the plaintext run's up to the auditor's grid (secure/grid.GainedGrid): each
+    round's mean is off by at most half a step per claim, step * W / (2 gain); SGD with momentum carries an error e
+    into the weights as at most lr * T * e / (1 - momentum); 1e-6 more for float32 summation order."""
+    from trustgrad.crypto.flooding import FLOODING
+    from trustgrad.crypto.params import CKKSParams
+    from trustgrad.secure.grid import GainedGrid
+
+    cfg, s = _THRESHOLD_AUDIT, enc.summary
+    sigma = FLOODING.sigma(CKKSParams.for_aggregation("threshold").scale_bits)
+    step = GainedGrid.for_round([], sigma, parties=3).step  # the widest step of the run (3 parties, then 2)
+    error = step * cfg.workers / (2 * s["encryption_gain_min"])
+    bound = cfg.lr * cfg.max_steps * error / (1 - cfg.momentum) + 1e-6
+    diff = max(float((enc.state[k] - ref.state[k]).abs().max()) for k in ref.state)
+    assert diff <= bound, (diff, bound)
+    assert s["test_accuracy"] == ref.summary["test_accuracy"] and s["fused_noise_max_steps"] < 0.5
+    # the server never held a key share (nor, by construction, a plaintext claim: digests and ciphertexts only)
+    assert enc.ranks[0]["stats"]["server_key_material"] == ["context", "public key (threshold, 2 parties)"]
+
+
+def test_under_threshold_keys_a_liar_is_excluded_at_its_first_lie_and_the_run_matches_plaintext(
+    plaintext_reference, tmp_path
+):
+    """The auditor gets plaintext claims and encrypts the admitted ones (protect/codecs/audited.py): the liar is
+    caught at its first lie and the survivors re-key before anything of that round is encrypted."""
+    from safetensors.torch import load_file
+
+    liar = ("rank=3,attack=noise,from-step=2",)
+    enc = run(_THRESHOLD_AUDIT.replace(crypto={"encrypt": "ckks", "keys": "threshold"}, out=str(tmp_path),
+                                       record_server_view=True, malicious=liar))  # fmt: skip
+    s = enc.summary
+    # what the server received from the workers: one 32-byte salted digest per push, never a gradient
+    views = sorted((tmp_path / "server_view").glob("*.safetensors"))
+    assert views and all(load_file(str(v))["ciphertext"].numel() == 32 for v in views)
+    assert s["excluded_workers"] == [2] == plaintext_reference.summary["excluded_workers"]
+    assert [(r["worker"], r["step"]) for r in s["rejections"]] == [(2, 2)]  # its first lie, nothing before
+    assert s["audited_claims"] == 13 and s["worst_accepted_rel_l2"] == 0.0  # claims arrive as exact bits
+    assert s["rekeys"] == 1  # the liar's share decrypts nothing of step 2
+    assert enc.ranks[4]["role"] == "server" and enc.ranks[4]["stats"]["audited_claims"] == 13  # the auditor rank
+    _matches_plaintext(enc, plaintext_reference)
+
+
+@pytest.mark.parametrize(
+    "attack, check",
+    [
+        # step 5 of protect/codecs/audited.py: the auditor refuses its partial of round 2, the server excludes it,
+        # the survivors re-key and the auditor encrypts round 2's claims again
+        ("crafted-partial", lambda s: "(rank 3) sent the auditor an invalid partial" in s["dropped_reasons"]["2"]),
+        # step 2: what it committed to at the server is not the claim it sent the auditor: rejected like a lie
+        ("split-claim", lambda s: s["rejections"][0]["reason"].startswith("its claim to the auditor is not the one")),
+    ],
+)
+def test_under_threshold_audits_a_forger_is_named_and_the_round_is_the_survivors(plaintext_reference, attack, check):
+    enc = run(_THRESHOLD_AUDIT.replace(crypto={"encrypt": "ckks", "keys": "threshold"},
+                                       malicious=(f"rank=3,attack={attack},from-step=2",)))  # fmt: skip
+    s = enc.summary
+    assert s["dropped_workers"] == [2] and s["rekeys"] == 1 and check(s)
+    _matches_plaintext(enc, plaintext_reference)
 
 
 def _sync_rounds(cfg, auditor, rounds, lie_from, log=None, caught_at=None, lies=None, verified_at=()):

@@ -222,11 +222,15 @@ class RunConfig:
             raise ConfigError(f"eps must be in (0, 1], got {_short(self.eps)}")
         # DANA (ps async/ssp) keeps SGD momentum buffers per worker, and blind checks verify a plain SGD step
         sgd_only = self.pattern.name == "ps" and (self.pattern.schedule != "sync" or self.proof.mode == "blind")
-        if self.optimizer != "sgd" and self.crypto.encrypt != "none" and self.crypto.keys == "threshold":
+        # audited ps: the auditor fuses each mean once and rounds its noise away (protect/codecs/audited.py)
+        one_fusion = self.pattern.name == "ps" and self.proof.mode == "audit"
+        threshold = self.crypto.encrypt != "none" and self.crypto.keys == "threshold"
+        if self.optimizer != "sgd" and threshold and not one_fusion:
             raise ConfigError(
-                f"--optimizer {self.optimizer} with --encrypt ckks needs --keys shared: every party's threshold "
-                "decryption carries its own flooding noise (~2e-4), which Adam amplifies until the replicas drift "
-                "apart; shared-key updates travel on a fixed-point grid that decrypts to the same bits everywhere"
+                f"--optimizer {self.optimizer} with --encrypt ckks --keys threshold needs --pattern ps --proof audit "
+                "(or --keys shared): threshold decryptions carry flooding noise (~2e-4) that Adam turns into full "
+                "steps where gradients are near zero, and each ps worker fuses its own copy, so replicas drift; "
+                "under audit the auditor fuses each mean once and rounds the noise away on its grid"
             )
         if self.optimizer != "sgd" and sgd_only:
             raise ConfigError(

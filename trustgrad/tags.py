@@ -31,6 +31,8 @@ BLIND = _FIXED_BASE + 75  # worker -> server: blind checks' partial decryptions,
 DECRYPTION_STATUS = _FIXED_BASE + 76  # worker -> server: partials that failed validation; its own when accused
 CIPHER_AUDIT = _FIXED_BASE + 77  # server <-> auditor rank: claims, verdicts, published aggregates
 RING_CIPHERTEXT = _FIXED_BASE + 78  # the encrypted ring's ciphertexts, partial decryptions and sums
+AUDIT_CLAIM = _FIXED_BASE + 79  # worker -> auditor rank (threshold keys): the plaintext claim, the round's partial
+AUDIT_MEAN = _FIXED_BASE + 80  # auditor rank -> worker (threshold keys): the fused mean every replica steps on
 
 LINK_RELEASE = (1 << 31) - 1  # never sent: a timed-out receive that releases a cut link's group (patterns/links.py)
 
@@ -45,7 +47,7 @@ FIXED = {
     "PS_PUSH": PS_PUSH, "PS_PAYLOAD": PS_PAYLOAD, "PS_REPLY": PS_REPLY, "PS_CLOSE": PS_CLOSE, "KEY_SETUP": KEY_SETUP,
     "EVALUATION_KEYS": EVALUATION_KEYS, "PARTIAL_DECRYPTION": PARTIAL_DECRYPTION, "REPUSH": REPUSH, "BLIND": BLIND,
     "DECRYPTION_STATUS": DECRYPTION_STATUS, "CIPHER_AUDIT": CIPHER_AUDIT, "RING_CIPHERTEXT": RING_CIPHERTEXT,
-    "LINK_RELEASE": LINK_RELEASE,
+    "AUDIT_CLAIM": AUDIT_CLAIM, "AUDIT_MEAN": AUDIT_MEAN, "LINK_RELEASE": LINK_RELEASE,
 }  # fmt: skip
 
 #: name -> (base, size) of every family

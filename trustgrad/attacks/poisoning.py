@@ -17,6 +17,7 @@ wrapper changes only what the attack changes; the pattern, codec and prover arou
 | ``crafted-partial`` | ``--encrypt ckks --keys threshold``: likewise its partial decryptions | docs/wire.md |
 | ``equivocate-partial`` | ``crafted-partial`` to the workers, its honest one to the ps server | docs/wire.md |
 | ``false-report`` | ps, threshold keys: reports every other worker's valid partial invalid | docs/wire.md |
+| ``split-claim`` | ps, threshold audits: its digest at the server is not of the claim the auditor gets | docs/wire.md |
 | ``owner-poison`` | shifts its own labels ``y -> (y + S) mod C`` before training and encrypting them | data owner |
 | ``steer`` | pushes ``g + S |g| u``, ``u`` toward a patch backdoor (S = 2.9e-4) | BadNets; :mod:`.backdoor` |
 
@@ -161,6 +162,8 @@ class _Tamper:
         if kind != self.kind:
             return payload
         self.seen += 1
+        if self.attack == "split-claim" and self.active:  # any other claim's digest: one bit suffices
+            return bytes([payload[0] ^ 1]) + payload[1:]
         crafts = self.attack in ("crafted-ciphertext", "crafted-partial", "equivocate-partial")
         return craft_modulus(payload) if crafts and self.active else payload
 

@@ -40,6 +40,7 @@ POISONINGS: dict[str, float] = {
     "crafted-partial": 1.0,
     "equivocate-partial": 1.0,
     "false-report": 1.0,
+    "split-claim": 1.0,
     "steer": 2.9e-4,
     "owner-poison": 1.0,
 }
@@ -52,6 +53,7 @@ WIRE_ATTACKS = {
     "crafted-partial": "partial",
     "equivocate-partial": "partial",
     "false-report": "partial",
+    "split-claim": "digest",
 }
 #: key-party attacks (threshold key set-up; the gradient stays honest): ``secure.rogue.KEY_ATTACKS`` holds how each
 #: party behaves

@@ -85,8 +85,11 @@ def build(cfg: RunConfig) -> Protections:
     gates = [_PROOF_GATES.get((cfg.proof.mode, CODECS.get(codec).encrypted))]
     gates += ["robust"] if cfg.aggregate != "mean" else []
     named = tuple(g for g in gates if g)
-    parties = list(range(1, cfg.workers + 1))  # the workers hold the keys, and an auditor rank when there is one
-    parties += [cfg.workers + 1] if any(GATES.get(g).extra_rank for g in named) else []
+    # threshold keys under audit: the auditor encrypts the claims it admitted (protect/codecs/audited.py)
+    codec = "ckks-audited" if codec == "ckks-threshold" and "cipher-audit" in named else codec
+    parties = list(range(1, cfg.workers + 1))  # the workers hold the keys; under shared keys an auditor rank too
+    auditor_holds_key = codec == "ckks-shared" and any(GATES.get(g).extra_rank for g in named)
+    parties += [cfg.workers + 1] if auditor_holds_key else []
     return Protections(cfg, codec, named, cfg.proof.mode, tuple(parties))
 
 

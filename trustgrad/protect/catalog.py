@@ -42,6 +42,18 @@ def _ckks_worker(comm: Any, cfg: RunConfig, parties: list[int], rank: int, initi
     return SecureWorker(comm, cfg, parties)
 
 
+def _audited_server(comm: Any, cfg: RunConfig, parties: list[int], initial: Any) -> Any:
+    from .codecs.audited import AuditedServer
+
+    return AuditedServer(comm, cfg, parties)
+
+
+def _audited_worker(comm: Any, cfg: RunConfig, parties: list[int], rank: int, initial: Any) -> Any:
+    from .codecs.audited import AuditedWorker
+
+    return AuditedWorker(comm, cfg, parties)
+
+
 def _ckks_ring(comm: Any, cfg: RunConfig) -> Any:
     from .codecs.ring import RingCodec
 
@@ -99,6 +111,12 @@ CODECS.register("ckks-threshold")(
         validate=_coordinator_stays, server=_ckks_server, worker=_ckks_worker, peer=_ckks_ring, encrypted=True,
     )
 )  # fmt: skip
+CODECS.register("ckks-audited")(  # threshold keys with --proof audit: the auditor encrypts what it admitted
+    Spec(
+        needs=(Need(frozenset({"codec-payload"}), UNSUPPORTED_KEYS), _SYNC),
+        validate=_coordinator_stays, server=_audited_server, worker=_audited_worker, encrypted=True,
+    )
+)  # fmt: skip
 CODECS.register("blind")(
     Spec(needs=(_PER_CLAIM,), validate=_blind_job, server=_blind_server, worker=_blind_worker, encrypted=True)
 )
@@ -112,22 +130,26 @@ def _audit(comm: Any, cfg: RunConfig, ds: Any, num_params: int, asynchronous: bo
 
 
 def _remote_audit(comm: Any, cfg: RunConfig, ds: Any, num_params: int, asynchronous: bool, codec: Any) -> Any:
-    from .gates.cipher_audit import RemoteAudit
+    from .gates.cipher_audit import RemoteAudit, ThresholdRemoteAudit
 
+    if cfg.crypto.keys == "threshold":
+        return ThresholdRemoteAudit(comm, cfg.seed, cfg.workers, cfg.workers + 1, codec, num_params)
     return RemoteAudit(comm, cfg.seed, cfg.workers, peer=cfg.workers + 1)
 
 
 def _ciphertext_auditor(comm: Any, cfg: RunConfig, parties: list[int]) -> Any:
-    from .gates.cipher_audit import CiphertextAuditor
+    from .gates.cipher_audit import CiphertextAuditor, ThresholdAuditor
 
+    if cfg.crypto.keys == "threshold":
+        return ThresholdAuditor(comm, cfg, parties)
     return CiphertextAuditor(comm, cfg, parties)
 
 
 def _cipher_audit_job(cfg: RunConfig, offers: frozenset[str], pattern: str) -> None:
-    if cfg.crypto.keys != "shared" or cfg.proof.audit_rate != 1.0:
+    if cfg.proof.audit_rate != 1.0:
         raise ConfigError(
-            "--proof audit with --encrypt ckks needs --keys shared and --audit-rate 1: the auditor rank "
-            "decrypts claims with the shared key and every claim is checked before it is aggregated"
+            "--proof audit with --encrypt ckks needs --audit-rate 1: every claim is checked before it is "
+            "aggregated (nothing encrypted can be rolled back)"
         )
     _stand_in_runs_plain_sync(cfg, frozenset())  # the auditor rank holds no round's plaintext model
 

@@ -15,8 +15,15 @@ server's survivor rescaling (``W / k`` when only k workers count) moves the grid
 decided at a quarter step, far from the noise). Quantization costs at most GRID / 2 per coordinate, the same for every
 party; it applies to optimizers listed in :data:`FIXED_POINT` only, so SGD runs are bit-for-bit what they were.
 
-Threshold keys add flooding noise of ~2e-4 to each decryption (docs/threshold-keys.md), far above any usable grid:
-Adam is refused with them (``RunConfig``).
+Threshold keys add flooding noise of ~2e-4 to each decryption (docs/threshold-keys.md), far above this grid. Under
+audits the auditor encrypts the claims and fuses each mean itself (``protect/codecs/audited.py``), so it can move them
+onto a grid of its own first (:class:`GainedGrid`): it multiplies a round's claims by a power of two (the *gain*) that
+keeps them inside CKKS's headroom, rounds them to integer multiples of a step 32 sqrt(n) flooding sigmas wide, and
+after fusing rounds the decrypted sum back to an integer count of steps. The flooding noise is added in the units of
+the decrypted values, so the gain shrinks it relative to the claims; the rounding removes it (16 sigmas from a step's
+edge), and the result is the exact integer sum of the rounded claims: the same bits in every run, whatever the
+flooding drew. A count that differs from the sum the auditor encrypted means the server aggregated something else.
+Without audits, threshold keys and Adam are refused (``RunConfig``).
 
 >>> import numpy as np
 >>> v = quantize(np.array([0.1, -0.25, 3e-8]))
@@ -26,9 +33,12 @@ Adam is refused with them (``RunConfig``).
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import numpy as np
 
-__all__ = ["GRID", "FIXED_POINT", "fixed_point", "quantize", "snap", "snap_mean"]
+__all__ = ["GRID", "FIXED_POINT", "fixed_point", "quantize", "snap", "snap_mean", "GainedGrid", "HEADROOM"]
 
 GRID = 2.0**-20
 #: optimizers whose replicas need every party to hold the same decrypted bits (see the module docstring)
@@ -59,3 +69,55 @@ def snap_mean(mean: np.ndarray, workers: int) -> np.ndarray:
         if mean.size == 0 or float(np.abs(mean - snapped).max()) < step / 4:
             return snapped
     return snap(mean)  # nothing fits: not an aggregate of grid values; the nearest grid point is the best guess
+
+
+#: the largest magnitude a gained claim may take: decrypted values must stay below 2**(first_mod_bits - scale_bits - 1)
+#: (512 at the threshold parameters 60/50, ``crypto/params.py``); a mean is no larger than the largest claim, and 256
+#: leaves a factor of 2 over the flooding noise and the CKKS error (both below 1e-2)
+HEADROOM = 256.0
+MAX_GAIN = 2.0**20
+#: the step is this many fused flooding sigmas wide: noise must reach 16 sigmas to round a count wrong (~1e-57)
+STEP_SIGMAS = 32.0
+
+
+@dataclass(frozen=True)
+class GainedGrid:
+    """One round's grid at the auditor (threshold keys): ``gain`` (a power of two) and ``step`` (in gained units).
+
+    >>> import torch
+    >>> grid = GainedGrid.for_round([torch.tensor([0.5, -0.2]), torch.tensor([0.1, 0.0])], sigma=1.2e-4, parties=2)
+    >>> grid.gain, grid.step
+    (512.0, 0.0078125)
+    >>> counts = [grid.counts(c, workers=2) for c in ([0.5, -0.2], [0.1, 0.0])]
+    >>> total = counts[0] + counts[1]
+    >>> fused = total * grid.step + 3e-4  # the flooding noise of a decryption
+    >>> bool((grid.decode(fused, workers=2, k=2) == total).all()), grid.mean(total, workers=2, k=2).tolist()
+    (True, [0.3000030517578125, -0.100006103515625])
+    """
+
+    gain: float
+    step: float
+
+    @classmethod
+    def for_round(cls, claims: list, sigma: float, parties: int) -> GainedGrid:
+        """The largest power-of-two gain that keeps every claim within :data:`HEADROOM`, and a step
+        :data:`STEP_SIGMAS` fused flooding sigmas (``sqrt(parties) * sigma``) wide, rounded up to a power of two."""
+        peak = max((float(np.abs(np.asarray(c, dtype=np.float64)).max()) for c in claims if len(c)), default=0.0)
+        if not math.isfinite(peak) or peak >= HEADROOM:
+            gain = 1.0
+        else:
+            gain = MAX_GAIN if peak == 0.0 else min(MAX_GAIN, 2.0 ** math.floor(math.log2(HEADROOM / peak)))
+        step = 2.0 ** math.ceil(math.log2(STEP_SIGMAS * math.sqrt(parties) * max(sigma, 2.0**-40)))
+        return cls(float(gain), float(step))
+
+    def counts(self, claim: object, workers: int) -> np.ndarray:
+        """A claim as whole steps of ``gain * claim / workers`` (what the auditor encrypts, times ``step``)."""
+        return np.round(np.asarray(claim, dtype=np.float64) * (self.gain / workers) / self.step)
+
+    def decode(self, fused: np.ndarray, workers: int, k: int) -> np.ndarray:
+        """The fused ``(workers / k) * sum`` (the server's survivor scaling) back to whole steps of the sum."""
+        return np.round(np.asarray(fused, dtype=np.float64) * (k / workers) / self.step)
+
+    def mean(self, total: np.ndarray, workers: int, k: int) -> np.ndarray:
+        """The mean gradient of ``k`` claims whose counts add up to ``total``."""
+        return total * (self.step * workers / self.gain) / k

@@ -54,7 +54,10 @@ from ...tags import DECRYPT, DECRYPTION_STATUS, PARTIAL_DECRYPTION, REKEY, RELAY
 from ...tags import PS_REPLY as REPLY
 from ..slots import ServerCodec, WorkerCodec
 
-__all__ = ["SecureWorker", "SecureServer", "RefusedPayload", "decode_fresh", "check_partial", "parse_decryption_report"]
+__all__ = [
+    "SecureWorker", "SecureServer", "RefusedPayload", "decode_fresh", "check_partial", "parse_decryption_report",
+    "max_payload_for",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +70,17 @@ class RefusedPayload(LaunchError):
 
 
 def _setup(
-    comm: Comm, cfg: RunConfig, parties: list[int], stats: CryptoStats, exclude_refused: bool = False
+    comm: Comm,
+    cfg: RunConfig,
+    parties: list[int],
+    stats: CryptoStats,
+    exclude_refused: bool = False,
+    others: tuple[int, ...] = (0,),
 ) -> KeyRing:
-    """The job's keys among ``parties`` (the workers, and the auditor rank when it audits ciphertexts)."""
+    """The job's keys among ``parties`` (the workers, and the auditor rank when it audits ciphertexts); ``others``
+    receive the public key only (the server; the auditor rank under threshold keys: ``codecs.audited``)."""
     conduct = behaviour(cfg.malicious, comm.rank)
-    return setup_keys(comm, cfg.crypto, parties, [0], stats, behaviour=conduct, exclude_refused=exclude_refused)
+    return setup_keys(comm, cfg.crypto, parties, others, stats, behaviour=conduct, exclude_refused=exclude_refused)
 
 
 def decode_fresh(keys: KeyRing, payload: bytes, rank: int, length: int, what: str = "ciphertext") -> EncryptedVector:
@@ -132,7 +141,7 @@ class _JointRound:
         return fuse(list(self.partials.values()))
 
 
-def _max_payload(keys: KeyRing, num_params: int) -> int:
+def max_payload_for(keys: KeyRing, num_params: int) -> int:
     return (num_params // keys.context.slots + 2) * (8 << 20)  # a ciphertext is ~0.4 MB per 4096 slots
 
 
@@ -144,10 +153,15 @@ class SecureWorker(WorkerCodec):
 
         self.comm, self.cfg = comm, cfg
         self.stats = CryptoStats()
-        self.keys = _setup(comm, cfg, parties, self.stats)
+        self.keys = _setup(comm, cfg, parties, self.stats, others=self.key_receivers(cfg))
         self.tamper = wire_tamper(cfg.malicious, comm.rank)  # --malicious ...,attack=crafted-*: this rank's bytes
         self.values: np.ndarray | None = None  # the last pushed gradient / W, pushed again after a re-keying
         self.joint: _JointRound | None = None  # threshold keys: the round being decrypted jointly
+
+    @staticmethod
+    def key_receivers(cfg: RunConfig) -> tuple[int, ...]:
+        """The ranks that receive the joint public key without being key parties."""
+        return (0,)
 
     def encode(self, flat: torch.Tensor) -> bytes:
         values = self.values = flat.detach().double().numpy() / self.cfg.workers
@@ -273,7 +287,7 @@ class SecureWorker(WorkerCodec):
 
     def max_payload(self, num_params: int) -> int:
         """The most ciphertext bytes an honest aggregate of ``num_params`` values takes (bounds what we allocate)."""
-        return _max_payload(self.keys, num_params)
+        return max_payload_for(self.keys, num_params)
 
 
 class SecureServer(ServerCodec):
@@ -286,7 +300,7 @@ class SecureServer(ServerCodec):
         self.stats = CryptoStats()
         # threshold keys: a worker whose copy of the joint key fails validation is excluded before the first round
         # (``refused_at_setup``), and the survivors re-key before anything is decrypted
-        self.keys = _setup(comm, cfg, parties, self.stats, exclude_refused=cfg.crypto.keys == "threshold")
+        self.keys = _setup(comm, cfg, parties, self.stats, cfg.crypto.keys == "threshold", self.key_receivers(cfg))
         assert not self.keys.holds_secret  # by construction: the server is not a key party
         self.latest: bytes = b""  # the encrypted mean of the last round
         self.mean: EncryptedVector | None = None  # the same, parsed: what partials of it are checked against
@@ -295,6 +309,8 @@ class SecureServer(ServerCodec):
         self.report: dict[str, Any] = {
             "refused_payloads": [], "rekeys": 0, "rekey_seconds": 0.0, "partials_relayed": 0, "partials_shown": 0,
         }  # fmt: skip
+
+    key_receivers = staticmethod(SecureWorker.key_receivers)
 
     def refused_at_setup(self) -> dict[int, str]:
         return self._refused_at_setup
@@ -340,7 +356,7 @@ class SecureServer(ServerCodec):
         return held + (["SECRET KEY"] if self.keys.holds_secret else [])
 
     def max_payload(self, num_params: int) -> int:
-        return _max_payload(self.keys, num_params)
+        return max_payload_for(self.keys, num_params)
 
     def decode(self, payload: bytes, rank: int, num_params: int) -> EncryptedVector:
         return decode_fresh(self.keys, payload, rank, num_params)
