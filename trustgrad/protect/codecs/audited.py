@@ -45,10 +45,10 @@ from ...crypto import partial_decrypt as _partial_decrypt
 from ...errors import CryptoError, LaunchError
 from ...secure import setup_keys
 from ...secure.keys import announce_rekey
-from ...tags import AUDIT_CLAIM, AUDIT_MEAN, DECRYPT, REKEY, SERVICE
+from ...tags import AUDIT_CLAIM, AUDIT_MEAN, DECRYPT, REKEY
 from ...tags import CIPHER_AUDIT as _AUDITOR
 from ...tags import PS_REPLY as REPLY
-from .ckks import RefusedPayload, SecureServer, SecureWorker, decode_fresh
+from .ckks import RefusedPayload, SecureServer, SecureWorker, ask_to_decrypt, decode_fresh
 
 __all__ = ["AuditedWorker", "AuditedServer", "claim_digest", "DIGEST_BYTES", "REKEY_CMD", "ENCRYPT_CMD", "DECRYPT_CMD"]
 
@@ -213,11 +213,7 @@ class AuditedServer(SecureServer):
         if not self.latest:
             self.admitted = []
             return {}
-        if sorted(live) != sorted(self.keys.parties):
-            raise LaunchError(f"ps: the round's workers {live} are not the key's parties {list(self.keys.parties)}")
-        for rank in live:
-            self.comm.send(torch.tensor([SERVICE, DECRYPT, 1], dtype=torch.int64), rank, REPLY)
-            self.comm.send_bytes(self.latest, rank, REPLY)
+        ask_to_decrypt(self.comm, self.keys, self.latest, live)
         self.comm.send(torch.tensor([DECRYPT_CMD], dtype=torch.int64), self.auditor, _AUDITOR)
         self.comm.send_bytes(self.latest, self.auditor, _AUDITOR)
         data, _ = self.comm.recv_bytes(self.auditor, _AUDITOR, max_bytes=1 << 16)

@@ -376,11 +376,7 @@ class SecureServer(ServerCodec):
         are to be excluded, and the survivors re-keyed); ``{}`` once every worker holds every partial."""
         if self.keys.mode != "threshold" or not self.latest:
             return {}
-        if sorted(live) != sorted(self.keys.parties):
-            raise LaunchError(f"ps: the round's workers {live} are not the key's parties {list(self.keys.parties)}")
-        for rank in live:
-            self.comm.send(torch.tensor([SERVICE, DECRYPT, 1], dtype=torch.int64), rank, REPLY)
-            self.comm.send_bytes(self.latest, rank, REPLY)
+        ask_to_decrypt(self.comm, self.keys, self.latest, live)
         accusers: dict[int, list[int]] = {}  # accused rank -> the ranks that reported its partial invalid
         culprits: dict[int, str] = {}
         for rank in live:
@@ -414,6 +410,15 @@ class SecureServer(ServerCodec):
         except ValueError:  # it announced more than any report takes: refused before allocating
             return None
         return parse_decryption_report(data, rank, live)
+
+
+def ask_to_decrypt(comm: Comm, keys: KeyRing, aggregate: bytes, live: list[int]) -> None:
+    """Send the round's aggregate to every key party for its partial decryption; every party must be live (n-of-n)."""
+    if sorted(live) != sorted(keys.parties):
+        raise LaunchError(f"ps: the round's workers {live} are not the key's parties {list(keys.parties)}")
+    for rank in live:
+        comm.send(torch.tensor([SERVICE, DECRYPT, 1], dtype=torch.int64), rank, REPLY)
+        comm.send_bytes(aggregate, rank, REPLY)
 
 
 def parse_decryption_report(data: bytes, rank: int, live: list[int]) -> list[int] | None:
