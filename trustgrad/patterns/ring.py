@@ -55,7 +55,8 @@ def ring_all_reduce(
     sums. The codec names the members (ranks it excluded are left out: ``flat`` comes back unchanged on them) and
     may settle a round another way (``RingCodec.gathers``, ``agree``, ``gather_sum``): every round under its default
     protocol, and a round in which a member refused a payload under the reduce-scatter one.
-    ``observe(kind, payload)`` is shown the first ciphertext received from the previous rank."""
+    ``observe(kind, payload)`` is shown the first ciphertext received from the previous rank (gathered: the previous
+    member's bytes)."""
     members = list(range(comm.world_size)) if codec is None else codec.begin_round()
     if comm.rank not in members or len(members) == 1:
         return flat
@@ -77,11 +78,11 @@ def ring_all_reduce(
     first = 0
     if codec is not None:  # the reduce-scatter on the codec's payloads; the all-gather below, on the sums
         if codec.gathers:  # the codec's default, and after a dispute: every member sums every ciphertext itself
-            return codec.gather_sum(flat)
+            return codec.gather_sum(flat, observe)
         original = flat.clone()
         _codec_reduce_scatter(flat, bounds, steps[: world - 1], codec, observe, pos, ring)
         if not codec.agree():  # a member refused a payload: every member settles the round again, together
-            return codec.gather_sum(flat.copy_(original))
+            return codec.gather_sum(flat.copy_(original), observe)
         first = world - 1
     _run_steps(comm, flat, bounds, steps, first, segment, largest, ring)
     return flat

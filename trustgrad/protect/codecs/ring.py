@@ -215,14 +215,15 @@ class RingCodec:
         return not self.disputed
 
     # ------------------------------------------------------------------ steps 7-10: gather
-    def gather_sum(self, flat: torch.Tensor) -> torch.Tensor:
+    def gather_sum(self, flat: torch.Tensor, observe: Callable[[str, Any], None] | None = None) -> torch.Tensor:
         """Steps 7-10: the sum of the members' ``flat`` (in place), with every payload all-gathered, excluding (and
-        re-keying without) every sender whose bytes fail validation. On an excluded rank ``flat`` is left as is."""
+        re-keying without) every sender whose bytes fail validation. On an excluded rank ``flat`` is left as is.
+        ``observe(kind, payload)`` is shown the previous member's gathered ciphertext, as the ring shows its own."""
         started = time.perf_counter()
         self.report["gather_rounds"] += 1
         self.report["dispute_rounds"] += int(self.disputed)
         while True:
-            total, refused = self._gather_round(flat)
+            total, refused = self._gather_round(flat, observe)
             if not refused:
                 break
             self._exclude(refused)
@@ -236,7 +237,7 @@ class RingCodec:
             self.report["dispute_round_seconds"].append(round(seconds, 3))  # a round with an exclusion: with re-key
         return flat
 
-    def _gather_round(self, flat: torch.Tensor) -> tuple[torch.Tensor, dict[int, str]]:
+    def _gather_round(self, flat: torch.Tensor, observe: Callable | None) -> tuple[torch.Tensor, dict[int, str]]:
         """One try of steps 7-9 among the current members: (the sum, {}) or (nothing, the refused senders)."""
         n = flat.numel()
         with self.stats.timing("encrypt"):
@@ -244,6 +245,9 @@ class RingCodec:
         payload = self._shown("ciphertext", own.to_bytes())
         vectors, refused = {}, {}
         gathered = self._gather_bytes(payload, n)
+        if observe is not None:  # what a peer sees of its neighbour (--record-server-view keeps the first)
+            previous = self.members[(self.members.index(self.comm.rank) - 1) % len(self.members)]
+            observe("ciphertext", (gathered[previous], previous))
         for rank, data in gathered.items():  # 7. every member validates the same bytes
             try:
                 vectors[rank] = _vector(self.keys, data, n)
