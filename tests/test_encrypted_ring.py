@@ -17,20 +17,25 @@ from trustgrad.run import run
 from trustgrad.secure import CryptoStats, setup_keys
 
 
-def _encrypted_vs_builtin(ctx, n):
+def _crypto(protocol: str) -> CryptoConfig:
+    return CryptoConfig(encrypt="ckks", keys="threshold", ring_ciphertexts=protocol)
+
+
+def _encrypted_vs_builtin(ctx, n, protocol):
     comm = Comm(ctx, timeout=120)
     stats = CryptoStats()
-    keys = setup_keys(comm, CryptoConfig(encrypt="ckks", keys="threshold"), range(ctx.world_size), (), stats)
+    keys = setup_keys(comm, _crypto(protocol), range(ctx.world_size), (), stats)
     x = torch.randn(n, generator=torch.Generator().manual_seed(ctx.rank))
-    ours = ring_all_reduce(comm, x.clone(), codec=RingCodec(comm, keys, stats))  # the ring, through the codec
+    codec = RingCodec(comm, keys, stats, crypto=_crypto(protocol))
+    ours = ring_all_reduce(comm, x.clone(), codec=codec)  # the ring, through the codec
     ref = x.clone()
     dist.all_reduce(ref)
     return {"err": float((ours - ref).abs().max()), "scale": float(ref.abs().max()), **stats.summary()}
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_encrypted_ring_equals_engine_all_reduce(world):
-    out = run_ranks(_encrypted_vs_builtin, world, 5003)
+@pytest.mark.parametrize("world, protocol", [(2, "gather"), (3, "gather"), (3, "reduce-scatter")])
+def test_encrypted_ring_equals_engine_all_reduce(world, protocol):
+    out = run_ranks(_encrypted_vs_builtin, world, 5003, protocol)
     for r in out:
         # CKKS at 2^50 is ~1e-11 off and float32 rounding ~1e-7 relative; every rank's flooding noise (sigma each,
         # docs/threshold-keys.md) dominates: within 7 standard deviations of their sum
@@ -54,6 +59,12 @@ def test_encrypted_ring_training_follows_the_plaintext_run():
         (["--pattern", "allreduce", "--encrypt", "ckks", "--keys", "threshold"], "patterns that support it: ps, ring"),
         (["--pattern", "ring", "--encrypt", "ckks", "--keys", "threshold", "--ring-dim", "1024"], "ring"),
         (["--encrypt", "paillier"], "encrypt must be one of none, ckks"),
+        (["--pattern", "ring", "--ring-ciphertexts", "reduce-scatter"], "needs --pattern ring --encrypt ckks --keys"),
+        (
+            ["--pattern", "ps", "--encrypt", "ckks", "--keys", "threshold", "--ring-ciphertexts", "reduce-scatter"],
+            "needs",
+        ),
+        (["--pattern", "ring", "--ring-ciphertexts", "ring"], "ring_ciphertexts must be one of gather, reduce-scatter"),
     ],
 )
 def test_unsupported_or_insecure_encryption_is_refused(capsys, argv, needle):
@@ -90,33 +101,35 @@ def test_the_encrypted_server_receives_no_secret_and_records_only_ciphertext(tmp
     assert view.kind == "ciphertext" and view.gradients is None and len(view.ciphertext) > 100_000
 
 
-def _two_forgers(ctx, n):
+def _two_forgers(ctx, n, protocol):
     """Rank 2 crafts every ciphertext, rank 3 every partial decryption, from the first; two all-reduces."""
     from trustgrad.attacks.poisoning import wire_tamper
 
     comm = Comm(ctx, timeout=120)
     stats = CryptoStats()
-    keys = setup_keys(comm, CryptoConfig(encrypt="ckks", keys="threshold"), range(ctx.world_size), (), stats)
+    keys = setup_keys(comm, _crypto(protocol), range(ctx.world_size), (), stats)
     malicious = ("rank=2,attack=crafted-ciphertext,from-step=0", "rank=3,attack=crafted-partial,from-step=0")
-    codec = RingCodec(comm, keys, stats, wire_tamper(malicious, ctx.rank))
+    codec = RingCodec(comm, keys, stats, wire_tamper(malicious, ctx.rank), _crypto(protocol))
     x = torch.randn(n, generator=torch.Generator().manual_seed(ctx.rank))
     ref = x.clone() if ctx.rank not in (2, 3) else torch.zeros(n)
     dist.all_reduce(ref)  # the survivors' sum, by the engine
-    sums = [ring_all_reduce(comm, x.clone(), codec=codec) for _ in range(2)]  # the 2nd: survivors, dispute mode
+    sums = [ring_all_reduce(comm, x.clone(), codec=codec) for _ in range(2)]  # the 2nd: the survivors, gathered
     return {
         "err": max(float((s - ref).abs().max()) for s in sums),
         "unchanged": all(torch.equal(s, x) for s in sums),
         "scale": float(ref.abs().max()),
-        **{k: codec.report[k] for k in ("exclusions", "rekeys", "dispute_rounds")},
+        **{k: codec.report[k] for k in ("exclusions", "rekeys", "dispute_rounds", "gather_rounds")},
         "members": codec.members,
     }
 
 
-def test_the_encrypted_ring_excludes_two_forgers_and_sums_the_survivors():
+@pytest.mark.parametrize("protocol, disputes", [("gather", 0), ("reduce-scatter", 2)])
+def test_the_encrypted_ring_excludes_two_forgers_and_sums_the_survivors(protocol, disputes):
     """5 ranks: a crafted ciphertext (rank 2) and a crafted partial decryption (rank 3) in the first all-reduce. Each
     is excluded in turn by every other rank (two re-keys), and ranks 0, 1 and 4 end both all-reduces with the
-    engine's sum of their own vectors; the forgers' vectors come back as they were."""
-    out = run_ranks(_two_forgers, 5, 3001)
+    engine's sum of their own vectors; the forgers' vectors come back as they were. Both rounds are gathered; only
+    under reduce-scatter is that a dispute."""
+    out = run_ranks(_two_forgers, 5, 3001, protocol)
     for rank, r in enumerate(out):
         reasons = [(e["rank"], e["round"], e["reason"].split(":")[0]) for e in r["exclusions"]]
         if rank == 2:  # out at the first try: it never sees rank 3's partial
@@ -126,5 +139,6 @@ def test_the_encrypted_ring_excludes_two_forgers_and_sums_the_survivors():
         if rank == 3:
             assert r["unchanged"], r
             continue
-        assert r["members"] == [0, 1, 4] and r["rekeys"] == 2 and r["dispute_rounds"] == 2, r
+        assert r["members"] == [0, 1, 4] and r["rekeys"] == 2 and r["gather_rounds"] == 2, r
+        assert r["dispute_rounds"] == disputes, r
         assert r["err"] <= 1e-6 * max(1.0, r["scale"]) + 7 * FLOODING.sigma(50) * 5**0.5, r

@@ -91,28 +91,36 @@ def _plain_audit(step: int):
     return run(_ps("shared", (f"rank=2,attack=noise,from-step={step}",), proof="audit"))
 
 
-def _ring(malicious: tuple[str, ...], encrypt: str = "ckks") -> RunConfig:
+def _ring(malicious: tuple[str, ...], encrypt: str = "ckks", protocol: str = "gather") -> RunConfig:
     cfg = RunConfig(workers=3, epochs=1, max_steps=4, seed=1, progress=False, malicious=malicious)
-    return cfg.replace(pattern={"name": "ring"}, crypto={"encrypt": encrypt, "keys": "threshold"})
+    crypto = {"encrypt": encrypt, "keys": "threshold", "ring_ciphertexts": protocol}
+    return cfg.replace(pattern={"name": "ring"}, crypto=crypto)
 
 
 @pytest.mark.parametrize(
-    "attack, start, reason",
+    "protocol, attack, start, reason",
     [
-        ("crafted-ciphertext", 3, "ring: rank 1 sent an invalid ciphertext"),
-        ("crafted-partial", 2, "ring: rank 1 sent an invalid partial decryption"),
+        ("gather", "crafted-ciphertext", 1, "ring: rank 1 sent an invalid ciphertext"),
+        ("gather", "crafted-partial", 1, "ring: rank 1 sent an invalid partial decryption"),
+        ("reduce-scatter", "crafted-ciphertext", 3, "ring: rank 1 sent an invalid ciphertext"),
+        ("reduce-scatter", "crafted-partial", 2, "ring: rank 1 sent an invalid partial decryption"),
     ],
 )
-def test_the_ring_excludes_the_forger_and_follows_the_plaintext_audit(attack, start, reason):
-    """Rank 1's first crafted payload goes out in round 1 (3 ciphertexts and 2 partials a round, 3 ranks): a
-    neighbour refuses it, every rank learns the complaint, the round is done again in dispute mode, where every rank
-    refuses the same bytes; rank 1 is excluded at round 1, ranks 0 and 2 re-key and redo it, and from then on step
-    on their own mean: the model of a plaintext audit that rejects worker 1 from step 1 (1e-5 + flooding)."""
-    s = run(_ring((f"rank=1,attack={attack},from-step={start}",)))
+def test_the_ring_excludes_the_forger_and_follows_the_plaintext_audit(protocol, attack, start, reason):
+    """Rank 1's first crafted payload goes out in round 1 (a round: gather, 1 ciphertext and 1 partial; reduce-scatter,
+    3 ciphertexts and 2 partials, 3 ranks). Gather: every rank refuses the same all-gathered bytes. Reduce-scatter: a
+    neighbour refuses it, every rank learns the complaint, the round is done again by gather (a dispute), where every
+    rank refuses the same bytes. Either way rank 1 is excluded at round 1, ranks 0 and 2 re-key and redo it, and from
+    then on step on their own mean: the model of a plaintext audit that rejects worker 1 from step 1 (1e-5 +
+    flooding)."""
+    s = run(_ring((f"rank=1,attack={attack},from-step={start}",), protocol=protocol))
     assert s.summary["excluded_ranks"] == [1] and s.summary["dropped_ranks"] == [1] and s.summary["rekeys"] == 1
     [exclusion] = s.summary["exclusions"]
     assert exclusion["round"] == 1 and reason in exclusion["reason"], exclusion
-    assert s.summary["replicas_final"] == 2 and s.summary["dispute_rounds"] == 3  # rounds 1-3, in dispute mode
+    assert s.summary["replicas_final"] == 2 and s.summary["ring_protocol"] == protocol
+    # (disputed, gathered) rounds: gather, all 4 from the first; reduce-scatter, rounds 1-3 after the complaint
+    disputes, gathered = (0, 4) if protocol == "gather" else (3, 3)
+    assert (s.summary["dispute_rounds"], s.summary["gather_rounds"]) == (disputes, gathered), s.summary
     assert {c["by"] for c in s.summary["complaints"] if c["against"] == [1]} <= {0, 2}  # honest complaints only
     tolerance = 1e-5 + flooding_tolerance(_ring(()).replace(workers=2))
     for name, ref in _plain_audit(1).state.items():
@@ -129,10 +137,28 @@ def test_a_false_complaint_or_an_equivocation_in_the_ring_excludes_nobody(attack
     round goes to dispute mode, where every rank holds and validates the same bytes of every sender, so nobody is
     excluded; either's only gain is that every later round is settled in dispute mode too. The model is the
     plaintext ring's (flooding)."""
-    s = run(_ring((f"rank=1,attack={attack},from-step=2",)))
+    s = run(_ring((f"rank=1,attack={attack},from-step=2",), protocol="reduce-scatter"))
     assert s.summary["excluded_ranks"] == [] and s.summary["exclusions"] == [] and s.summary["rekeys"] == 0
     assert [(c["round"], c["by"], c["against"]) for c in s.summary["complaints"]] == complaints
     assert s.summary["dispute_rounds"] == 3 and "replicas_lost" not in s.summary
+    assert s.summary["decrypted_received"] > 0  # round 0 on the ring: shares of chunks their owners sent
+    for name, ref in _plain_ring().state.items():
+        torch.testing.assert_close(s.state[name], ref, atol=flooding_tolerance(_ring(())), rtol=0)
+
+
+def test_in_gather_mode_every_member_decrypts_only_the_sum_it_computed():
+    """The default protocol closes the reduce-scatter's decryption oracle (docs/wire.md): every partial decryption a
+    member makes is of the sum it computed itself, and every member's sums are byte for byte the same ciphertexts
+    (the chained digest of what each rank decrypted), so no member can choose what the others decrypt. Rank 1
+    equivocates from round 1 (crafted partials to its peers, honest ones to the all-gather): in gather mode every
+    partial goes through the all-gather, so that is no attack at all: no complaint, no exclusion, no dispute, and
+    the model is the plaintext ring's (flooding)."""
+    s = run(_ring(("rank=1,attack=equivocate-partial,from-step=1",)))
+    stats = [r["stats"] for r in s.ranks]
+    assert [(t["decrypted_own_sums"], t["decrypted_received"]) for t in stats] == [(4, 0)] * 3, stats
+    assert len({t["decrypted_digest"] for t in stats}) == 1, stats
+    assert s.summary["ring_protocol"] == "gather" and s.summary["gather_rounds"] == 4
+    assert s.summary["dispute_rounds"] == 0 and s.summary["complaints"] == [] and s.summary["exclusions"] == []
     for name, ref in _plain_ring().state.items():
         torch.testing.assert_close(s.state[name], ref, atol=flooding_tolerance(_ring(())), rtol=0)
 

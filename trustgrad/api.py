@@ -126,7 +126,7 @@ _NESTED = {
     "pattern": ("schedule", "staleness", "servers", "straggler", "worker_timeout", "checkpoint_every", "segment_kb",
                 "topology", "local_steps", "merge", "alpha", "peer_timeout", "min_replicas", "stages", "microbatches",
                 "pipeline_schedule", "split_points"),
-    "crypto": ("ring_dim", "scale_bits", "security"),
+    "crypto": ("ring_dim", "scale_bits", "security", "ring_ciphertexts"),
     "proof": ("k", "audit_rate", "audit_threshold"),
     "model": ("hidden", "depth"),
 }  # fmt: skip

@@ -107,10 +107,14 @@ class CryptoConfig:
     ring_dim: int = 0  # 0: the smallest secure ring dimension for the depth
     scale_bits: int = 0  # 0: 40 (shared) or 50 (threshold, flooding noise)
     security: str = "128"  # 128 | 192 | 256 | none (insecure: tests and experiments only)
+    # the encrypted ring: gather (every member sums every member's ciphertext itself) or reduce-scatter (cheaper,
+    # private only against honest-but-curious members; docs/wire.md, "The encrypted ring's protocols")
+    ring_ciphertexts: str = "gather"
 
     def __post_init__(self) -> None:
         _one_of(self, "encrypt", ("none", "ckks"))
         _one_of(self, "keys", ("shared", "threshold"))
+        _one_of(self, "ring_ciphertexts", ("gather", "reduce-scatter"))
         _one_of(self, "security", ("128", "192", "256", "none"))
         _in_ranges(self, _CRYPTO_RANGES)
         if self.ring_dim and self.ring_dim & (self.ring_dim - 1):
@@ -195,6 +199,7 @@ class RunConfig:
             _spec_numbers("--malicious", spec, _MALICIOUS_RANGES)
         self._check_straggler_fits_timeout()
         self._check_robustness()
+        self._check_ring_ciphertexts()
         _one_of(self, "augment", ("none", "crop-flip", "flip"))
         if self.augment != "none" and self.proof.mode == "blind":
             raise ConfigError(
@@ -212,6 +217,15 @@ class RunConfig:
             raise ConfigError(
                 f"--straggler {_short(self.pattern.straggler)}: a straggling step lasts {longest:g} s, not less than "
                 f"--timeout {self.timeout:g} s; lower step-ms or slowdown, or raise --timeout"
+            )
+
+    def _check_ring_ciphertexts(self) -> None:
+        """The opt-in weakens a guarantee: refused where it would not apply, so nobody believes it did something."""
+        threshold = self.crypto.encrypt == "ckks" and self.crypto.keys == "threshold"
+        if self.crypto.ring_ciphertexts != "gather" and (self.pattern.name != "ring" or not threshold):
+            raise ConfigError(
+                "--ring-ciphertexts reduce-scatter needs --pattern ring --encrypt ckks --keys threshold (it is how "
+                "the encrypted ring sums ciphertexts)"
             )
 
     def _check_optimizer(self) -> None:

@@ -158,6 +158,15 @@ _GROUPS: list[tuple[str, list[tuple[str, str, Any, str]]]] = [
         [
             ("--encrypt", "crypto.encrypt", str, "none (default) or ckks: encrypt what workers send"),
             ("--keys", "crypto.keys", str, "ckks key mode: shared or threshold (n-of-n multiparty)"),
+            (
+                "--ring-ciphertexts",
+                "crypto.ring_ciphertexts",
+                str,
+                "encrypted ring: gather (default; every member all-gathers every member's ciphertext and decrypts "
+                "only the sum it computed itself) or reduce-scatter (bandwidth-optimal, but private only against "
+                "honest-but-curious members: a malicious member can make the others decrypt a ciphertext of its "
+                "choice)",
+            ),
             ("--ring-dim", "crypto.ring_dim", int, "ckks ring dimension (default: smallest secure)"),
             ("--scale-bits", "crypto.scale_bits", int, "ckks scaling factor bits (default 40 shared, 50 threshold)"),
             (

@@ -17,8 +17,9 @@ lands, overlapping the additions with the transfers. Chunks of at most four segm
 segments 1.6x the built-in, whole chunks 1.07x).
 
 Encrypted (``protect.codecs.ring``), the codec names the ring's members: a member whose ciphertext or partial
-decryption fails validation is excluded by all the others alike, and the ring closes over the survivors
-(docs/wire.md, "The encrypted ring's dispute mode"). The plaintext ring is every rank of the job, always.
+decryption fails validation is excluded by all the others alike, and the ring closes over the survivors; by default
+the codec sums ciphertexts by all-gathering them rather than on the ring (docs/wire.md, "The encrypted ring's
+protocols"). The plaintext ring is every rank of the job, always.
 """
 
 from __future__ import annotations
@@ -52,8 +53,10 @@ def ring_all_reduce(
     homomorphically, each rank's chunk revealed by every key holder's partial decryption); None: plaintext, added in
     place, over every rank of the job. Both follow the same schedule and end with the same all-gather of plaintext
     sums. The codec names the members (ranks it excluded are left out: ``flat`` comes back unchanged on them) and
-    may settle a round in which a member refused a payload another way (``RingCodec.agree``, ``dispute_sum``).
-    ``observe(kind, payload)`` is shown the first ciphertext received from the previous rank."""
+    may settle a round another way (``RingCodec.gathers``, ``agree``, ``gather_sum``): every round under its default
+    protocol, and a round in which a member refused a payload under the reduce-scatter one.
+    ``observe(kind, payload)`` is shown the first ciphertext received from the previous rank (gathered: the previous
+    member's bytes)."""
     members = list(range(comm.world_size)) if codec is None else codec.begin_round()
     if comm.rank not in members or len(members) == 1:
         return flat
@@ -74,12 +77,12 @@ def ring_all_reduce(
     ring = (members[(pos + 1) % world], members[(pos - 1) % world])  # (next, previous)
     first = 0
     if codec is not None:  # the reduce-scatter on the codec's payloads; the all-gather below, on the sums
-        if codec.disputed:
-            return codec.dispute_sum(flat)
+        if codec.gathers:  # the codec's default, and after a dispute: every member sums every ciphertext itself
+            return codec.gather_sum(flat, observe)
         original = flat.clone()
         _codec_reduce_scatter(flat, bounds, steps[: world - 1], codec, observe, pos, ring)
         if not codec.agree():  # a member refused a payload: every member settles the round again, together
-            return codec.dispute_sum(flat.copy_(original))
+            return codec.gather_sum(flat.copy_(original), observe)
         first = world - 1
     _run_steps(comm, flat, bounds, steps, first, segment, largest, ring)
     return flat
@@ -187,7 +190,7 @@ class Ring(GradientAveraging):
 
     @classmethod
     def offers_for(cls, cfg: RunConfig) -> frozenset[str]:
-        """Encrypted, the ring excludes a member whose bytes fail validation and goes on (the codec's dispute mode)."""
+        """Encrypted, the ring excludes a member whose bytes fail validation and goes on (the codec's gather steps)."""
         return cls.offers | {"excludes-workers"} if protect.build(cfg).encrypted else cls.offers
 
     @classmethod

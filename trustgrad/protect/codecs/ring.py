@@ -1,8 +1,15 @@
 """The ring's codec: CKKS ciphertexts under threshold keys, so no peer ever sees another's gradient.
 
-The ring algorithm is ``patterns/ring.ring_all_reduce``, the same for plaintext and ciphertexts; this codec fills
-steps 1-5 (``encode``, ``exchange`` + ``combine``, ``reveal``), step 6 is the plaintext ring's all-gather, and steps
-7-10 settle a round in which a member refused a payload (docs/wire.md, "The encrypted ring's dispute mode").
+Two protocols (``--ring-ciphertexts``, docs/wire.md, "The encrypted ring's protocols"):
+
+* ``gather`` (the default): every round is steps 7-10 below, from the first. Every member decrypts only the sum it
+  computed itself from bytes every member holds alike, so no member can make the others decrypt a ciphertext of its
+  choice. Each member sends (W-1) whole encrypted vectors a round instead of the ring's 2 (W-1)/W.
+* ``reduce-scatter``: steps 1-6, the bandwidth-optimal ring on ciphertexts (``patterns/ring.ring_all_reduce`` fills
+  them through ``encode``, ``exchange`` + ``combine``, ``reveal``), with steps 7-10 only for a round in which a member
+  refused a payload, and every round after it. Private only against honest-but-curious members: in step 3 nothing
+  ties the ciphertext an owner sends to the real sum, so a malicious owner can send a fresh ciphertext of another
+  member (a chunk it relayed in step 2) and collect every member's partial decryption of it: that member's chunk.
 
 Protocol, for W members that each hold a share of an n-of-n threshold key (``secure.keys``) and a flat vector cut into
 W chunks (chunk j is *owned* by the member at position j-1, the rank that finishes reducing it in a plaintext ring):
@@ -18,10 +25,10 @@ W chunks (chunk j is *owned* by the member at position j-1, the rank that finish
 6. Agree, then all-gather: every member contributes a fixed-size status (whom it refused this round, and whether it
    could not finish) to the engine's all-gather, so every member learns every complaint alike. None: the plaintext
    sums go around the ring and every member learns the sum, which is what all-reduce is for, and nothing else.
-7. Dispute (any complaint; from then on for the rest of the run): the round is done again with the engine's
-   collectives. Every member encrypts its whole vector and all-gathers the bytes: every member validates the same
-   bytes of every sender, so every honest member refuses exactly the same senders, and no sender can show different
-   bytes to different members.
+7. Gather (every round by default; in reduce-scatter mode the round of a complaint, done again, and every later
+   one), with the engine's collectives. Every member encrypts its whole vector and all-gathers the bytes: every
+   member validates the same bytes of every sender, so every honest member refuses exactly the same senders, and no
+   sender can show different bytes to different members.
 8. No refusal: every member adds all the vectors itself (the same sum, in member order), computes its flooded
    partial decryption of that sum and all-gathers it; again every member validates the same bytes.
 9. Every member fuses the W partials: the sum. What a peer saw: ciphertexts of each vector, and partials of the
@@ -84,7 +91,7 @@ class RingCodec:
         self.tamper = tamper or (lambda kind, payload: payload)  # --malicious ...,attack=crafted-*: what we send
         # --malicious ...,attack=false-report: whom it says it refused (as SecureWorker's report to the ps server)
         self.reports = getattr(tamper, "reports", None)
-        # --malicious ...,attack=equivocate-partial: crafted to its peers, honest when everyone looks (dispute mode)
+        # --malicious ...,attack=equivocate-partial: crafted to its peers, honest when everyone looks (gather steps)
         self.shows = getattr(tamper, "shows", None)
         self.crypto = crypto or CryptoConfig(encrypt="ckks", keys="threshold")
         self.conduct = conduct  # this rank as a key party when the survivors re-key
@@ -92,13 +99,18 @@ class RingCodec:
         self.members = list(keys.parties)
         self.started = len(self.members)
         self.group: Any = None  # the members' process group (None: the job's)
-        self.disputed = False  # once a round was disputed, every later one is settled in dispute mode (step 7)
+        # settle rounds with steps 7-10: from the first (gather), or once a round was disputed (reduce-scatter)
+        self.gathers = self.crypto.ring_ciphertexts == "gather"
+        self.disputed = False
         self.round = -1
         self.refusals: dict[int, str] = {}  # this round's complaints: sender -> why
         self.unfinished = False  # this rank could not fuse its chunk this round
+        # dispute_*: rounds settled by gather because of a complaint (reduce-scatter mode only); decrypted_*: what this
+        # rank partially decrypted (docs/wire.md: in gather mode only sums it computed itself, the same at every member)
         self.report: dict[str, Any] = {
-            "exclusions": [], "complaints": [], "dispute_rounds": 0, "dispute_seconds": 0.0,
-            "dispute_round_seconds": [], "rekeys": 0, "rekey_seconds": 0.0,
+            "ring_protocol": self.crypto.ring_ciphertexts, "exclusions": [], "complaints": [], "gather_rounds": 0,
+            "gather_seconds": 0.0, "dispute_rounds": 0, "dispute_seconds": 0.0, "dispute_round_seconds": [],
+            "rekeys": 0, "rekey_seconds": 0.0, "decrypted_own_sums": 0, "decrypted_received": 0, "decrypted_digest": "",
         }  # fmt: skip
 
     @classmethod
@@ -157,8 +169,8 @@ class RingCodec:
             got = self._vector(comm.exchange_bytes(blob, dst, src, _TAG), src, bounds[j + 1] - bounds[j])
             if got is not None:
                 chunks[j] = got
-        with self.stats.timing("decrypt"):  # 4. shares of chunk j go to its owner
-            shares = {j: partial_decrypt(self.keys.secret, c) for j, c in chunks.items()}  # type: ignore[arg-type]
+        # 4. shares of chunk j go to its owner; every chunk but ours came from its owner, unverifiable here
+        shares = {j: self._share(c, own=j == mine) for j, c in chunks.items()}
         collected = [shares[mine]]
         for shift in range(1, world):
             dst, src = members[(pos + shift) % world], members[(pos - shift) % world]
@@ -183,8 +195,8 @@ class RingCodec:
     # ------------------------------------------------------------------ step 6: agree
     def agree(self) -> bool:
         """Step 6: every member's complaints, through the engine's all-gather (a fixed-size status each, so nobody
-        waits for a message that may not come); True when nobody flagged the round. Any flag puts the ring in
-        dispute mode (step 7) for this round and every later one."""
+        waits for a message that may not come); True when nobody flagged the round. Any flag settles this round
+        and every later one with steps 7-10."""
         members, me = self.members, self.comm.rank
         accused = sorted(self.refusals)
         if self.reports is not None:
@@ -199,16 +211,19 @@ class RingCodec:
             if against or int(row[-1]):
                 self.report["complaints"].append({"round": self.round, "by": by, "against": against})
         self.disputed = any(bool(row.any()) for row in rows)
+        self.gathers = self.gathers or self.disputed
         return not self.disputed
 
-    # ------------------------------------------------------------------ steps 7-10: dispute mode
-    def dispute_sum(self, flat: torch.Tensor) -> torch.Tensor:
+    # ------------------------------------------------------------------ steps 7-10: gather
+    def gather_sum(self, flat: torch.Tensor, observe: Callable[[str, Any], None] | None = None) -> torch.Tensor:
         """Steps 7-10: the sum of the members' ``flat`` (in place), with every payload all-gathered, excluding (and
-        re-keying without) every sender whose bytes fail validation. On an excluded rank ``flat`` is left as is."""
+        re-keying without) every sender whose bytes fail validation. On an excluded rank ``flat`` is left as is.
+        ``observe(kind, payload)`` is shown the previous member's gathered ciphertext, as the ring shows its own."""
         started = time.perf_counter()
-        self.report["dispute_rounds"] += 1
+        self.report["gather_rounds"] += 1
+        self.report["dispute_rounds"] += int(self.disputed)
         while True:
-            total, refused = self._dispute_round(flat)
+            total, refused = self._gather_round(flat, observe)
             if not refused:
                 break
             self._exclude(refused)
@@ -216,11 +231,13 @@ class RingCodec:
                 return flat
         flat.copy_(total.to(flat.dtype))
         seconds = time.perf_counter() - started
-        self.report["dispute_seconds"] += seconds
-        self.report["dispute_round_seconds"].append(round(seconds, 3))  # a round with an exclusion: with the re-key
+        self.report["gather_seconds"] += seconds
+        if self.disputed:
+            self.report["dispute_seconds"] += seconds
+            self.report["dispute_round_seconds"].append(round(seconds, 3))  # a round with an exclusion: with re-key
         return flat
 
-    def _dispute_round(self, flat: torch.Tensor) -> tuple[torch.Tensor, dict[int, str]]:
+    def _gather_round(self, flat: torch.Tensor, observe: Callable | None) -> tuple[torch.Tensor, dict[int, str]]:
         """One try of steps 7-9 among the current members: (the sum, {}) or (nothing, the refused senders)."""
         n = flat.numel()
         with self.stats.timing("encrypt"):
@@ -228,6 +245,9 @@ class RingCodec:
         payload = self._shown("ciphertext", own.to_bytes())
         vectors, refused = {}, {}
         gathered = self._gather_bytes(payload, n)
+        if observe is not None:  # what a peer sees of its neighbour (--record-server-view keeps the first)
+            previous = self.members[(self.members.index(self.comm.rank) - 1) % len(self.members)]
+            observe("ciphertext", (gathered[previous], previous))
         for rank, data in gathered.items():  # 7. every member validates the same bytes
             try:
                 vectors[rank] = _vector(self.keys, data, n)
@@ -238,8 +258,7 @@ class RingCodec:
         total = self.combine([vectors[m] for m in self.members])  # 8. the same sum at every member
         # named by the bytes it sums, so every member's partials are of one vector, and of this round's only
         total.id = hashlib.blake2b(b"".join(gathered[m] for m in self.members), digest_size=8).hexdigest()
-        with self.stats.timing("decrypt"):
-            share = partial_decrypt(self.keys.secret, total)  # type: ignore[arg-type]
+        share = self._share(total, own=True)  # the sum this rank computed: the only ciphertext it decrypts here
         partials = {}
         for rank, data in self._gather_bytes(self._shown("partial", share.to_bytes()), 0).items():
             try:
@@ -258,6 +277,17 @@ class RingCodec:
                     "be attributed without verifiable decryption"
                 ) from None
         return torch.from_numpy(np.asarray(values, dtype=np.float32)), {}
+
+    def _share(self, ciphertext: EncryptedVector, own: bool) -> PartialDecryption:
+        """This rank's partial decryption of ``ciphertext``, counted as a sum it computed itself (``own``) or one it
+        received, and chained into ``decrypted_digest``: members that decrypted byte-identical ciphertexts in the
+        same order end with the same digest (tests/test_wire_attacks.py checks that gather mode closes the oracle)."""
+        self.report["decrypted_own_sums" if own else "decrypted_received"] += 1
+        digest = hashlib.blake2b(ciphertext.to_bytes(), digest_size=16).hexdigest()
+        chained = hashlib.blake2b((self.report["decrypted_digest"] + digest).encode(), digest_size=16)
+        self.report["decrypted_digest"] = chained.hexdigest()
+        with self.stats.timing("decrypt"):
+            return partial_decrypt(self.keys.secret, ciphertext)  # type: ignore[arg-type]
 
     def _shown(self, kind: str, honest: bytes) -> bytes:
         """What this rank hands the all-gather: what it sends, or (a rank that equivocates) what it shows when every
