@@ -353,12 +353,28 @@ def _harmless(key: str, honest: Path, path: Path) -> bool:
         return True
     if key in ("config.epochs", "config.max_steps"):  # checked as far as they set the step count
         return _manifest(honest)["steps"] == _manifest(path)["steps"]
+    if key == "config.model.loss":  # "" is the model's own loss: naming that loss spells the default out
+        return _resolved_loss(honest) == _resolved_loss(path)
     if key.startswith("config."):  # a change that parses to the same config (a default spelled out or dropped)
         from trustgrad.config import config_from_dict
 
         with contextlib.suppress(Exception):
             return config_from_dict(_manifest(honest)["config"]) == config_from_dict(_manifest(path)["config"])
     return False
+
+
+def _resolved_loss(path: Path) -> str | None:
+    """The loss a proof's config trains with: its ``model.loss``, or the model's own when that is "" (None: the config
+    does not parse, or names no model the zoo builds)."""
+    from trustgrad.config import config_from_dict
+    from trustgrad.models import build_model
+
+    with contextlib.suppress(Exception):
+        model = config_from_dict(_manifest(path)["config"]).model
+        return model.loss or getattr(
+            build_model(model.name, (1, 8, 8), 10, 0, model), "trustgrad_loss", "cross-entropy"
+        )
+    return None
 
 
 def _finding(kind: str, detail: str) -> Exception:
