@@ -18,8 +18,11 @@ round (W workers are the key parties; the server and the auditor rank receive th
    and the auditor. Every worker sends the auditor its flooded partial decryption; the auditor checks each
    (``check_partial``), fuses them once and sends the fused mean, as float32, to every worker. Every worker and the
    auditor take their optimizer step on those same bits, so Adam's replicas cannot drift apart: two fusions of the
-   same partials differ (OpenFHE's decoding adds fresh noise, ~5e-12 here), one fusion used by all does not. No
-   fixed-point grid is needed (``secure/grid.py`` serves shared keys, where every worker decrypts by itself).
+   same partials differ (OpenFHE's decoding adds fresh noise, ~5e-12 here), one fusion used by all does not. One
+   fusion is not enough for runs to repeat, though: the flooding noise differs from run to run and Adam turns it
+   into steps of about lr. So the auditor encrypts the claims on a grid of its own (``secure/grid.GainedGrid``:
+   scaled by a power of two, rounded to steps 32 flooding sigmas wide) and rounds the fused sum back to it, which
+   recovers exactly the integer sum it encrypted; a different sum stops the job (docs/threshold-keys.md).
 5. A partial that fails the auditor's check names its sender: the server excludes it, the survivors re-key, the
    auditor encrypts the round's admitted claims again under the new key, and step 4 runs again.
 
