@@ -355,11 +355,17 @@ def _harmless(key: str, honest: Path, path: Path) -> bool:
         return _manifest(honest)["steps"] == _manifest(path)["steps"]
     if key == "config.model.loss":  # "" is the model's own loss: naming that loss spells the default out
         return _resolved_loss(honest) == _resolved_loss(path)
-    if key.startswith("config."):  # a change that parses to the same config (a default spelled out or dropped)
+    if key.startswith("config."):  # a change that parses to the same value (a default spelled out or dropped)
         from trustgrad.config import config_from_dict
 
+        def parsed(proof: Path) -> Any:  # this key's value in the parsed config: other changed keys judged apart
+            value: Any = config_from_dict(_manifest(proof)["config"])
+            for name in key.split(".")[1:]:
+                value = getattr(value, name)
+            return value
+
         with contextlib.suppress(Exception):
-            return config_from_dict(_manifest(honest)["config"]) == config_from_dict(_manifest(path)["config"])
+            return parsed(honest) == parsed(path)
     return False
 
 
