@@ -49,7 +49,8 @@ class GradBuckets:
                  cap: int = BUCKET_BYTES):  # fmt: skip
         self.params, self.comm = params, comm
         self.plan = plan_buckets([p.numel() for p in params], params[0].element_size(), first, cap)
-        self.flats = [torch.zeros(sum(params[i].numel() for i in b), dtype=params[0].dtype) for b in self.plan]
+        like = {"dtype": params[0].dtype, "device": params[0].device}
+        self.flats = [torch.zeros(sum(params[i].numel() for i in b), **like) for b in self.plan]
         self.where: dict[int, tuple[int, int]] = {}  # parameter index -> (bucket, offset)
         for b, members in enumerate(self.plan):
             offset = 0
