@@ -6,8 +6,9 @@ allreduce workers, ``--steps`` steps of ``--batch-size`` per worker. Measured, i
 1. the same job under PyTorch's DDP (gloo, ``forward_sync_buffers=False``: BatchNorm statistics are averaged by neither,
    trustgrad averages them after the step) on the same batches: the anchor of step time;
 2. trustgrad's ``allreduce``: step time / DDP's (both the step loop alone: no evaluation, no start-up);
-3. trustgrad's ``allreduce --proof record``: (step loop + finalising the proof) / the loop without it - 1, the proof's
-   size per epoch (bytes / steps x steps per epoch), and the time ``trustgrad verify`` takes / training time;
+3. trustgrad's ``allreduce --proof record``: (step loop + finalising the proof) / the loop without it - 1; the CPU
+   recording takes (training thread in the hook + the writer thread) / the coordinator's loop; the proof's size per
+   epoch (bytes / steps x steps per epoch), and the time ``trustgrad verify`` takes / training time;
    1-3 run ``--repeats`` times in turn and each figure is the fastest, so one burst of load on a shared machine does
    not decide a ratio;
 4. one audit replay (a claim's gradient recomputed, as ``audit.Auditor.replay`` does) / one training step; the cost
@@ -114,12 +115,20 @@ def _loop_seconds(result: Any) -> float:
     return max(r["step_seconds"] for r in result.ranks if r and "step_seconds" in r)
 
 
+def _recording_cpu(result: Any) -> float:
+    """What recording takes from the coordinator, independent of the machine's load: its training thread's time in
+    the hook (snapshots, finalising) plus the writer thread's CPU time, over the coordinator's step loop."""
+    s = result.summary
+    loop = next(r["step_seconds"] for r in result.ranks if r and r.get("coordinator"))
+    return (s.get("proof_hook_seconds", 0.0) + s.get("proof_writer_cpu_seconds", 0.0)) / loop
+
+
 def _rounds(base: Any, opts: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     """DDP, allreduce and allreduce with a proof, ``--repeats`` times in turn; the fastest of each, the last proof."""
     from ..launch import spawn
     from ..run import run
 
-    ddp, plain, rec, peaks = [], [], [], {"ddp": 0, "allreduce": 0, "proof": 0}
+    ddp, plain, rec, cpu, peaks = [], [], [], [], {"ddp": 0, "allreduce": 0, "proof": 0}
     for i in range(opts.repeats):
         ranks = spawn(_ddp_rank, opts.workers, (base,), timeout=base.timeout)
         ddp.append(max(r["train_seconds"] for r in ranks))
@@ -127,12 +136,14 @@ def _rounds(base: Any, opts: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         plain.append(_loop_seconds(done))
         proved = run(base.replace(out=str(tmp / f"rec{i}"), proof={"mode": "record"}))
         rec.append(_loop_seconds(proved) + proved.summary.get("proof_finalize_seconds", 0.0))
+        cpu.append(_recording_cpu(proved))
         for name, value in (("ddp", _peak(ranks)), ("allreduce", _peak(done.ranks)), ("proof", _peak(proved.ranks))):
             peaks[name] = max(peaks[name], value)
     return {
         "ddp": min(ddp),
         "plain": min(plain),
         "rec": min(rec),
+        "recording_cpu": min(cpu),
         "peaks": peaks,
         "summary": done.summary,
         "proof_dir": tmp / f"rec{opts.repeats - 1}" / "proof",
@@ -246,6 +257,7 @@ def run_bench(args: list[str]) -> BenchResult:
         "allreduce_step_seconds": step,
         "allreduce_vs_ddp": step / ddp_step,
         "proof_overhead": overhead,
+        "proof_recording_cpu": got["recording_cpu"],
         "proof_bytes": proof_bytes,
         "proof_bytes_per_epoch": per_epoch,
         "verify_seconds": verdict.seconds,
@@ -266,6 +278,7 @@ def run_bench(args: list[str]) -> BenchResult:
             f"| DDP step (s) | {ddp_step:.3f} | anchor |",
             f"| allreduce step (s) | {step:.3f} | {step / ddp_step:.2f}x DDP (target <= 1.0x) |",
             f"| proof recording overhead (k={opts.k}) | {overhead:+.1%} | training without (target <= 5%) |",
+            f"| proof recording CPU (hook + writer thread) | {got['recording_cpu']:.1%} | the coordinator's loop |",
             f"| proof size per epoch (MB) | {per_epoch / 1e6:.1f} | {proof_bytes / 1e6:.1f} MB for {steps} steps |",
             f"| verify (s), verdict | {verdict.seconds:.1f}, {'valid' if verdict.valid else 'INVALID'} | "
             f"{data['verify_vs_training']:.2f}x training |",
