@@ -337,4 +337,5 @@ def run_bench(args: list[str]) -> BenchResult:
     )
     passed = data["allreduce_vs_ddp"] <= 1.0 and overhead <= 0.05 and verdict.valid
     passed = passed and all(r["step_seconds"] <= 3 * ckks[0]["step_seconds"] for r in ckks[1:])
+    passed = passed and all(r["step_seconds"] <= 3 * step for r in derived)
     return BenchResult("scale", table, data, passed)
