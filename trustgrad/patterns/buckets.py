@@ -60,8 +60,9 @@ class GradBuckets:
         self.armed = False
         self._handles = [p.register_post_accumulate_grad_hook(self._hook(i)) for i, p in enumerate(params)]
 
-    def arm(self) -> None:
-        self.armed = True
+    def arm(self, early: bool = True) -> None:
+        """Start a step; ``early``: the hooks fill buckets during backward (else ``flush`` fills all of them)."""
+        self.armed = early
         self._missing = [len(b) for b in self.plan]
         self._seen = [False] * len(self.params)
         self._pending: list[Pending] = []
