@@ -14,7 +14,22 @@ import torch.distributed as dist
 
 from .launch import RankContext
 
-__all__ = ["Comm"]
+__all__ = ["Comm", "Pending"]
+
+
+class Pending:
+    """A collective in flight (``Comm.all_reduce_async``): ``wait`` returns its tensor and never waits forever."""
+
+    __slots__ = ("tensor", "_work", "_timeout")
+
+    def __init__(self, tensor: torch.Tensor, work: dist.Work | None, timeout: float):
+        self.tensor, self._work, self._timeout = tensor, work, timeout
+
+    def wait(self) -> torch.Tensor:
+        if self._work is not None:
+            self._work.wait(timedelta(seconds=self._timeout))
+            self._work = None
+        return self.tensor
 
 
 class Comm:
@@ -38,6 +53,15 @@ class Comm:
             dist.all_reduce(tensor, op=op, group=self.group)
             self._count(2 * (self.world_size - 1) / self.world_size * _nbytes(tensor))
         return tensor
+
+    def all_reduce_async(self, tensor: torch.Tensor) -> Pending:
+        """Start an in-place sum over all ranks; bytes count when it starts. Every rank must start the same
+        collectives in the same order (gloo matches them by order), as with the blocking ones."""
+        work = None
+        if self.world_size > 1:
+            work = dist.all_reduce(tensor, group=self.group, async_op=True)
+            self._count(2 * (self.world_size - 1) / self.world_size * _nbytes(tensor))
+        return Pending(tensor, work, self.timeout)
 
     def broadcast(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
         if self.world_size > 1:

@@ -172,6 +172,7 @@ def _train_worker(ctx: RankContext, cfg: RunConfig, comm: Comm, pattern: Pattern
     metrics: list[dict[str, Any]] = []
     first = pattern.start_step  # > 0 when resuming from a checkpoint: those steps are done
     started, step, last_loss = time.perf_counter(), first, float("nan")
+    stepping = 0.0  # seconds in the step loop alone (no evaluation): what ``bench scale`` compares with DDP's loop
     for epoch in range(cfg.epochs):
         losses = []
         for s in range(steps_per_epoch):
@@ -179,6 +180,7 @@ def _train_worker(ctx: RankContext, cfg: RunConfig, comm: Comm, pattern: Pattern
                 break
             if epoch * steps_per_epoch + s < first:
                 continue
+            step_started = time.perf_counter()
             idx = plan.batch(worker, epoch, s)
             tidx = torch.from_numpy(idx).to(device)
             last_loss = pattern.step(replica, augment(x_train[tidx], worker, step), y_train[tidx])
@@ -186,6 +188,7 @@ def _train_worker(ctx: RankContext, cfg: RunConfig, comm: Comm, pattern: Pattern
             event = StepEvent(epoch, step, s, worker, idx, last_loss)
             for hook in hooks:
                 hook.on_step(state, event)
+            stepping += time.perf_counter() - step_started
             step += 1
             bar.update(1)
         extra = pattern.epoch_end(replica, epoch) if losses else {}  # every rank: patterns may communicate
@@ -210,7 +213,12 @@ def _train_worker(ctx: RankContext, cfg: RunConfig, comm: Comm, pattern: Pattern
             break
     bar.close()
     pattern.finish(replica)
-    out: dict[str, Any] = {"steps": step, "worker": worker, "train_seconds": time.perf_counter() - started}
+    out: dict[str, Any] = {
+        "steps": step,
+        "worker": worker,
+        "train_seconds": time.perf_counter() - started,
+        "step_seconds": stepping,
+    }
     for hook in hooks:
         out.setdefault("stats", {}).update(hook.on_end(state) or {})
     full = pattern.full_model(replica)

@@ -1,0 +1,43 @@
+"""The proof writer streams checkpoints: the bytes it writes and hashes are exactly ``safetensors.torch.save``'s."""
+
+from __future__ import annotations
+
+import torch
+from safetensors.torch import save
+
+from trustgrad.config import RunConfig
+from trustgrad.models import build_model
+from trustgrad.proof.commit import digest
+from trustgrad.proof.format import capture_state, checkpoint_name
+from trustgrad.proof.writer import ProofWriter, safetensors_pieces
+from trustgrad.replica import Replica, make_optimizer
+
+
+def _joined(state: dict[str, torch.Tensor]) -> bytes:
+    return b"".join(bytes(piece) for piece in safetensors_pieces(state))
+
+
+def test_streamed_checkpoint_bytes_equal_safetensors_save_for_every_dtype_and_shape():
+    # every dtype the proof reader accepts and two it does not, scalars, an empty tensor, names out of order
+    state = {
+        "z": torch.zeros(3, dtype=torch.float64), "a": torch.ones(2, 2, dtype=torch.bfloat16),
+        "m": torch.tensor(3, dtype=torch.int64), "e": torch.zeros(0), "b": torch.tensor([True, False]),
+        "h": torch.ones(3, dtype=torch.float16), "i": torch.arange(5, dtype=torch.int32),
+        "u": torch.arange(7, dtype=torch.uint8), "s": torch.tensor(2.5), "k": torch.arange(2, dtype=torch.int8),
+        "q": torch.arange(2, dtype=torch.int16), "t": torch.arange(6.0).reshape(2, 3).t(),  # not contiguous
+    }  # fmt: skip
+    assert _joined(state) == save({k: v.contiguous() for k, v in state.items()})
+
+
+def test_a_written_checkpoint_is_the_saved_state_and_its_digest(tmp_path):
+    cfg = RunConfig().replace(model={"name": "cnn-bn"})
+    model = build_model("cnn-bn", (3, 32, 32), 10, 0, cfg.model)
+    replica = Replica(model, make_optimizer(model, 0.1, momentum=0.9))
+    replica.compute_gradients(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,)))
+    replica.step()  # momentum buffers, BatchNorm statistics and the step counter are all in the state
+    state = capture_state(replica.model, replica.optimizer)
+    writer = ProofWriter(tmp_path / "proof")
+    writer.add_checkpoint(3, state)
+    written = (tmp_path / "proof" / checkpoint_name(3)).read_bytes()
+    assert written == save(state)
+    assert writer.digests[3] == digest(written)

@@ -1,0 +1,113 @@
+"""Gradient buckets that start their all-reduce while backward still runs, as PyTorch's DDP overlaps communication.
+
+Parameters are cut into buckets in reverse order (backward finishes the last layers first): a small first bucket, so
+communication starts early, then buckets of about 25 MB (DDP's ``bucket_cap_mb`` and first-bucket defaults). A hook
+after each parameter's gradient is accumulated copies it into its bucket; a full bucket's sum is started at once, but
+always in bucket order, so every rank starts the same collectives in the same order even if hooks fire differently.
+
+Each entry is summed over the same W values as the one flat all-reduce it replaces; with two workers the sum is
+bit-identical (one addition commutes), with more the engine's ring may add in another order (fp32 rounding only).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..comm import Comm, Pending
+
+__all__ = ["GradBuckets", "FIRST_BUCKET_BYTES", "BUCKET_BYTES"]
+
+FIRST_BUCKET_BYTES = 1 << 20
+BUCKET_BYTES = 25 << 20
+
+
+def plan_buckets(sizes: list[int], itemsize: int, first: int, cap: int) -> list[list[int]]:
+    """Parameter indices per bucket, last parameter first; a bucket closes once it holds ``first`` (the first
+    bucket) or ``cap`` bytes.
+
+    >>> plan_buckets([4, 4, 4, 4], 4, first=16, cap=32)
+    [[3], [2, 1], [0]]
+    """
+    buckets: list[list[int]] = [[]]
+    filled = 0
+    for i in reversed(range(len(sizes))):
+        buckets[-1].append(i)
+        filled += sizes[i] * itemsize
+        if filled >= (first if len(buckets) == 1 else cap) and i > 0:
+            buckets.append([])
+            filled = 0
+    return buckets
+
+
+class GradBuckets:
+    """One replica's buckets; ``arm`` before backward, ``finish`` after it (which waits and leaves the mean in
+    ``p.grad``); ``flush`` between them starts every bucket, so a collective started next follows all of them.
+    Unarmed, the hooks do nothing, so a step that needs the whole flat gradient can take the plain path.
+    """
+
+    def __init__(self, params: list[torch.nn.Parameter], comm: Comm, first: int = FIRST_BUCKET_BYTES,
+                 cap: int = BUCKET_BYTES):  # fmt: skip
+        self.params, self.comm = params, comm
+        self.plan = plan_buckets([p.numel() for p in params], params[0].element_size(), first, cap)
+        like = {"dtype": params[0].dtype, "device": params[0].device}
+        self.flats = [torch.zeros(sum(params[i].numel() for i in b), **like) for b in self.plan]
+        self.where: dict[int, tuple[int, int]] = {}  # parameter index -> (bucket, offset)
+        for b, members in enumerate(self.plan):
+            offset = 0
+            for i in members:
+                self.where[i] = (b, offset)
+                offset += params[i].numel()
+        self.armed = False
+        self._handles = [p.register_post_accumulate_grad_hook(self._hook(i)) for i, p in enumerate(params)]
+
+    def arm(self, early: bool = True) -> None:
+        """Start a step; ``early``: the hooks fill buckets during backward (else ``flush`` fills all of them)."""
+        self.armed = early
+        self._missing = [len(b) for b in self.plan]
+        self._seen = [False] * len(self.params)
+        self._pending: list[Pending] = []
+
+    def _hook(self, i: int):  # noqa: ANN202
+        def ready(p: torch.Tensor) -> None:
+            if self.armed:
+                self._add(i, p.grad)
+
+        return ready
+
+    def _add(self, i: int, grad: torch.Tensor | None) -> None:
+        if self._seen[i]:
+            # a second accumulation in one step would change a gradient whose bucket may already be on the wire
+            raise RuntimeError(f"parameter {i} received two gradients in one backward; overlap cannot sum it once")
+        self._seen[i] = True
+        b, offset = self.where[i]
+        view = self.flats[b][offset : offset + self.params[i].numel()]
+        view.copy_(grad.reshape(-1)) if grad is not None else view.zero_()
+        self._missing[b] -= 1
+        self._launch_ready()
+
+    def _launch_ready(self) -> None:
+        # in bucket order only: gloo pairs collectives by the order ranks start them
+        while len(self._pending) < len(self.plan) and self._missing[len(self._pending)] == 0:
+            self._pending.append(self.comm.all_reduce_async(self.flats[len(self._pending)]))
+
+    def flush(self) -> None:
+        """Start what backward left: parameters it never reached count as zero gradients, as ``flat_grad`` does."""
+        for i, p in enumerate(self.params):
+            if not self._seen[i]:
+                self._add(i, p.grad)
+        self.armed = False
+
+    def finish(self) -> None:
+        """``flush``, wait for every bucket, and write the mean over ranks into each ``p.grad``."""
+        self.flush()
+        for b, pending in enumerate(self._pending):
+            flat = pending.wait().div_(self.comm.world_size)
+            for i in self.plan[b]:
+                p, offset = self.params[i], self.where[i][1]
+                if p.grad is None:
+                    p.grad = torch.empty_like(p)
+                p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
