@@ -21,12 +21,12 @@ from tests.fuzz import harness
 def _targets(specs: list[str], total: int) -> list[tuple[str, int]]:
     names = harness.target_names()
     if not specs:
-        return [(name, max(1, total // len(names))) for name in names]
+        return [(name, max(1, -(-total // len(names)))) for name in names]  # rounded up: at least --cases in all
     chosen = []
     for spec in specs:
         name, _, count = spec.partition(":")
         harness.load_target(name)  # unknown names exit with the list of known ones
-        chosen.append((name, int(count) if count else max(1, total // len(specs))))
+        chosen.append((name, int(count) if count else max(1, -(-total // len(specs)))))
     return chosen
 
 
