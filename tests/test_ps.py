@@ -163,6 +163,9 @@ def test_checkpoint_rejects_another_run_and_garbage(tmp_path):
         ServerCheckpoint.load(tmp_path, {**ident, "seed": 4}, 10)
     with pytest.raises(ConfigError, match="wrong dtype or shape"):
         ServerCheckpoint.load(tmp_path, ident, 11)
+    other_loss = ParameterServer.identity(cfg.replace(model={"loss": "tests.userzoo:smooth_ce"}))
+    with pytest.raises(ConfigError, match="another run: .*loss=tests.userzoo:smooth_ce"):
+        ServerCheckpoint.load(tmp_path, other_loss, 10)
     checkpoint_path(tmp_path).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
     with pytest.raises(ConfigError, match="not a readable ps checkpoint"):
         ServerCheckpoint.load(tmp_path, ident, 10)

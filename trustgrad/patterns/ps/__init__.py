@@ -145,7 +145,8 @@ class ParameterServer(Pattern):
             "workers": cfg.workers,
             "seed": cfg.seed,
             "dataset": cfg.dataset,
-            "model": f"{m.name}/{m.hidden}/{m.depth}",
+            # a loss other than the model's own changes every gradient (named only when set: older checkpoints match)
+            "model": f"{m.name}/{m.hidden}/{m.depth}" + (f"/loss={m.loss}" if m.loss else ""),
             "batch_size": cfg.batch_size,
             # the optimizer state in a checkpoint (one momentum buffer, or one per worker) belongs to these
             "schedule": cfg.pattern.schedule,
