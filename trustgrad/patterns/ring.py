@@ -130,7 +130,10 @@ def _run_steps(
     world = len(bounds) - 1
     # two scratch buffers (one for W = 2): a step's receives are posted while the step before adds from the other
     scratch = [torch.empty(largest, dtype=flat.dtype, device=flat.device) for _ in range(min(2, world - 1))]
-    posted = _post_receives(comm, flat, bounds, steps, first, segment, scratch, ring[1])
+    # named locals, not ring[0] / ring[1]: a failed wait's one-line error names the peer from this frame's ints
+    # (launch.describe_failure)
+    nxt, prv = ring
+    posted = _post_receives(comm, flat, bounds, steps, first, segment, scratch, prv)
     for k in range(first, len(steps)):
         # Post the next step's receives before this step's messages are waited for. gloo sends only once the peer
         # has posted the matching receive (docs/faults.md), so a receive posted when its step starts costs a second
@@ -138,11 +141,11 @@ def _run_steps(
         # step took 611 ms with receives posted at each step's start (12 hops, as the built-in's 609 ms), 366 ms now
         # (7 hops: the first step's notice, then one per step; docs/multihost.md, "Latency").
         last = k + 1 >= len(steps)
-        ahead = [] if last else _post_receives(comm, flat, bounds, steps, k + 1, segment, scratch, ring[1])
+        ahead = [] if last else _post_receives(comm, flat, bounds, steps, k + 1, segment, scratch, prv)
         send_chunk = steps[k][0]
         s0, s1 = bounds[send_chunk], bounds[send_chunk + 1]
         tag = PATTERN_ROUNDS + k
-        sends = [comm.isend(flat[start : min(start + segment, s1)], ring[0], tag) for start in range(s0, s1, segment)]
+        sends = [comm.isend(flat[start : min(start + segment, s1)], nxt, tag) for start in range(s0, s1, segment)]
         for work, start, stop, target, reduce in posted:
             comm.wait(work)
             if reduce:
