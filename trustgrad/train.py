@@ -79,7 +79,8 @@ HOOK_MODULES = ["trustgrad.attacks.recorder", "trustgrad.proof.prover"]
 
 
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1024) -> tuple[float, float]:
-    """(mean cross-entropy loss, accuracy) of ``model`` on ``(x, y)``."""
+    """(mean cross-entropy loss, accuracy) of ``model`` on ``(x, y)``: cross-entropy whatever loss trained the model,
+    so test losses compare across runs and losses (the training loss is in the metrics)."""
     if has_batch_stats(model):
         # the 32x32 BatchNorm models: ResNet-18's activations at 1024 images made a rank's peak 2 GB (bench scale);
         # the small models keep 1024, so their figures stay bit for bit what they were
