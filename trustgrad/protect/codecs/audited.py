@@ -43,7 +43,7 @@ import torch
 
 from ...comm import Comm
 from ...config import RunConfig
-from ...crypto import EncryptedVector
+from ...crypto import EncryptedVector, fuse
 from ...crypto import partial_decrypt as _partial_decrypt
 from ...errors import CryptoError, LaunchError
 from ...secure import setup_keys
@@ -51,7 +51,7 @@ from ...secure.keys import announce_rekey
 from ...tags import AUDIT_CLAIM, AUDIT_MEAN, DECRYPT, REKEY
 from ...tags import CIPHER_AUDIT as _AUDITOR
 from ...tags import PS_REPLY as REPLY
-from .ckks import RefusedPayload, SecureServer, SecureWorker, ask_to_decrypt, decode_fresh
+from .ckks import RefusedPayload, SecureServer, SecureWorker, ask_to_decrypt, check_partial, decode_fresh
 
 __all__ = ["AuditedWorker", "AuditedServer", "claim_digest", "DIGEST_BYTES", "REKEY_CMD", "ENCRYPT_CMD", "DECRYPT_CMD"]
 
@@ -229,9 +229,6 @@ class AuditedServer(SecureServer):
 def fuse_checked(keys: Any, aggregate: EncryptedVector, partials: dict[int, bytes]) -> tuple[np.ndarray | None, dict]:
     """The auditor's step 4: each party's partial checked (``check_partial``), then one fusion; the senders whose
     partial failed, with why, and no mean if any did."""
-    from ...crypto import fuse
-    from .ckks import check_partial
-
     checked, invalid = [], {}
     for rank, data in sorted(partials.items()):
         try:
