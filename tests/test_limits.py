@@ -36,6 +36,7 @@ from trustgrad.train import train_rank
 
 ROOT = Path(__file__).resolve().parents[1]
 TWO_CORES = Machine(cores=2, memory_available=8 << 30, memory_source="fixed")
+DOCUMENTED = Machine(cores=2, memory_available=22 << 30, memory_source="fixed")
 
 
 def _one_line_exit_2(capsys, argv, *needles):
@@ -177,6 +178,20 @@ def test_memory_estimate_bounds_a_real_run():
     assert model_part < growth <= estimate.process_bytes, (growth, estimate.describe())
 
 
+def test_memory_estimate_bounds_a_real_encrypted_run():
+    """The same for CKKS (protect/footprint.py): what the server and each worker of a real encrypted ps job add to
+    their resident memory stays under the estimate for that rank, and the OpenFHE part is no blanket figure."""
+    cfg = RunConfig(workers=2, max_steps=3, progress=False).replace(
+        pattern={"name": "ps"}, model={"hidden": 512}, crypto={"encrypt": "ckks", "keys": "shared"}
+    )
+    estimate = estimate_job(cfg, 3)
+    server, *workers = (r["growth"] for r in run_ranks(_measured_rank, 3, cfg))
+    assert max(workers) <= estimate.process_bytes, (workers, estimate.describe())
+    assert server <= estimate.process_bytes + estimate.server_extra, (server, estimate.describe())
+    ranks = estimate.total - estimate.parent
+    assert server + sum(workers) > ranks / 3, (server, workers, estimate.describe())  # within 3x (measured: 1.9x)
+
+
 def test_cuda_without_a_gpu_is_refused_before_launch():
     with pytest.raises(ConfigError, match="no CUDA device is visible"):
         check_launch(RunConfig(device="cuda"), TWO_CORES)
@@ -216,9 +231,9 @@ def test_documented_train_commands_pass_every_check_before_launch(tmp_path, monk
     monkeypatch.chdir(tmp_path)  # their --out folders (runs/...) are probed here
     commands = _documented_train_commands()
     assert len(commands) >= 8, commands
-    for argv in commands:
-        prepared = prepare(argv, TWO_CORES)
-        assert prepared.estimate.processes <= process_cap(TWO_CORES), argv
+    for argv in commands:  # on the machine the README documents (2 cores, 24 GB): the blind job needs about 15 GB
+        prepared = prepare(argv, DOCUMENTED)
+        assert prepared.estimate.processes <= process_cap(DOCUMENTED), argv
     assert not any(tmp_path.iterdir())  # checking wrote nothing
 
 

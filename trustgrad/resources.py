@@ -29,9 +29,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .admission import reclaimable
 from .config import ModelConfig, RunConfig
 from .errors import ConfigError
 from .machine import (
+    BUDGET_FRACTION,
     Machine,
     budget_text,
     check_processes,
@@ -140,6 +142,7 @@ class JobEstimate:
 def estimate_job(cfg: RunConfig, world_size: int, machine: Machine | None = None) -> JobEstimate:
     """Peak memory of ``cfg`` on ``world_size`` processes (see the module doc for what is counted)."""
     from .data import load_dataset
+    from .protect import build as build_protections
 
     ds = load_dataset(cfg.dataset, cfg.data_dir)
     # no process holds a model above the budget: counting its activations would only cost time
@@ -156,7 +159,9 @@ def estimate_job(cfg: RunConfig, world_size: int, machine: Machine | None = None
         "activations": 2 * cfg.batch_size * count.activations_per_sample * FLOAT_BYTES,
         "data": data,
     }
-    server_extra = cfg.workers * weights if cfg.pattern.name == "ps" else 0
+    protections = build_protections(cfg).memory(count.parameters)  # OpenFHE's keys and ciphertexts
+    per_process["openfhe"] = protections.per_rank
+    server_extra = (cfg.workers * weights if cfg.pattern.name == "ps" else 0) + protections.server
     return JobEstimate(world_size, count.parameters, per_process, server_extra, parent=RUNTIME_BYTES + weights + data)
 
 
@@ -211,6 +216,7 @@ def check_launch(cfg: RunConfig, machine: Machine | None = None, oversubscribe: 
     from .launch import under_torchrun
     from .patterns import PATTERNS
 
+    given = machine is not None  # a given machine is all there is (tests, the fuzz target): no ledger is read
     machine = machine or Machine.detect()
     world = PATTERNS.get(cfg.pattern.name).world_size(cfg)
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if under_torchrun() else world
@@ -218,10 +224,13 @@ def check_launch(cfg: RunConfig, machine: Machine | None = None, oversubscribe: 
     if not under_torchrun():  # under torchrun the agent started the processes: its --nproc-per-node decides
         check_processes(world, machine, oversubscribe)
     estimate = estimate_job(cfg, local, machine)
-    if estimate.total > memory_budget(machine):
+    # memory the user's running trustgrad jobs give back when they end: the launch waits for it (trustgrad.admission)
+    freed = 0 if given else reclaimable()
+    if estimate.total > memory_budget(machine) + int(BUDGET_FRACTION * freed):
+        waits = f", or the {human_bytes(freed)} running jobs will give back" if freed else ""
         raise ConfigError(
             f"the job needs an estimated {human_bytes(estimate.total)} ({estimate.describe()}), above "
-            f"{budget_text(machine)}; use a smaller model, batch or fewer --workers"
+            f"{budget_text(machine)}{waits}; use a smaller model, batch or fewer --workers"
         )
     for flag, folder in (("--out", cfg.out),):
         if folder:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from . import factories
+from .admission import reserve
 from .config import RunConfig, config_to_dict
 from .data import load_dataset
 from .errors import ConfigError, LaunchError
@@ -28,6 +29,7 @@ from .launch import RankContext, run_torchrun_rank, spawn, under_torchrun
 from .models import build_model
 from .patterns import PATTERNS
 from .reports import collect, publish
+from .resources import estimate_job
 from .train import train_rank
 
 __all__ = ["run", "RunResult"]
@@ -63,14 +65,18 @@ def run(cfg: RunConfig) -> RunResult:
         if ranks is None:  # not the coordinator: it writes the records
             return RunResult({}, [], {}, [])
     else:
-        ranks = spawn(
-            train_rank,
-            pattern.world_size(cfg),
-            (cfg,),
-            backend=_backend(cfg),
-            timeout=cfg.timeout,
-            may_die=lambda rank: pattern.may_lose(cfg, rank),
-        )
+        world = pattern.world_size(cfg)
+        # the job starts when its estimate fits beside the user's other running jobs (docs/limits.md, "Admission")
+        with reserve(estimate_job(cfg, world).total, f"{cfg.pattern.name} x{world}"):
+            started = time.perf_counter()
+            ranks = spawn(
+                train_rank,
+                world,
+                (cfg,),
+                backend=_backend(cfg),
+                timeout=cfg.timeout,
+                may_die=lambda rank: pattern.may_lose(cfg, rank),
+            )
     return _finish(cfg, ranks, time.perf_counter() - started)
 
 

@@ -21,11 +21,12 @@ from typing import Any
 from ..config import RunConfig
 from ..errors import ConfigError
 from . import catalog  # noqa: F401  (registers the protections)
-from .needs import CAPABILITIES, CODECS, GATES, PROOFS, Need, Spec
+from .needs import CAPABILITIES, CODECS, GATES, PROOFS, Footprint, Need, Spec
 from .slots import Batch, Claim, Correction, Gate, Observer, Received, ServerCodec, Verdict, WorkerCodec
 
 __all__ = [
-    "build", "check", "key_modes", "Protections", "Need", "Spec", "CODECS", "GATES", "PROOFS", "CAPABILITIES",
+    "build", "check", "key_modes", "Protections", "Footprint", "Need", "Spec", "CODECS", "GATES", "PROOFS",
+    "CAPABILITIES",
     "Batch", "Claim", "Correction", "Gate", "Observer", "Received", "ServerCodec", "Verdict", "WorkerCodec",
 ]  # fmt: skip
 
@@ -48,6 +49,11 @@ class Protections:
     @property
     def extra_ranks(self) -> int:
         return sum(GATES.get(g).extra_rank for g in self.gates)
+
+    def memory(self, parameters: int) -> Footprint:
+        """What this job's protections add to its ranks' peak memory (the launch estimate, ``resources``)."""
+        specs = [CODECS.get(self.codec), *(GATES.get(g) for g in self.gates)]
+        return sum((s.memory(self.cfg, parameters) for s in specs if s.memory), Footprint())
 
     def server_codec(self, comm: Any, initial: Any) -> ServerCodec:
         return CODECS.get(self.codec).server(comm, self.cfg, list(self.parties), initial)  # type: ignore[misc]

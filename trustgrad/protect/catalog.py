@@ -9,6 +9,7 @@ from typing import Any
 
 from ..config import RunConfig
 from ..errors import ConfigError
+from . import footprint
 from .needs import CODECS, ENCRYPTED_SYNC, GATES, PROOFS, UNSUPPORTED_KEYS, UNSUPPORTED_PROOF, Need, Spec
 
 __all__ = ["check_rule"]
@@ -103,23 +104,29 @@ CODECS.register("ckks-shared")(
     Spec(
         needs=(Need(frozenset({"codec-payload", "keyless-aggregator"}), UNSUPPORTED_KEYS), _SYNC),
         validate=_coordinator_stays, server=_ckks_server, worker=_ckks_worker, encrypted=True,
+        memory=footprint.ckks_codec,
     )
 )  # fmt: skip
 CODECS.register("ckks-threshold")(
     Spec(
         needs=(Need(frozenset({"codec-payload"}), UNSUPPORTED_KEYS), _SYNC),
         validate=_coordinator_stays, server=_ckks_server, worker=_ckks_worker, peer=_ckks_ring, encrypted=True,
+        memory=footprint.ckks_codec,
     )
 )  # fmt: skip
 CODECS.register("ckks-audited")(  # threshold keys with --proof audit: the auditor encrypts what it admitted
     Spec(
         needs=(Need(frozenset({"codec-payload"}), UNSUPPORTED_KEYS), _SYNC),
         validate=_coordinator_stays, server=_audited_server, worker=_audited_worker, encrypted=True,
+        memory=footprint.audited,
     )
 )  # fmt: skip
 CODECS.register("blind")(
-    Spec(needs=(_PER_CLAIM,), validate=_blind_job, server=_blind_server, worker=_blind_worker, encrypted=True)
-)
+    Spec(
+        needs=(_PER_CLAIM,), validate=_blind_job, server=_blind_server, worker=_blind_worker, encrypted=True,
+        memory=footprint.blind,
+    )
+)  # fmt: skip
 
 
 # ------------------------------------------------------------------ gates

@@ -45,6 +45,18 @@ class Need:
 
 
 @dataclass(frozen=True)
+class Footprint:
+    """Bytes a protection adds to every rank of a job at its peak, and to its server rank on top (an estimate for
+    the launch's memory check: ``protect/footprint.py``)."""
+
+    per_rank: int = 0
+    server: int = 0
+
+    def __add__(self, other: Footprint) -> Footprint:
+        return Footprint(self.per_rank + other.per_rank, self.server + other.server)
+
+
+@dataclass(frozen=True)
 class Spec:
     """A protection as the registries hold it: its needs, an extra check of the job, and how each role builds it."""
 
@@ -55,6 +67,7 @@ class Spec:
     peer: Callable[..., Any] | None = None  # codecs of patterns without a server (ring): (comm, cfg)
     extra_rank: bool = False  # the protection runs on a rank of its own after the workers (an auditor)
     encrypted: bool = False  # a codec whose server holds no plaintext
+    memory: Callable[[RunConfig, int], Footprint] | None = None  # (cfg, parameters): what it adds to a rank's peak
 
 
 CODECS: Registry[Spec] = Registry("codec")
