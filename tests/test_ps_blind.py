@@ -12,6 +12,10 @@ from trustgrad.models import build_model, poly_bce
 from trustgrad.protect.codecs.blind import K, check_threads
 from trustgrad.run import run
 
+# a blind job reserves about 12 GB (trustgrad.admission): beside `make demo`'s blind job it waits for that one to end
+# (about 5 minutes under load) before its own 1-2 minutes
+pytestmark = pytest.mark.timeout(1200)
+
 
 def _cfg(steps: int, blind: bool = True, malicious: tuple[str, ...] = ()) -> RunConfig:
     cfg = RunConfig(workers=3, epochs=1, max_steps=steps, seed=5, lr=0.3, momentum=0.0, progress=False)

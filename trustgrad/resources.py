@@ -10,7 +10,8 @@ Two limits, both one-line ``ConfigError`` s (exit 2) naming the figures:
   is least). The estimate counts, per process: the runtime (torch, trustgrad, gloo: 150 MB private memory measured per
   forked rank), the weights, their gradients, the optimizer's momentum, two flat copies the patterns communicate
   through, the activations of one batch (forward and backward), and the dataset each rank holds; a parameter server
-  adds one parameter-sized vector per worker. It does not count OpenFHE's keys and ciphertexts.
+  adds one parameter-sized vector per worker; encrypted jobs add what their protections declare (OpenFHE's keys and
+  ciphertexts: ``protect/footprint.py``). Jobs side by side are admitted by ``trustgrad.admission``.
 
 Parameters and activations are counted on torch's ``meta`` device: the model is built and run without allocating, so
 a model of 17 GB per layer is refused in milliseconds.
