@@ -47,7 +47,8 @@ log = logging.getLogger(__name__)
 
 _TAG = EVALUATION_KEYS  # trustgrad.tags
 _SMALL = 1 << 16  # commitments
-_MAX_KEYS = 1 << 30  # one party's rotation keys at N = 16384 are ~245 MB; refuse a peer that announces more
+_MAX_KEY = 1 << 26  # one party's rotation key of one index, or its round-2 part, is ~19 MB at N = 16384; refuse a
+# peer that announces more
 
 
 def joint_evaluation_keys(
@@ -67,9 +68,13 @@ def joint_evaluation_keys(
         part = ks.eval_mult_round2(share, round1, ring.public_key.tag)
         if me != last:  # the small part first, so the combiner sums round 2 while everyone makes rotation keys
             comm.send_bytes(part, last, _TAG)
-            mine = _rotation_keys(ring, share, rotations)[1]
-            comm.send_bytes(mine, last, _TAG)
-            stats.sent(len(part) + len(mine), 0)
+            stats.sent(len(part), 0)
+            rotation = ks.common_rotations(ring.context, ring.seed, rotations)
+            for index in rotation.indices:  # one index at a time: ~19 MB each, not ~245 MB for the set
+                mine = ks.rotation_contribution(share, rotation.element(index), ring.public_key.tag)
+                comm.send_bytes(mine, last, _TAG)
+                stats.sent(len(mine), 0)
+                del mine
             return ring.public_key
         full = _combine(comm, ring, share, rotations, part, names)
         blob = full.to_bytes()
@@ -98,31 +103,27 @@ def _round1(comm: Comm, ring: KeyRing, share: KeyShare, names: dict[int, str]) -
     return joint
 
 
-def _rotation_keys(ring: KeyRing, share: KeyShare, rotations: Sequence[int]) -> tuple[Any, bytes]:
-    """Step 3, one party: the seed's common rotation elements, as this party derives them, and its keys on them."""
-    common = ks.common_rotations(ring.context, ring.seed, rotations)
-    mine = ks.rotation_contribution(share, common, ring.public_key.tag)
-    common.value = None  # hundreds of MB; only its a towers are needed from here on (to check the others')
-    return common, mine
-
-
 def _combine(
     comm: Comm, ring: KeyRing, share: KeyShare, rotations: Sequence[int], part: bytes, names: dict[int, str]
 ) -> PublicKey:
-    """Steps 2-3 at the combiner: round-2 parts summed, rotation keys checked and added one party at a time."""
+    """Steps 2-3 at the combiner: round-2 parts summed; rotation keys checked and added one index at a time, every
+    party's key of an index before the next index (one index of one party held as bytes at a time: ~19 MB)."""
     ctx, pk, parties, me = ring.context, ring.public_key, ring.parties, comm.rank
     n, tag = len(parties), pk.tag
     index = {r: i for i, r in enumerate(parties, start=1)}
-    parts = {index[r]: part if r == me else recv_patient(comm, r, _TAG, _MAX_KEYS) for r in parties}
+    parts = {index[r]: part if r == me else recv_patient(comm, r, _TAG, _MAX_KEY) for r in parties}
     mult = ks.joint_eval_mult(ctx, parts, n, tag)
-    common_rot, mine = _rotation_keys(ring, share, rotations)
-    joint_rot = ks.joint_rotations(common_rot, {1: mine}, 1, tag, {1: names[index[me]]})  # own first: drop its bytes
-    del mine
-    for rank in parties:  # one other party's rotation keys held at a time: ~245 MB each
-        if rank != me:
-            rot = recv_patient(comm, rank, _TAG, _MAX_KEYS)
-            one = ks.joint_rotations(common_rot, {1: rot}, 1, tag, {1: names[index[rank]]})
-            del rot
-            joint_rot = ctx.cc.MultiAddEvalAutomorphismKeys(joint_rot, one, tag)
-            del one
-    return ks.install(pk, mult, joint_rot, common_rot.indices)
+    del parts
+    rotation = ks.common_rotations(ctx, ring.seed, rotations)
+    joint = []
+    for i in rotation.indices:
+        common = rotation.element(i)
+        total = ks.rotation_keys(share, common, tag)  # its own: made here, so neither serialized nor parsed back
+        common.value = None  # only its a towers are needed from here on (to check the others')
+        for rank in parties:
+            if rank != me:
+                theirs = recv_patient(comm, rank, _TAG, _MAX_KEY)
+                total = ks.joint_rotations(common, {1: theirs}, 1, tag, {1: names[index[rank]]}, start=total)
+                del theirs
+        joint.append(total)
+    return ks.install(pk, mult, joint, rotation.indices)
