@@ -114,7 +114,8 @@ def measure(train_args: list[str], interval: float) -> dict:
         "args": train_args,
         "wall_seconds": round(wall, 1),
         "setup_seconds": setup,
-        "crypto_seconds": summary.get("crypto_seconds") or summary.get("crypto", {}),
+        "keygen_seconds": summary.get("he_keygen_seconds"),
+        "rekey_seconds": summary.get("rekey_seconds"),
         "bytes_sent": summary.get("bytes_sent"),
         "test_accuracy": summary.get("test_accuracy"),
         "load_before": os.getloadavg()[0],
@@ -144,7 +145,8 @@ def main() -> int:
         print(json.dumps(result))
         return 0
     print("trustgrad train " + " ".join(train))
-    print(f"wall {result['wall_seconds']} s, set-up {result['setup_seconds']} s, load {load:.1f} -> "
+    print(f"wall {result['wall_seconds']} s, set-up {result['setup_seconds']} s (re-key {result['rekey_seconds']} s, "
+          f"server keygen {result['keygen_seconds']} s), load {load:.1f} -> "
           f"{result['load_after']}, accuracy {result['test_accuracy']}, bytes {result['bytes_sent']}")  # fmt: skip
     for name, row in result["ranks"].items():
         helper = f", parser helper {row['helper_peak_mb']:.0f} MB" if row["helper_peak_mb"] else ""

@@ -260,12 +260,13 @@ class BlindServer(ServerCodec):
         for rank in parties:
             shard = self.plan.shards[rank - 1]
             limit = (len(shard) // self.layout.per_ct + 2) * 2 * CT_BYTES
-            data, _ = self.comm.recv_bytes(rank, BLIND, max_bytes=limit)
+            data, _ = self.comm.recv_bytes(rank, BLIND, max_bytes=limit, copy=False)
             try:
                 samples = EncryptedSamples.from_bytes(context, data, public_key=public)
                 if sorted(samples.ids) != sorted(int(i) for i in shard):
                     raise CryptoError("they are not the samples of its shard")
                 store.add(samples)
+                del data, samples  # the store holds the ciphertexts; the bytes go before the next owner's arrive
             except (CryptoError, ConfigError) as exc:
                 raise LaunchError(f"ps: worker {rank - 1} sent invalid encrypted samples: {exc}", rank=rank) from None
         return ring, store, BlindVerifier(public, self.layout, "poly")
