@@ -34,7 +34,7 @@ from typing import Any
 import openfhe
 
 from ..comm import Comm
-from ..crypto import KeyShare, PublicKey
+from ..crypto import KeyShare, PublicKey, wire
 from ..crypto import keyset as ks
 from ..errors import CryptoError
 from ..tags import EVALUATION_KEYS
@@ -59,7 +59,7 @@ def joint_evaluation_keys(
     parties, me, last = ring.parties, comm.rank, ring.parties[-1]
     with stats.timing("keygen"):
         if me not in parties:  # the server waits through the whole set-up (rotation key generation: minutes)
-            return PublicKey.from_bytes(ring.context, recv_patient(comm, last, _TAG))
+            return _receive(comm, ring, rotations, last)
         share = ring.secret
         if not isinstance(share, KeyShare) or not ring.seed:
             raise CryptoError("joint evaluation keys need threshold key shares from the joint key set-up")
@@ -76,11 +76,7 @@ def joint_evaluation_keys(
                 stats.sent(len(mine), 0)
                 del mine
             return ring.public_key
-        full = _combine(comm, ring, share, rotations, part, names)
-        blob = full.to_bytes()
-        for rank in receivers:
-            comm.send_bytes(blob, rank, _TAG)
-            stats.sent(len(blob), 0)
+        _combine(comm, ring, share, rotations, part, names, receivers, stats)
         log.info("rank %d: joint evaluation keys of %d parties handed out", me, len(parties))
         return ring.public_key
 
@@ -104,18 +100,27 @@ def _round1(comm: Comm, ring: KeyRing, share: KeyShare, names: dict[int, str]) -
 
 
 def _combine(
-    comm: Comm, ring: KeyRing, share: KeyShare, rotations: Sequence[int], part: bytes, names: dict[int, str]
-) -> PublicKey:
-    """Steps 2-3 at the combiner: round-2 parts summed; rotation keys checked and added one index at a time, every
-    party's key of an index before the next index (one index of one party held as bytes at a time: ~19 MB)."""
+    comm: Comm,
+    ring: KeyRing,
+    share: KeyShare,
+    rotations: Sequence[int],
+    part: bytes,
+    names: dict[int, str],
+    receivers: Sequence[int],
+    stats: CryptoStats,
+) -> None:
+    """Steps 2-3 at the combiner: round-2 parts summed and handed out with the public key; rotation keys checked and
+    added one index at a time, every party's key of an index before the next (one index of one party held as bytes
+    at a time: ~19 MB), each index's joint key handed out as soon as it is summed and then dropped (the combiner does
+    not compute with them)."""
     ctx, pk, parties, me = ring.context, ring.public_key, ring.parties, comm.rank
     n, tag = len(parties), pk.tag
     index = {r: i for i, r in enumerate(parties, start=1)}
     parts = {index[r]: part if r == me else recv_patient(comm, r, _TAG, _MAX_KEY) for r in parties}
-    mult = ks.joint_eval_mult(ctx, parts, n, tag)
+    head = ks.install(pk, ks.joint_eval_mult(ctx, parts, n, tag)).to_bytes()  # the public key with eval-mult
     del parts
+    _hand_out(comm, head, receivers, stats)
     rotation = ks.common_rotations(ctx, ring.seed, rotations)
-    joint = []
     for i in rotation.indices:
         common = rotation.element(i)
         total = ks.rotation_keys(share, common, tag)  # its own: made here, so neither serialized nor parsed back
@@ -125,5 +130,41 @@ def _combine(
                 theirs = recv_patient(comm, rank, _TAG, _MAX_KEY)
                 total = ks.joint_rotations(common, {1: theirs}, 1, tag, {1: names[index[rank]]}, start=total)
                 del theirs
-        joint.append(total)
-    return ks.install(pk, mult, joint, rotation.indices)
+        with wire.openfhe_errors("serializing the joint rotation keys"):
+            _hand_out(comm, openfhe.Serialize(total, openfhe.BINARY), receivers, stats)
+        del total
+
+
+def _hand_out(comm: Comm, data: bytes, receivers: Sequence[int], stats: CryptoStats) -> None:
+    for rank in receivers:
+        comm.send_bytes(data, rank, _TAG)
+        stats.sent(len(data), 0)
+
+
+def _receive(comm: Comm, ring: KeyRing, rotations: Sequence[int], combiner: int) -> PublicKey:
+    """A receiver (the server): the public key with the joint eval-mult key, then the joint rotation key of each
+    index in turn (as the combiner sums them: one ~19 MB message each, parsed first in the isolated helper like any
+    evaluation key), installed under the key's tag; the installed set must be exactly the indices asked for."""
+    ctx = ring.context
+    ctx.cc.ClearEvalAutomorphismKeys()  # a re-key's keys replace the old set (~245 MB), not sit beside it
+    public = PublicKey.from_bytes(ctx, recv_patient(comm, combiner, _TAG))
+    indices = sorted({int(i) for i in rotations})
+    maps = []
+    for i in indices:
+        data = recv_patient(comm, combiner, _TAG, _MAX_KEY)
+        maps.append(ctx._parse_isolated(memoryview(data), _deser_map, "eval key map", f"the joint rotation key {i}"))
+        del data
+    public = ks.install(public, None, maps, indices)
+    del maps
+    with wire.openfhe_errors("checking the joint rotation keys"):
+        have = set(ctx.cc.GetExistingEvalAutomorphismKeyIndices(public.tag))
+        want = set(ctx.cc.FindAutomorphismIndices(indices))
+    if have != want:
+        raise CryptoError(
+            f"key set-up: the combiner (rank {combiner}) handed out rotation keys for other indices than {indices}"
+        )
+    return public
+
+
+def _deser_map(b: bytes) -> Any:
+    return openfhe.DeserializeEvalKeyMapString(b, openfhe.BINARY)

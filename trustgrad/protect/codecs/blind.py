@@ -249,6 +249,9 @@ class BlindServer(ServerCodec):
 
     def receive_keys(self, parties: list[int], context: Context) -> None:
         """Keys among ``parties`` (at set-up, and after an exclusion), their evaluation keys and encrypted samples."""
+        for old in ("store", "verifier"):  # a re-key replaces every sample (~190 MB per owner): drop the old ones
+            if hasattr(self, old):  # before the new arrive, not after (they are under the old keys: useless now)
+                delattr(self, old)
         self.keys, self.store, self.verifier = self._receive(parties, context)
 
     def _receive(self, parties: list[int], context: Context) -> tuple[KeyRing, SampleStore, BlindVerifier]:
