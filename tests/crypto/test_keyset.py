@@ -192,6 +192,10 @@ def test_each_rotation_index_has_its_own_common_element(ctx):
     rotation = ks.common_rotations(ctx, b"\x06" * 32, [1, 3])
     one, three = rotation.element(1), rotation.element(3)
     assert one.layout == three.layout and set(one._a).isdisjoint(three._a)
+    assert rotation._base is not None  # templates by rewriting the map key, not a key generated per index
+    again = ks.common_rotations(ctx, b"\x06" * 32, [1, 3])
+    again._learnt = True  # as when the map key is not found: a throwaway key per index, the same element
+    assert again.element(3)._a == three._a
     mine = ks.rotation_contribution(shares[0], one, shares[0].tag)
     ks.joint_rotations(one, {1: mine}, 1, shares[0].tag)  # on its own index's element: accepted
     with pytest.raises(CryptoError, match="party 1's rotation key 3 contribution is not on the common public element"):

@@ -144,7 +144,9 @@ class CommonElement:
         shared, moduli = list(pattern[0]), pattern[1]
         if template is not None:
             with wire.openfhe_errors(f"common element ({label})"):
-                bx = openfhe.Serialize(template(), openfhe.BINARY)
+                made = template()  # a key, or the bytes of one (rotation keys: keyset.RotationElements._template)
+                bx = made if isinstance(made, (bytes, bytearray)) else openfhe.Serialize(made, openfhe.BINARY)
+                del made
         if release is not None:
             release()
         if template is not None:

@@ -13,14 +13,17 @@ round-1 key on ``a = 0`` is ``e + P s``, which every party received, and reveals
    round 2 multiplies the round-1 key by ``s_i``, so a round-1 key handed out by one party (the old chain's last) with
    a chosen ``b`` = ``c`` would have returned ``c s_i + e`` to that party, i.e. every honest share.
 2. **Relinearisation round 2**: every party sends ``s_i * joint_round1`` to the combiner (the last party), which sums.
-3. **Rotations**: every party makes its rotation keys on the common rotation elements and sends them to the combiner
-   only; the combiner checks each against the common elements (naming a party whose keys are not on them) and adds
-   them one at a time, then hands the evaluation keys with the public key to the receivers (the server).
+3. **Rotations**, one index at a time: every party derives the index's common element, makes its key on it and
+   sends it to the combiner only; the combiner checks each against the element (naming a party whose key is not on
+   it), adds every party's key of the index, hands the joint key of that index to the receivers (the server) and
+   goes on to the next index. The public key with the joint relinearisation key goes to the receivers first.
 
 Why the combiner, and not every party summing as in step 1: rotation key sets are ~245 MB each at N = 16384; every
 party receiving n of them was OOM-killed on this 2-core, 24 GB machine. What a rogue combiner can still do is spoil
 the keys it hands out (verdicts then decrypt to noise and the job stops: denial of service); it sees only RLWE samples
-on uniform elements, so no share leaks to it (docs/threshold-keys.md, residual risks).
+on uniform elements, so no share leaks to it (docs/threshold-keys.md, residual risks). Why one index at a time: the
+whole set, received, parsed and summed at once, held several ~245 MB copies per rank (2.0-2.9 GB per rank in the
+demo's blind job); one index is ~19 MB (docs/threshold-keys.md, cost).
 
 Re-keying after an exclusion runs all of this again among the survivors, on the fresh seed of their new set-up.
 """
