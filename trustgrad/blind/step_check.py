@@ -133,12 +133,10 @@ class EncryptedSamples:
     def to_bytes(self) -> bytearray:
         """A bytearray, so that ``Comm.send_bytes`` sends it without a copy (a worker's samples are ~190 MB)."""
         head = json.dumps({"layout": [self.layout.features, self.layout.classes, self.layout.slots], "ids": self.ids})
-        out = bytearray(_MAGIC)
+        chunks = [_MAGIC]
         for part in (head.encode(), self.x.to_bytes(), self.y.to_bytes()):
-            out += struct.pack("<Q", len(part))
-            out += part
-            del part
-        return out
+            chunks += [struct.pack("<Q", len(part)), part]
+        return bytearray().join(chunks)  # one copy of the parts, none of a part to prefix its length
 
     @classmethod
     def from_bytes(cls, context: Context, data: bytes, *, public_key: PublicKey | None = None) -> EncryptedSamples:
