@@ -110,8 +110,8 @@ class CommonElement:
         release: Callable[[], None] | None = None,
         pattern: tuple[tuple[bool, ...], tuple[int, ...]] | None = None,
     ) -> None:
-        """``template`` (optional): the full key to draw into, when ``pair`` makes a smaller key of the same kind
-        whose tower pattern repeats in it (rotation keys: one index to find the pattern, every index to fill);
+        """``template`` (optional): the key (or its serialized bytes) to draw into, when ``pair`` makes another key
+        of the same kind whose tower pattern repeats in it (rotation keys: keyset.RotationElements);
         ``release`` (optional): frees what ``pair``/``template`` left in the context once their bytes are read
         (rotation key sets run to hundreds of MB: a set-up that held every copy at once was OOM-killed);
         ``pattern`` (optional, with ``template``): an earlier element's ``pattern`` of the same kind of key (which
