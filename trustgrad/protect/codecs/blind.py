@@ -62,9 +62,8 @@ from ...blind import (
     SampleStore,
     encrypt_claim,
     encrypt_model,
-    encrypt_samples,
 )
-from ...blind.step_check import to_last_level
+from ...blind.step_check import encrypt_samples_bytes, to_last_level
 from ...comm import Comm
 from ...config import RunConfig
 from ...crypto import Context, EncryptedVector, partial_decrypt
@@ -178,7 +177,7 @@ class BlindWorker(SecureWorker):
         ring = setup_keys(self.comm, self.cfg.crypto, parties, [0], self.stats, context=context, behaviour=conduct)
         joint_evaluation_keys(self.comm, ring, self.layout.rotations, [0], self.stats)
         with self.stats.timing("encrypt"):
-            samples = encrypt_samples(ring.public_key, self.layout, self.x, self.y, self.shard).to_bytes()
+            samples = encrypt_samples_bytes(ring.public_key, self.layout, self.x, self.y, self.shard)
         self.comm.send_bytes(samples, 0, BLIND)
         self.stats.sent(len(samples), self.x.size)
         return ring
