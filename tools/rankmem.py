@@ -92,7 +92,9 @@ def measure(train_args: list[str], interval: float) -> dict:
             st = _status(pid)
             if st is None:
                 continue
-            rec = peaks.setdefault(pid, {"hwm": 0, "rss": 0, "parent": parent, "cmd": _cmdline(pid)})
+            rec = peaks.setdefault(pid, {"hwm": 0, "rss": 0, "parent": parent, "cmd": ""})
+            if "sandbox_helper" not in rec["cmd"]:  # read again: a child seen between fork and exec has its parent's
+                rec["cmd"] = _cmdline(pid)
             rec["hwm"], rec["rss"] = max(rec["hwm"], st["VmHWM"]), max(rec["rss"], st["VmRSS"])
         time.sleep(interval)
     stdout, stderr = proc.communicate()
