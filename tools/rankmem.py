@@ -93,8 +93,7 @@ def measure(train_args: list[str], interval: float) -> dict:
             if st is None:
                 continue
             rec = peaks.setdefault(pid, {"hwm": 0, "rss": 0, "parent": parent, "cmd": ""})
-            if "sandbox_helper" not in rec["cmd"]:  # read again: a child seen between fork and exec has its parent's
-                rec["cmd"] = _cmdline(pid)
+            rec["cmd"] = _cmdline(pid) or rec["cmd"]  # every time: one seen between fork and exec has its parent's
             rec["hwm"], rec["rss"] = max(rec["hwm"], st["VmHWM"]), max(rec["rss"], st["VmRSS"])
         time.sleep(interval)
     stdout, stderr = proc.communicate()
