@@ -29,6 +29,7 @@ from trustgrad.blind import (
     squared_distance,
 )
 from trustgrad.blind.models import linear_mse
+from trustgrad.blind.step_check import encrypt_samples_bytes
 from trustgrad.crypto import (
     Context,
     EncryptedVector,
@@ -225,7 +226,7 @@ def test_server_process_holds_no_secret(digits, tmp_path):
     files = {
         "ctx": ctx.to_bytes(),
         "pk": pk.to_bytes(),
-        "samples": encrypt_samples(pk, lay, x[ids], y[ids], ids).to_bytes(),
+        "samples": encrypt_samples_bytes(pk, lay, x[ids], y[ids], ids),  # what a worker sends
         "model": encrypt_model(pk, lay, w, b).to_bytes(),
         "claim": encrypt_claim(pk, lay, *g).to_bytes(),
         "batch": " ".join(map(str, ids)).encode(),
@@ -238,6 +239,7 @@ def test_server_process_holds_no_secret(digits, tmp_path):
     assert abs(float(decrypt(sk, verdict)[0])) / GAIN**2 <= BOUND
     with pytest.raises(CryptoError):
         EncryptedSamples.from_bytes(ctx, files["samples"][:-10])
+    assert len(files["samples"]) == len(encrypt_samples(pk, lay, x[ids], y[ids], ids).to_bytes())  # one format
 
 
 # -- threshold keys ----------------------------------------------------------------------------------------------

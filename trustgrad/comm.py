@@ -115,20 +115,31 @@ class Comm:
         work.wait(timedelta(seconds=self.timeout if timeout is None else timeout))
 
     # byte payloads (ciphertexts, proofs): a length header, then the bytes as a uint8 tensor
-    def send_bytes(self, payload: bytes, dst: int, tag: int = 0) -> None:
+    def send_bytes(self, payload: bytes | bytearray, dst: int, tag: int = 0) -> None:
+        """Send one byte payload; a ``bytearray`` is sent from its own memory (torch wants a writable buffer, so
+        ``bytes`` are copied first: the blind set-up's hundreds of MB are built as bytearrays to skip that copy)."""
         self.send(torch.tensor([len(payload)], dtype=torch.int64), dst, tag)
         if payload:
-            self.send(torch.frombuffer(bytearray(payload), dtype=torch.uint8), dst, tag)
+            buffer = payload if isinstance(payload, bytearray) else bytearray(payload)
+            self.send(torch.frombuffer(buffer, dtype=torch.uint8), dst, tag)
 
-    def recv_bytes(self, src: int | None = None, tag: int = 0, max_bytes: int = 1 << 31) -> tuple[bytes, int]:
-        """Receive one byte payload; ``max_bytes`` caps what a peer may make us allocate."""
+    def recv_bytes(
+        self, src: int | None = None, tag: int = 0, max_bytes: int = 1 << 31, *, copy: bool = True
+    ) -> tuple[bytes, int]:
+        """Receive one byte payload; ``max_bytes`` caps what a peer may make us allocate. ``copy=False``: the
+        ``bytearray`` the payload was received into, not a ``bytes`` copy of it (one copy of a large payload held,
+        not two)."""
         header = torch.zeros(1, dtype=torch.int64)
         src = self.recv(header, src, tag)
         size = int(header.item())
         if not 0 <= size <= max_bytes:
             raise ValueError(f"rank {src} announced a payload of {size} bytes (limit {max_bytes})")
         if size == 0:
-            return b"", src
+            return (b"" if copy else bytearray()), src
+        if not copy:
+            buffer = bytearray(size)
+            self.recv(torch.frombuffer(buffer, dtype=torch.uint8), src, tag)
+            return buffer, src  # type: ignore[return-value]
         buf = torch.empty(size, dtype=torch.uint8)
         self.recv(buf, src, tag)
         return buf.numpy().tobytes(), src

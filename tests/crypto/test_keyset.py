@@ -127,14 +127,15 @@ def test_joint_evaluation_keys_from_independent_common_elements(ctx, rng):
     pk = ks.joint_public_key(commons[0], contributions, PARTIES)
     seed, tag = b"\x04" * 32, pk.tag
     cm = [ks.common_eval_mult(ctx, seed) for _ in shares]
-    cr = [ks.common_rotations(ctx, seed, [1, 3]) for _ in shares]
     r1 = {s.index: ks.eval_mult_round1(s, cm[i]) for i, s in enumerate(shares)}
-    rot = {s.index: ks.rotation_contribution(s, cr[i], tag) for i, s in enumerate(shares)}
+    joint_rot = []
+    for index in (1, 3):  # one element per index, derived by each party on its own
+        cr = [ks.common_rotations(ctx, seed, [1, 3]).element(index) for _ in shares]
+        rot = {s.index: ks.rotation_contribution(s, cr[i], tag) for i, s in enumerate(shares)}
+        joint_rot.append(ks.joint_rotations(cr[1], rot, PARTIES, tag))
     joint1 = ks.joint_eval_round1(cm[0], r1, PARTIES, tag)
     r2 = {s.index: ks.eval_mult_round2(s, joint1, tag) for s in shares}
-    full = ks.install(
-        pk, ks.joint_eval_mult(ctx, r2, PARTIES, tag), ks.joint_rotations(cr[1], rot, PARTIES, tag), [1, 3]
-    )
+    full = ks.install(pk, ks.joint_eval_mult(ctx, r2, PARTIES, tag), joint_rot, [1, 3])
     x = rng.uniform(-1, 1, ctx.slots)
     ct = encrypt(full, x).ciphertexts[0]
     square = EncryptedVector(ctx, [ctx.cc.EvalMult(ct, ct)], ctx.slots, "float64", pk.tag, 1)
@@ -182,3 +183,20 @@ def test_crafted_metadata_around_honest_towers_is_refused_in_the_isolated_helper
             assert len(str(exc).splitlines()) == 1 and "party 2 (rank 2)" in str(exc), exc
             refused += 1
     assert positions and refused >= 1, (refused, len(positions))  # the mutants reach OpenFHE's parser
+
+
+def test_each_rotation_index_has_its_own_common_element(ctx):
+    """Keys of two indices on one ``a`` would hand out the difference of two automorphisms of the secret: each index
+    draws its own element, and a party's key of one index is refused as another index's, naming the party."""
+    _, _, shares = _setup(ctx)
+    rotation = ks.common_rotations(ctx, b"\x06" * 32, [1, 3])
+    one, three = rotation.element(1), rotation.element(3)
+    assert one.layout == three.layout and set(one._a).isdisjoint(three._a)
+    assert rotation._base is not None  # templates by rewriting the map key, not a key generated per index
+    again = ks.common_rotations(ctx, b"\x06" * 32, [1, 3])
+    again._learnt = True  # as when the map key is not found: a throwaway key per index, the same element
+    assert again.element(3)._a == three._a
+    mine = ks.rotation_contribution(shares[0], one, shares[0].tag)
+    ks.joint_rotations(one, {1: mine}, 1, shares[0].tag)  # on its own index's element: accepted
+    with pytest.raises(CryptoError, match="party 1's rotation key 3 contribution is not on the common public element"):
+        ks.joint_rotations(three, {1: mine}, 1, shares[0].tag)

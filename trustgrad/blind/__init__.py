@@ -41,37 +41,27 @@ A round's claims in one evaluation (``verifier.check_round(store, batches, model
 sum fails; the per-phase breakdown against a raw-OpenFHE anchor is ``trustgrad bench blind`` (docs/proposal.md).
 """
 
-from trustgrad.blind.models import poly_bce, reference_gradient, squared_distance
-from trustgrad.blind.packing import Layout
-from trustgrad.blind.params import BlindParams, context_from_bytes
-from trustgrad.blind.step_check import (
-    BlindVerifier,
-    EncryptedGradient,
-    EncryptedSamples,
-    RoundCheck,
-    SampleStore,
-    Verdict,
-    encrypt_claim,
-    encrypt_model,
-    encrypt_samples,
-    judge,
-)
+from __future__ import annotations
 
-__all__ = [
-    "BlindParams",
-    "BlindVerifier",
-    "EncryptedGradient",
-    "EncryptedSamples",
-    "Layout",
-    "RoundCheck",
-    "SampleStore",
-    "Verdict",
-    "context_from_bytes",
-    "encrypt_claim",
-    "encrypt_model",
-    "encrypt_samples",
-    "judge",
-    "poly_bce",
-    "reference_gradient",
-    "squared_distance",
-]
+import importlib
+from typing import Any
+
+# Names load on first use: the isolated parser (crypto/sandbox_helper.py) imports ``trustgrad.blind.params`` to
+# rebuild a blind context, and importing every submodule here pulled torch into each rank's helper (~0.4 GB
+# resident and seconds of imports per helper, one per rank, for a process that only parses OpenFHE bytes).
+_LAZY = {
+    "poly_bce": "models", "reference_gradient": "models", "squared_distance": "models",
+    "Layout": "packing",
+    "BlindParams": "params", "context_from_bytes": "params",
+    "BlindVerifier": "step_check", "EncryptedGradient": "step_check", "EncryptedSamples": "step_check",
+    "RoundCheck": "step_check", "SampleStore": "step_check", "Verdict": "step_check", "encrypt_claim": "step_check",
+    "encrypt_model": "step_check", "encrypt_samples": "step_check", "judge": "step_check",
+}  # fmt: skip
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'trustgrad.blind' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)

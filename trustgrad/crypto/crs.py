@@ -65,16 +65,31 @@ def towers(data: bytes, ring_dim: int) -> Towers:
 
 
 def _uniform(seed: bytes, label: str, index: int, q: int, n: int) -> np.ndarray:
-    """n values uniform mod q from SHAKE-256(seed, label, index), by rejection of masked 64-bit words."""
-    mask = (1 << q.bit_length()) - 1
-    out = np.empty(0, dtype=np.uint64)
-    counter = 0
-    while out.size < n:  # acceptance >= 1/2 per word: two passes on average
-        xof = hashlib.shake_256(b"%s|%s|%d|%d" % (seed, label.encode(), index, counter)).digest(16 * n)
-        words = np.frombuffer(xof, dtype="<u8") & np.uint64(mask)
-        out = np.concatenate([out, words[words < np.uint64(q)]])
+    """n values uniform mod q from SHAKE-256(seed, label, index), by rejection of masked 64-bit words.
+
+    The derivation: pass ``c`` = the first ``2 n`` words of SHAKE-256(seed|label|index|c); the values are the words
+    below q, in order, over passes 0, 1, ... until n are found. Words are drawn only as far as needed: SHAKE is an XOF,
+    so a shorter output is a prefix of the pass, and the first values found in a prefix are the pass's first values.
+    Moduli just below a power of two accept almost every word, so about n words (not 2 n) are drawn for them: SHAKE
+    was most of the time spent deriving the rotation keys' element. A prefix that falls short is drawn in full
+    (the pass as defined), so the next pass starts where the derivation says."""
+    bits = q.bit_length()
+    mask, rate = np.uint64((1 << bits) - 1), q / float(1 << bits)  # rate: a word's acceptance, >= 1/2
+    found: list[np.ndarray] = []
+    have, counter = 0, 0
+    while have < n:
+        xof = hashlib.shake_256(b"%s|%s|%d|%d" % (seed, label.encode(), index, counter))
+        need = n - have
+        want = min(2 * n, int(need / rate + 8 * need**0.5 / rate) + 64)  # 8 sigma above the expected draws
+        words = np.frombuffer(xof.digest(8 * want), dtype="<u8") & mask
+        kept = words[words < np.uint64(q)]
+        if kept.size < need and want < 2 * n:
+            words = np.frombuffer(xof.digest(16 * n), dtype="<u8") & mask
+            kept = words[words < np.uint64(q)]
+        found.append(kept)
+        have += kept.size
         counter += 1
-    return out[:n]
+    return np.concatenate(found)[:n] if len(found) > 1 else found[0][:n]
 
 
 class CommonElement:
@@ -89,37 +104,54 @@ class CommonElement:
         context: Context,
         seed: bytes,
         label: str,
-        pair: Callable[[], tuple[Any, Any]],
+        pair: Callable[[], tuple[Any, Any]] | None,
         parse: Callable[[bytes], Any],
         template: Callable[[], Any] | None = None,
         release: Callable[[], None] | None = None,
+        pattern: tuple[tuple[bool, ...], tuple[int, ...]] | None = None,
     ) -> None:
-        """``template`` (optional): the full key to draw into, when ``pair`` makes a smaller key of the same kind
-        whose tower pattern repeats in it (rotation keys: one index to find the pattern, every index to fill);
+        """``template`` (optional): the key (or its serialized bytes) to draw into, when ``pair`` makes another key
+        of the same kind whose tower pattern repeats in it (rotation keys: keyset.RotationElements);
         ``release`` (optional): frees what ``pair``/``template`` left in the context once their bytes are read
-        (rotation key sets run to hundreds of MB: a set-up that held every copy at once was OOM-killed)."""
+        (rotation key sets run to hundreds of MB: a set-up that held every copy at once was OOM-killed);
+        ``pattern`` (optional, with ``template``): an earlier element's ``pattern`` of the same kind of key (which
+        towers of one key are ``a``, and their moduli), so ``pair`` is not made again (rotation keys, one index at a
+        time: the pattern is the same for every index, and each pair costs two key generations)."""
         self.context, self.label, self._parse = context, label, parse
         self.tag = ""  # the joint key's tag, for the public key's element (set by ``keyset``)
         self.indices: list[int] = []  # rotation indices, for the rotation keys' element
         n = context.ring_dim
-        with wire.openfhe_errors(f"common element ({label})"):
-            x, y = pair()
-            bx, by = openfhe.Serialize(x, openfhe.BINARY), openfhe.Serialize(y, openfhe.BINARY)
-        tx, ty = towers(bx, n), towers(by, n)
-        if not tx.offsets or tx.moduli != ty.moduli:
-            raise CryptoError(f"common element ({label}): cannot locate the RNS towers of this OpenFHE version's keys")
-        shared = [bx[ox : ox + 8 * n] == by[oy : oy + 8 * n] for ox, oy in zip(tx.offsets, ty.offsets)]
-        if not any(shared) or all(shared):
-            raise CryptoError(f"common element ({label}): cannot tell the public element from the key part")
+        if pattern is None:
+            if pair is None:
+                raise CryptoError(f"common element ({label}): neither a pair of keys nor a known pattern")
+            with wire.openfhe_errors(f"common element ({label})"):
+                x, y = pair()
+                bx, by = openfhe.Serialize(x, openfhe.BINARY), openfhe.Serialize(y, openfhe.BINARY)
+            del x, y
+            tx, ty = towers(bx, n), towers(by, n)
+            if not tx.offsets or tx.moduli != ty.moduli:
+                raise CryptoError(
+                    f"common element ({label}): cannot locate the RNS towers of this OpenFHE version's keys"
+                )
+            one = [bx[ox : ox + 8 * n] == by[oy : oy + 8 * n] for ox, oy in zip(tx.offsets, ty.offsets)]
+            if not any(one) or all(one):
+                raise CryptoError(f"common element ({label}): cannot tell the public element from the key part")
+            pattern = (tuple(one), ty.moduli)
+            del by
+        elif template is None:
+            raise CryptoError(f"common element ({label}): a known pattern needs a template to draw into")
+        self.pattern = pattern
+        shared, moduli = list(pattern[0]), pattern[1]
         if template is not None:
             with wire.openfhe_errors(f"common element ({label})"):
-                bx = openfhe.Serialize(template(), openfhe.BINARY)
-        del x, y
+                made = template()  # a key, or the bytes of one (rotation keys: keyset.RotationElements._template)
+                bx = made if isinstance(made, (bytes, bytearray)) else openfhe.Serialize(made, openfhe.BINARY)
+                del made
         if release is not None:
             release()
         if template is not None:
             period, tx = len(shared), towers(bx, n)
-            if len(tx.offsets) % period or tx.moduli != ty.moduli * (len(tx.offsets) // period):
+            if len(tx.offsets) % period or tx.moduli != moduli * (len(tx.offsets) // period):
                 raise CryptoError(f"common element ({label}): the key's towers do not repeat the pattern of one key")
             shared = shared * (len(tx.offsets) // period)
         self.layout = tx.moduli

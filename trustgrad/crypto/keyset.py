@@ -28,11 +28,12 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import openfhe
 
 from trustgrad.crypto import wire
 from trustgrad.crypto.context import MAX_PARTIES, Context, PublicKey
-from trustgrad.crypto.crs import CommonElement
+from trustgrad.crypto.crs import CommonElement, towers
 from trustgrad.crypto.threshold import KeyShare
 from trustgrad.errors import CryptoError
 
@@ -50,8 +51,10 @@ __all__ = [
     "joint_eval_round1",
     "eval_mult_round2",
     "joint_eval_mult",
+    "RotationElements",
     "common_rotations",
     "rotation_contribution",
+    "rotation_keys",
     "joint_rotations",
     "threshold_keys",
 ]
@@ -176,58 +179,157 @@ def joint_eval_mult(context: Context, contributions: Mapping[int, bytes], partie
 # -- rotation keys --------------------------------------------------------------------------------------------------
 
 
-def common_rotations(context: Context, seed: bytes, indices: Sequence[int]) -> CommonElement:
-    cc, idx = context.cc, sorted({int(i) for i in indices})
-    if not idx or 0 in idx:
-        raise CryptoError("rotation indices must be non-zero integers")
+class RotationElements:
+    """The common elements of the rotation keys of ``indices``, one element per index, derived when asked for.
 
-    def installed(indices: list[int]) -> tuple[Any, Any]:
-        # throwaway keys, installed under their own tag (OpenFHE's free-standing EvalAutomorphismKeyGen maps do not
-        # serialize to maps MultiEvalAtIndexKeyGen can use); only their layout is used
-        k = cc.KeyGen()
-        cc.EvalAtIndexKeyGen(k.secretKey, indices)
-        return k, cc.GetEvalAutomorphismKeyMap(k.secretKey.GetKeyTag())
+    Why one index at a time: a whole set of rotation keys is ~245 MB at N = 16384 (13 indices), and deriving it,
+    making a party's keys on it and combining every party's set held several copies of that at once (2.7 GB per rank
+    in the demo's blind job). One index is ~19 MB; the combiner adds every party's key of one index before the next
+    (``secure.evaluation_keys``). Each index has its own element, drawn under its own label: keys of two indices on
+    one ``a`` would hand out the difference of two automorphisms of the secret plus small noise."""
 
-    def pair() -> tuple[Any, Any]:  # one index shows which towers are a's; the pattern repeats per index
-        k, base = installed(idx[:1])
-        return base, cc.MultiEvalAtIndexKeyGen(cc.KeyGen().secretKey, base, idx[:1], k.secretKey.GetKeyTag())
+    def __init__(self, context: Context, seed: bytes, indices: Sequence[int]) -> None:
+        idx = sorted({int(i) for i in indices})
+        if not idx or 0 in idx:
+            raise CryptoError("rotation indices must be non-zero integers")
+        self.context, self.seed, self.indices = context, seed, idx
+        self._pattern: Any = None  # which towers of a one-index key are a's: learnt with the first element
+        self._base: tuple[bytes, int] | None = None  # a one-index map's bytes and where its map key is (_learn)
+        self._learnt = False
 
-    def template() -> Any:
-        return installed(idx)[1]
+    def element(self, index: int) -> CommonElement:
+        """The common element of rotation ``index`` (a one-index key map on the seed's ``a``)."""
+        if index not in self.indices:
+            raise CryptoError(f"rotation {index} is not one of this set-up's indices {self.indices}")
+        cc = self.context.cc
 
-    # release: the throwaway keys stay installed in OpenFHE's process-wide map until cleared (only all tags at once in
-    # the 1.6.1 bindings): callers derive this before installing any rotation key they need
-    common = CommonElement(context, seed, "rotation keys", pair, _deser_map, template, cc.ClearEvalAutomorphismKeys)
-    common.indices = idx
-    return common
+        def installed() -> tuple[Any, Any]:
+            # throwaway keys, installed under their own tag (OpenFHE's free-standing EvalAutomorphismKeyGen maps do
+            # not serialize to maps MultiEvalAtIndexKeyGen can use); only their layout is used
+            k = cc.KeyGen()
+            cc.EvalAtIndexKeyGen(k.secretKey, [index])
+            return k, cc.GetEvalAutomorphismKeyMap(k.secretKey.GetKeyTag())
+
+        def pair() -> tuple[Any, Any]:  # which towers are a's: the same for every index, learnt once
+            k, base = installed()
+            return base, cc.MultiEvalAtIndexKeyGen(cc.KeyGen().secretKey, base, [index], k.secretKey.GetKeyTag())
+
+        # release: the throwaway keys stay installed in OpenFHE's process-wide map until cleared (only all tags at
+        # once in the 1.6.1 bindings): callers derive these before installing any rotation key they need
+        def template() -> Any:
+            return self._template(index) or installed()[1]
+
+        common = CommonElement(
+            self.context, self.seed, f"rotation key {index}", pair, _deser_map,
+            template, cc.ClearEvalAutomorphismKeys, self._pattern,
+        )  # fmt: skip
+        self._pattern = common.pattern
+        common.indices = [index]
+        return common
+
+    def _template(self, index: int) -> bytearray | None:
+        """The bytes of a one-index key map for ``index`` made without generating a key: a throwaway map's bytes with
+        its map key (the automorphism index) rewritten. A template's ``a`` towers are overwritten and its ``b``
+        towers are never read (``MultiEvalAtIndexKeyGen`` takes only the ``a`` of the map it is given), so only
+        its map key tells one index's template from another's; generating a throwaway key per index was half the
+        time of deriving the elements. ``None`` if the map key was not found (:meth:`_learn`): a key is then
+        generated per index."""
+        if not self._learnt:
+            self._base, self._learnt = self._learn(), True
+        if self._base is None:
+            return None
+        data, offset = self._base
+        out = bytearray(data)
+        out[offset : offset + 4] = int(self.context.cc.FindAutomorphismIndices([index])[0]).to_bytes(4, "little")
+        return out
+
+    def _learn(self) -> tuple[bytes, int] | None:
+        """Where the map key is, found by difference as the towers are (crypto/crs.py): two throwaway maps of one
+        secret key, for the first and the last index, differ outside their RNS towers only there, and there each
+        holds its automorphism index (a 32-bit little-endian word). Anything else: ``None``."""
+        cc, n = self.context.cc, self.context.ring_dim
+        first, last = self.indices[0], self.indices[-1]
+        if first == last:
+            return None
+        with wire.openfhe_errors("rotation keys' template"):
+            k = cc.KeyGen()
+
+            def one(index: int) -> bytes:
+                cc.EvalAtIndexKeyGen(k.secretKey, [index])
+                data = openfhe.Serialize(cc.GetEvalAutomorphismKeyMap(k.secretKey.GetKeyTag()), openfhe.BINARY)
+                cc.ClearEvalAutomorphismKeys()  # as every element's release: nothing else is installed yet
+                return data
+
+            a, b = one(first), one(last)
+            want = [int(cc.FindAutomorphismIndices([i])[0]) for i in (first, last)]
+        ta, tb = towers(a, n), towers(b, n)
+        if len(a) != len(b) or not ta.offsets or ta.offsets != tb.offsets:
+            return None
+        outside = np.ones(len(a), dtype=bool)
+        for o in ta.offsets:
+            outside[o : o + 8 * n] = False
+        diff = np.flatnonzero((np.frombuffer(a, dtype=np.uint8) != np.frombuffer(b, dtype=np.uint8)) & outside)
+        if not diff.size or diff[-1] - diff[0] >= 4:
+            return None
+        found = [
+            o for o in range(max(0, int(diff[-1]) - 3), int(diff[0]) + 1)
+            if [int.from_bytes(x[o : o + 4], "little") for x in (a, b)] == want
+        ]  # fmt: skip
+        return (a, found[0]) if len(found) == 1 else None
+
+
+def common_rotations(context: Context, seed: bytes, indices: Sequence[int]) -> RotationElements:
+    """The rotation keys' common elements (one per index: ``.element(index)``)."""
+    return RotationElements(context, seed, indices)
 
 
 def rotation_contribution(share: KeyShare, common: CommonElement, tag: str) -> bytes:
-    idx = common.indices
+    """This party's rotation keys on ``common`` (its indices: one, for an element of :class:`RotationElements`)."""
     with wire.openfhe_errors("rotation key contribution"):
-        mine = share.context.cc.MultiEvalAtIndexKeyGen(share._sk, common.value, idx, tag)
-        return openfhe.Serialize(mine, openfhe.BINARY)
+        return openfhe.Serialize(rotation_keys(share, common, tag), openfhe.BINARY)
+
+
+def rotation_keys(share: KeyShare, common: CommonElement, tag: str) -> Any:
+    """:func:`rotation_contribution` as the OpenFHE key map (the combiner adds its own without parsing it back)."""
+    with wire.openfhe_errors("rotation key contribution"):
+        return share.context.cc.MultiEvalAtIndexKeyGen(share._sk, common.value, common.indices, tag)
 
 
 def joint_rotations(
-    common: CommonElement, contributions: Mapping[int, bytes], parties: int, tag: str, names: Mapping[int, str] = {}
+    common: CommonElement,
+    contributions: Mapping[int, bytes],
+    parties: int,
+    tag: str,
+    names: Mapping[int, str] = {},
+    start: Any = None,
 ) -> Any:
+    """Check every contribution against ``common`` and sum them; ``start`` (optional): a key map of this party's
+    own to add them to (it is not checked: this party made it)."""
     cc = common.context.cc
-    return _fold(
-        common, contributions, parties, names, _deser_map, lambda x, y: cc.MultiAddEvalAutomorphismKeys(x, y, tag)
-    )
+
+    def add(x: Any, y: Any) -> Any:
+        return cc.MultiAddEvalAutomorphismKeys(x, y, tag)
+
+    total = _fold(common, contributions, parties, names, _deser_map, add)
+    if start is None:
+        return total
+    with wire.openfhe_errors(f"summing the {common.label}"):
+        return add(start, total)
 
 
 def install(
     public_key: PublicKey, eval_mult: Any = None, rotations: Any = None, indices: Sequence[int] = ()
 ) -> PublicKey:
-    """Install joint evaluation keys under the joint key's tag; returns the public key that carries them."""
+    """Install joint evaluation keys under the joint key's tag; returns the public key that carries them.
+    ``rotations``: a key map, or a list of them (one per index)."""
     cc = public_key.context.cc
     with wire.openfhe_errors("installing the joint evaluation keys"):
         if eval_mult is not None:
             cc.InsertEvalMultKey([eval_mult])
-        if rotations is not None:
-            cc.InsertEvalAutomorphismKey(rotations, public_key.tag)
+        # one key map per index (RotationElements) or one for all: OpenFHE adds each map's keys to the tag's
+        maps = rotations if isinstance(rotations, (list, tuple)) else [] if rotations is None else [rotations]
+        for keys in maps:
+            cc.InsertEvalAutomorphismKey(keys, public_key.tag)
     return PublicKey(
         public_key.context,
         public_key._pk,

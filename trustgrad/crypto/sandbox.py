@@ -69,7 +69,7 @@ class Sandbox:
             proc = self._helper()
             try:
                 send_frame(proc.stdin, json.dumps(request).encode())  # type: ignore[arg-type]
-                send_frame(proc.stdin, bytes(data))  # type: ignore[arg-type]
+                send_frame(proc.stdin, data)  # type: ignore[arg-type]
                 reply = recv_frame(proc.stdout, seconds + 5.0, proc)  # type: ignore[arg-type]
             except (OSError, TimeoutError, EOFError) as exc:
                 why = self._failure(proc, exc)
@@ -128,8 +128,10 @@ def sandbox_for(context: Any) -> Sandbox:
         return box
 
 
-def send_frame(stream: IO[bytes], payload: bytes) -> None:
-    stream.write(_LEN.pack(len(payload)) + payload)
+def send_frame(stream: IO[bytes], payload: bytes | memoryview) -> None:
+    """A length-prefixed message; ``payload`` is written as it is (no copy of a key of hundreds of MB)."""
+    stream.write(_LEN.pack(len(payload)))
+    stream.write(payload)
     stream.flush()
 
 

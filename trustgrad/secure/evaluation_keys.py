@@ -13,14 +13,17 @@ round-1 key on ``a = 0`` is ``e + P s``, which every party received, and reveals
    round 2 multiplies the round-1 key by ``s_i``, so a round-1 key handed out by one party (the old chain's last) with
    a chosen ``b`` = ``c`` would have returned ``c s_i + e`` to that party, i.e. every honest share.
 2. **Relinearisation round 2**: every party sends ``s_i * joint_round1`` to the combiner (the last party), which sums.
-3. **Rotations**: every party makes its rotation keys on the common rotation elements and sends them to the combiner
-   only; the combiner checks each against the common elements (naming a party whose keys are not on them) and adds
-   them one at a time, then hands the evaluation keys with the public key to the receivers (the server).
+3. **Rotations**, one index at a time: every party derives the index's common element, makes its key on it and
+   sends it to the combiner only; the combiner checks each against the element (naming a party whose key is not on
+   it), adds every party's key of the index, hands the joint key of that index to the receivers (the server) and
+   goes on to the next index. The public key with the joint relinearisation key goes to the receivers first.
 
 Why the combiner, and not every party summing as in step 1: rotation key sets are ~245 MB each at N = 16384; every
 party receiving n of them was OOM-killed on this 2-core, 24 GB machine. What a rogue combiner can still do is spoil
 the keys it hands out (verdicts then decrypt to noise and the job stops: denial of service); it sees only RLWE samples
-on uniform elements, so no share leaks to it (docs/threshold-keys.md, residual risks).
+on uniform elements, so no share leaks to it (docs/threshold-keys.md, residual risks). Why one index at a time: the
+whole set, received, parsed and summed at once, held several ~245 MB copies per rank (2.0-2.9 GB per rank in the
+demo's blind job); one index is ~19 MB (docs/threshold-keys.md, cost).
 
 Re-keying after an exclusion runs all of this again among the survivors, on the fresh seed of their new set-up.
 """
@@ -34,7 +37,7 @@ from typing import Any
 import openfhe
 
 from ..comm import Comm
-from ..crypto import KeyShare, PublicKey
+from ..crypto import KeyShare, PublicKey, wire
 from ..crypto import keyset as ks
 from ..errors import CryptoError
 from ..tags import EVALUATION_KEYS
@@ -47,7 +50,8 @@ log = logging.getLogger(__name__)
 
 _TAG = EVALUATION_KEYS  # trustgrad.tags
 _SMALL = 1 << 16  # commitments
-_MAX_KEYS = 1 << 30  # one party's rotation keys at N = 16384 are ~245 MB; refuse a peer that announces more
+_MAX_KEY = 1 << 26  # one party's rotation key of one index, or its round-2 part, is ~19 MB at N = 16384; refuse a
+# peer that announces more
 
 
 def joint_evaluation_keys(
@@ -58,7 +62,7 @@ def joint_evaluation_keys(
     parties, me, last = ring.parties, comm.rank, ring.parties[-1]
     with stats.timing("keygen"):
         if me not in parties:  # the server waits through the whole set-up (rotation key generation: minutes)
-            return PublicKey.from_bytes(ring.context, recv_patient(comm, last, _TAG))
+            return _receive(comm, ring, rotations, last)
         share = ring.secret
         if not isinstance(share, KeyShare) or not ring.seed:
             raise CryptoError("joint evaluation keys need threshold key shares from the joint key set-up")
@@ -67,15 +71,15 @@ def joint_evaluation_keys(
         part = ks.eval_mult_round2(share, round1, ring.public_key.tag)
         if me != last:  # the small part first, so the combiner sums round 2 while everyone makes rotation keys
             comm.send_bytes(part, last, _TAG)
-            mine = _rotation_keys(ring, share, rotations)[1]
-            comm.send_bytes(mine, last, _TAG)
-            stats.sent(len(part) + len(mine), 0)
+            stats.sent(len(part), 0)
+            rotation = ks.common_rotations(ring.context, ring.seed, rotations)
+            for index in rotation.indices:  # one index at a time: ~19 MB each, not ~245 MB for the set
+                mine = ks.rotation_contribution(share, rotation.element(index), ring.public_key.tag)
+                comm.send_bytes(mine, last, _TAG)
+                stats.sent(len(mine), 0)
+                del mine
             return ring.public_key
-        full = _combine(comm, ring, share, rotations, part, names)
-        blob = full.to_bytes()
-        for rank in receivers:
-            comm.send_bytes(blob, rank, _TAG)
-            stats.sent(len(blob), 0)
+        _combine(comm, ring, share, rotations, part, names, receivers, stats)
         log.info("rank %d: joint evaluation keys of %d parties handed out", me, len(parties))
         return ring.public_key
 
@@ -98,31 +102,72 @@ def _round1(comm: Comm, ring: KeyRing, share: KeyShare, names: dict[int, str]) -
     return joint
 
 
-def _rotation_keys(ring: KeyRing, share: KeyShare, rotations: Sequence[int]) -> tuple[Any, bytes]:
-    """Step 3, one party: the seed's common rotation elements, as this party derives them, and its keys on them."""
-    common = ks.common_rotations(ring.context, ring.seed, rotations)
-    mine = ks.rotation_contribution(share, common, ring.public_key.tag)
-    common.value = None  # hundreds of MB; only its a towers are needed from here on (to check the others')
-    return common, mine
-
-
 def _combine(
-    comm: Comm, ring: KeyRing, share: KeyShare, rotations: Sequence[int], part: bytes, names: dict[int, str]
-) -> PublicKey:
-    """Steps 2-3 at the combiner: round-2 parts summed, rotation keys checked and added one party at a time."""
+    comm: Comm,
+    ring: KeyRing,
+    share: KeyShare,
+    rotations: Sequence[int],
+    part: bytes,
+    names: dict[int, str],
+    receivers: Sequence[int],
+    stats: CryptoStats,
+) -> None:
+    """Steps 2-3 at the combiner: round-2 parts summed and handed out with the public key; rotation keys checked and
+    added one index at a time, every party's key of an index before the next (one index of one party held as bytes
+    at a time: ~19 MB), each index's joint key handed out as soon as it is summed and then dropped (the combiner does
+    not compute with them)."""
     ctx, pk, parties, me = ring.context, ring.public_key, ring.parties, comm.rank
     n, tag = len(parties), pk.tag
     index = {r: i for i, r in enumerate(parties, start=1)}
-    parts = {index[r]: part if r == me else recv_patient(comm, r, _TAG, _MAX_KEYS) for r in parties}
-    mult = ks.joint_eval_mult(ctx, parts, n, tag)
-    common_rot, mine = _rotation_keys(ring, share, rotations)
-    joint_rot = ks.joint_rotations(common_rot, {1: mine}, 1, tag, {1: names[index[me]]})  # own first: drop its bytes
-    del mine
-    for rank in parties:  # one other party's rotation keys held at a time: ~245 MB each
-        if rank != me:
-            rot = recv_patient(comm, rank, _TAG, _MAX_KEYS)
-            one = ks.joint_rotations(common_rot, {1: rot}, 1, tag, {1: names[index[rank]]})
-            del rot
-            joint_rot = ctx.cc.MultiAddEvalAutomorphismKeys(joint_rot, one, tag)
-            del one
-    return ks.install(pk, mult, joint_rot, common_rot.indices)
+    parts = {index[r]: part if r == me else recv_patient(comm, r, _TAG, _MAX_KEY) for r in parties}
+    head = ks.install(pk, ks.joint_eval_mult(ctx, parts, n, tag)).to_bytes()  # the public key with eval-mult
+    del parts
+    _hand_out(comm, head, receivers, stats)
+    rotation = ks.common_rotations(ctx, ring.seed, rotations)
+    for i in rotation.indices:
+        common = rotation.element(i)
+        total = ks.rotation_keys(share, common, tag)  # its own: made here, so neither serialized nor parsed back
+        common.value = None  # only its a towers are needed from here on (to check the others')
+        for rank in parties:
+            if rank != me:
+                theirs = recv_patient(comm, rank, _TAG, _MAX_KEY)
+                total = ks.joint_rotations(common, {1: theirs}, 1, tag, {1: names[index[rank]]}, start=total)
+                del theirs
+        with wire.openfhe_errors("serializing the joint rotation keys"):
+            _hand_out(comm, openfhe.Serialize(total, openfhe.BINARY), receivers, stats)
+        del total
+
+
+def _hand_out(comm: Comm, data: bytes, receivers: Sequence[int], stats: CryptoStats) -> None:
+    for rank in receivers:
+        comm.send_bytes(data, rank, _TAG)
+        stats.sent(len(data), 0)
+
+
+def _receive(comm: Comm, ring: KeyRing, rotations: Sequence[int], combiner: int) -> PublicKey:
+    """A receiver (the server): the public key with the joint eval-mult key, then the joint rotation key of each
+    index in turn (as the combiner sums them: one ~19 MB message each, parsed first in the isolated helper like any
+    evaluation key), installed under the key's tag; the installed set must be exactly the indices asked for."""
+    ctx = ring.context
+    ctx.cc.ClearEvalAutomorphismKeys()  # a re-key's keys replace the old set (~245 MB), not sit beside it
+    public = PublicKey.from_bytes(ctx, recv_patient(comm, combiner, _TAG))
+    indices = sorted({int(i) for i in rotations})
+    maps = []
+    for i in indices:
+        data = recv_patient(comm, combiner, _TAG, _MAX_KEY)
+        maps.append(ctx._parse_isolated(memoryview(data), _deser_map, "eval key map", f"the joint rotation key {i}"))
+        del data
+    public = ks.install(public, None, maps, indices)
+    del maps
+    with wire.openfhe_errors("checking the joint rotation keys"):
+        have = set(ctx.cc.GetExistingEvalAutomorphismKeyIndices(public.tag))
+        want = set(ctx.cc.FindAutomorphismIndices(indices))
+    if have != want:
+        raise CryptoError(
+            f"key set-up: the combiner (rank {combiner}) handed out rotation keys for other indices than {indices}"
+        )
+    return public
+
+
+def _deser_map(b: bytes) -> Any:
+    return openfhe.DeserializeEvalKeyMapString(b, openfhe.BINARY)

@@ -300,16 +300,16 @@ _PATIENCE = 5
 
 
 def recv_patient(comm: Comm, src: int, tag: int = _TAG, max_bytes: int = 1 << 31) -> bytes:
-    """``comm.recv_bytes`` that waits ``_PATIENCE`` times the job's timeout for the message to start."""
+    """``comm.recv_bytes(copy=False)`` that waits ``_PATIENCE`` times the job's timeout for the message to start."""
     header = torch.zeros(1, dtype=torch.int64)
     comm.wait(comm.irecv(header, src, tag), comm.timeout * _PATIENCE)
     size = int(header.item())
     if not 0 <= size <= max_bytes:
         raise CryptoError(f"key set-up: rank {src} announced a key of {size} bytes (limit {max_bytes})")
-    body = torch.empty(size, dtype=torch.uint8)
+    body = bytearray(size)  # received in place: a key of hundreds of MB is held once, not twice
     if size:
-        comm.wait(comm.irecv(body, src, tag))
-    return body.numpy().tobytes()
+        comm.wait(comm.irecv(torch.frombuffer(body, dtype=torch.uint8), src, tag))
+    return body  # type: ignore[return-value]
 
 
 def receive_agreed(comm: Comm, context: Context, parties: Sequence[int], what: str) -> PublicKey:

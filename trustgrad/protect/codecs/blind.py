@@ -62,9 +62,8 @@ from ...blind import (
     SampleStore,
     encrypt_claim,
     encrypt_model,
-    encrypt_samples,
 )
-from ...blind.step_check import to_last_level
+from ...blind.step_check import encrypt_samples_bytes, to_last_level
 from ...comm import Comm
 from ...config import RunConfig
 from ...crypto import Context, EncryptedVector, partial_decrypt
@@ -178,7 +177,7 @@ class BlindWorker(SecureWorker):
         ring = setup_keys(self.comm, self.cfg.crypto, parties, [0], self.stats, context=context, behaviour=conduct)
         joint_evaluation_keys(self.comm, ring, self.layout.rotations, [0], self.stats)
         with self.stats.timing("encrypt"):
-            samples = encrypt_samples(ring.public_key, self.layout, self.x, self.y, self.shard).to_bytes()
+            samples = encrypt_samples_bytes(ring.public_key, self.layout, self.x, self.y, self.shard)
         self.comm.send_bytes(samples, 0, BLIND)
         self.stats.sent(len(samples), self.x.size)
         return ring
@@ -249,6 +248,9 @@ class BlindServer(ServerCodec):
 
     def receive_keys(self, parties: list[int], context: Context) -> None:
         """Keys among ``parties`` (at set-up, and after an exclusion), their evaluation keys and encrypted samples."""
+        for old in ("store", "verifier"):  # a re-key replaces every sample (~190 MB per owner): drop the old ones
+            if hasattr(self, old):  # before the new arrive, not after (they are under the old keys: useless now)
+                delattr(self, old)
         self.keys, self.store, self.verifier = self._receive(parties, context)
 
     def _receive(self, parties: list[int], context: Context) -> tuple[KeyRing, SampleStore, BlindVerifier]:
@@ -260,12 +262,13 @@ class BlindServer(ServerCodec):
         for rank in parties:
             shard = self.plan.shards[rank - 1]
             limit = (len(shard) // self.layout.per_ct + 2) * 2 * CT_BYTES
-            data, _ = self.comm.recv_bytes(rank, BLIND, max_bytes=limit)
+            data, _ = self.comm.recv_bytes(rank, BLIND, max_bytes=limit, copy=False)
             try:
                 samples = EncryptedSamples.from_bytes(context, data, public_key=public)
                 if sorted(samples.ids) != sorted(int(i) for i in shard):
                     raise CryptoError("they are not the samples of its shard")
                 store.add(samples)
+                del data, samples  # the store holds the ciphertexts; the bytes go before the next owner's arrive
             except (CryptoError, ConfigError) as exc:
                 raise LaunchError(f"ps: worker {rank - 1} sent invalid encrypted samples: {exc}", rank=rank) from None
         return ring, store, BlindVerifier(public, self.layout, "poly")
