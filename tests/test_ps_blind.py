@@ -12,7 +12,7 @@ from trustgrad.models import build_model, poly_bce
 from trustgrad.protect.codecs.blind import K, check_threads
 from trustgrad.run import run
 
-# a blind job reserves about 12 GB (trustgrad.admission): beside `make demo`'s blind job it waits for that one to end
+# a blind job reserves about 8 GB (trustgrad.admission): beside `make demo`'s blind job it may wait for that one to end
 # (about 5 minutes under load) before its own 1-2 minutes
 pytestmark = pytest.mark.timeout(1200)
 

@@ -43,7 +43,7 @@ OPENFHE_RANK = 64 * MB
 _WORKER_COPIES = {"shared": 7, "threshold": 13}
 _SERVER_COPIES_PER_WORKER = 8
 _RING_COPIES, _RING_COPIES_PER_MEMBER = 14, 5
-_BLIND_RANK, _BLIND_SERVER, _BLIND_SAMPLE = 2200 * MB, 1000 * MB, 540 << 10
+_BLIND_RANK, _BLIND_SERVER, _BLIND_SAMPLE = 1200 * MB, 200 * MB, 540 << 10
 
 
 @functools.lru_cache(maxsize=8)
@@ -83,7 +83,8 @@ def blind(cfg: RunConfig, parameters: int) -> Footprint:
     """Blind verification (N = 16384, depth 7): 13 rotation keys and the relinearisation key on every rank (their
     contributions, the joint keys, the isolated parser's copies), and the encrypted samples: each owner's own, and
     every owner's at the server. Measured on ``make demo``'s blind job (4 owners of 359 digits, 0.53 MB per
-    encrypted sample): workers 2.0 GB resident plus 0.6 GB in their parser helper, the server 2.9 + 1.5 GB."""
+    encrypted sample; tools/rankmem.py): workers 1.15-1.22 GB resident plus 0.12-0.14 GB in their parser helper, the
+    server 1.78 + 0.16 GB (7.2 GB in all, from 15.8 GB before the set-up kept one rotation index at a time)."""
     from ..data import load_dataset
 
     train = len(load_dataset(cfg.dataset, cfg.data_dir).x_train)
