@@ -14,11 +14,13 @@ from multiprocessing.connection import Connection
 
 import pytest
 
+from trustgrad.comm import Comm
 from trustgrad.config import RunConfig
 from trustgrad.faults import FRAME_ENV
-from trustgrad.patterns.ps.transport import LinkError, _Inlet, _Outlet
+from trustgrad.launch import RankContext
+from trustgrad.patterns.ps.transport import BoundedComm, LinkError, RefusedLink, Wire, _Inlet, _Outlet
 from trustgrad.run import run
-from trustgrad.tags import PS_PAYLOAD, PS_PUSH
+from trustgrad.tags import DECRYPTION_STATUS, PS_PAYLOAD, PS_PUSH
 
 REASONS = {
     "oversized": "worker rank 2 sent a message of tag",
@@ -114,3 +116,19 @@ def test_a_worker_that_goes_away_is_lost_not_refused():
     with pytest.raises(LinkError, match="closed its link") as err:
         inlet.recv(PS_PUSH, 40)
     assert not err.value.refused
+
+
+def test_a_refused_size_fails_the_link_and_reads_as_the_codecs_refusal():
+    """``Comm.recv_bytes`` refuses an announced size past its limit (a ``ValueError``, which the ckks server turns
+    into an exclusion); over a bounded link the body is still queued, so the link fails too, and its failure is a
+    ``ValueError`` as well."""
+    inlet, outlet, raw = _pair()
+    server = BoundedComm(Comm(RankContext(0, 3, 0, "test"), 5.0), Wire(inlets={2: inlet}))
+    outlet.send(DECRYPTION_STATUS, struct.pack("<q", 100))
+    outlet.send(DECRYPTION_STATUS, bytes(100))
+    with pytest.raises(ValueError, match="announced a payload of 100 bytes"):
+        server.recv_bytes(2, DECRYPTION_STATUS, max_bytes=10)
+    with pytest.raises(RefusedLink, match="worker rank 2 announced") as err:
+        server.recv_bytes(2, DECRYPTION_STATUS, max_bytes=1000)
+    assert isinstance(err.value, ValueError) and err.value.refused
+    raw.close()

@@ -9,6 +9,11 @@ Messages (every one goes through ``Comm``, so bytes are counted):
   parameters (float32). ``DROPPED`` tells a worker the run goes on without it; ``BYE`` ends the run. ``SERVICE``
   asks a key party for work before the answer (partial decryptions, re-keying; ``ps.blind``).
 
+Every worker -> server message (``PUSH``, ``PAYLOAD``, and the codecs' answers) travels over that worker's bounded
+link (``transport``), not gloo: gloo aborts a receiver sent more than it posted, and the server must survive any
+worker. A message that breaks the link's framing fails that link ``refused``: the inbox reports ``REFUSED`` and the
+server excludes the worker under every schedule; an ended or silent link is ``LOST`` as before.
+
 Why one receive thread per worker: the server must take messages in arrival order yet notice a silent worker after
 ``--worker-timeout``, and one stalled sender must cost only itself. A gloo receive cannot be cancelled (measured here,
 torch 2.13: a message landing in a receive whose wait had timed out killed the process), so the server never times out

@@ -47,7 +47,7 @@ from ...comm import Comm
 from ...launch import RankContext, under_torchrun
 from ...tags import BLIND, DECRYPTION_STATUS, PS_PAYLOAD, PS_PUSH, PS_WIRE, REPUSH
 
-__all__ = ["BOUNDED", "BoundedComm", "LinkError", "Wire", "open_wire"]
+__all__ = ["BOUNDED", "BoundedComm", "LinkError", "RefusedLink", "Wire", "open_wire"]
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,12 @@ def _timeouts(conn: Connection, receive: float | None = None, send: float | None
             whole = int(seconds)
             sock.setsockopt(socket.SOL_SOCKET, option, struct.pack("ll", whole, int((seconds - whole) * 1e6)))
     return sock
+
+
+class RefusedLink(LinkError, ValueError):
+    """What the worker sent broke the framing. Also a ``ValueError``, as ``Comm.recv_bytes``' refusal of an announced
+    size past its limit is: codecs that exclude a worker for that (a decryption report, a shown partial) exclude it
+    for this too."""
 
 
 class _Inlet:
@@ -111,7 +117,7 @@ class _Inlet:
         """Fail the link (first reason wins) and shut the connection, which also ends the reading thread."""
         with self._cv:
             if self.failure is None:
-                self.failure = LinkError(reason, self.rank, refused)
+                self.failure = (RefusedLink if refused else LinkError)(reason, self.rank, refused)
                 if refused:
                     log.warning("ps: refused worker rank %d's link: %s", self.rank, reason)
             self._cv.notify_all()
@@ -267,6 +273,14 @@ class BoundedComm(Comm):
         if data:
             flat.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
         return src  # type: ignore[return-value]
+
+    def recv_bytes(self, src: int | None = None, tag: int = 0, max_bytes: int = 1 << 31) -> tuple[bytes, int]:
+        try:
+            return super().recv_bytes(src, tag, max_bytes)
+        except ValueError as exc:  # a size past the limit: its body is still on the link, which is no use any more
+            if self._routed(src, tag) and not isinstance(exc, LinkError):
+                self.wire.inlets[src].fail(f"worker {exc}", refused=True)  # type: ignore[index]
+            raise
 
     def isend(self, tensor: torch.Tensor, dst: int, tag: int = 0) -> Any:
         assert not self._routed(dst, tag), "bounded messages are sent with send"
