@@ -247,7 +247,10 @@ class BoundedComm(Comm):
         self.inner, self.wire = inner, wire
 
     def __getattr__(self, name: str) -> Any:  # what a subclass of Comm adds (e.g. a pair's parent)
-        return getattr(self.__dict__["inner"], name)
+        inner = self.__dict__.get("inner")
+        if inner is None:  # not built yet (copy, unpickling): no attribute to forward
+            raise AttributeError(name)
+        return getattr(inner, name)
 
     def _count(self, nbytes: int | float) -> None:
         self.inner._count(nbytes)
