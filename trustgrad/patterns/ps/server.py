@@ -10,7 +10,9 @@ Scheduler loop (one thread; messages come from the ``Inbox``'s per-worker thread
    (SSP, Ho et al. 2013), with the current model.
 4. A worker that sends nothing for ``--worker-timeout`` seconds while it owes a gradient, or cannot be reached, is
    dropped (async, ssp: it stops counting for SSP's slowest clock) or fails the run, named (sync). A dropped worker
-   that speaks again (its link came back) is told ``DROPPED`` and answers with its last message, ``ACK``.
+   that speaks again (its link came back) is told ``DROPPED`` and answers with its last message, ``ACK``. A worker
+   whose message breaks its bounded link's framing (``transport``: oversized, half-sent, garbage) is excluded under
+   every schedule, as a refused push is, and the round goes on without it.
 5. When every live worker is done: goodbye (BYE -> ACK), final evaluation, records.
 
 Staleness of a gradient is counted in clocks, as in SSP: ``c - m`` where m is the slowest live worker's clock when w
