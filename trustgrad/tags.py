@@ -21,6 +21,7 @@ _FIXED_BASE = 1 << 28  # fixed tags sit between the pattern rounds and the merge
 # ps wire protocol (patterns/ps/protocol.py)
 PS_PUSH, PS_PAYLOAD, PS_REPLY = _FIXED_BASE + 11, _FIXED_BASE + 12, _FIXED_BASE + 13
 PS_CLOSE = _FIXED_BASE + 14  # never sent: a deliberately timed-out receive that closes a dropped worker's own group
+PS_WIRE = _FIXED_BASE + 15  # server -> worker: the secret and address of the worker's bounded link (ps/transport.py)
 
 # key set-up and the protections' exchanges (secure/, protect/)
 KEY_SETUP = _FIXED_BASE + 71
@@ -44,7 +45,8 @@ DECRYPT, SHOW, RELAY = 4, 5, 6  # a threshold round's joint decryption (``protec
 
 #: name -> tag of every fixed tag
 FIXED = {
-    "PS_PUSH": PS_PUSH, "PS_PAYLOAD": PS_PAYLOAD, "PS_REPLY": PS_REPLY, "PS_CLOSE": PS_CLOSE, "KEY_SETUP": KEY_SETUP,
+    "PS_PUSH": PS_PUSH, "PS_PAYLOAD": PS_PAYLOAD, "PS_REPLY": PS_REPLY, "PS_CLOSE": PS_CLOSE, "PS_WIRE": PS_WIRE,
+    "KEY_SETUP": KEY_SETUP,
     "EVALUATION_KEYS": EVALUATION_KEYS, "PARTIAL_DECRYPTION": PARTIAL_DECRYPTION, "REPUSH": REPUSH, "BLIND": BLIND,
     "DECRYPTION_STATUS": DECRYPTION_STATUS, "CIPHER_AUDIT": CIPHER_AUDIT, "RING_CIPHERTEXT": RING_CIPHERTEXT,
     "AUDIT_CLAIM": AUDIT_CLAIM, "AUDIT_MEAN": AUDIT_MEAN, "LINK_RELEASE": LINK_RELEASE,

@@ -37,6 +37,7 @@ from .checkpoint import ServerCheckpoint
 from .protocol import ACK, BYE, DONE, DROPPED, GRADIENT, OK, PAYLOAD, PUSH, REPLY, SERVICE, open_links, push_header
 from .schedules import SCHEDULES, Schedule, schedule_for
 from .straggler import Straggler
+from .transport import LinkError, Wire, open_wire
 
 __all__ = ["ParameterServer", "SCHEDULES", "Schedule", "Straggler"]
 
@@ -62,7 +63,13 @@ class ParameterServer(Pattern):
         self.codec: Any = None  # this worker's side of the job's codec (``attach``)
         #: this rank's ps channels (server: one per worker; worker: to the server), made first on every rank because
         #: under async/ssp they are process groups of their own (``protocol.open_links``)
-        self.links = open_links(comm, cfg.workers, separate=self.schedule.tolerates_loss) if comm.world_size > 1 else {}
+        links = open_links(comm, cfg.workers, separate=self.schedule.tolerates_loss) if comm.world_size > 1 else {}
+        #: what workers send the server travels over links whose receiver bounds every message (``transport``); a
+        #: half-sent message is refused well before the worker's deadline would call it silent
+        stall = min(cfg.timeout, cfg.pattern.worker_timeout / 2)
+        self.wire = open_wire(comm, cfg.workers, stall) if comm.world_size > 1 else Wire()
+        self.links = {peer: self.wire.wrap(link) for peer, link in links.items()}
+        self.faults = Faults.for_rank(comm.rank)
 
     # ------------------------------------------------------------------ job shape
     @classmethod
@@ -172,8 +179,8 @@ class ParameterServer(Pattern):
 
     # ------------------------------------------------------------------ worker side
     def attach(self, replica: Replica) -> None:
-        Faults.for_rank(self.comm.rank).at(SETUP)  # tests only: a worker that dies before its first model
-        self.codec = self.protections.worker_codec(self.comm, self.comm.rank, replica.flat_params())
+        self.faults.at(SETUP)  # tests only: a worker that dies before its first model
+        self.codec = self.protections.worker_codec(self.wire.wrap(self.comm), self.comm.rank, replica.flat_params())
         self._pull(replica)
         self._start = self.clock
 
@@ -188,6 +195,11 @@ class ParameterServer(Pattern):
         if not self.encrypted:  # with encryption the server records the ciphertext it receives instead
             self.tap("gradient", flat)
         payload = self.codec.encode(flat)
+        if self.faults.bad_frame_at == self.clock and self.wire.outlet is not None:  # tests only: a broken message
+            self.wire.outlet.bad_frame(self.faults.bad_frame, PUSH)
+            with self._server_may_vanish():
+                self._pull(replica)  # the server's answer: DROPPED
+            return loss
         with self._server_may_vanish():
             self.link.send(push_header(GRADIENT, self.clock, self.version, len(payload), loss), 0, PUSH)
             self.link.send(torch.frombuffer(bytearray(payload), dtype=torch.uint8), 0, PAYLOAD)
@@ -228,7 +240,8 @@ class ParameterServer(Pattern):
         """The server dropped us: stop pushing, and answer with our last message so its receive thread ends."""
         log.warning("ps: the server dropped worker %d; it stops pushing", self.comm.rank - 1)
         self.detached = True
-        self.link.send(push_header(ACK), 0, PUSH)
+        with contextlib.suppress(LinkError):  # the server refused what we sent and closed our link: no goodbye owed
+            self.link.send(push_header(ACK), 0, PUSH)
 
     def _reply_header(self) -> tuple[int, int, int]:
         header = torch.zeros(3, dtype=torch.int64)

@@ -9,6 +9,11 @@ Messages (every one goes through ``Comm``, so bytes are counted):
   parameters (float32). ``DROPPED`` tells a worker the run goes on without it; ``BYE`` ends the run. ``SERVICE``
   asks a key party for work before the answer (partial decryptions, re-keying; ``ps.blind``).
 
+Every worker -> server message (``PUSH``, ``PAYLOAD``, and the codecs' answers) travels over that worker's bounded
+link (``transport``), not gloo: gloo aborts a receiver sent more than it posted, and the server must survive any
+worker. A message that breaks the link's framing fails that link ``refused``: the inbox reports ``REFUSED`` and the
+server excludes the worker under every schedule; an ended or silent link is ``LOST`` as before.
+
 Why one receive thread per worker: the server must take messages in arrival order yet notice a silent worker after
 ``--worker-timeout``, and one stalled sender must cost only itself. A gloo receive cannot be cancelled (measured here,
 torch 2.13: a message landing in a receive whose wait had timed out killed the process), so the server never times out
@@ -46,10 +51,11 @@ from ...comm import Comm
 from ...errors import LaunchError
 from ...launch import RankContext, engine_message
 from ...tags import BYE, DROPPED, OK, PS_CLOSE, PS_PAYLOAD, PS_PUSH, PS_REPLY, SERVICE
+from .transport import LinkError
 
 __all__ = [
-    "Inbox", "Message", "PUSH", "PAYLOAD", "REPLY", "GRADIENT", "DONE", "ACK", "LOST", "OK", "DROPPED", "BYE",
-    "SERVICE", "open_links", "parse_push_header", "push_header",
+    "Inbox", "Message", "PUSH", "PAYLOAD", "REPLY", "GRADIENT", "DONE", "ACK", "LOST", "REFUSED", "OK", "DROPPED",
+    "BYE", "SERVICE", "open_links", "parse_push_header", "push_header",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -58,6 +64,7 @@ log = logging.getLogger(__name__)
 PUSH, PAYLOAD, REPLY, CLOSE = PS_PUSH, PS_PAYLOAD, PS_REPLY, PS_CLOSE
 GRADIENT, DONE, ACK = 1, 2, 3  # worker message kinds
 LOST = -1  # never on the wire: the inbox's note that a worker's connection failed (``Message.reason`` says how)
+REFUSED = -2  # never on the wire: what the worker sent broke the bounded link's framing (``transport``)
 HEADER = 5
 _KINDS = (GRADIENT, DONE, ACK)
 
@@ -161,9 +168,10 @@ class Inbox:
         while True:
             try:
                 message = self._receive(src, link)
-            except (RuntimeError, LaunchError) as exc:  # gloo: reset, closed or timed out; or a malformed header
-                reason = engine_message(exc)
-                self._queue.put(Message(src, LOST, 0, 0, math.nan, reason=reason))
+            except (RuntimeError, LaunchError) as exc:  # the link: closed, timed out or refused; or a malformed header
+                refused = isinstance(exc, LinkError) and exc.refused
+                reason = str(exc) if refused else engine_message(exc)
+                self._queue.put(Message(src, REFUSED if refused else LOST, 0, 0, math.nan, reason=reason))
                 return
             self._queue.put(message)
             if message.kind == ACK:  # the worker's last message

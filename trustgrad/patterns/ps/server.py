@@ -10,7 +10,9 @@ Scheduler loop (one thread; messages come from the ``Inbox``'s per-worker thread
    (SSP, Ho et al. 2013), with the current model.
 4. A worker that sends nothing for ``--worker-timeout`` seconds while it owes a gradient, or cannot be reached, is
    dropped (async, ssp: it stops counting for SSP's slowest clock) or fails the run, named (sync). A dropped worker
-   that speaks again (its link came back) is told ``DROPPED`` and answers with its last message, ``ACK``.
+   that speaks again (its link came back) is told ``DROPPED`` and answers with its last message, ``ACK``. A worker
+   whose message breaks its bounded link's framing (``transport``: oversized, half-sent, garbage) is excluded under
+   every schedule, as a refused push is, and the round goes on without it.
 5. When every live worker is done: goodbye (BYE -> ACK), final evaluation, records.
 
 Staleness of a gradient is counted in clocks, as in SSP: ``c - m`` where m is the slowest live worker's clock when w
@@ -37,7 +39,7 @@ from ...models import build_model, recalibrate_batch_stats
 from ...protect import Batch, Claim, Correction, Received, Verdict
 from ...replica import Replica, optimizer_for
 from .checkpoint import ServerCheckpoint
-from .protocol import ACK, BYE, CLOSE, DONE, DROPPED, GRADIENT, LOST, OK, REPLY, Inbox, Message
+from .protocol import ACK, BYE, CLOSE, DONE, DROPPED, GRADIENT, LOST, OK, REFUSED, REPLY, Inbox, Message
 
 if TYPE_CHECKING:
     from . import ParameterServer
@@ -90,10 +92,12 @@ class Server:
         self.buffer_steps: dict[int, int] = {}
         # the slots (docs/architecture.md §3): encrypted codecs never let a plaintext update reach this process
         protections = pattern.protections
-        self.codec = protections.server_codec(self.comm, self.replica.flat_params())
+        # what they receive from workers comes over the bounded links too (``transport``)
+        bounded = pattern.wire.wrap(self.comm)
+        self.codec = protections.server_codec(bounded, self.replica.flat_params())
         self.encrypted = self.codec.encrypted
         n_params, asynchronous = self.replica.num_params, self.velocity is not None
-        self.gates = protections.server_gates(self.comm, self.ds, n_params, asynchronous, self.codec)
+        self.gates = protections.server_gates(bounded, self.ds, n_params, asynchronous, self.codec)
         if cfg.record_server_view:  # an observer of what this server receives, as hooks attach the workers' own
             from ...attacks.recorder import ReceivedViewRecorder
 
@@ -126,6 +130,7 @@ class Server:
             gate.close()
         self._goodbye()
         self._close_dropped()
+        self.pattern.wire.close()  # every link still open: their reading threads end
         if self.encrypted:  # nothing to evaluate here: worker 0 coordinates
             stats = {**self.codec.cost(), "server_key_material": self.codec.key_material()}
             return {"steps": max(w.clock for w in self.workers.values()), "stats": stats}
@@ -168,6 +173,11 @@ class Server:
             raise LaunchError(f"ps: message from rank {msg.src}, which is not a worker")
         if msg.kind == ACK:  # its last message (after DROPPED): its receive thread has ended
             w.acked = True
+            return
+        if msg.kind == REFUSED:  # a message that broke the link's framing: its sender is excluded, every schedule
+            w.acked = True  # its receive thread has ended, and its link is closed: no goodbye will come
+            if not w.dropped:
+                self._refuse(w, msg.reason)
             return
         if msg.kind == LOST:
             if not w.dropped and not w.acked:
@@ -410,7 +420,7 @@ class Server:
                 self.workers[msg.src].acked = True
             elif msg is not None and msg.kind in (GRADIENT, DONE) and self.workers[msg.src].dropped:
                 self._send(self.workers[msg.src], DROPPED)
-            elif msg is not None and msg.kind == LOST and msg.src in finished:
+            elif msg is not None and msg.kind in (LOST, REFUSED) and msg.src in finished:
                 log.warning("ps: worker %d finished but missed the goodbye: %s", msg.src - 1, msg.reason)
                 finished.discard(msg.src)
         missing = [r - 1 for r in finished if not self.workers[r].acked]
@@ -427,9 +437,11 @@ class Server:
         ends its receive thread (``LOST``) and its in-flight reply, and the worker, when it is back, finds the
         connection closed and goes on alone.
         """
+        closing = [w.rank for w in self.workers.values() if w.dropped and not w.acked]
+        for rank in closing:  # its bounded link: shut, so a late message finds it closed
+            self.pattern.wire.close(rank)
         if not self.schedule.tolerates_loss:
             return
-        closing = [w.rank for w in self.workers.values() if w.dropped and not w.acked]
         for rank in closing:
             link = self.pattern.links[rank]
             with contextlib.suppress(RuntimeError):  # the timeout is the point
