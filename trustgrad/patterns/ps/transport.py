@@ -41,6 +41,7 @@ import time
 from multiprocessing.connection import Connection
 from typing import Any
 
+import numpy as np
 import torch
 
 from ...comm import Comm
@@ -273,13 +274,15 @@ class BoundedComm(Comm):
             return self.inner.recv(tensor, src, tag)
         flat = tensor.view(-1).view(torch.uint8)
         data = self.wire.inlets[src].recv(tag, flat.numel())  # type: ignore[index]
-        if data:
-            flat.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+        if data:  # straight into the tensor: a blind worker's samples are ~190 MB, held once more only while copied
+            flat.numpy()[:] = np.frombuffer(data, dtype=np.uint8)
         return src  # type: ignore[return-value]
 
-    def recv_bytes(self, src: int | None = None, tag: int = 0, max_bytes: int = 1 << 31) -> tuple[bytes, int]:
+    def recv_bytes(
+        self, src: int | None = None, tag: int = 0, max_bytes: int = 1 << 31, *, copy: bool = True
+    ) -> tuple[bytes, int]:
         try:
-            return super().recv_bytes(src, tag, max_bytes)
+            return super().recv_bytes(src, tag, max_bytes, copy=copy)
         except ValueError as exc:  # a size past the limit: its body is still on the link, which is no use any more
             if self._routed(src, tag) and not isinstance(exc, LinkError):
                 self.wire.inlets[src].fail(f"worker {exc}", refused=True)  # type: ignore[index]
