@@ -5,7 +5,8 @@ Protocol (Jia et al. 2021, Alg. 1, hardened):
 1. At the start the coordinator (the rank whose replica is the job's model) snapshots W0 — which the verifier will
    regenerate from the committed seed, so it is not the prover's choice.
 2. After every k-th step it snapshots the full state (model state_dict with buffers, momentum buffers, RNG state).
-   Snapshots are cheap copies on the training thread; serialisation (safetensors, streamed tensor by tensor), hashing
+   Snapshots are cheap copies on the training thread, into the memory of a snapshot already written when there is
+   one (no fresh pages to fault in); serialisation (safetensors, streamed tensor by tensor), hashing
    (BLAKE2b) and disk writes run on a background thread at a lower priority, fed through a queue of two snapshots
    (when it is full, and at the end, the training thread writes what is queued itself rather than wait for a thread
    the scheduler may starve), so recording costs the training loop little (the reference's synchronous torch.save
@@ -60,6 +61,9 @@ class ProofRecorder:
         # bounded: snapshots do not pile up behind a writer that falls behind (90 MB each at ResNet-18 size); the
         # training thread writes one itself when the queue is full
         self._queue: queue.Queue[tuple[int, dict[str, torch.Tensor]] | None] = queue.Queue(maxsize=2)
+        # snapshots already written, whose memory the next snapshot reuses: at most as many as were ever in flight
+        # at once (the queue's two and the one being written), which the run held at its peak anyway
+        self._spare: queue.SimpleQueue[dict[str, torch.Tensor]] = queue.SimpleQueue()
         self._error: BaseException | None = None
         self._last = -1
         self.hook_seconds = 0.0  # time this hook takes on the training thread (snapshots, index copies, finalising)
@@ -94,9 +98,11 @@ class ProofRecorder:
         # what the writer has not started is written here, at the training thread's priority (as in ``_snapshot``):
         # only the checkpoint it is writing now is waited for
         while (item := self._take()) is not None:
-            self.writer.add_checkpoint(*item)
+            self.writer.add_checkpoint(*item)  # the last ones: no later snapshot reuses their memory
         self._queue.put(None)
         self._thread.join()
+        while not self._spare.empty():  # the run's state copies are not needed any more
+            self._spare.get_nowait()
         if self._error is not None:
             raise self._error
         indices = self._all_indices(state, steps)
@@ -127,14 +133,21 @@ class ProofRecorder:
             return
         if self._error is not None:
             raise self._error
-        item = (step, capture_state(state.replica.model, state.replica.optimizer))
+        spare = None if self._spare.empty() else self._spare.get_nowait()  # only this thread takes from it
+        item = (step, capture_state(state.replica.model, state.replica.optimizer, into=spare))
         try:
             self._queue.put_nowait(item)
         except queue.Full:
             # the writer is behind (its low priority loses to whatever else runs on the machine): write here instead
             # of waiting for it, so training never waits on a thread the scheduler starves
-            self.writer.add_checkpoint(*item)
+            self._write(*item)
         self._last = step
+
+    def _write(self, step: int, snapshot: dict[str, torch.Tensor]) -> None:
+        self.writer.add_checkpoint(step, snapshot)
+        # written and hashed: nothing reads this copy any more, so the next snapshot may overwrite it (only now: a
+        # copy overwritten while it is being written would put a state training never had into the proof)
+        self._spare.put(snapshot)
 
     def _take(self) -> tuple[int, dict[str, torch.Tensor]] | None:
         try:
@@ -148,7 +161,7 @@ class ProofRecorder:
             if self._error is None:
                 cpu = time.thread_time()
                 try:
-                    self.writer.add_checkpoint(*item)
+                    self._write(*item)
                 except BaseException as exc:  # surfaced on the training thread at the next snapshot or at the end
                     self._error = exc
                 # CPU, not wall time: a starved thread's waiting costs nobody; bench scale reports this beside the
