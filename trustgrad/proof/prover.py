@@ -43,6 +43,7 @@ from ..optim import Hyper, loss_name
 from ..train import HOOKS, StepEvent, WorkerState
 from .commit import dataset_root
 from .format import SCHEMA, capture_state
+from .replay import optimizer_state_spec
 from .writer import ProofWriter
 
 __all__ = ["ProofRecorder", "PROOF_DIR", "build_manifest"]
@@ -68,6 +69,7 @@ class ProofRecorder:
         self._last = -1
         self.hook_seconds = 0.0  # time this hook takes on the training thread (snapshots, index copies, finalising)
         self.writer_cpu_seconds = 0.0  # CPU time of the writer thread
+        self._data_root: str | None = None  # the manifest's dataset commitment, computed by the writer thread
 
     # ------------------------------------------------------------------ hook interface
     def on_start(self, state: WorkerState) -> None:
@@ -76,7 +78,11 @@ class ProofRecorder:
             return
         self.writer = ProofWriter(Path(self.cfg.out) / PROOF_DIR)  # type: ignore[arg-type]
         self.own = np.zeros((state.total_steps, self.cfg.batch_size), dtype=np.int64)
-        self._thread = threading.Thread(target=self._drain, name="proof-writer", daemon=True)
+        # the optimizer's state appears at its first step: the writer allocates its copy ahead (below, ``_write``)
+        params = {n: (tuple(p.shape), p.dtype) for n, p in state.replica.model.named_parameters() if p.requires_grad}
+        hyper = Hyper.from_config(self.cfg, loss_name(state.replica.model))
+        self._optimizer_spec = optimizer_state_spec(hyper, params)
+        self._thread = threading.Thread(target=self._drain, args=(state.dataset,), name="proof-writer", daemon=True)
         self._thread.start()
         self._snapshot(state, 0)
 
@@ -115,6 +121,7 @@ class ProofRecorder:
             steps,
             state.steps_per_epoch,
             semantics,
+            data_root=self._data_root,
         )
         root = self.writer.finish(manifest, indices)
         log.info("proof written to %s (root %s)", self.writer.root, root[:16])
@@ -145,6 +152,11 @@ class ProofRecorder:
 
     def _write(self, step: int, snapshot: dict[str, torch.Tensor]) -> None:
         self.writer.add_checkpoint(step, snapshot)
+        # checkpoint 0 has no optimizer state; the next snapshot will, so its tensors are allocated (and their pages
+        # touched) here, off the training thread, for that snapshot to copy into
+        for name, (shape, dtype) in self._optimizer_spec.items():
+            if name not in snapshot:
+                snapshot[name] = torch.zeros(shape, dtype=dtype)
         # written and hashed: nothing reads this copy any more, so the next snapshot may overwrite it (only now: a
         # copy overwritten while it is being written would put a state training never had into the proof)
         self._spare.put(snapshot)
@@ -155,8 +167,16 @@ class ProofRecorder:
         except queue.Empty:
             return None
 
-    def _drain(self) -> None:
+    def _drain(self, dataset: Dataset) -> None:
         _yield_to_training()
+        cpu = time.thread_time()
+        try:
+            # the training set's Merkle root (a hash of every sample) is the same at the end as now: computed here,
+            # while training runs, instead of on the training thread when it finalises the proof
+            self._data_root = dataset_root(dataset.x_train.cpu(), dataset.y_train.cpu())
+        except BaseException as exc:  # surfaced on the training thread at the next snapshot or at the end
+            self._error = exc
+        self.writer_cpu_seconds += time.thread_time() - cpu
         while (item := self._queue.get()) is not None:
             if self._error is None:
                 cpu = time.thread_time()
@@ -194,8 +214,11 @@ def build_manifest(
     steps: int,
     steps_per_epoch: int,
     semantics: str = "sync-mean-gradient",
+    data_root: str | None = None,
 ) -> dict[str, Any]:
-    """Everything the verifier needs besides the data: the proof carries its own hyperparameters, seeds and versions."""
+    """Everything the verifier needs besides the data: the proof carries its own hyperparameters, seeds and versions.
+
+    ``data_root``: ``dataset_root`` of ``ds``'s training set when the caller computed it already."""
     return {
         "schema": SCHEMA,
         "seed": cfg.seed,
@@ -228,7 +251,7 @@ def build_manifest(
             "n_train": len(ds.x_train),
             "x": [str(ds.x_train.dtype), list(ds.x_train.shape)],
             "sample_hash": "blake2b-256(dtype|shape|label dtype + raw bytes + label bytes)",
-            "merkle_root": dataset_root(ds.x_train.cpu(), ds.y_train.cpu()),
+            "merkle_root": data_root if data_root is not None else dataset_root(ds.x_train.cpu(), ds.y_train.cpu()),
             "indices": "int64 [steps, workers, batch]; coordinator's recorded, others' recomputed from the PRF",
         },
         "randomness": {
