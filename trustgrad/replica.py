@@ -90,7 +90,7 @@ class Replica:
         """The floating-point buffers (BatchNorm running statistics) as one flat copy; empty for models without."""
         if not self.buffers:
             return torch.zeros(0)
-        return torch.cat([b.detach().reshape(-1) for b in self.buffers]).clone()
+        return torch.cat([b.detach().reshape(-1) for b in self.buffers])  # cat copies: the result shares nothing
 
     def set_flat_buffers(self, flat: torch.Tensor) -> None:
         offset = 0
