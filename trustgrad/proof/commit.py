@@ -8,9 +8,9 @@ its random segments from ``H(root || nonce)``.
 Leaves are domain-separated (``0x00``) from inner nodes (``0x01``) so no inner node can pose as a leaf (the
 second-preimage weakness of naive Merkle trees); an odd node is promoted unchanged. Leaves, nodes and the challenge
 are BLAKE2b-256; a file's own digest is SHA-256 under :data:`SCHEME` (the prover hashes every checkpoint as it
-trains, gigabytes per epoch, and SHA-256 runs in the CPU's SHA instructions at about twice BLAKE2b's speed here; bench
-scale) and BLAKE2b-256 under :data:`LEGACY_SCHEME`, which proofs written before the change name and the verifier still
-reads. Both are collision resistant, so either binds every byte of the files.
+trains, gigabytes per epoch, and SHA-256 runs in the CPU's SHA instructions at about twice BLAKE2b's speed here:
+docs/proof.md) and BLAKE2b-256 under :data:`LEGACY_SCHEME`, which proofs written before the change name and the
+verifier still reads. Both are collision resistant, so either binds every byte of the files.
 
 >>> a, b = leaf("x", digest(b"1")), leaf("y", digest(b"2"))
 >>> merkle_root([a, b]) == merkle_root([a, b]) != merkle_root([b, a])

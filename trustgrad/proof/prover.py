@@ -7,7 +7,7 @@ Protocol (Jia et al. 2021, Alg. 1, hardened):
 2. After every k-th step it snapshots the full state (model state_dict with buffers, momentum buffers, RNG state).
    Snapshots are cheap copies on the training thread, into the memory of a snapshot already written when there is
    one (no fresh pages to fault in); serialisation (safetensors, streamed tensor by tensor), hashing
-   (BLAKE2b) and disk writes run on a background thread at a lower priority, fed through a queue of two snapshots
+   (SHA-256) and disk writes run on a background thread at a lower priority, fed through a queue of two snapshots
    (when it is full, and at the end, the training thread writes what is queued itself rather than wait for a thread
    the scheduler may starve), so recording costs the training loop little (the reference's synchronous torch.save
    cost 24-32% of training time).
