@@ -42,7 +42,9 @@ class AllReduce(GradientAveraging):
         # sends the rewritten one: those ranks fill the buckets after backward instead of during it
         early = not self.taps and type(replica).compute_gradients is Replica.compute_gradients
         self.buckets.arm(early)
-        loss = replica.compute_gradients(x, y)
+        # the buckets read every gradient in their hooks (or in ``flush``, where None counts as zeros) and ``finish``
+        # writes every p.grad, so the gradients need not be zeroed first (only the plain Replica's takes the flag)
+        loss = replica.compute_gradients(x, y, set_to_none=True) if early else replica.compute_gradients(x, y)
         if self.taps:
             self.tap("gradient", replica.flat_grad())
         self.buckets.flush()
