@@ -28,8 +28,8 @@ from trustgrad.data import load_dataset
 from trustgrad.errors import ProofError
 from trustgrad.models import MODELS, build_model
 from trustgrad.proof import Hyper, Thresholds, VerifyOptions, distances, replay_segment, verify, verify_naive
-from trustgrad.proof.commit import digest, leaf, merkle_root
-from trustgrad.proof.format import INDICES, MANIFEST, checkpoint_name
+from trustgrad.proof.commit import LEGACY_SCHEME, SCHEME, digest, file_digest, leaf, merkle_root
+from trustgrad.proof.format import COMMITMENT, INDICES, MANIFEST, checkpoint_name
 from trustgrad.proof.replay import update_norm
 from trustgrad.proof.writer import recommit
 from trustgrad.seeding import batch_indices
@@ -351,6 +351,28 @@ def test_truncated_missing_and_huge_files_are_invalid(tmp_path, honest):
     (path / INDICES).unlink()
     v = verify(path)
     assert v.failed("commitment") and "missing" in v.reasons[0]
+
+
+def _commit_as(path: Path, scheme: object, hashed_with: str) -> None:
+    """Rewrite ``commitment.json`` naming ``scheme``, its file digests computed under ``hashed_with``."""
+    names = [name for name, _ in json.loads((path / COMMITMENT).read_text())["files"]]
+    files = [[name, file_digest((path / name).read_bytes(), hashed_with).hex()] for name in names]
+    root = merkle_root([leaf(name, bytes.fromhex(d)) for name, d in files]).hex()
+    (path / COMMITMENT).write_text(json.dumps({"scheme": scheme, "files": files, "root": root}))
+
+
+def test_the_commitment_scheme_picks_the_file_hash(tmp_path, honest):
+    path = _copy(honest, tmp_path)
+    assert json.loads((path / COMMITMENT).read_text())["scheme"] == SCHEME
+    _commit_as(path, LEGACY_SCHEME, LEGACY_SCHEME)  # as proofs were committed before files moved to SHA-256
+    assert verify(path).valid
+    _commit_as(path, SCHEME, LEGACY_SCHEME)  # BLAKE2b digests under the SHA-256 scheme's name: no file matches
+    v = verify(path)
+    assert v.failed("commitment") and "does not match its committed digest" in v.reasons[0], v.reasons
+    for scheme in ("merkle-md5", None):  # a hash the verifier does not know binds nothing it can check
+        _commit_as(path, scheme, SCHEME)
+        v = verify(path)
+        assert v.failed("commitment") and "unknown commitment scheme" in v.reasons[0], v.reasons
 
 
 def test_cli_exit_codes(tmp_path, honest):

@@ -291,7 +291,8 @@ def _beyond_budget(honest: Path, tmp_path: Path) -> Path:
     m = json.loads((path / MANIFEST).read_text())
     m["config"]["model"].update(hidden=65536, depth=2)
     (path / MANIFEST).write_text(json.dumps(m))
-    files = json.loads((path / COMMITMENT).read_text())["files"]
+    commitment = json.loads((path / COMMITMENT).read_text())  # its scheme kept: an honest-looking commitment
+    files = commitment["files"]
     state = 64 * 65536 + 65536 + 65536 * 65536 + 65536 + 65536 * 10 + 10  # float32 elements of the model
     for name, _ in files:
         if name.startswith("checkpoints/"):
@@ -299,7 +300,8 @@ def _beyond_budget(honest: Path, tmp_path: Path) -> Path:
             with (path / name).open("r+b") as fh:
                 fh.truncate(size)
     recommitted = [[n, "00" * 32] for n, _ in files]  # digests are checked after the budget: these never are
-    (path / COMMITMENT).write_text(json.dumps({"files": recommitted, "root": "00" * 32}))
+    commitment.update(files=recommitted, root="00" * 32)
+    (path / COMMITMENT).write_text(json.dumps(commitment))
     return path
 
 

@@ -7,7 +7,7 @@ from safetensors.torch import save
 
 from trustgrad.config import RunConfig
 from trustgrad.models import build_model
-from trustgrad.proof.commit import digest
+from trustgrad.proof.commit import file_digest
 from trustgrad.proof.format import capture_state, checkpoint_name
 from trustgrad.proof.writer import ProofWriter, safetensors_pieces
 from trustgrad.replica import Replica, make_optimizer
@@ -40,4 +40,21 @@ def test_a_written_checkpoint_is_the_saved_state_and_its_digest(tmp_path):
     writer.add_checkpoint(3, state)
     written = (tmp_path / "proof" / checkpoint_name(3)).read_bytes()
     assert written == save(state)
-    assert writer.digests[3] == digest(written)
+    assert writer.digests[3] == file_digest(written)
+
+
+def test_a_snapshot_into_an_earlier_one_reuses_its_memory_and_equals_a_fresh_one():
+    cfg = RunConfig().replace(model={"name": "cnn-bn"})
+    model = build_model("cnn-bn", (3, 32, 32), 10, 0, cfg.model)
+    replica = Replica(model, make_optimizer(model, 0.1, momentum=0.9))
+    first = capture_state(replica.model, replica.optimizer)  # step 0: no momentum buffers yet
+    kept = {k: v.data_ptr() for k, v in first.items() if k.startswith("model/")}
+    for _ in range(2):
+        replica.compute_gradients(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,)))
+        replica.step()
+    reused = capture_state(replica.model, replica.optimizer, into=first)
+    fresh = capture_state(replica.model, replica.optimizer)
+    assert reused.keys() == fresh.keys() and any(k.startswith("momentum/") for k in reused)
+    assert all(torch.equal(reused[k], fresh[k]) for k in fresh)
+    assert all(reused[k].data_ptr() == ptr for k, ptr in kept.items())  # written in place, not cloned
+    assert save(reused) == save(fresh)

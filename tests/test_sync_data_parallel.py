@@ -89,7 +89,7 @@ class _UnusedHead(torch.nn.Module):
         return self.head(self.body(x))
 
 
-def _overlapped_vs_flat(ctx, steps, tapped):
+def _overlapped_vs_flat(ctx, steps, tapped, ride):
     from trustgrad.patterns.allreduce import AllReduce
     from trustgrad.patterns.base import GradientAveraging
     from trustgrad.patterns.buckets import GradBuckets
@@ -103,7 +103,9 @@ def _overlapped_vs_flat(ctx, steps, tapped):
         replicas.append(Replica(model, make_optimizer(model, 0.1, momentum=0.9)))
     overlapped, flat = replicas
     # buckets of a few hundred bytes: this small model spans several, the last left for flush (the unused layer)
-    pattern.buckets = GradBuckets(overlapped.params, comm, first=64, cap=128)
+    # ride: the BatchNorm statistics travel in the last bucket (as ``attach`` builds them), else in their own sum
+    buffers = overlapped.buffers if ride else None
+    pattern.buckets = GradBuckets(overlapped.params, comm, first=64, cap=128, buffers=buffers)
     seen = []
     if tapped and ctx.rank == 0:  # one rank fills its buckets after backward, the other during it
         pattern.taps.append(lambda kind, payload: seen.append((kind, payload.clone())))
@@ -120,11 +122,12 @@ def _overlapped_vs_flat(ctx, steps, tapped):
     return len(pattern.buckets.plan), max(diffs)
 
 
-@pytest.mark.parametrize("world,tapped", [(2, False), (2, True), (3, False)])
-def test_allreduce_overlapped_buckets_match_the_flat_all_reduce(world, tapped):
+@pytest.mark.parametrize("world,tapped,ride", [(2, False, True), (2, True, True), (3, False, True), (2, False, False)])
+def test_allreduce_overlapped_buckets_match_the_flat_all_reduce(world, tapped, ride):
     # two workers: one addition per entry, bit-identical; three: gloo may add in another order per bucket (fp32);
-    # tapped: rank 0 has an observer, so it fills its buckets after backward while rank 1 fills them during it
-    results = run_ranks(_overlapped_vs_flat, world, 3, tapped)
+    # tapped: rank 0 has an observer, so it fills its buckets after backward while rank 1 fills them during it;
+    # the state compared includes the BatchNorm running statistics, averaged in the last bucket or on their own
+    results = run_ranks(_overlapped_vs_flat, world, 3, tapped, ride)
     assert all(buckets >= 3 for buckets, _ in results), results
     worst = max(diff for _, diff in results)
     assert worst == 0.0 if world == 2 else worst <= 1e-6, results

@@ -50,10 +50,16 @@ class Replica:
     def num_params(self) -> int:
         return sum(p.numel() for p in self.params)
 
-    def compute_gradients(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        """Forward and backward on one batch (mean loss); leaves the gradients in ``p.grad``."""
+    def compute_gradients(self, x: torch.Tensor, y: torch.Tensor, set_to_none: bool = False) -> float:
+        """Forward and backward on one batch (mean loss); leaves the gradients in ``p.grad``.
+
+        ``set_to_none``: for a caller that reads each gradient in a hook and writes every ``p.grad`` itself afterwards
+        (allreduce's buckets): backward then hands each parameter its new gradient instead of adding it to a zeroed
+        one (a memset and a read-add-write of the whole gradient saved per step, as DDP's ``zero_grad()`` does); a
+        parameter backward does not reach is left with ``p.grad`` None, which ``flat_grad`` and the buckets read as
+        zeros. Other callers keep the zeroed gradients (an optimizer skips a parameter whose ``p.grad`` is None)."""
         self.model.train()
-        self.optimizer.zero_grad(set_to_none=False)
+        self.optimizer.zero_grad(set_to_none=set_to_none)
         loss = self.loss_fn(self.model(x), y)
         loss.backward()
         return float(loss.detach())
@@ -90,7 +96,7 @@ class Replica:
         """The floating-point buffers (BatchNorm running statistics) as one flat copy; empty for models without."""
         if not self.buffers:
             return torch.zeros(0)
-        return torch.cat([b.detach().reshape(-1) for b in self.buffers]).clone()
+        return torch.cat([b.detach().reshape(-1) for b in self.buffers])  # cat copies: the result shares nothing
 
     def set_flat_buffers(self, flat: torch.Tensor) -> None:
         offset = 0

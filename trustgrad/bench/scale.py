@@ -9,8 +9,10 @@ allreduce workers, ``--steps`` steps of ``--batch-size`` per worker. Measured, i
 3. trustgrad's ``allreduce --proof record``: (step loop + finalising the proof) / the loop without it - 1; the CPU
    recording takes (training thread in the hook + the writer thread) / the coordinator's loop; the proof's size per
    epoch (bytes / steps x steps per epoch), and the time ``trustgrad verify`` takes / training time;
-   1-3 run ``--repeats`` times in turn and each figure is the fastest, so one burst of load on a shared machine does
-   not decide a ratio;
+   1-3 run ``--repeats`` rounds, interleaved (each round runs all three, in an order that rotates from round to round,
+   so a drift in the machine's load falls on each alike); each ratio is given twice: of the fastest runs (one burst of
+   load on a shared machine does not decide it) and the median of the rounds' own ratios (each round's runs are
+   neighbours in time, so they share its load);
 4. one audit replay (a claim's gradient recomputed, as ``audit.Auditor.replay`` does) / one training step; the cost
    of audits at rates 1, 0.1 and 0.01 follows as rate x that (derived, not measured separately);
 5. ``ps`` with CKKS, shared and threshold keys, for ``--ckks-steps`` steps, against plaintext ``ps`` on the same steps:
@@ -42,7 +44,9 @@ def _parse(args: list[str]) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--k", type=int, default=5, help="steps between proof checkpoints")
-    p.add_argument("--repeats", type=int, default=2, help="rounds of DDP, allreduce and proof runs (fastest counts)")
+    p.add_argument(
+        "--repeats", type=int, default=5, help="rounds of DDP, allreduce and proof runs (fastest and median reported)"
+    )
     p.add_argument("--ckks-steps", type=int, default=1, help="steps of each CKKS run (0: no CKKS rows)")
     p.add_argument(
         "--ckks-sample", type=float, default=0.1, help="share of the ciphertexts timed when the CKKS job does not fit"
@@ -128,30 +132,52 @@ def _recording_cpu(result: Any) -> float:
     return (s.get("proof_hook_seconds", 0.0) + s.get("proof_writer_cpu_seconds", 0.0)) / loop
 
 
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
 def _rounds(base: Any, opts: argparse.Namespace, tmp: Path) -> dict[str, Any]:
-    """DDP, allreduce and allreduce with a proof, ``--repeats`` times in turn; the fastest of each, the last proof."""
+    """DDP, allreduce and allreduce with a proof in each of ``--repeats`` rounds, their order rotating from round to
+    round; per kind its fastest run and per round its ratios; the last round's proof."""
     from ..launch import spawn
     from ..run import run
 
-    ddp, plain, rec, cpu, peaks = [], [], [], [], {"ddp": 0, "allreduce": 0, "proof": 0}
-    for i in range(opts.repeats):
+    times: dict[str, list[float]] = {"ddp": [], "plain": [], "rec": []}
+    cpu, peaks, last = [], {"ddp": 0, "allreduce": 0, "proof": 0}, {}
+
+    def ddp(i: int) -> None:
         ranks = spawn(_ddp_rank, opts.workers, (base,), timeout=base.timeout)
-        ddp.append(max(r["train_seconds"] for r in ranks))
+        times["ddp"].append(max(r["train_seconds"] for r in ranks))
+        peaks["ddp"] = max(peaks["ddp"], _peak(ranks))
+
+    def plain(i: int) -> None:
         done = run(base.replace(out=str(tmp / f"plain{i}")))
-        plain.append(_loop_seconds(done))
+        times["plain"].append(_loop_seconds(done))
+        peaks["allreduce"] = max(peaks["allreduce"], _peak(done.ranks))
+        last["summary"] = done.summary
+
+    def rec(i: int) -> None:
         proved = run(base.replace(out=str(tmp / f"rec{i}"), proof={"mode": "record"}))
-        rec.append(_loop_seconds(proved) + proved.summary.get("proof_finalize_seconds", 0.0))
+        times["rec"].append(_loop_seconds(proved) + proved.summary.get("proof_finalize_seconds", 0.0))
         cpu.append(_recording_cpu(proved))
-        for name, value in (("ddp", _peak(ranks)), ("allreduce", _peak(done.ranks)), ("proof", _peak(proved.ranks))):
-            peaks[name] = max(peaks[name], value)
+        peaks["proof"] = max(peaks["proof"], _peak(proved.ranks))
+        last["proof_dir"] = tmp / f"rec{i}" / "proof"
+
+    kinds = [ddp, plain, rec]
+    for i in range(opts.repeats):
+        for kind in kinds[i % 3 :] + kinds[: i % 3]:  # ddp first, then allreduce first, then the proof first, ...
+            kind(i)
+    rounds = list(zip(times["ddp"], times["plain"], times["rec"]))
     return {
-        "ddp": min(ddp),
-        "plain": min(plain),
-        "rec": min(rec),
-        "recording_cpu": min(cpu),
+        **{name: min(values) for name, values in times.items()},
+        "vs_ddp_median": _median([p / d for d, p, _ in rounds]),
+        "overhead_median": _median([r / p - 1.0 for _, p, r in rounds]),
+        "recording_cpu": _median(cpu),
+        "rounds": [{"ddp": d, "allreduce": p, "proof": r} for d, p, r in rounds],
         "peaks": peaks,
-        "summary": done.summary,
-        "proof_dir": tmp / f"rec{opts.repeats - 1}" / "proof",
+        **last,
     }
 
 
@@ -294,7 +320,10 @@ def run_bench(args: list[str]) -> BenchResult:
         "ddp_step_seconds": ddp_step,
         "allreduce_step_seconds": step,
         "allreduce_vs_ddp": step / ddp_step,
+        "allreduce_vs_ddp_median": got["vs_ddp_median"],
         "proof_overhead": overhead,
+        "proof_overhead_median": got["overhead_median"],
+        "rounds": got["rounds"],
         "proof_recording_cpu": got["recording_cpu"],
         "proof_bytes": proof_bytes,
         "proof_bytes_per_epoch": per_epoch,
@@ -311,13 +340,17 @@ def run_bench(args: list[str]) -> BenchResult:
     table = "\n".join(
         [
             f"scale bench: {opts.model} ({data['num_params']:,} parameters) on synthetic-cifar, crop-flip, allreduce "
-            f"x{opts.workers}, batch {opts.batch_size} per worker, {steps} steps, fastest of {opts.repeats} rounds",
+            f"x{opts.workers}, batch {opts.batch_size} per worker, {steps} steps, {opts.repeats} interleaved rounds: "
+            "fastest runs (median of the rounds' ratios)",
             "| measure | value | anchor |",
             "|---|---|---|",
             f"| DDP step (s) | {ddp_step:.3f} | anchor |",
-            f"| allreduce step (s) | {step:.3f} | {step / ddp_step:.2f}x DDP (target <= 1.0x) |",
-            f"| proof recording overhead (k={opts.k}) | {overhead:+.1%} | training without (target <= 5%) |",
-            f"| proof recording CPU (hook + writer thread) | {got['recording_cpu']:.1%} | the coordinator's loop |",
+            f"| allreduce step (s) | {step:.3f} | {step / ddp_step:.2f}x DDP ({got['vs_ddp_median']:.2f}x) "
+            "(target <= 1.0x) |",
+            f"| proof recording overhead (k={opts.k}) | {overhead:+.1%} ({got['overhead_median']:+.1%}) | training "
+            "without (target <= 5%) |",
+            f"| proof recording CPU (hook + writer thread), median | {got['recording_cpu']:.1%} | the coordinator's "
+            "loop |",
             f"| proof size per epoch (MB) | {per_epoch / 1e6:.1f} | {proof_bytes / 1e6:.1f} MB for {steps} steps |",
             f"| verify (s), verdict | {verdict.seconds:.1f}, {'valid' if verdict.valid else 'INVALID'} | "
             f"{data['verify_vs_training']:.2f}x training |",

@@ -30,7 +30,10 @@ class AllReduce(GradientAveraging):
         # every rank builds the same buckets (the same model), so every rank starts the same collectives in the same
         # order whichever path its step takes below
         if self.comm.world_size > 1 and len({p.dtype for p in replica.params}) == 1:
-            self.buckets = GradBuckets(replica.params, self.comm)
+            # BatchNorm statistics ride in the last bucket when they share the parameters' dtype (they always do in
+            # the zoo); otherwise their own collective follows the buckets
+            ride = all(b.dtype == replica.params[0].dtype for b in replica.buffers)
+            self.buckets = GradBuckets(replica.params, self.comm, buffers=replica.buffers if ride else None)
 
     def step(self, replica: Replica, x: torch.Tensor, y: torch.Tensor) -> float:
         if self.buckets is None:
@@ -39,13 +42,17 @@ class AllReduce(GradientAveraging):
         # sends the rewritten one: those ranks fill the buckets after backward instead of during it
         early = not self.taps and type(replica).compute_gradients is Replica.compute_gradients
         self.buckets.arm(early)
-        loss = replica.compute_gradients(x, y)
+        # the buckets read every gradient in their hooks (or in ``flush``, where None counts as zeros) and ``finish``
+        # writes every p.grad, so the gradients need not be zeroed first (only the plain Replica's takes the flag)
+        loss = replica.compute_gradients(x, y, set_to_none=True) if early else replica.compute_gradients(x, y)
         if self.taps:
             self.tap("gradient", replica.flat_grad())
         self.buckets.flush()
-        # BatchNorm statistics are final after forward (the optimizer never touches them): their sum starts now and
-        # runs beside the optimizer step; averaging them after the step, as the plain path does, gives the same values
-        stats = self.comm.all_reduce_async(replica.flat_buffers()) if replica.buffers else None
+        # BatchNorm statistics are final after forward (the optimizer never touches them): their mean arrives with
+        # the last bucket's, or (another dtype) their sum starts now and runs beside the optimizer step; averaging
+        # them before or after the step, as the plain path does, gives the same values
+        alone = replica.buffers and not self.buckets.buffers
+        stats = self.comm.all_reduce_async(replica.flat_buffers()) if alone else None
         self.buckets.finish()
         if self.taps:
             self.tap("aggregate", replica.flat_grad())

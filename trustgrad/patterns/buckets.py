@@ -7,6 +7,10 @@ always in bucket order, so every rank starts the same collectives in the same or
 
 Each entry is summed over the same W values as the one flat all-reduce it replaces; with two workers the sum is
 bit-identical (one addition commutes), with more the engine's ring may add in another order (fp32 rounding only).
+
+``buffers`` (BatchNorm running statistics) ride at the end of the last bucket: they are final once forward is done,
+before the last bucket starts, and one collective fewer per step is one rendezvous of the ranks fewer (on a loaded
+machine each costs the time until the peer is scheduled). DDP with ``forward_sync_buffers=False`` sends none.
 """
 
 from __future__ import annotations
@@ -46,11 +50,17 @@ class GradBuckets:
     """
 
     def __init__(self, params: list[torch.nn.Parameter], comm: Comm, first: int = FIRST_BUCKET_BYTES,
-                 cap: int = BUCKET_BYTES):  # fmt: skip
+                 cap: int = BUCKET_BYTES, buffers: list[torch.Tensor] | None = None):  # fmt: skip
         self.params, self.comm = params, comm
+        self.buffers = list(buffers or [])  # averaged with the gradient, in the last bucket's tail
+        if any(b.dtype != params[0].dtype for b in self.buffers):
+            raise ValueError("buffers ride in a gradient bucket only in the parameters' dtype")
         self.plan = plan_buckets([p.numel() for p in params], params[0].element_size(), first, cap)
         like = {"dtype": params[0].dtype, "device": params[0].device}
-        self.flats = [torch.zeros(sum(params[i].numel() for i in b), **like) for b in self.plan]
+        sizes = [sum(params[i].numel() for i in b) for b in self.plan]
+        self._tail = sizes[-1]  # where the buffers start in the last bucket
+        sizes[-1] += sum(b.numel() for b in self.buffers)
+        self.flats = [torch.zeros(n, **like) for n in sizes]
         self.where: dict[int, tuple[int, int]] = {}  # parameter index -> (bucket, offset)
         for b, members in enumerate(self.plan):
             offset = 0
@@ -88,7 +98,15 @@ class GradBuckets:
     def _launch_ready(self) -> None:
         # in bucket order only: gloo pairs collectives by the order ranks start them
         while len(self._pending) < len(self.plan) and self._missing[len(self._pending)] == 0:
+            if len(self._pending) == len(self.plan) - 1:
+                self._pack_buffers()  # backward is under way or done: forward, which updates them, is over
             self._pending.append(self.comm.all_reduce_async(self.flats[len(self._pending)]))
+
+    def _pack_buffers(self) -> None:
+        offset = self._tail
+        for b in self.buffers:
+            self.flats[-1][offset : offset + b.numel()].copy_(b.detach().reshape(-1))
+            offset += b.numel()
 
     def flush(self) -> None:
         """Start what backward left: parameters it never reached count as zero gradients, as ``flat_grad`` does."""
@@ -98,7 +116,7 @@ class GradBuckets:
         self.armed = False
 
     def finish(self) -> None:
-        """``flush``, wait for every bucket, and write the mean over ranks into each ``p.grad``."""
+        """``flush``, wait for every bucket, and write the mean over ranks into each ``p.grad`` (and each buffer)."""
         self.flush()
         for b, pending in enumerate(self._pending):
             flat = pending.wait().div_(self.comm.world_size)
@@ -107,6 +125,11 @@ class GradBuckets:
                 if p.grad is None:
                     p.grad = torch.empty_like(p)
                 p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
+        offset = self._tail
+        with torch.no_grad():
+            for buf in self.buffers:
+                buf.copy_(self.flats[-1][offset : offset + buf.numel()].view_as(buf))
+                offset += buf.numel()
 
     def close(self) -> None:
         for handle in self._handles:

@@ -17,7 +17,6 @@ A failed check records its reason in the :class:`Audit` (``fail``), or ends the 
 from __future__ import annotations
 
 import functools
-import hashlib
 import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -34,7 +33,7 @@ from ..errors import ConfigError, ProofError, TrustgradError
 from ..models import build_model
 from ..optim import Hyper
 from .budget import MetaShapes, check_budget, estimate, machine_budget, meta_shapes
-from .commit import dataset_root, digest, leaf, merkle_root
+from .commit import FILE_HASHES, SCHEME, dataset_root, file_digest, leaf, merkle_root
 from .format import (
     COMMITMENT,
     HEADER_SLACK,
@@ -197,6 +196,7 @@ class Proof:
     data_dir: str | None = None
     sizes: dict[str, int] = field(default_factory=dict)
     digests: dict[str, str] = field(default_factory=dict)  # empty: not committed (naive verifier)
+    scheme: str = SCHEME  # the commitment's: which hash digests each file (commit.FILE_HASHES)
     root: str | None = None
     model: torch.nn.Module | None = None
     indices: np.ndarray | None = None
@@ -230,7 +230,7 @@ class _States:
             return self._cache[step]
         p, name = self.proof, checkpoint_name(step)
         raw = read_bounded(p.root_dir / name, p.sizes[name], "checkpoints")
-        if p.digests and digest(raw).hex() != p.digests[name]:
+        if p.digests and file_digest(raw, p.scheme).hex() != p.digests[name]:
             raise ProofError(f"checkpoints: {name} changed after its commitment was checked")
         # the generator state is required: the format records it, and an absent one could not be checked
         state = parse_safetensors(raw, name, "checkpoints", {**p.spec(step), **_RNG_SPEC})
@@ -314,7 +314,7 @@ def open_proof(path: Path, m: dict[str, Any], audit: Audit, options: VerifyOptio
         audit.stop("manifest", f"the declared model cannot be built ({one_line(str(exc))})")
     proof = Proof(path, m, cfg, hyper, steps, k, spe, workers, checkpoints, ds, shapes, data_dir)
     if commit:
-        proof.digests, declared_root = _read_commitment(proof, audit)
+        proof.digests, declared_root, proof.scheme = _read_commitment(proof, audit)
     _check_sizes(proof, audit)
     _check_memory(proof, options)
     if commit:
@@ -322,12 +322,15 @@ def open_proof(path: Path, m: dict[str, Any], audit: Audit, options: VerifyOptio
     return proof
 
 
-def _read_commitment(proof: Proof, audit: Audit) -> tuple[dict[str, str], str]:
+def _read_commitment(proof: Proof, audit: Audit) -> tuple[dict[str, str], str, str]:
     try:
         c = read_json(proof.root_dir / COMMITMENT, "commitment")
     except ProofError as exc:
         audit.stop("commitment", str(exc).removeprefix("commitment: "))
-    files, root = c.get("files"), c.get("root")
+    files, root, scheme = c.get("files"), c.get("root"), c.get("scheme")
+    if not isinstance(scheme, str) or scheme not in FILE_HASHES:
+        # the scheme picks the hash every digest is recomputed with: only collision-resistant ones are listed
+        audit.stop("commitment", f"unknown commitment scheme {str(scheme)[:40]!r} (known: {', '.join(FILE_HASHES)})")
     names = proof_files(proof.checkpoints)
     if (
         not isinstance(files, list)
@@ -336,7 +339,7 @@ def _read_commitment(proof: Proof, audit: Audit) -> tuple[dict[str, str], str]:
         or not isinstance(root, str)
     ):
         audit.stop("commitment", "the committed file list is not the manifest's (files added, removed or renamed)")
-    return {name: d for name, d in files}, root
+    return {name: d for name, d in files}, root, scheme
 
 
 def _expected_bytes(proof: Proof, name: str) -> tuple[int, int]:
@@ -384,12 +387,12 @@ def _check_digests(proof: Proof, audit: Audit, declared_root: str) -> None:
     leaves = []
     for name in proof_files(proof.checkpoints):
         try:
-            file_digest = _hash_file(proof.root_dir / name, proof.sizes.get(name))
+            got = _hash_file(proof.root_dir / name, proof.sizes.get(name), proof.scheme)
         except ProofError as exc:
             audit.stop("commitment", str(exc))
-        if file_digest.hex() != proof.digests[name]:
+        if got.hex() != proof.digests[name]:
             audit.stop("commitment", f"{name} does not match its committed digest (changed after commitment)")
-        leaves.append(leaf(name, file_digest))
+        leaves.append(leaf(name, got))
     root = merkle_root(leaves).hex()
     if root != declared_root:
         audit.stop("commitment", "the Merkle root does not recompute from the file digests")
@@ -397,11 +400,12 @@ def _check_digests(proof: Proof, audit: Audit, declared_root: str) -> None:
     audit.ok("commitment")
 
 
-def _hash_file(path: Path, size: int | None) -> bytes:
-    """BLAKE2b-256 of a file, streamed; ``size``: the size stat saw (a file that changes meanwhile is refused)."""
+def _hash_file(path: Path, size: int | None, scheme: str) -> bytes:
+    """The digest of a file under ``scheme``, streamed; ``size``: the size stat saw (a file that changes meanwhile is
+    refused)."""
     if size is None:  # the manifest, already read under its own bound; hash the same bytes the verifier parsed
-        return digest(read_bounded(path, 8 << 20, "commitment"))
-    h, seen = hashlib.blake2b(digest_size=32), 0
+        return file_digest(read_bounded(path, 8 << 20, "commitment"), scheme)
+    h, seen = FILE_HASHES[scheme](), 0
     try:
         with path.open("rb") as fh:
             while chunk := fh.read(min(_HASH_CHUNK, size + 1 - seen)):
@@ -423,7 +427,7 @@ def _hash_file(path: Path, size: int | None) -> bytes:
 def load_indices(proof: Proof, audit: Audit) -> None:
     try:
         raw = read_bounded(proof.root_dir / INDICES, proof.sizes[INDICES], "indices")
-        if proof.digests and digest(raw).hex() != proof.digests[INDICES]:
+        if proof.digests and file_digest(raw, proof.scheme).hex() != proof.digests[INDICES]:
             raise ProofError(f"{INDICES} changed after its commitment was checked")
         spec = {"indices": ((proof.steps, proof.workers, proof.cfg.batch_size), torch.int64)}
         indices = parse_safetensors(raw, INDICES, "indices", spec)["indices"].numpy()

@@ -89,16 +89,34 @@ STATE_KEYS = {"momentum_buffer": "momentum", "exp_avg": "exp_avg", "exp_avg_sq":
 _PREFIX_KEYS = {prefix: key for key, prefix in STATE_KEYS.items()}
 
 
-def capture_state(model: nn.Module, optimizer: torch.optim.Optimizer, rng: bool = True) -> dict[str, torch.Tensor]:
+def capture_state(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    rng: bool = True,
+    into: dict[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
     """A detached copy of the full training state: model state_dict, the optimizer's per-parameter state (SGD's
-    momentum buffers; Adam's moments and step count), torch RNG state."""
-    state = {f"model/{k}": v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    momentum buffers; Adam's moments and step count), torch RNG state.
+
+    ``into``: an earlier copy nobody reads any more; its tensors of the same name, shape and dtype are overwritten in
+    place (a copy into memory already touched costs a fraction of a fresh clone's, whose new pages the kernel must
+    fault in and zero: 12 ms against 30-70 ms for a ResNet-18 state; bench scale). The result is the same values."""
+    into = into or {}
+
+    def copy(name: str, value: torch.Tensor) -> torch.Tensor:
+        old = into.get(name)
+        if old is not None and old.shape == value.shape and old.dtype == value.dtype and old.is_contiguous():
+            return old.copy_(value.detach())
+        return value.detach().clone().contiguous()
+
+    state = {f"model/{k}": copy(f"model/{k}", v) for k, v in model.state_dict().items()}
     names = {id(p): n for n, p in model.named_parameters()}
     for p, s in optimizer.state.items():
         for key, prefix in STATE_KEYS.items():
             value = s.get(key)
             if isinstance(value, torch.Tensor):
-                state[f"{prefix}/{names[id(p)]}"] = value.detach().clone().contiguous()
+                name = f"{prefix}/{names[id(p)]}"
+                state[name] = copy(name, value)
     if rng:
         state["rng/torch"] = torch.get_rng_state()
     return state

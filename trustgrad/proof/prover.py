@@ -5,8 +5,9 @@ Protocol (Jia et al. 2021, Alg. 1, hardened):
 1. At the start the coordinator (the rank whose replica is the job's model) snapshots W0 — which the verifier will
    regenerate from the committed seed, so it is not the prover's choice.
 2. After every k-th step it snapshots the full state (model state_dict with buffers, momentum buffers, RNG state).
-   Snapshots are cheap copies on the training thread; serialisation (safetensors, streamed tensor by tensor), hashing
-   (BLAKE2b) and disk writes run on a background thread at a lower priority, fed through a queue of two snapshots
+   Snapshots are cheap copies on the training thread, into the memory of a snapshot already written when there is
+   one (no fresh pages to fault in); serialisation (safetensors, streamed tensor by tensor), hashing
+   (SHA-256) and disk writes run on a background thread at a lower priority, fed through a queue of two snapshots
    (when it is full, and at the end, the training thread writes what is queued itself rather than wait for a thread
    the scheduler may starve), so recording costs the training loop little (the reference's synchronous torch.save
    cost 24-32% of training time).
@@ -42,6 +43,7 @@ from ..optim import Hyper, loss_name
 from ..train import HOOKS, StepEvent, WorkerState
 from .commit import dataset_root
 from .format import SCHEMA, capture_state
+from .replay import optimizer_state_spec
 from .writer import ProofWriter
 
 __all__ = ["ProofRecorder", "PROOF_DIR", "build_manifest"]
@@ -60,10 +62,14 @@ class ProofRecorder:
         # bounded: snapshots do not pile up behind a writer that falls behind (90 MB each at ResNet-18 size); the
         # training thread writes one itself when the queue is full
         self._queue: queue.Queue[tuple[int, dict[str, torch.Tensor]] | None] = queue.Queue(maxsize=2)
+        # snapshots already written, whose memory the next snapshot reuses: at most as many as were ever in flight
+        # at once (the queue's two and the one being written), which the run held at its peak anyway
+        self._spare: queue.SimpleQueue[dict[str, torch.Tensor]] = queue.SimpleQueue()
         self._error: BaseException | None = None
         self._last = -1
         self.hook_seconds = 0.0  # time this hook takes on the training thread (snapshots, index copies, finalising)
         self.writer_cpu_seconds = 0.0  # CPU time of the writer thread
+        self._data_root: str | None = None  # the manifest's dataset commitment, computed by the writer thread
 
     # ------------------------------------------------------------------ hook interface
     def on_start(self, state: WorkerState) -> None:
@@ -72,7 +78,11 @@ class ProofRecorder:
             return
         self.writer = ProofWriter(Path(self.cfg.out) / PROOF_DIR)  # type: ignore[arg-type]
         self.own = np.zeros((state.total_steps, self.cfg.batch_size), dtype=np.int64)
-        self._thread = threading.Thread(target=self._drain, name="proof-writer", daemon=True)
+        # the optimizer's state appears at its first step: the writer allocates its copy ahead (below, ``_write``)
+        params = {n: (tuple(p.shape), p.dtype) for n, p in state.replica.model.named_parameters() if p.requires_grad}
+        hyper = Hyper.from_config(self.cfg, loss_name(state.replica.model))
+        self._optimizer_spec = optimizer_state_spec(hyper, params)
+        self._thread = threading.Thread(target=self._drain, args=(state.dataset,), name="proof-writer", daemon=True)
         self._thread.start()
         self._snapshot(state, 0)
 
@@ -94,9 +104,11 @@ class ProofRecorder:
         # what the writer has not started is written here, at the training thread's priority (as in ``_snapshot``):
         # only the checkpoint it is writing now is waited for
         while (item := self._take()) is not None:
-            self.writer.add_checkpoint(*item)
+            self.writer.add_checkpoint(*item)  # the last ones: no later snapshot reuses their memory
         self._queue.put(None)
         self._thread.join()
+        while not self._spare.empty():  # the run's state copies are not needed any more
+            self._spare.get_nowait()
         if self._error is not None:
             raise self._error
         indices = self._all_indices(state, steps)
@@ -109,6 +121,7 @@ class ProofRecorder:
             steps,
             state.steps_per_epoch,
             semantics,
+            data_root=self._data_root,
         )
         root = self.writer.finish(manifest, indices)
         log.info("proof written to %s (root %s)", self.writer.root, root[:16])
@@ -127,14 +140,26 @@ class ProofRecorder:
             return
         if self._error is not None:
             raise self._error
-        item = (step, capture_state(state.replica.model, state.replica.optimizer))
+        spare = None if self._spare.empty() else self._spare.get_nowait()  # only this thread takes from it
+        item = (step, capture_state(state.replica.model, state.replica.optimizer, into=spare))
         try:
             self._queue.put_nowait(item)
         except queue.Full:
             # the writer is behind (its low priority loses to whatever else runs on the machine): write here instead
             # of waiting for it, so training never waits on a thread the scheduler starves
-            self.writer.add_checkpoint(*item)
+            self._write(*item)
         self._last = step
+
+    def _write(self, step: int, snapshot: dict[str, torch.Tensor]) -> None:
+        self.writer.add_checkpoint(step, snapshot)
+        # checkpoint 0 has no optimizer state; the next snapshot will, so its tensors are allocated (and their pages
+        # touched) here, off the training thread, for that snapshot to copy into
+        for name, (shape, dtype) in self._optimizer_spec.items():
+            if name not in snapshot:
+                snapshot[name] = torch.zeros(shape, dtype=dtype)
+        # written and hashed: nothing reads this copy any more, so the next snapshot may overwrite it (only now: a
+        # copy overwritten while it is being written would put a state training never had into the proof)
+        self._spare.put(snapshot)
 
     def _take(self) -> tuple[int, dict[str, torch.Tensor]] | None:
         try:
@@ -142,13 +167,21 @@ class ProofRecorder:
         except queue.Empty:
             return None
 
-    def _drain(self) -> None:
+    def _drain(self, dataset: Dataset) -> None:
         _yield_to_training()
+        cpu = time.thread_time()
+        try:
+            # the training set's Merkle root (a hash of every sample) is the same at the end as now: computed here,
+            # while training runs, instead of on the training thread when it finalises the proof
+            self._data_root = dataset_root(dataset.x_train.cpu(), dataset.y_train.cpu())
+        except BaseException as exc:  # surfaced on the training thread at the next snapshot or at the end
+            self._error = exc
+        self.writer_cpu_seconds += time.thread_time() - cpu
         while (item := self._queue.get()) is not None:
             if self._error is None:
                 cpu = time.thread_time()
                 try:
-                    self.writer.add_checkpoint(*item)
+                    self._write(*item)
                 except BaseException as exc:  # surfaced on the training thread at the next snapshot or at the end
                     self._error = exc
                 # CPU, not wall time: a starved thread's waiting costs nobody; bench scale reports this beside the
@@ -181,8 +214,11 @@ def build_manifest(
     steps: int,
     steps_per_epoch: int,
     semantics: str = "sync-mean-gradient",
+    data_root: str | None = None,
 ) -> dict[str, Any]:
-    """Everything the verifier needs besides the data: the proof carries its own hyperparameters, seeds and versions."""
+    """Everything the verifier needs besides the data: the proof carries its own hyperparameters, seeds and versions.
+
+    ``data_root``: ``dataset_root`` of ``ds``'s training set when the caller computed it already."""
     return {
         "schema": SCHEMA,
         "seed": cfg.seed,
@@ -215,7 +251,7 @@ def build_manifest(
             "n_train": len(ds.x_train),
             "x": [str(ds.x_train.dtype), list(ds.x_train.shape)],
             "sample_hash": "blake2b-256(dtype|shape|label dtype + raw bytes + label bytes)",
-            "merkle_root": dataset_root(ds.x_train.cpu(), ds.y_train.cpu()),
+            "merkle_root": data_root if data_root is not None else dataset_root(ds.x_train.cpu(), ds.y_train.cpu()),
             "indices": "int64 [steps, workers, batch]; coordinator's recorded, others' recomputed from the PRF",
         },
         "randomness": {

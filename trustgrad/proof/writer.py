@@ -6,7 +6,6 @@ thread) and by the spoofing attacks (which must produce proofs in exactly the ho
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -19,7 +18,7 @@ import torch
 from safetensors.torch import save
 
 from ..errors import ConfigError
-from .commit import digest, leaf, merkle_root
+from .commit import FILE_HASHES, SCHEME, file_digest, leaf, merkle_root
 from .format import COMMITMENT, INDICES, MANIFEST, checkpoint_name, proof_files
 
 __all__ = ["ProofWriter", "recommit"]
@@ -45,9 +44,10 @@ class ProofWriter:
         self.digests: dict[int, bytes] = {}
 
     def add_checkpoint(self, step: int, state: dict[str, torch.Tensor]) -> None:
-        # streamed: the file's bytes are hashed and written tensor by tensor, never assembled in memory (building the
-        # bytes of a ResNet-18 checkpoint cost more than hashing and writing them; bench scale)
-        hasher = hashlib.blake2b(digest_size=32)  # commit.digest, computed in pieces
+        # streamed: the file's bytes are hashed and written tensor by tensor, straight from the tensors' memory, never
+        # assembled in memory (building the bytes of a ResNet-18 checkpoint cost more than hashing and writing them;
+        # bench scale); hashlib and the write release the GIL on these large buffers
+        hasher = FILE_HASHES[SCHEME]()  # commit.file_digest, computed in pieces
         path = self.root / checkpoint_name(step)
         tmp = path.with_suffix(path.suffix + ".tmp")
         with tmp.open("wb") as fh:
@@ -64,11 +64,11 @@ class ProofWriter:
         _write(self.root / MANIFEST, manifest_bytes)
         index_bytes = save({"indices": torch.from_numpy(np.ascontiguousarray(indices, dtype=np.int64))})
         _write(self.root / INDICES, index_bytes)
-        files = [(MANIFEST, digest(manifest_bytes))]
+        files = [(MANIFEST, file_digest(manifest_bytes))]
         files += [(checkpoint_name(s), self.digests[s]) for s in steps]
-        files.append((INDICES, digest(index_bytes)))
+        files.append((INDICES, file_digest(index_bytes)))
         root = merkle_root([leaf(name, d) for name, d in files]).hex()
-        commitment = {"scheme": "merkle-blake2b-256", "files": [[n, d.hex()] for n, d in files], "root": root}
+        commitment = {"scheme": SCHEME, "files": [[n, d.hex()] for n, d in files], "root": root}
         _write(self.root / COMMITMENT, (json.dumps(commitment, indent=1) + "\n").encode())
         return root
 
@@ -116,8 +116,8 @@ def recommit(root: str | Path) -> str:
     """
     root = Path(root)
     manifest = json.loads((root / MANIFEST).read_text())
-    files = [(name, digest((root / name).read_bytes())) for name in proof_files(manifest["checkpoints"])]
+    files = [(name, file_digest((root / name).read_bytes())) for name in proof_files(manifest["checkpoints"])]
     value = merkle_root([leaf(name, d) for name, d in files]).hex()
-    commitment = {"scheme": "merkle-blake2b-256", "files": [[n, d.hex()] for n, d in files], "root": value}
+    commitment = {"scheme": SCHEME, "files": [[n, d.hex()] for n, d in files], "root": value}
     _write(root / COMMITMENT, (json.dumps(commitment, indent=1) + "\n").encode())
     return value
