@@ -10,7 +10,7 @@ hidden 512 (0.30M parameters, V = 29 MB) and hidden 1024 (1.1M parameters, V = 1
 ==============================  ===============================  ==========================================
 codec                           worker / member: measured -> us   parameter server: measured -> us
 ==============================  ===============================  ==========================================
-ckks-shared (ps)                6.9 V, 6.1 V -> 7 V               32.7 V, 21.4 V -> 8 V per worker
+ckks-shared (ps)                6.9 V, 6.1 V -> 7 V               32.7 V, 21.4 V -> 8 V per worker + 8 V
 ckks-threshold (ps)             11.3 V, 10.6-11.6 V -> 13 V       +775 MB, +2310 MB -> as shared
 ckks-threshold (ring, gather)   34 V (hidden 512) -> 14 V +       (no server)
                                 5 V per member
@@ -19,8 +19,10 @@ ckks-audited (ps, audits)       +156 MB (hidden 512)              +338 MB, audit
 ==============================  ===============================  ==========================================
 
 The server's count is not constant (an 8,970-parameter mlp added 51 MB, 42 V): the largest measured per worker is
-taken, so the estimate of a large model's server is up to 50% high. How the counts grow with the number of workers
-is a model (each worker's update held a few times over), fitted at 4.
+taken, so the estimate of a large model's server is up to 50% high. Since the workers' messages reach the server
+over bounded links (``patterns/ps/transport.py``: each body arrives as bytes and is copied into its tensor) a 2-worker
+server at hidden 512 rose by 714 MB (24 V) where it had risen by 482 MB: hence the 8 V on top. How the counts grow
+with the number of workers is a model (each worker's update held a few times over), fitted at 4.
 
 Every rank of an encrypted job adds :data:`OPENFHE_RANK` (the library, its context and keys at N = 8192: 40-50 MB
 measured on an 8,970-parameter mlp, where V is 1 MB). Blind verification's keys and encrypted samples do not scale
@@ -41,7 +43,7 @@ __all__ = ["ckks_codec", "audited", "blind", "bytes_per_value", "OPENFHE_RANK"]
 MB = 1 << 20
 OPENFHE_RANK = 64 * MB
 _WORKER_COPIES = {"shared": 7, "threshold": 13}
-_SERVER_COPIES_PER_WORKER = 8
+_SERVER_COPIES_PER_WORKER, _SERVER_COPIES = 8, 8
 _RING_COPIES, _RING_COPIES_PER_MEMBER = 14, 5
 _BLIND_RANK, _BLIND_SERVER, _BLIND_SAMPLE = 1200 * MB, 200 * MB, 540 << 10
 
@@ -69,7 +71,7 @@ def ckks_codec(cfg: RunConfig, parameters: int) -> Footprint:
     per_rank = OPENFHE_RANK + _WORKER_COPIES[cfg.crypto.keys] * v
     if cfg.pattern.name != "ps":  # a ring member gathers every member's update, partials included
         return Footprint(OPENFHE_RANK + (_RING_COPIES + _RING_COPIES_PER_MEMBER * cfg.workers) * v)
-    server = _SERVER_COPIES_PER_WORKER * cfg.workers * v
+    server = (_SERVER_COPIES_PER_WORKER * cfg.workers + _SERVER_COPIES) * v
     return Footprint(per_rank, max(0, server - _WORKER_COPIES[cfg.crypto.keys] * v))
 
 
