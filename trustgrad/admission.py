@@ -79,7 +79,8 @@ def reserve(nbytes: int, what: str, machine: Machine | None = None) -> Iterator[
     """
     folder = ledger_dir()
     pid = os.getpid()
-    deadline = time.monotonic() + wait_limit()
+    limit = wait_limit()
+    deadline = time.monotonic() + limit
     announced = False
     while True:
         with _locked(folder) as ledger:
@@ -100,7 +101,7 @@ def reserve(nbytes: int, what: str, machine: Machine | None = None) -> Iterator[
                 break
         if time.monotonic() >= deadline:
             raise ConfigError(
-                f"waited {wait_limit():.0f} s for memory: the job needs an estimated {human_bytes(entry.bytes)}, the "
+                f"waited {limit:.0f} s for memory: the job needs an estimated {human_bytes(entry.bytes)}, the "
                 f"budget is {human_bytes(budget)} and running trustgrad jobs will still grow by {human_bytes(owed)} "
                 f"(pids {sorted(e.pid for e in entries)}); raise {ENV_WAIT} or run it later"
             )

@@ -68,7 +68,7 @@ def run(cfg: RunConfig) -> RunResult:
         world = pattern.world_size(cfg)
         # the job starts when its estimate fits beside the user's other running jobs (docs/limits.md, "Admission")
         with reserve(estimate_job(cfg, world).total, f"{cfg.pattern.name} x{world}"):
-            started = time.perf_counter()
+            started = time.perf_counter()  # a wait for memory is not the job's time
             ranks = spawn(
                 train_rank,
                 world,

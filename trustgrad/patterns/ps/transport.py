@@ -171,11 +171,11 @@ class _Inlet:
             self.fail(f"worker rank {self.rank} stopped in the middle of {what} for {self.stall:g} s", refused=True)
             return None
         except OSError as exc:
-            failed = self.failure is not None  # our own shutdown
-            reason = "longer than expected or a garbage length" if "bad message length" in str(exc) else exc
-            if not failed:
+            bad_length = "bad message length" in str(exc)  # CPython's refusal of a length word over the bound
+            reason = "longer than expected or a garbage length" if bad_length else exc
+            if self.failure is None:  # else our own shutdown
                 self.fail(f"worker rank {self.rank} sent {what} of the wrong size ({reason}; {nbytes} bytes "
-                          "expected)", refused="bad message length" in str(exc))  # fmt: skip
+                          "expected)", refused=bad_length)  # fmt: skip
             return None
         if len(data) != nbytes:
             self.fail(f"worker rank {self.rank} sent {what} of {len(data)} bytes, {nbytes} expected", refused=True)
@@ -225,10 +225,6 @@ class Wire:
 
     def wrap(self, comm: Comm) -> BoundedComm:
         return BoundedComm(comm, self)
-
-    def refused(self, rank: int) -> LinkError | None:
-        inlet = self.inlets.get(rank)
-        return inlet.failure if inlet is not None else None
 
     def close(self, rank: int | None = None) -> None:
         """Shut one worker's link (the server: a worker it dropped), or every link of this rank."""
