@@ -9,7 +9,7 @@ from trustgrad.config import RunConfig
 from trustgrad.models import build_model
 from trustgrad.proof.commit import file_digest
 from trustgrad.proof.format import capture_state, checkpoint_name
-from trustgrad.proof.writer import ProofWriter, safetensors_pieces
+from trustgrad.proof.writer import DirectWriter, ProofWriter, safetensors_pieces
 from trustgrad.replica import Replica, make_optimizer
 
 
@@ -58,3 +58,26 @@ def test_a_snapshot_into_an_earlier_one_reuses_its_memory_and_equals_a_fresh_one
     assert all(torch.equal(reused[k], fresh[k]) for k in fresh)
     assert all(reused[k].data_ptr() == ptr for k, ptr in kept.items())  # written in place, not cloned
     assert save(reused) == save(fresh)
+
+
+def test_direct_and_buffered_writes_give_the_same_file_and_digest_at_every_block_boundary(tmp_path):
+    # lengths around the staging buffer and the block size: the padded tail must be truncated away exactly
+    small = DirectWriter.BLOCK
+    sizes = [0, 1, small - 9, small, small + 1, DirectWriter.STAGE // 4 - 3, DirectWriter.STAGE // 4 + 5]
+    for i, n in enumerate(sizes):
+        state = {"w": torch.arange(n, dtype=torch.float32), "b": torch.ones(3, dtype=torch.float64)}
+        direct, buffered = ProofWriter(tmp_path / f"d{i}"), ProofWriter(tmp_path / f"b{i}", direct=False)
+        direct.add_checkpoint(5, state)
+        buffered.add_checkpoint(5, state)
+        written = (tmp_path / f"d{i}" / checkpoint_name(5)).read_bytes()
+        assert written == (tmp_path / f"b{i}" / checkpoint_name(5)).read_bytes() == save(state)
+        assert direct.digests[5] == buffered.digests[5] == file_digest(written)
+        assert direct._direct is not None and direct._direct.files == 1  # not a silent fall-back to the page cache
+
+
+def test_a_checkpoint_larger_than_the_staging_buffer_is_written_whole(tmp_path):
+    state = {"w": torch.randn(DirectWriter.STAGE // 4 * 2 + 1234)}  # two full stages and a tail
+    writer = ProofWriter(tmp_path / "proof")
+    writer.add_checkpoint(0, state)
+    written = (tmp_path / "proof" / checkpoint_name(0)).read_bytes()
+    assert written == save(state) and writer.digests[0] == file_digest(written)

@@ -121,10 +121,12 @@ class GradBuckets:
         for b, pending in enumerate(self._pending):
             flat = pending.wait().div_(self.comm.world_size)
             for i in self.plan[b]:
+                # the mean stays where the collective left it: each p.grad becomes a view of its bucket (DDP's
+                # ``gradient_as_bucket_view``), one copy of the model's gradient fewer per step. The next step's hooks
+                # overwrite the bucket only after backward has given each parameter a new gradient, and the plain
+                # path (``flush``) copies a gradient accumulated in place onto itself
                 p, offset = self.params[i], self.where[i][1]
-                if p.grad is None:
-                    p.grad = torch.empty_like(p)
-                p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
+                p.grad = flat[offset : offset + p.numel()].view_as(p)
         offset = self._tail
         with torch.no_grad():
             for buf in self.buffers:
