@@ -25,12 +25,24 @@ FIRST_BUCKET_BYTES = 1 << 20
 BUCKET_BYTES = 25 << 20
 
 
-def plan_buckets(sizes: list[int], itemsize: int, first: int, cap: int) -> list[list[int]]:
+def plan_buckets(sizes: list[int], itemsize: int, first: int, cap: int, last: int | None = None) -> list[list[int]]:
     """Parameter indices per bucket, last parameter first; a bucket closes once it holds ``first`` (the first
-    bucket) or ``cap`` bytes.
+    bucket) or ``cap`` bytes. Then the final bucket gives the parameters backward reaches last, up to ``last`` bytes
+    (default ``first``; at least one parameter), a bucket of their own.
+
+    Why the final split: that bucket can only start once backward is over, so its whole all-reduce is exposed. A
+    convolutional network's first layers hold few parameters but much of backward's compute (the largest feature
+    maps): in ResNet-18, DDP's sizes put layer3's 8 MB in one bucket with conv1 and wait for conv1; split, layer3's
+    sum runs while backward works through layer2, layer1 and conv1, and 0.7 MB are left exposed.
 
     >>> plan_buckets([4, 4, 4, 4], 4, first=16, cap=32)
     [[3], [2, 1], [0]]
+    >>> plan_buckets([4, 4, 4, 4], 4, first=16, cap=64, last=8)
+    [[3], [2, 1], [0]]
+    >>> plan_buckets([1, 1, 1, 4], 4, first=16, cap=64, last=8)
+    [[3], [2], [1, 0]]
+    >>> plan_buckets([1, 2, 1, 1, 4], 4, first=16, cap=64, last=8)
+    [[4], [3, 2, 1], [0]]
     """
     buckets: list[list[int]] = [[]]
     filled = 0
@@ -40,6 +52,15 @@ def plan_buckets(sizes: list[int], itemsize: int, first: int, cap: int) -> list[
         if filled >= (first if len(buckets) == 1 else cap) and i > 0:
             buckets.append([])
             filled = 0
+    limit = first if last is None else last
+    tail = buckets[-1]
+    if len(buckets) > 1 and len(tail) > 1 and sum(sizes[i] for i in tail) * itemsize > limit:
+        split = len(tail) - 1  # tail[split:] moves: the last parameter always, earlier ones while they fit
+        room = limit - sizes[tail[split]] * itemsize
+        while split > 1 and sizes[tail[split - 1]] * itemsize <= room:
+            split -= 1
+            room -= sizes[tail[split]] * itemsize
+        buckets[-1:] = [tail[:split], tail[split:]]
     return buckets
 
 
