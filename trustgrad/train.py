@@ -174,6 +174,7 @@ def _train_worker(ctx: RankContext, cfg: RunConfig, comm: Comm, pattern: Pattern
     first = pattern.start_step  # > 0 when resuming from a checkpoint: those steps are done
     started, step, last_loss = time.perf_counter(), first, float("nan")
     stepping = 0.0  # seconds in the step loop alone (no evaluation): what ``bench scale`` compares with DDP's loop
+    stepping_cpu = 0.0  # the process's CPU seconds (every thread: gloo's, a proof writer's) in that loop
     for epoch in range(cfg.epochs):
         losses = []
         for s in range(steps_per_epoch):
@@ -181,7 +182,7 @@ def _train_worker(ctx: RankContext, cfg: RunConfig, comm: Comm, pattern: Pattern
                 break
             if epoch * steps_per_epoch + s < first:
                 continue
-            step_started = time.perf_counter()
+            step_started, step_cpu = time.perf_counter(), time.process_time()
             idx = plan.batch(worker, epoch, s)
             tidx = torch.from_numpy(idx).to(device)
             last_loss = pattern.step(replica, augment(x_train[tidx], worker, step), y_train[tidx])
@@ -190,6 +191,7 @@ def _train_worker(ctx: RankContext, cfg: RunConfig, comm: Comm, pattern: Pattern
             for hook in hooks:
                 hook.on_step(state, event)
             stepping += time.perf_counter() - step_started
+            stepping_cpu += time.process_time() - step_cpu
             step += 1
             bar.update(1)
         extra = pattern.epoch_end(replica, epoch) if losses else {}  # every rank: patterns may communicate
@@ -219,6 +221,7 @@ def _train_worker(ctx: RankContext, cfg: RunConfig, comm: Comm, pattern: Pattern
         "worker": worker,
         "train_seconds": time.perf_counter() - started,
         "step_seconds": stepping,
+        "step_cpu_seconds": stepping_cpu,
     }
     for hook in hooks:
         out.setdefault("stats", {}).update(hook.on_end(state) or {})

@@ -41,7 +41,7 @@ def _parse(args: list[str]) -> argparse.Namespace:
     p = OptionParser(prog="trustgrad bench scale", description=__doc__)
     p.add_argument("--model", default="resnet18", help="zoo model (default resnet18; cnn-bn for a quick look)")
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--k", type=int, default=5, help="steps between proof checkpoints")
     p.add_argument(
@@ -81,13 +81,17 @@ def _ddp_rank(ctx: Any, cfg: Any) -> dict[str, float]:
     opt = torch.optim.SGD(ddp.parameters(), lr=cfg.lr, momentum=cfg.momentum)
     plan, augment = BatchPlan.for_run(cfg, ds, cfg.workers), Augment(cfg.augment, cfg.seed)
     ddp.train()
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     for step in range(cfg.max_steps):
         idx = torch.from_numpy(plan.at(ctx.rank, step))
         opt.zero_grad()
         loss_fn(ddp(augment.apply(ds.x_train[idx], ctx.rank, step)), ds.y_train[idx]).backward()
         opt.step()
-    return {"train_seconds": time.perf_counter() - started, "peak_rss_bytes": peak_rss_bytes()}
+    return {
+        "train_seconds": time.perf_counter() - started,
+        "train_cpu_seconds": time.process_time() - cpu,
+        "peak_rss_bytes": peak_rss_bytes(),
+    }
 
 
 def _audit_replay_seconds(cfg: Any, repeats: int = 3) -> float:
@@ -124,6 +128,11 @@ def _loop_seconds(result: Any) -> float:
     return max(r["step_seconds"] for r in result.ranks if r and "step_seconds" in r)
 
 
+def _cpu(result: Any, coordinator_only: bool = False) -> float:
+    """CPU seconds of the step loops (every thread of each process), over every rank or the coordinator's alone."""
+    return sum(r["step_cpu_seconds"] for r in result.ranks if r and (r.get("coordinator") or not coordinator_only))
+
+
 def _recording_cpu(result: Any) -> float:
     """What recording takes from the coordinator, independent of the machine's load: its training thread's time in
     the hook (snapshots, finalising) plus the writer thread's CPU time, over the coordinator's step loop."""
@@ -145,22 +154,28 @@ def _rounds(base: Any, opts: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     from ..run import run
 
     times: dict[str, list[float]] = {"ddp": [], "plain": [], "rec": []}
+    # CPU seconds: all ranks' loops (ddp, plain) and the coordinator's (plain_coord, rec), which alone records
+    work: dict[str, list[float]] = {"ddp": [], "plain": [], "plain_coord": [], "rec": []}
     cpu, peaks, last = [], {"ddp": 0, "allreduce": 0, "proof": 0}, {}
 
     def ddp(i: int) -> None:
         ranks = spawn(_ddp_rank, opts.workers, (base,), timeout=base.timeout)
         times["ddp"].append(max(r["train_seconds"] for r in ranks))
+        work["ddp"].append(sum(r["train_cpu_seconds"] for r in ranks))
         peaks["ddp"] = max(peaks["ddp"], _peak(ranks))
 
     def plain(i: int) -> None:
         done = run(base.replace(out=str(tmp / f"plain{i}")))
         times["plain"].append(_loop_seconds(done))
+        work["plain"].append(_cpu(done))
+        work["plain_coord"].append(_cpu(done, coordinator_only=True))
         peaks["allreduce"] = max(peaks["allreduce"], _peak(done.ranks))
         last["summary"] = done.summary
 
     def rec(i: int) -> None:
         proved = run(base.replace(out=str(tmp / f"rec{i}"), proof={"mode": "record"}))
         times["rec"].append(_loop_seconds(proved) + proved.summary.get("proof_finalize_seconds", 0.0))
+        work["rec"].append(_cpu(proved, coordinator_only=True) + proved.summary.get("proof_finalize_seconds", 0.0))
         cpu.append(_recording_cpu(proved))
         peaks["proof"] = max(peaks["proof"], _peak(proved.ranks))
         last["proof_dir"] = tmp / f"rec{i}" / "proof"
@@ -175,6 +190,8 @@ def _rounds(base: Any, opts: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         "vs_ddp_median": _median([p / d for d, p, _ in rounds]),
         "overhead_median": _median([r / p - 1.0 for _, p, r in rounds]),
         "recording_cpu": _median(cpu),
+        "cpu_vs_ddp_median": _median([p / d for d, p in zip(work["ddp"], work["plain"])]),
+        "cpu_overhead_median": _median([r / p - 1.0 for p, r in zip(work["plain_coord"], work["rec"])]),
         "rounds": [{"ddp": d, "allreduce": p, "proof": r} for d, p, r in rounds],
         "peaks": peaks,
         **last,
@@ -325,6 +342,8 @@ def run_bench(args: list[str]) -> BenchResult:
         "proof_overhead_median": got["overhead_median"],
         "rounds": got["rounds"],
         "proof_recording_cpu": got["recording_cpu"],
+        "allreduce_vs_ddp_cpu_median": got["cpu_vs_ddp_median"],
+        "proof_overhead_cpu_median": got["cpu_overhead_median"],
         "proof_bytes": proof_bytes,
         "proof_bytes_per_epoch": per_epoch,
         "verify_seconds": verdict.seconds,
@@ -349,8 +368,11 @@ def run_bench(args: list[str]) -> BenchResult:
             "(target <= 1.0x) |",
             f"| proof recording overhead (k={opts.k}) | {overhead:+.1%} ({got['overhead_median']:+.1%}) | training "
             "without (target <= 5%) |",
+            f"| allreduce CPU (every thread of every rank), median | {got['cpu_vs_ddp_median']:.2f}x | DDP's |",
             f"| proof recording CPU (hook + writer thread), median | {got['recording_cpu']:.1%} | the coordinator's "
             "loop |",
+            f"| proof recording, the coordinator's CPU (every thread) with / without - 1, median | "
+            f"{got['cpu_overhead_median']:+.1%} | training without |",
             f"| proof size per epoch (MB) | {per_epoch / 1e6:.1f} | {proof_bytes / 1e6:.1f} MB for {steps} steps |",
             f"| verify (s), verdict | {verdict.seconds:.1f}, {'valid' if verdict.valid else 'INVALID'} | "
             f"{data['verify_vs_training']:.2f}x training |",
