@@ -85,8 +85,12 @@ def nbytes(obj: Any) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--k", type=int, default=2, help="independent projections per check")
-    ap.add_argument("--views", choices=["flat", "bsgs"], default="bsgs",
-                    help="flat: 63 rotation keys 16d; bsgs: 14 keys (16 d1, 128 d2), same 63 rotations")
+    ap.add_argument(
+        "--views",
+        choices=["flat", "bsgs"],
+        default="bsgs",
+        help="flat: 63 rotation keys 16d; bsgs: 14 keys (16 d1, 128 d2), same 63 rotations",
+    )
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
@@ -103,8 +107,13 @@ def main() -> None:
     k, n_claims, B = ns.k, ns.workers, ns.batch
     assert k <= JN
     rng = np.random.default_rng(ns.seed)
-    out: dict[str, Any] = {"k": k, "views": ns.views, "claims_per_round": n_claims, "batch": B,
-                           "omp": os.environ.get("OMP_NUM_THREADS")}
+    out: dict[str, Any] = {
+        "k": k,
+        "views": ns.views,
+        "claims_per_round": n_claims,
+        "batch": B,
+        "omp": os.environ.get("OMP_NUM_THREADS"),
+    }
 
     from trustgrad.data import BatchPlan, load_dataset
 
@@ -130,9 +139,12 @@ def main() -> None:
     out["keygen_s"] = time.perf_counter() - t0
     tag = sk._sk.GetKeyTag()
     all_rot = len(openfhe.SerializeEvalAutomorphismKeyString(openfhe.BINARY, tag))
-    out["rotation_keys"] = {"prototype_count": len(proto_keys), "all_count": len(set(proto_keys + anchor_keys)),
-                            "all_bytes": all_rot,
-                            "prototype_bytes_est": all_rot * len(proto_keys) / len(set(proto_keys + anchor_keys))}
+    out["rotation_keys"] = {
+        "prototype_count": len(proto_keys),
+        "all_count": len(set(proto_keys + anchor_keys)),
+        "all_bytes": all_rot,
+        "prototype_bytes_est": all_rot * len(proto_keys) / len(set(proto_keys + anchor_keys)),
+    }
     out["eval_mult_key_bytes"] = len(openfhe.SerializeEvalMultKeyString(openfhe.BINARY, tag))
     ppk = pk._pk
 
@@ -142,7 +154,7 @@ def main() -> None:
     # -- data owners: samples once ----------------------------------------------------------------------------------
     t0 = time.perf_counter()
     owners = []
-    for i, shard in enumerate(plan.shards):
+    for shard in plan.shards:
         xs, gy = pack_owner(x_all[shard], y_all[shard])
         owners.append({"ids": np.asarray(shard), "X": [enc(v, LEVEL) for v in xs], "Y": enc(gy, LEVEL)})
     out["samples_encrypt_s_per_owner"] = (time.perf_counter() - t0) / len(owners)
@@ -331,21 +343,30 @@ def main() -> None:
     out["check_round_s"] = t_check
     out["check_per_claim_s"] = t_check / n_claims
     out["timing_round_s"] = dict(timing)  # a copy: the tampered re-evaluations below tick into `timing` too
-    out["key_switches_round"] = {"full": ctr.ks, "hoisted": ctr.hoisted, "total": ks_round,
-                                 "per_claim": ks_round / n_claims}
+    out["key_switches_round"] = {
+        "full": ctr.ks,
+        "hoisted": ctr.hoisted,
+        "total": ks_round,
+        "per_claim": ks_round / n_claims,
+    }
     out["decrypt_s"] = t_dec
-    out["honest"] = {"V": v_honest, "max_abs_value": float(np.abs(vals).max()), "bound": BOUND,
-                     "accepted": bool(v_honest <= BOUND)}
+    out["honest"] = {
+        "V": v_honest,
+        "max_abs_value": float(np.abs(vals).max()),
+        "bound": BOUND,
+        "accepted": bool(v_honest <= BOUND),
+    }
 
     # plaintext twin of the verdict (exact arithmetic): checks the packing and the algebra
     def plain_verdict(claim_vals: list[tuple[np.ndarray, np.ndarray]]) -> float:
         es = np.zeros((k, CP))
-        for i, t, alpha, rho, a, rb in secrets:
+        for i, t, alpha, rho, _a, _rb in secrets:
             dw, db = grads[i]
             tw, tb = pack_model(dw, db)
             cw, cb = claim_vals[i]
             es[t] += (alpha.reshape(-1) * (tw - cw)).reshape(JN, CP).sum(0) + (rho.reshape(-1) * (tb - cb)).reshape(
-                JN, CP).sum(0)
+                JN, CP
+            ).sum(0)
         return float(np.sum(es**2) / k)
 
     # -- tampered claims: only the claim side is recomputed (the true side does not depend on the claim) -----------
@@ -368,8 +389,13 @@ def main() -> None:
             vv = float("nan")
             name += f" (decrypt: {exc})"
         cv = [pack_model(bad[0], bad[1])] + [pack_model(*g) for g in grads[1:]]
-        tam[name] = {"V": vv, "plain_twin_V": plain_verdict(cv), "accepted": bool(vv <= BOUND),
-                     "claim_side_s": t_c, "claim_side_ks": ctr.ks}
+        tam[name] = {
+            "V": vv,
+            "plain_twin_V": plain_verdict(cv),
+            "accepted": bool(vv <= BOUND),
+            "claim_side_s": t_c,
+            "claim_side_ks": ctr.ks,
+        }
     # a replica-only tamper (attack d): replica q = 3 of one weight entry off by 1e-4, block 0 correct
     gw, gb = pack_model(grads[0][0] * K, grads[0][1] * K)
     gw = gw.reshape(JN, CP)
@@ -381,8 +407,10 @@ def main() -> None:
     gwp = gwp.reshape(JN, CP)
     gwp[3 * F + 7, 4] += 1e-4
     tam["replica-only entry +1e-4 (attack d)"] = {
-        "V": vv, "plain_twin_V": plain_verdict([(gwp.reshape(-1), gbp)] + [pack_model(*g) for g in grads[1:]]),
-        "accepted": bool(vv <= BOUND)}
+        "V": vv,
+        "plain_twin_V": plain_verdict([(gwp.reshape(-1), gbp)] + [pack_model(*g) for g in grads[1:]]),
+        "accepted": bool(vv <= BOUND),
+    }
     out["tampered"] = tam
     out["honest"]["plain_twin_V"] = plain_verdict([pack_model(*g) for g in grads])
 
@@ -392,8 +420,7 @@ def main() -> None:
     ids = batches[0]
     raw = raw_step_check(cc, ppk, x_all[ids], y_all[ids], w, b, "poly")
     raw_err = float(cc.Decrypt(sk._sk, raw["verdict"]).GetRealPackedValueArray()[0])
-    out["anchor"] = {"raw_step_check_s": raw["check_s"], "key_switches": raw["key_switches"],
-                     "honest_verdict": raw_err}
+    out["anchor"] = {"raw_step_check_s": raw["check_s"], "key_switches": raw["key_switches"], "honest_verdict": raw_err}
     out["speedup_vs_anchor"] = raw["check_s"] / out["check_per_claim_s"]
 
     print(json.dumps(out, indent=1, default=float))
@@ -436,15 +463,22 @@ def soundness(ks: tuple[int, ...] = (1, 2, 4, 8), draws: int = 200_000, seed: in
         "single entry 3e-5": (one(0, 0, 3e-5), np.zeros(C)),
         "single entry 2e-5 (||E||^2 = 1.7 bound)": (one(0, 0, 2e-5), np.zeros(C)),
         "pair +-1e-4 cancelling (same class, f and f+1)": (one(3, 5, 1e-4) - one(3, 6, 1e-4), np.zeros(C)),
-        "whole row: class 0 shifted by 1e-4/8 on all 64 features": (np.outer(np.eye(C)[0], np.ones(F)) * 1.25e-5,
-                                                                    np.zeros(C)),
+        "whole row: class 0 shifted by 1e-4/8 on all 64 features": (
+            np.outer(np.eye(C)[0], np.ones(F)) * 1.25e-5,
+            np.zeros(C),
+        ),
         "rank-1, ||E||_F = 1e-4": (rank1, np.zeros(C)),
         "bias entry 1e-4": (np.zeros((C, F)), np.eye(C)[2] * 1e-4),
         "x4 sign flip (claim = -4 dW, -4 db)": (-5 * dw, -5 * db),
         "gradient scaled x0.999 (E = -1e-3 dW)": (-1e-3 * dw, -1e-3 * db),
     }
-    res: dict[str, Any] = {"bound": BOUND, "draws": draws, "||dW||_F": float(np.linalg.norm(dw)),
-                           "||db||": float(np.linalg.norm(db)), "attacks": {}}
+    res: dict[str, Any] = {
+        "bound": BOUND,
+        "draws": draws,
+        "||dW||_F": float(np.linalg.norm(dw)),
+        "||db||": float(np.linalg.norm(db)),
+        "attacks": {},
+    }
     for name, (ew, eb) in attacks.items():
         s2 = (ew**2).sum(axis=1) + eb**2  # per class lane
         row: dict[str, Any] = {"||E||^2 / bound": float(s2.sum() / BOUND)}
@@ -471,8 +505,10 @@ def soundness(ks: tuple[int, ...] = (1, 2, 4, 8), draws: int = 200_000, seed: in
             row["monte carlo draws"] = total
         res["attacks"][name] = row
     # attack (d): one replica of one weight entry off (block 0 right), and one bias replica; slot-level draws
-    for name, var in (("replica-only weight entry 1e-4 (one of 8 replicas)", SIGMA_W2),
-                      ("replica-only bias entry 1e-4 (one of 512 replicas)", SIGMA_B2)):
+    for name, var in (
+        ("replica-only weight entry 1e-4 (one of 8 replicas)", SIGMA_W2),
+        ("replica-only bias entry 1e-4 (one of 512 replicas)", SIGMA_B2),
+    ):
         row = {"||E||^2 / bound": 1e-8 / BOUND}
         for k in ks:
             row[f"k={k} exact"] = float(chi2.cdf(k * BOUND / (var * 1e-8), k))
@@ -489,7 +525,8 @@ def soundness(ks: tuple[int, ...] = (1, 2, 4, 8), draws: int = 200_000, seed: in
     res["rademacher pair +-1e-4 acceptance (k=1)"] = float(np.mean((1e-4 * (sgn[:, 0] - sgn[:, 1])) ** 2 <= BOUND))
     # the error size each k detects with acceptance <= 2^-20 and 2^-40 (worst case: one class lane)
     res["smallest ||E|| with P(accept) <= p (one lane)"] = {
-        f"k={k}": {f"p=2^-{e}": float(np.sqrt(k * BOUND / chi2.ppf(2.0**-e, k))) for e in (20, 40)} for k in ks}
+        f"k={k}": {f"p=2^-{e}": float(np.sqrt(k * BOUND / chi2.ppf(2.0**-e, k))) for e in (20, 40)} for k in ks
+    }
     return res
 
 
