@@ -9,7 +9,7 @@ from trustgrad.config import RunConfig
 from trustgrad.models import build_model
 from trustgrad.proof.commit import file_digest
 from trustgrad.proof.format import capture_state, checkpoint_name
-from trustgrad.proof.writer import DirectWriter, ProofWriter, safetensors_pieces
+from trustgrad.proof.writer import DirectWriter, FileImage, ProofWriter, safetensors_pieces
 from trustgrad.replica import Replica, make_optimizer
 
 
@@ -81,3 +81,42 @@ def test_a_checkpoint_larger_than_the_staging_buffer_is_written_whole(tmp_path):
     writer.add_checkpoint(0, state)
     written = (tmp_path / "proof" / checkpoint_name(0)).read_bytes()
     assert written == save(state) and writer.digests[0] == file_digest(written)
+
+
+def test_a_snapshot_taken_into_a_file_image_is_written_from_it_as_safetensors_save_would(tmp_path):
+    cfg = RunConfig().replace(model={"name": "cnn-bn"})
+    model = build_model("cnn-bn", (3, 32, 32), 10, 0, cfg.model)
+    replica = Replica(model, make_optimizer(model, 0.1, momentum=0.9))
+    replica.compute_gradients(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,)))
+    replica.step()
+    image = FileImage.like(capture_state(replica.model, replica.optimizer))
+    writer = ProofWriter(tmp_path / "proof")
+    for step in (5, 10):  # the second snapshot overwrites the first in the same image
+        replica.compute_gradients(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,)))
+        replica.step()
+        state = capture_state(replica.model, replica.optimizer, into=image.tensors)
+        assert image.holds(state)
+        writer.add_checkpoint(step, state, image)
+        written = (tmp_path / "proof" / checkpoint_name(step)).read_bytes()
+        assert written == save(capture_state(replica.model, replica.optimizer))
+        assert writer.digests[step] == file_digest(written)
+    assert writer._direct is not None and writer._direct.files == 2
+    # a state that is not the image's own tensors is written from its pieces, never from the image
+    other = capture_state(replica.model, replica.optimizer)
+    assert not image.holds(other)
+    writer.add_checkpoint(15, other, image)
+    assert (tmp_path / "proof" / checkpoint_name(15)).read_bytes() == save(other)
+
+
+def test_a_recorded_run_writes_every_checkpoint_after_the_first_from_its_file_image(tmp_path):
+    # the prover's path end to end: snapshots into reused file images, written directly, and the proof verifies
+    from trustgrad.proof import VerifyOptions, verify
+    from trustgrad.run import run
+
+    cfg = RunConfig().replace(
+        workers=1, max_steps=12, epochs=1, progress=False, out=str(tmp_path), proof={"mode": "record", "k": 5}
+    )
+    summary = run(cfg).summary
+    assert summary["proof_checkpoints"] == 4  # steps 0, 5, 10, 12
+    assert summary["proof_checkpoints_from_image"] == 3  # checkpoint 0 has no momentum yet: a fresh copy
+    assert verify(tmp_path / "proof", VerifyOptions(threads=1)).valid

@@ -118,7 +118,7 @@ def capture_state(
                 name = f"{prefix}/{names[id(p)]}"
                 state[name] = copy(name, value)
     if rng:
-        state["rng/torch"] = torch.get_rng_state()
+        state["rng/torch"] = copy("rng/torch", torch.get_rng_state())
     return state
 
 

@@ -44,12 +44,13 @@ from ..train import HOOKS, StepEvent, WorkerState
 from .commit import dataset_root
 from .format import SCHEMA, capture_state
 from .replay import optimizer_state_spec
-from .writer import ProofWriter
+from .writer import FileImage, ProofWriter
 
 __all__ = ["ProofRecorder", "PROOF_DIR", "build_manifest"]
 
 log = logging.getLogger(__name__)
 PROOF_DIR = "proof"
+_Snapshot = tuple[int, dict[str, torch.Tensor], FileImage | None]  # step, state, the file image it was taken into
 
 
 class ProofRecorder:
@@ -61,10 +62,10 @@ class ProofRecorder:
         self.active = False
         # bounded: snapshots do not pile up behind a writer that falls behind (90 MB each at ResNet-18 size); the
         # training thread writes one itself when the queue is full
-        self._queue: queue.Queue[tuple[int, dict[str, torch.Tensor]] | None] = queue.Queue(maxsize=2)
-        # snapshots already written, whose memory the next snapshot reuses: at most as many as were ever in flight
-        # at once (the queue's two and the one being written), which the run held at its peak anyway
-        self._spare: queue.SimpleQueue[dict[str, torch.Tensor]] = queue.SimpleQueue()
+        self._queue: queue.Queue[_Snapshot | None] = queue.Queue(maxsize=2)
+        # file images of snapshots already written, whose memory the next snapshot reuses: at most as many as were
+        # ever in flight at once (the queue's two and the one being written), which the run held at its peak anyway
+        self._spare: queue.SimpleQueue[FileImage] = queue.SimpleQueue()
         self._error: BaseException | None = None
         self._last = -1
         self.hook_seconds = 0.0  # time this hook takes on the training thread (snapshots, index copies, finalising)
@@ -129,6 +130,7 @@ class ProofRecorder:
             "proof_dir": str(self.writer.root),
             "proof_root": root,
             "proof_checkpoints": len(self.writer.digests),
+            "proof_checkpoints_from_image": self.writer.from_image,
             "proof_finalize_seconds": time.perf_counter() - started,
             "proof_hook_seconds": self.hook_seconds + time.perf_counter() - started,
             "proof_writer_cpu_seconds": self.writer_cpu_seconds,
@@ -140,8 +142,9 @@ class ProofRecorder:
             return
         if self._error is not None:
             raise self._error
-        spare = None if self._spare.empty() else self._spare.get_nowait()  # only this thread takes from it
-        item = (step, capture_state(state.replica.model, state.replica.optimizer, into=spare))
+        image = None if self._spare.empty() else self._spare.get_nowait()  # only this thread takes from it
+        into = None if image is None else image.tensors
+        item = (step, capture_state(state.replica.model, state.replica.optimizer, into=into), image)
         try:
             self._queue.put_nowait(item)
         except queue.Full:
@@ -150,18 +153,18 @@ class ProofRecorder:
             self._write(*item)
         self._last = step
 
-    def _write(self, step: int, snapshot: dict[str, torch.Tensor]) -> None:
-        self.writer.add_checkpoint(step, snapshot)
-        # checkpoint 0 has no optimizer state; the next snapshot will, so its tensors are allocated (and their pages
-        # touched) here, off the training thread, for that snapshot to copy into
-        for name, (shape, dtype) in self._optimizer_spec.items():
-            if name not in snapshot:
-                snapshot[name] = torch.zeros(shape, dtype=dtype)
+    def _write(self, step: int, snapshot: dict[str, torch.Tensor], image: FileImage | None) -> None:
+        self.writer.add_checkpoint(step, snapshot, image)
+        if image is None or not image.holds(snapshot):
+            # the first snapshot (checkpoint 0, no optimizer state yet) was a fresh copy: the next ones go into a
+            # file image of the full state, allocated (its pages touched) here, off the training thread
+            spec = {k: (tuple(v.shape), v.dtype) for k, v in snapshot.items()}
+            image = FileImage({**spec, **{k: v for k, v in self._optimizer_spec.items() if k not in spec}})
         # written and hashed: nothing reads this copy any more, so the next snapshot may overwrite it (only now: a
         # copy overwritten while it is being written would put a state training never had into the proof)
-        self._spare.put(snapshot)
+        self._spare.put(image)
 
-    def _take(self) -> tuple[int, dict[str, torch.Tensor]] | None:
+    def _take(self) -> _Snapshot | None:
         try:
             return self._queue.get_nowait()
         except queue.Empty:

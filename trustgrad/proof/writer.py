@@ -13,7 +13,7 @@ import mmap
 import os
 import shutil
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from ..errors import ConfigError
 from .commit import FILE_HASHES, SCHEME, file_digest, leaf, merkle_root
 from .format import COMMITMENT, INDICES, MANIFEST, checkpoint_name, proof_files
 
-__all__ = ["ProofWriter", "DirectWriter", "recommit"]
+__all__ = ["ProofWriter", "DirectWriter", "FileImage", "recommit"]
 
 log = logging.getLogger(__name__)
 
@@ -49,15 +49,22 @@ class ProofWriter:
         (self.root / "checkpoints").mkdir(parents=True)
         self.digests: dict[int, bytes] = {}
         self._direct = DirectWriter() if direct else None
+        self.from_image = 0  # checkpoints written straight from the file image their snapshot was taken into
 
-    def add_checkpoint(self, step: int, state: dict[str, torch.Tensor]) -> None:
+    def add_checkpoint(self, step: int, state: dict[str, torch.Tensor], image: FileImage | None = None) -> None:
         # streamed: the file's bytes are hashed and written tensor by tensor from the tensors' memory (through an 8 MB
         # staging buffer for direct I/O), never assembled whole (building the bytes of a ResNet-18 checkpoint cost
         # more than hashing and writing them; bench scale); hashlib, the copies and the writes release the GIL
         path = self.root / checkpoint_name(step)
         tmp = path.with_suffix(path.suffix + ".tmp")
         pieces = list(safetensors_pieces(state))  # views of the tensors: nothing is copied here
-        digest = self._direct.write(tmp, pieces) if self._direct is not None else None
+        digest = None
+        if self._direct is not None:
+            if image is not None and image.holds(state):
+                digest = self._direct.write_image(tmp, image)
+                self.from_image += digest is not None
+            else:
+                digest = self._direct.write(tmp, pieces)
         if digest is None:  # no direct I/O on this file system (tmpfs, macOS): through the page cache
             digest = _write_buffered(tmp, pieces)
         os.replace(tmp, path)
@@ -91,21 +98,61 @@ def safetensors_pieces(state: dict[str, torch.Tensor]) -> Iterator[bytes | memor
     """The bytes ``safetensors.torch.save(state)`` returns, as the header and then each tensor's own memory
     (tests/test_proof_writer.py checks they are identical): a checkpoint is written and hashed without a copy of it."""
     tensors = {k: v.detach().contiguous() for k, v in state.items()}
-    order = sorted(tensors, key=lambda k: (-_ST_RANK[_ST_DTYPES[tensors[k].dtype]], k))
-    header: dict[str, Any] = {}
-    offset = 0
-    for name in order:
-        t = tensors[name]
-        size = t.numel() * t.element_size()
-        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
-    text += b" " * (-len(text) % 8)  # safetensors pads its header to a multiple of 8 bytes with spaces
-    yield len(text).to_bytes(8, "little") + text
+    header, order, _ = _layout({k: (tuple(v.shape), v.dtype) for k, v in tensors.items()})
+    yield header
     for name in order:
         t = tensors[name]
         if t.numel():
             yield memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def _layout(spec: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> tuple[bytes, list[str], dict[str, int]]:
+    """safetensors' header (length prefix included) for tensors of these shapes and dtypes, their order in the file,
+    and each one's byte offset after the header."""
+    order = sorted(spec, key=lambda k: (-_ST_RANK[_ST_DTYPES[spec[k][1]]], k))
+    header: dict[str, Any] = {}
+    offsets, offset = {}, 0
+    for name in order:
+        shape, dtype = spec[name]
+        size = int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offsets[name] = offset
+        offset += size
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)  # safetensors pads its header to a multiple of 8 bytes with spaces
+    return len(text).to_bytes(8, "little") + text, order, offsets
+
+
+class FileImage:
+    """A checkpoint file laid out in one page-aligned buffer, the safetensors header first; ``tensors`` are views of
+    its data, for a snapshot to copy into (``capture_state(..., into=image.tensors)``). A snapshot taken into an
+    image is hashed and written from it as it is: no copy through a staging buffer (0.02 s per 90 MB)."""
+
+    def __init__(self, spec: dict[str, tuple[tuple[int, ...], torch.dtype]]):
+        header, _, offsets = _layout(spec)
+        self.spec = dict(spec)
+        self.size = len(header) + sum(
+            int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
+            for shape, dtype in spec.values()
+        )
+        self.buffer = mmap.mmap(-1, max(DirectWriter.BLOCK, -(-self.size // DirectWriter.BLOCK) * DirectWriter.BLOCK))
+        self.buffer[: len(header)] = header
+        self.tensors: dict[str, torch.Tensor] = {}
+        for name, (shape, dtype) in spec.items():
+            count = int(np.prod(shape, dtype=np.int64))
+            self.tensors[name] = (
+                torch.frombuffer(self.buffer, dtype=dtype, count=count, offset=len(header) + offsets[name]).view(shape)
+                if count
+                else torch.empty(shape, dtype=dtype)
+            )
+
+    @classmethod
+    def like(cls, state: dict[str, torch.Tensor]) -> FileImage:
+        return cls({k: (tuple(v.shape), v.dtype) for k, v in state.items()})
+
+    def holds(self, state: dict[str, torch.Tensor]) -> bool:
+        """Whether ``state`` is exactly this image's tensors (a snapshot taken into it), so the image is its file."""
+        return state.keys() == self.tensors.keys() and all(state[k] is self.tensors[k] for k in state)
 
 
 def _write_buffered(path: Path, pieces: list[bytes | memoryview]) -> bytes:
@@ -138,6 +185,10 @@ class DirectWriter:
         self.files = 0  # written directly (the others went through the page cache)
 
     def write(self, path: Path, pieces: list[bytes | memoryview]) -> bytes | None:
+        """Write ``pieces`` through this thread's staging buffer; the file's digest, or None (write it buffered)."""
+        return self._open(path, lambda fd: self._write(fd, pieces))
+
+    def _open(self, path: Path, write: Callable[[int], bytes]) -> bytes | None:
         flag = getattr(os, "O_DIRECT", 0)
         if not flag:
             return None
@@ -146,7 +197,7 @@ class DirectWriter:
         except OSError:
             return None
         try:
-            digest = self._write(fd, pieces)
+            digest = write(fd)
             self.files += 1
             return digest
         except OSError as exc:
@@ -156,6 +207,16 @@ class DirectWriter:
             return None
         finally:
             os.close(fd)
+
+    def write_image(self, path: Path, image: FileImage) -> bytes | None:
+        """Write a :class:`FileImage` as it is (already aligned, its tail zero): hashed and written, nothing copied."""
+        return self._open(path, lambda fd: self._write_whole(fd, image))
+
+    def _write_whole(self, fd: int, image: FileImage) -> bytes:
+        hasher = FILE_HASHES[SCHEME]()
+        _flush(fd, hasher, image.buffer, image.size, -(-image.size // self.BLOCK) * self.BLOCK)
+        os.ftruncate(fd, image.size)
+        return hasher.digest()
 
     def _write(self, fd: int, pieces: list[bytes | memoryview]) -> bytes:
         buffer = getattr(self._local, "stage", None)
