@@ -9,6 +9,9 @@ allreduce workers, ``--steps`` steps of ``--batch-size`` per worker. Measured, i
 3. trustgrad's ``allreduce --proof record``: (step loop + finalising the proof) / the loop without it - 1; the CPU
    recording takes (training thread in the hook + the writer thread) / the coordinator's loop; the proof's size per
    epoch (bytes / steps x steps per epoch), and the time ``trustgrad verify`` takes / training time;
+   beside each wall-clock ratio, the CPU seconds of the step loops (``time.process_time``: every thread of a process,
+   gloo's and the proof writer's included; all ranks for allreduce vs DDP, the coordinator for recording), which
+   another job's load on a shared machine does not swing as it swings wall time;
    1-3 run ``--repeats`` rounds, interleaved (each round runs all three, in an order that rotates from round to round,
    so a drift in the machine's load falls on each alike); each ratio is given twice: of the fastest runs (one burst of
    load on a shared machine does not decide it) and the median of the rounds' own ratios (each round's runs are

@@ -1,7 +1,8 @@
 """Gradient buckets that start their all-reduce while backward still runs, as PyTorch's DDP overlaps communication.
 
 Parameters are cut into buckets in reverse order (backward finishes the last layers first): a small first bucket, so
-communication starts early, then buckets of about 25 MB (DDP's ``bucket_cap_mb`` and first-bucket defaults). A hook
+communication starts early, then buckets of about 25 MB (DDP's ``bucket_cap_mb`` and first-bucket defaults), and a
+small final one (see ``plan_buckets``). After the sum each ``p.grad`` is a view of its bucket. A hook
 after each parameter's gradient is accumulated copies it into its bucket; a full bucket's sum is started at once, but
 always in bucket order, so every rank starts the same collectives in the same order even if hooks fire differently.
 
