@@ -33,8 +33,9 @@ def plan_buckets(sizes: list[int], itemsize: int, first: int, cap: int, last: in
 
     Why the final split: that bucket can only start once backward is over, so its whole all-reduce is exposed. A
     convolutional network's first layers hold few parameters but much of backward's compute (the largest feature
-    maps): in ResNet-18, DDP's sizes put layer3's 8 MB in one bucket with conv1 and wait for conv1; split, layer3's
-    sum runs while backward works through layer2, layer1 and conv1, and 0.7 MB are left exposed.
+    maps): in ResNet-18, DDP's sizes put layer3's and layer2's 8.7 MB in one bucket with conv1 and wait for conv1;
+    split, 7.8 MB of them are summed while backward works through layer2's first block, layer1 and conv1, and 0.9 MB
+    are left exposed.
 
     >>> plan_buckets([4, 4, 4, 4], 4, first=16, cap=32)
     [[3], [2, 1], [0]]

@@ -98,7 +98,7 @@ def safetensors_pieces(state: dict[str, torch.Tensor]) -> Iterator[bytes | memor
     """The bytes ``safetensors.torch.save(state)`` returns, as the header and then each tensor's own memory
     (tests/test_proof_writer.py checks they are identical): a checkpoint is written and hashed without a copy of it."""
     tensors = {k: v.detach().contiguous() for k, v in state.items()}
-    header, order, _ = _layout({k: (tuple(v.shape), v.dtype) for k, v in tensors.items()})
+    header, order, _, _ = _layout({k: (tuple(v.shape), v.dtype) for k, v in tensors.items()})
     yield header
     for name in order:
         t = tensors[name]
@@ -106,9 +106,9 @@ def safetensors_pieces(state: dict[str, torch.Tensor]) -> Iterator[bytes | memor
             yield memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
-def _layout(spec: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> tuple[bytes, list[str], dict[str, int]]:
+def _layout(spec: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> tuple[bytes, list[str], dict[str, int], int]:
     """safetensors' header (length prefix included) for tensors of these shapes and dtypes, their order in the file,
-    and each one's byte offset after the header."""
+    each one's byte offset after the header, and the bytes of them all."""
     order = sorted(spec, key=lambda k: (-_ST_RANK[_ST_DTYPES[spec[k][1]]], k))
     header: dict[str, Any] = {}
     offsets, offset = {}, 0
@@ -120,7 +120,7 @@ def _layout(spec: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> tuple[bytes
         offset += size
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     text += b" " * (-len(text) % 8)  # safetensors pads its header to a multiple of 8 bytes with spaces
-    return len(text).to_bytes(8, "little") + text, order, offsets
+    return len(text).to_bytes(8, "little") + text, order, offsets, offset
 
 
 class FileImage:
@@ -129,12 +129,8 @@ class FileImage:
     image is hashed and written from it as it is: no copy through a staging buffer (0.02 s per 90 MB)."""
 
     def __init__(self, spec: dict[str, tuple[tuple[int, ...], torch.dtype]]):
-        header, _, offsets = _layout(spec)
-        self.spec = dict(spec)
-        self.size = len(header) + sum(
-            int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
-            for shape, dtype in spec.values()
-        )
+        header, _, offsets, data = _layout(spec)
+        self.size = len(header) + data
         self.buffer = mmap.mmap(-1, max(DirectWriter.BLOCK, -(-self.size // DirectWriter.BLOCK) * DirectWriter.BLOCK))
         self.buffer[: len(header)] = header
         self.tensors: dict[str, torch.Tensor] = {}
@@ -169,7 +165,7 @@ class DirectWriter:
 
     Why: on this project's machines a buffered write of a 90 MB ResNet-18 checkpoint cost 0.37-0.49 s of CPU (the
     kernel allocating and filling page-cache pages), against 0.005 s direct (the disk reads the buffer itself), which
-    made the write most of what recording a proof costs (docs/models.md). Direct I/O needs block-aligned memory,
+    made the write most of what recording a proof costs (docs/proof.md). Direct I/O needs block-aligned memory,
     lengths and offsets: each piece is copied through one page-aligned staging buffer (a memory copy, 0.02 s per 90 MB),
     the last block is padded and the file truncated to its true length. ``write`` returns ``None`` when the file system
     refuses direct I/O, and the caller writes through the page cache instead.
@@ -245,9 +241,11 @@ class DirectWriter:
 def _flush(fd: int, hasher: Any, buffer: mmap.mmap, used: int, length: int) -> None:
     view = memoryview(buffer)[:length]
     hasher.update(view[:used])
-    written = os.write(fd, view)
-    if written != length:  # a short direct write leaves the next offset unaligned: start again buffered
-        raise OSError(errno.EIO, f"short direct write ({written} of {length} bytes)")
+    while view:  # Linux writes at most 2 GiB - 4 KiB at once: a block multiple, so the next write stays aligned
+        written = os.write(fd, view)
+        if written <= 0 or (written % DirectWriter.BLOCK and written != len(view)):  # unaligned next: buffered
+            raise OSError(errno.EIO, f"short direct write ({written} of {len(view)} bytes)")
+        view = view[written:]
 
 
 def _write(path: Path, data: bytes) -> None:
