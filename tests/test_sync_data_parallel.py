@@ -131,3 +131,25 @@ def test_allreduce_overlapped_buckets_match_the_flat_all_reduce(world, tapped, r
     assert all(buckets >= 3 for buckets, _ in results), results
     worst = max(diff for _, diff in results)
     assert worst == 0.0 if world == 2 else worst <= 1e-6, results
+
+
+@pytest.mark.parametrize("sizes,first,last", [([4, 4, 4, 4], 16, 8), ([1, 1, 1, 4], 16, 8), ([1, 2, 1, 1, 4], 16, 8)])
+def test_bucket_plans_keep_every_parameter_once_in_backward_order(sizes, first, last):
+    from trustgrad.patterns.buckets import plan_buckets
+
+    plan = plan_buckets(sizes, 4, first=first, cap=64, last=last)
+    assert [i for bucket in plan for i in bucket] == list(reversed(range(len(sizes))))
+    assert all(plan) and (len(plan[-1]) == 1 or sum(sizes[i] for i in plan[-1]) * 4 <= last)
+
+
+def test_resnet18s_final_bucket_holds_only_what_backward_reaches_last():
+    # DDP's sizes (1 MB first, 25 MB cap) left layer3 and layer2 (8.7 MB) waiting for conv1 in the final bucket
+    from trustgrad.patterns.buckets import BUCKET_BYTES, FIRST_BUCKET_BYTES, plan_buckets
+
+    model = build_model("resnet18", (3, 32, 32), 10, 0, RunConfig().replace(model={"name": "resnet18"}).model)
+    names, params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad])
+    plan = plan_buckets([p.numel() for p in params], 4, FIRST_BUCKET_BYTES, BUCKET_BYTES)
+    final = plan[-1]
+    assert sum(params[i].numel() for i in final) * 4 <= FIRST_BUCKET_BYTES
+    assert names[final[-1]] == "conv1.weight" and not any(names[i].startswith("layer3") for i in final)
+    assert sum(params[i].numel() for i in plan[-2]) * 4 > 7e6  # layer3's sum starts before backward reaches layer1
