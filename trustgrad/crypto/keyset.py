@@ -52,6 +52,7 @@ __all__ = [
     "eval_mult_round2",
     "joint_eval_mult",
     "RotationElements",
+    "deserialize_key_map",
     "common_rotations",
     "rotation_contribution",
     "rotation_keys",
@@ -220,7 +221,7 @@ class RotationElements:
             return self._template(index) or installed()[1]
 
         common = CommonElement(
-            self.context, self.seed, f"rotation key {index}", pair, _deser_map,
+            self.context, self.seed, f"rotation key {index}", pair, deserialize_key_map,
             template, cc.ClearEvalAutomorphismKeys, self._pattern,
         )  # fmt: skip
         self._pattern = common.pattern
@@ -310,7 +311,7 @@ def joint_rotations(
     def add(x: Any, y: Any) -> Any:
         return cc.MultiAddEvalAutomorphismKeys(x, y, tag)
 
-    total = _fold(common, contributions, parties, names, _deser_map, add)
+    total = _fold(common, contributions, parties, names, deserialize_key_map, add)
     if start is None:
         return total
     with wire.openfhe_errors(f"summing the {common.label}"):
@@ -398,9 +399,10 @@ def _deser_evk(b: bytes) -> Any:
     return openfhe.DeserializeEvalKeyString(b, openfhe.BINARY)
 
 
-def _deser_map(b: bytes) -> Any:
+def deserialize_key_map(b: bytes) -> Any:
+    """An evaluation key map (rotation keys) from its bytes; :func:`Context._parse_isolated` runs it in the helper."""
     return openfhe.DeserializeEvalKeyMapString(b, openfhe.BINARY)
 
 
 #: the isolated helper's name (crypto/sandbox.py) for what each parser reads
-_ISOLATED_KIND = {_deser_pk: "public key", _deser_evk: "eval key", _deser_map: "eval key map"}
+_ISOLATED_KIND = {_deser_pk: "public key", _deser_evk: "eval key", deserialize_key_map: "eval key map"}

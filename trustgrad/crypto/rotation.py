@@ -31,6 +31,7 @@ import openfhe
 
 from trustgrad.crypto import wire
 from trustgrad.crypto.context import PublicKey
+from trustgrad.crypto.keyset import deserialize_key_map
 from trustgrad.crypto.threshold import KeyShare, check_joint, require_all_parties
 from trustgrad.errors import CryptoError
 
@@ -124,7 +125,5 @@ def _unpack(kind: str, public_key: PublicKey, data: bytes, what: str) -> tuple[i
         raise CryptoError(f"{what}: invalid party index {index}")
     if not all(isinstance(i, int) and not isinstance(i, bool) for i in idx):
         raise CryptoError(f"{what}: malformed index list")
-    keys = ctx._parse_isolated(
-        items[0], lambda b: openfhe.DeserializeEvalKeyMapString(b, openfhe.BINARY), "eval key map", what
-    )
+    keys = ctx._parse_isolated(items[0], deserialize_key_map, "eval key map", what)
     return index, _indices(idx), keys

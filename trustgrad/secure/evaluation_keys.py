@@ -155,7 +155,9 @@ def _receive(comm: Comm, ring: KeyRing, rotations: Sequence[int], combiner: int)
     maps = []
     for i in indices:
         data = recv_patient(comm, combiner, _TAG, _MAX_KEY)
-        maps.append(ctx._parse_isolated(memoryview(data), _deser_map, "eval key map", f"the joint rotation key {i}"))
+        maps.append(
+            ctx._parse_isolated(memoryview(data), ks.deserialize_key_map, "eval key map", f"the joint rotation key {i}")
+        )
         del data
     public = ks.install(public, None, maps, indices)
     del maps
@@ -167,7 +169,3 @@ def _receive(comm: Comm, ring: KeyRing, rotations: Sequence[int], combiner: int)
             f"key set-up: the combiner (rank {combiner}) handed out rotation keys for other indices than {indices}"
         )
     return public
-
-
-def _deser_map(b: bytes) -> Any:
-    return openfhe.DeserializeEvalKeyMapString(b, openfhe.BINARY)
