@@ -57,16 +57,15 @@ class ProofWriter:
         # more than hashing and writing them; bench scale); hashlib, the copies and the writes release the GIL
         path = self.root / checkpoint_name(step)
         tmp = path.with_suffix(path.suffix + ".tmp")
-        pieces = list(safetensors_pieces(state))  # views of the tensors: nothing is copied here
         digest = None
         if self._direct is not None:
             if image is not None and image.holds(state):
                 digest = self._direct.write_image(tmp, image)
                 self.from_image += digest is not None
-            else:
-                digest = self._direct.write(tmp, pieces)
+            else:  # the pieces are views of the tensors: nothing is copied to list them
+                digest = self._direct.write(tmp, list(safetensors_pieces(state)))
         if digest is None:  # no direct I/O on this file system (tmpfs, macOS): through the page cache
-            digest = _write_buffered(tmp, pieces)
+            digest = _write_buffered(tmp, list(safetensors_pieces(state)))
         os.replace(tmp, path)
         self.digests[step] = digest
 
