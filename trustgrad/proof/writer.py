@@ -79,10 +79,7 @@ class ProofWriter:
         files = [(MANIFEST, file_digest(manifest_bytes))]
         files += [(checkpoint_name(s), self.digests[s]) for s in steps]
         files.append((INDICES, file_digest(index_bytes)))
-        root = merkle_root([leaf(name, d) for name, d in files]).hex()
-        commitment = {"scheme": SCHEME, "files": [[n, d.hex()] for n, d in files], "root": root}
-        _write(self.root / COMMITMENT, (json.dumps(commitment, indent=1) + "\n").encode())
-        return root
+        return _commit(self.root, files)
 
 
 #: safetensors' dtype names, in the order its writer sorts tensors (its ``Dtype`` enum): larger first, then by name
@@ -262,6 +259,11 @@ def recommit(root: str | Path) -> str:
     root = Path(root)
     manifest = json.loads((root / MANIFEST).read_text())
     files = [(name, file_digest((root / name).read_bytes())) for name in proof_files(manifest["checkpoints"])]
+    return _commit(root, files)
+
+
+def _commit(root: Path, files: list[tuple[str, bytes]]) -> str:
+    """Write ``commitment.json``: the scheme, every file's digest and the Merkle root over them; returns the root."""
     value = merkle_root([leaf(name, d) for name, d in files]).hex()
     commitment = {"scheme": SCHEME, "files": [[n, d.hex()] for n, d in files], "root": value}
     _write(root / COMMITMENT, (json.dumps(commitment, indent=1) + "\n").encode())
