@@ -3,11 +3,14 @@
 Parameters are cut into buckets in reverse order (backward finishes the last layers first): a small first bucket, so
 communication starts early, then buckets of about 25 MB (DDP's ``bucket_cap_mb`` and first-bucket defaults), and a
 small final one (see ``plan_buckets``). After the sum each ``p.grad`` is a view of its bucket. A hook
-after each parameter's gradient is accumulated copies it into its bucket; a full bucket's sum is started at once, but
-always in bucket order, so every rank starts the same collectives in the same order even if hooks fire differently.
+after each parameter's gradient is accumulated copies it into its bucket, scaled by 1/W on the way (one pass over the
+gradient instead of a copy and then a division of the sum); a full bucket's sum is started at once, but always in
+bucket order, so every rank starts the same collectives in the same order even if hooks fire differently.
 
-Each entry is summed over the same W values as the one flat all-reduce it replaces; with two workers the sum is
-bit-identical (one addition commutes), with more the engine's ring may add in another order (fp32 rounding only).
+Each entry is the sum of the same W values / W as the one flat all-reduce it replaces computes, scaled before the sum
+instead of after: for W a power of two the scaling is exact, so with two workers the mean is bit-identical (one
+addition commutes, and halving commutes with rounding); otherwise the engine's ring may add in another order and the
+scaling rounds once per value (fp32 rounding only).
 
 ``buffers`` (BatchNorm running statistics) ride at the end of the last bucket: they are final once forward is done,
 before the last bucket starts, and one collective fewer per step is one rendezvous of the ranks fewer (on a loaded
@@ -84,12 +87,16 @@ class GradBuckets:
         self._tail = sizes[-1]  # where the buffers start in the last bucket
         sizes[-1] += sum(b.numel() for b in self.buffers)
         self.flats = [torch.zeros(n, **like) for n in sizes]
-        self.where: dict[int, tuple[int, int]] = {}  # parameter index -> (bucket, offset)
+        self.bucket_of = [0] * len(params)
+        #: each parameter's place in its bucket, shaped like it: the hooks write there and ``p.grad`` becomes it
+        self.views: list[torch.Tensor] = [params[0]] * len(params)
         for b, members in enumerate(self.plan):
             offset = 0
             for i in members:
-                self.where[i] = (b, offset)
-                offset += params[i].numel()
+                n = params[i].numel()
+                self.bucket_of[i], self.views[i] = b, self.flats[b][offset : offset + n].view_as(params[i])
+                offset += n
+        self.scale = 1.0 / comm.world_size
         self.armed = False
         self._handles = [p.register_post_accumulate_grad_hook(self._hook(i)) for i, p in enumerate(params)]
 
@@ -112,10 +119,11 @@ class GradBuckets:
             # a second accumulation in one step would change a gradient whose bucket may already be on the wire
             raise RuntimeError(f"parameter {i} received two gradients in one backward; overlap cannot sum it once")
         self._seen[i] = True
-        b, offset = self.where[i]
-        view = self.flats[b][offset : offset + self.params[i].numel()]
-        view.copy_(grad.reshape(-1)) if grad is not None else view.zero_()
-        self._missing[b] -= 1
+        if grad is None:
+            self.views[i].zero_()
+        else:
+            torch.mul(grad, self.scale, out=self.views[i])  # a gradient accumulated in place is scaled onto itself
+        self._missing[self.bucket_of[i]] -= 1
         self._launch_ready()
 
     def _launch_ready(self) -> None:
@@ -128,7 +136,7 @@ class GradBuckets:
     def _pack_buffers(self) -> None:
         offset = self._tail
         for b in self.buffers:
-            self.flats[-1][offset : offset + b.numel()].copy_(b.detach().reshape(-1))
+            torch.mul(b.detach().reshape(-1), self.scale, out=self.flats[-1][offset : offset + b.numel()])
             offset += b.numel()
 
     def flush(self) -> None:
@@ -142,14 +150,13 @@ class GradBuckets:
         """``flush``, wait for every bucket, and write the mean over ranks into each ``p.grad`` (and each buffer)."""
         self.flush()
         for b, pending in enumerate(self._pending):
-            flat = pending.wait().div_(self.comm.world_size)
+            pending.wait()
             for i in self.plan[b]:
                 # the mean stays where the collective left it: each p.grad becomes a view of its bucket (DDP's
                 # ``gradient_as_bucket_view``), one copy of the model's gradient fewer per step. The next step's hooks
                 # overwrite the bucket only after backward has given each parameter a new gradient, and the plain
-                # path (``flush``) copies a gradient accumulated in place onto itself
-                p, offset = self.params[i], self.where[i][1]
-                p.grad = flat[offset : offset + p.numel()].view_as(p)
+                # path (``flush``) scales a gradient accumulated in place onto itself
+                self.params[i].grad = self.views[i]
         offset = self._tail
         with torch.no_grad():
             for buf in self.buffers:
